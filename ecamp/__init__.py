@@ -1,0 +1,55 @@
+"""ecamp: pretrained ECAMP ViT-B/16 encoders for chest X-rays and fundus images.
+
+>>> import ecamp
+>>> model = ecamp.load("cxr-vit-b")          # timm VisionTransformer, eval mode, sha256-verified weights
+>>> tf = ecamp.get_transform(model)          # the preprocessing the weights expect
+>>> z = model(tf(image)[None])               # pooled embedding [1, 768]
+
+The public names are imported lazily, so ``import ecamp`` stays cheap and torch loads on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .errors import EcampError
+
+__version__ = "0.1.0.dev0"
+
+_LAZY = {
+    "load": "factory",
+    "download": "factory",
+    "get_pretrained_cfg": "factory",
+    "list_models": "registry",
+    "load_manifest": "registry",
+    "get_transform": "transforms",
+    "save_pretrained": "hub",
+    "verify": "verify",
+}
+_SUBMODULES = ("errors", "registry", "hub", "factory", "transforms", "models", "cli", "verify")
+
+__all__ = ["__version__", "EcampError", *_LAZY, *_SUBMODULES]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .factory import download, get_pretrained_cfg, load  # noqa: F401
+    from .hub import save_pretrained  # noqa: F401
+    from .registry import list_models, load_manifest  # noqa: F401
+    from .transforms import get_transform  # noqa: F401
+    from .verify import verify  # noqa: F401
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        module = importlib.import_module(f".{name}", __name__)
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'ecamp' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,94 @@
+"""Exceptions raised by ecamp.
+
+Every error derives from :class:`EcampError` and its message names the input that caused it and the next step to
+take. Subclasses also derive from the matching builtin (``KeyError``, ``FileNotFoundError``, ``ValueError``...) so
+code that catches the builtin keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "EcampError",
+    "UnknownModelError",
+    "ManifestError",
+    "WeightsNotPublishedError",
+    "NotCachedError",
+    "ChecksumMismatchError",
+    "RepoNotFoundError",
+    "RevisionNotFoundError",
+    "RemoteFileNotFoundError",
+    "HubConnectionError",
+    "WeightsMismatchError",
+    "MissingDependencyError",
+    "NotAnEncoderError",
+    "ModelFolderError",
+    "InvalidWeightsFileError",
+    "InvalidImageError",
+]
+
+
+class EcampError(Exception):
+    """Base class of all ecamp errors."""
+
+    def __str__(self) -> str:  # KeyError would otherwise repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownModelError(EcampError, KeyError):
+    """A model name is neither a manifest name, an alias, ``hf-hub:`` nor ``local-dir:``."""
+
+
+class ManifestError(EcampError, ValueError):
+    """The weights manifest (packaged or user-supplied) does not follow the schema."""
+
+
+class WeightsNotPublishedError(EcampError, FileNotFoundError):
+    """The manifest lists the model but its weights are not on the Hub yet."""
+
+
+class NotCachedError(EcampError, FileNotFoundError):
+    """Offline (or the Hub unreachable) and the file is not in the local cache."""
+
+
+class ChecksumMismatchError(EcampError, OSError):
+    """A downloaded file's sha256 differs from the manifest's."""
+
+
+class RepoNotFoundError(EcampError, FileNotFoundError):
+    """The Hub answered that the repository does not exist (or is private without a token)."""
+
+
+class RevisionNotFoundError(EcampError, FileNotFoundError):
+    """The Hub repository has no such branch, tag or commit."""
+
+
+class RemoteFileNotFoundError(EcampError, FileNotFoundError):
+    """The Hub repository exists at that revision but lacks a required file."""
+
+
+class HubConnectionError(EcampError, ConnectionError):
+    """The Hub could not be reached or answered with an unexpected error."""
+
+
+class WeightsMismatchError(EcampError, RuntimeError):
+    """A state dict does not fit the model it is loaded into (missing, unexpected or mis-shaped keys)."""
+
+
+class MissingDependencyError(EcampError, ImportError):
+    """An optional dependency is needed for this feature; the message names the extra to install."""
+
+
+class NotAnEncoderError(EcampError, ValueError):
+    """The name refers to a full pre-training model, which ``ecamp.load`` (an image-encoder loader) does not build."""
+
+
+class ModelFolderError(EcampError, FileNotFoundError):
+    """A ``local-dir:`` folder (or a local-store folder) lacks ``config.json`` or ``model.safetensors``."""
+
+
+class InvalidWeightsFileError(EcampError, ValueError):
+    """A weights or config file cannot be parsed (truncated, not safetensors, not JSON)."""
+
+
+class InvalidImageError(EcampError, ValueError):
+    """An image (array, tensor, PIL image or file) cannot be used: wrong shape or dtype, NaN/inf, out of range."""

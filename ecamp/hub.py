@@ -1,0 +1,341 @@
+"""Hub I/O: downloads through ``huggingface_hub``, sha256 verification, the local store.
+
+Downloads go through :func:`huggingface_hub.hf_hub_download`, so its cache, ``HF_HOME``, ``HF_HUB_CACHE``,
+``HF_ENDPOINT`` (mirrors) and ``HF_HUB_OFFLINE`` all apply. The Hub client checks sizes only; ecamp hashes every file
+against the manifest before anything is loaded.
+
+The *local store* (``$ECAMP_HOME/local/<canonical name>/``, default ``~/.cache/ecamp``) holds weights that are not on
+the Hub yet, e.g. converted from the authors' release; ``ecamp.load(name)`` looks there for unpublished entries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from .errors import (
+    ChecksumMismatchError,
+    EcampError,
+    HubConnectionError,
+    NotCachedError,
+    RemoteFileNotFoundError,
+    RepoNotFoundError,
+    RevisionNotFoundError,
+)
+from .registry import ModelEntry
+
+__all__ = [
+    "ecamp_home",
+    "local_store_path",
+    "sha256_file",
+    "hub_download",
+    "download_entry",
+    "verify_entry",
+    "verify_files",
+    "verify_lfs_blob",
+    "split_hub_spec",
+    "save_pretrained",
+]
+
+logger = logging.getLogger("ecamp")
+
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def ecamp_home() -> Path:
+    """ecamp's own data folder: ``$ECAMP_HOME``, else ``$XDG_CACHE_HOME/ecamp``, else ``~/.cache/ecamp``."""
+    if os.environ.get("ECAMP_HOME"):
+        return Path(os.environ["ECAMP_HOME"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ecamp"
+
+
+def local_store_path(name: str) -> Path:
+    """Folder of the local store that ``ecamp.load(name)`` reads for an unpublished manifest entry."""
+    return ecamp_home() / "local" / name
+
+
+def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def split_hub_spec(spec: str) -> tuple[str, str | None]:
+    """``"org/repo@rev"`` -> ``("org/repo", "rev")``; like timm's ``hf-hub:`` parsing."""
+    repo, sep, rev = spec.partition("@")
+    repo = repo.strip().strip("/")
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise RepoNotFoundError(f"'hf-hub:{spec}' does not name a Hub repo; write 'hf-hub:org/name' or "
+                                f"'hf-hub:org/name@revision'.")
+    return repo, (rev or None) if sep else None
+
+
+@contextlib.contextmanager
+def _hub_errors(repo_id: str, filename: str, revision: str | None, fetch_hint: str) -> Iterator[None]:
+    """Translate huggingface_hub's exceptions into ecamp's, naming the repo, file and next step."""
+    from huggingface_hub import constants
+    from huggingface_hub import errors as hf_errors
+
+    rev = revision or "main"
+    try:
+        yield
+    except hf_errors.LocalEntryNotFoundError as e:
+        why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE
+               else "local_files_only=True was asked or the Hub could not be reached")
+        raise NotCachedError(
+            f"{filename} of {repo_id}@{rev} is not in the Hugging Face cache ({constants.HF_HUB_CACHE} unless "
+            f"cache_dir/HF_HOME say otherwise) and {why}. Fetch it once while online: `{fetch_hint}` "
+            f"(set HF_ENDPOINT to use a mirror)."
+        ) from e
+    except hf_errors.GatedRepoError as e:
+        raise RepoNotFoundError(f"{repo_id} is gated: accept its terms on the Hub, then `hf auth login` "
+                                f"(or set HF_TOKEN) and retry.") from e
+    except hf_errors.RepositoryNotFoundError as e:
+        raise RepoNotFoundError(f"Hub repo {repo_id!r} does not exist at {_endpoint()} (or is private: log in "
+                                f"with `hf auth login` or set HF_TOKEN). Check the name; `ecamp list` shows "
+                                f"the known models.") from e
+    except hf_errors.RevisionNotFoundError as e:
+        raise RevisionNotFoundError(f"Hub repo {repo_id!r} has no revision {rev!r} (branch, tag or commit). "
+                                    f"Omit revision= to use the pinned/default one.") from e
+    except hf_errors.EntryNotFoundError as e:
+        raise RemoteFileNotFoundError(f"Hub repo {repo_id!r} at revision {rev!r} has no file {filename!r}; it "
+                                      f"is not a timm-format ecamp repo (config.json + model.safetensors).") from e
+    except hf_errors.OfflineModeIsEnabled as e:
+        raise NotCachedError(f"{repo_id}@{rev} needs the Hub but HF_HUB_OFFLINE is set. Fetch it once while "
+                             f"online: `{fetch_hint}`.") from e
+    except hf_errors.HfHubHTTPError as e:
+        raise HubConnectionError(f"The Hub at {_endpoint()} failed on {filename} of {repo_id}@{rev}: {e}. "
+                                 f"Retry, or set HF_ENDPOINT to a mirror.") from e
+
+
+def _endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def hub_download(repo_id: str, filename: str, *, revision: str | None = None,
+                 cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
+                 force_download: bool = False, fetch_hint: str | None = None) -> Path:
+    """Download (or find in the cache) one file of a Hub repo, with ecamp's errors."""
+    from huggingface_hub import hf_hub_download
+
+    from . import __version__
+
+    hint = fetch_hint or f"ecamp download hf-hub:{repo_id}" + (f"@{revision}" if revision else "")
+    with _hub_errors(repo_id, filename, revision, hint):
+        path = hf_hub_download(
+            repo_id, filename, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+            force_download=force_download, library_name="ecamp", library_version=__version__,
+        )
+    return Path(path)
+
+
+def download_entry(entry: ModelEntry, *, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+                   local_files_only: bool = False, force_download: bool = False,
+                   files: Sequence[str] | None = None, verify: bool = True) -> dict[str, Path]:
+    """Fetch the files of a published manifest entry and check their sha256; returns ``{path: local path}``."""
+    pinned = entry.revision
+    rev = revision or pinned
+    wanted = list(files) if files is not None else [f.path for f in entry.files]
+    hint = f"ecamp download {entry.aliases[0] if entry.aliases else entry.name}"
+    paths = {name: hub_download(entry.hf_repo, name, revision=rev, cache_dir=cache_dir,
+                                local_files_only=local_files_only, force_download=force_download, fetch_hint=hint)
+             for name in wanted}
+    if verify:
+        if rev == pinned:
+            verify_entry(entry, paths)
+        else:
+            logger.warning("%s: revision %s differs from the pinned %s, so the manifest's sha256 values do not "
+                           "apply; checking LFS files against the Hub's own sha256 instead.", entry.name, rev, pinned)
+            for p in paths.values():
+                verify_lfs_blob(p)
+    return paths
+
+
+def verify_entry(entry: ModelEntry, paths: dict[str, Path]) -> None:
+    """Raise :class:`ChecksumMismatchError` unless every file matches the manifest's size and sha256."""
+    expected = {f.path: (f.sha256, f.size) for f in entry.files}
+    verify_files(paths, expected, refetch=f"ecamp download {entry.aliases[0] if entry.aliases else entry.name} "
+                                          f"--force")
+
+
+def verify_files(paths: dict[str, Path], expected: dict[str, tuple[str | None, int | None]], refetch: str) -> None:
+    for name, path in paths.items():
+        sha, size = expected[name]
+        if sha is None:
+            raise EcampError(f"No sha256 is recorded for {name}; refusing to load unverified weights.")
+        actual_size = os.path.getsize(path)
+        actual = sha256_file(path) if actual_size == size else None
+        if actual != sha:
+            got = f"size {actual_size} (expected {size})" if actual is None else f"sha256 {actual}"
+            raise ChecksumMismatchError(
+                f"{path} ({name}) is corrupt or was tampered with: {got}, expected sha256 {sha}. It was not "
+                f"loaded. Re-fetch it with `{refetch}`, or delete it from the cache and retry."
+            )
+
+
+def verify_lfs_blob(path: Path) -> bool:
+    """Check a cached Hub file against its LFS sha256 (the blob's name in the cache); False if it has none."""
+    real = Path(os.path.realpath(path))
+    if real.parent.name != "blobs" or not _SHA256_RE.match(real.name):
+        return False
+    actual = sha256_file(real)
+    if actual != real.name:
+        raise ChecksumMismatchError(f"{path} is corrupt or was tampered with: sha256 {actual}, but the Hub's LFS "
+                                    f"sha256 is {real.name}. Re-fetch it with force_download=True (CLI: --force).")
+    return True
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# save_pretrained: the timm-format folder (config.json + model.safetensors + README.md)
+
+_CARD_TAGS = {"cxr": ["chest-x-ray", "radiology"], "fundus": ["fundus", "ophthalmology"]}
+
+
+def _model_args_for_export(model, extra: dict | None) -> dict:
+    """Arguments that rebuild ``model`` with ``timm.create_model(architecture, **args)``."""
+    from torch import nn
+
+    args = {k: v for k, v in dict(getattr(model, "_model_args", None) or {}).items()
+            if k not in ("pretrained_cfg", "pretrained_cfg_overlay", "device", "dtype", "pretrained_model_args",
+                         "cache_dir") and not k.endswith("drop_rate")}
+    args.pop("num_classes", None)
+    if hasattr(model, "global_pool") and isinstance(model.global_pool, str):
+        args["global_pool"] = model.global_pool
+    if hasattr(model, "fc_norm"):
+        args["fc_norm"] = not isinstance(model.fc_norm, nn.Identity)
+    args.update(extra or {})
+    return args
+
+
+def _check_rebuild(model, architecture: str, args: dict) -> None:
+    """Refuse to write a folder whose config would not rebuild the model (timm would fail to load it)."""
+    import timm
+    import torch
+
+    try:
+        with torch.device("meta"):
+            probe = timm.create_model(architecture, pretrained=False, num_classes=model.num_classes, **args)
+    except Exception as e:  # noqa: BLE001 - any build failure means the config is unusable
+        raise EcampError(f"timm cannot rebuild {architecture} from model_args {args}: {e}. Pass model_args= to "
+                         f"save_pretrained.") from e
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
+    if want != got:
+        diff = sorted(set(want) ^ set(got)) or sorted(k for k in want if want[k] != got[k])
+        raise EcampError(f"timm.create_model({architecture!r}, **{args}) does not rebuild this model (differs in "
+                         f"{diff[:5]}); pass the constructor arguments as model_args= to save_pretrained.")
+
+
+def _model_card(config: dict, name: str | None, hf_repo: str | None) -> str:
+    block = config.get("ecamp", {})
+    pcfg = config["pretrained_cfg"]
+    modality = block.get("modality")
+    prov = block.get("provenance") or {}
+    paper = prov.get("paper") or {}
+    tags = ["timm", "image-feature-extraction", "ecamp", "medical-imaging", *(_CARD_TAGS.get(modality, []))]
+    lic = pcfg.get("license") or "other"
+    lines = ["---", "library_name: timm", f"license: {lic}"]
+    if lic == "other":
+        lines.append("license_name: see-model-card")
+    lines += ["pipeline_tag: image-feature-extraction", "tags:", *[f"- {t}" for t in tags], "---", ""]
+    title = name or hf_repo or config["architecture"]
+    repo = hf_repo or "<org>/<repo>"
+    lines += [
+        f"# {title}", "",
+        block.get("description") or f"A {config['architecture']} image encoder in timm format, exported by ecamp.",
+        "",
+        "Research use only; not a medical device and not validated for clinical decisions.", "",
+        "## Use", "", "```python", "import ecamp", "",
+        f'model = ecamp.load("hf-hub:{repo}")', "tf = ecamp.get_transform(model)",
+        f'embedding = model(tf("image.png")[None])  # [1, {config.get("num_features", 768)}]', "```", "",
+        f'Without ecamp: `timm.create_model("hf-hub:{repo}", pretrained=True)` builds the same model.', "",
+        "## Preprocessing", "",
+        f"- input size {pcfg['input_size']}, interpolation {pcfg.get('interpolation')}, "
+        f"crop_pct {pcfg.get('crop_pct')} ({pcfg.get('crop_mode', 'center')} crop)",
+        f"- mean {pcfg['mean']}, std {pcfg['std']}",
+        f"- modality: {modality or 'not recorded'}; image policy: {block.get('image_policy', 'not recorded')}"
+        + ("; grey converted to 3 channels" if block.get("grayscale") else ""),
+        "",
+    ]
+    if prov:
+        lines += ["## Provenance", ""]
+        if paper:
+            lines.append(f"- paper: {paper.get('title')} (doi:{paper.get('doi')})")
+        for key in ("original_file", "original_url", "conversion", "code"):
+            if prov.get(key):
+                lines.append(f"- {key.replace('_', ' ')}: {prov[key]}")
+        lines.append("")
+    if block.get("license_note"):
+        lines += ["## Licence", "", block["license_note"], ""]
+    if paper.get("doi"):
+        lines += ["## Citation", "", "```bibtex", "@article{wang2025ecamp,", f"  title = {{{paper.get('title')}}},",
+                  "  journal = {Medical Image Analysis},", "  volume = {105}, pages = {103690}, year = {2025},",
+                  f"  doi = {{{paper['doi']}}}", "}", "```", ""]
+    return "\n".join(lines)
+
+
+def save_pretrained(model, out_dir: str | os.PathLike, *, name: str | None = None, hf_repo: str | None = None,
+                    ecamp_cfg: dict | None = None, model_args: dict | None = None) -> dict:
+    """Write ``model`` as a timm-format folder and return its manifest entry (files with sha256 and size).
+
+    The folder holds ``config.json`` (``architecture``, ``num_classes``, ``num_features``, ``global_pool``,
+    ``model_args``, ``pretrained_cfg`` and an ``ecamp`` block), ``model.safetensors`` and a model card
+    ``README.md``; ``timm.create_model("hf-hub:<repo>", pretrained=True)`` and ``ecamp.load`` both read it. Each
+    file is written to a temporary name and renamed, so a crash never leaves a half-written file.
+    """
+    import json
+    import shutil
+    import tempfile
+
+    from timm.models import save_for_hf
+
+    pcfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    architecture = pcfg.get("architecture")
+    if not architecture:
+        raise EcampError(f"{type(model).__name__} has no pretrained_cfg['architecture']; save_pretrained writes "
+                         f"timm models built by ecamp.load or timm.create_model.")
+    args = _model_args_for_export(model, model_args)
+    _check_rebuild(model, architecture, args)
+    block = {k: v for k, v in dict(getattr(model, "ecamp_cfg", None) or {}).items() if k != "source"}
+    block.update(ecamp_cfg or {})
+    if name:
+        block["name"] = name
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_for_hf(model, str(tmp), model_config={"ecamp": block}, model_args=args, safe_serialization=True)
+        config = json.loads((tmp / "config.json").read_text())
+        if hf_repo:
+            config["pretrained_cfg"]["hf_hub_id"] = hf_repo
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "README.md").write_text(_model_card(config, name, hf_repo), encoding="utf-8")
+        files = []
+        for fname in ("config.json", "model.safetensors", "README.md"):
+            files.append({"path": fname, "sha256": sha256_file(tmp / fname), "size": (tmp / fname).stat().st_size})
+        for fname in ("config.json", "model.safetensors", "README.md"):
+            os.replace(tmp / fname, out / fname)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    entry = {
+        "name": name or block.get("name"),
+        "hf_repo": hf_repo,
+        "architecture": architecture,
+        "model_args": config.get("model_args", {}),
+        "files": files,
+        "pretrained_cfg": config["pretrained_cfg"],
+        "ecamp": block,
+    }
+    logger.info("Wrote %s: %s", out, ", ".join(f"{f['path']} ({f['size']} bytes, sha256 {f['sha256']})"
+                                             for f in files))
+    return entry

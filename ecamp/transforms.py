@@ -1,0 +1,217 @@
+"""Preprocessing bound to the weights: eval and train transforms built from a pretrained_cfg.
+
+Eval reproduces the authors' downstream pipeline (``Resize`` of the shorter side, ``CenterCrop``, ``Grayscale(3)``,
+``ToTensor``, ``Normalize``) with torchvision's own transforms, so 8-bit images give the same numbers as their code.
+Train mode is their fine-tuning augmentation (``RandomResizedCrop``, horizontal flip). Images with more than 8 bits
+(16-bit PNG, DICOM, float arrays) are resized as 32-bit float (PIL mode ``F``), never quantised to 8 bits first.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import EcampError, InvalidImageError
+
+__all__ = ["EcampTransform", "get_transform", "to_pil"]
+
+# ITU-R 601-2 luma, the weights PIL's convert("L") uses; for float colour input.
+_LUMA = (0.299, 0.587, 0.114)
+_INTERP = {"nearest": "NEAREST", "bilinear": "BILINEAR", "bicubic": "BICUBIC"}
+
+
+def _check_float(arr: np.ndarray, what: str) -> np.ndarray:
+    arr = arr.astype(np.float32, copy=False)
+    if not np.isfinite(arr).all():
+        raise InvalidImageError(f"{what} contains NaN or infinite values; clean it before preprocessing.")
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo < -1e-6 or hi > 1 + 1e-6:
+        raise InvalidImageError(f"{what} is float with values in [{lo:.4g}, {hi:.4g}]; float images must be "
+                                f"scaled to [0, 1] (uint8 and uint16 arrays are scaled automatically).")
+    return np.clip(arr, 0.0, 1.0)
+
+
+def _from_array(arr: np.ndarray, what: str) -> Image.Image | torch.Tensor:
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
+        raise InvalidImageError(f"{what} has shape {arr.shape}; expected [H, W], [H, W, 1], [H, W, 3] or "
+                                f"[H, W, 4] (batches go in a list or a 4-D array).")
+    if min(arr.shape[:2]) < 1:
+        raise InvalidImageError(f"{what} is empty (shape {arr.shape}).")
+    if arr.dtype == np.uint8:
+        if arr.ndim == 3 and arr.shape[2] == 4:
+            return Image.fromarray(np.ascontiguousarray(arr), "RGBA").convert("RGB")
+        return Image.fromarray(np.ascontiguousarray(arr), "L" if arr.ndim == 2 else "RGB")
+    if arr.dtype == np.uint16:
+        arr = arr.astype(np.float32) / 65535.0
+    elif arr.dtype.kind == "f":
+        arr = _check_float(arr, what)
+    else:
+        raise InvalidImageError(f"{what} has dtype {arr.dtype}; use uint8, uint16 or float in [0, 1].")
+    if arr.ndim == 3:
+        arr = arr[:, :, :3]
+        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+    return Image.fromarray(np.ascontiguousarray(arr, dtype=np.float32), "F")
+
+
+def to_pil(image: Any, what: str = "image") -> Image.Image | torch.Tensor:
+    """Normalise one image to what the torchvision pipeline takes.
+
+    8-bit input becomes a PIL ``L``/``RGB`` image (the authors' exact path); deeper grey input a PIL ``F`` image
+    in [0, 1]; deeper colour input a float ``[3, H, W]`` tensor in [0, 1].
+    """
+    if isinstance(image, Image.Image):
+        if image.mode in ("L", "RGB"):
+            return image
+        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            arr = np.asarray(image)
+            if image.mode == "F":
+                return _from_array(arr.astype(np.float32), what)
+            scale = 65535.0 if image.mode.startswith("I;16") or arr.max(initial=0) <= 65535 else float(arr.max())
+            return _from_array(arr.astype(np.float32) / scale, what)
+        if image.mode in ("1", "LA", "La"):
+            return image.convert("L")
+        return image.convert("RGB")
+    if isinstance(image, torch.Tensor):
+        t = image.detach().cpu()
+        if t.ndim == 2:
+            t = t[None]
+        if t.ndim != 3 or t.shape[0] not in (1, 3):
+            raise InvalidImageError(f"{what} is a tensor of shape {tuple(image.shape)}; expected [H, W], [1, H, W] "
+                                    f"or [3, H, W] (or a batch [B, C, H, W]).")
+        return _from_array(t.permute(1, 2, 0).numpy(), what)
+    if isinstance(image, np.ndarray):
+        return _from_array(image, what)
+    raise InvalidImageError(f"{what} is a {type(image).__name__}; expected a PIL image, numpy array or tensor.")
+
+
+def _size2(value: Any) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    value = tuple(value)
+    return (int(value[-2]), int(value[-1])) if len(value) >= 2 else (int(value[0]), int(value[0]))
+
+
+class _GreyFromColour:
+    """8-bit colour to grey exactly as torchvision's ``Grayscale`` (PIL ``convert("L")``), after the geometry as in
+    the authors' pipeline. Float images pass through: they are grey already or converted by luma later."""
+
+    def __call__(self, img: Any) -> Any:
+        if isinstance(img, Image.Image) and img.mode == "RGB":
+            return img.convert("L")
+        return img
+
+    def __repr__(self) -> str:
+        return "Grayscale(colour -> grey, ITU-R 601-2 luma)"
+
+
+class EcampTransform:
+    """Callable preprocessing: one image to ``[C, H, W]``, a list or a 4-D batch to ``[B, C, H, W]``.
+
+    ``cfg`` is the dict it was built from (timm pretrained_cfg fields and the ``ecamp`` block); ``steps`` the
+    torchvision transforms it applies after input conversion, exposed so they can be re-used elsewhere.
+    """
+
+    def __init__(self, cfg: dict[str, Any], *, train: bool = False):
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import v2 as T
+
+        self.cfg = cfg
+        self.train = train
+        block = cfg.get("ecamp") or {}
+        self.grayscale = bool(block.get("grayscale", False))
+        h, w = _size2(cfg.get("input_size", (3, 224, 224)))
+        interp_name = cfg.get("interpolation", "bilinear")
+        if interp_name not in _INTERP:
+            raise EcampError(f"Unknown interpolation {interp_name!r}; use one of {sorted(_INTERP)}.")
+        interp = getattr(InterpolationMode, _INTERP[interp_name])
+        crop_pct = float(cfg.get("crop_pct", 1.0))
+        if train:
+            # The authors' fine-tuning augmentation: torchvision defaults (scale 0.08-1, bilinear).
+            geometry = [T.RandomResizedCrop((h, w), antialias=True), T.RandomHorizontalFlip()]
+        else:
+            short = math.floor(min(h, w) / crop_pct) if h == w else tuple(math.floor(s / crop_pct) for s in (h, w))
+            geometry = [T.Resize(short, interpolation=interp, antialias=True), T.CenterCrop((h, w))]
+        self.out_channels = int(cfg.get("input_size", (3,))[0])
+        steps = list(geometry)
+        if self.grayscale:
+            steps.append(_GreyFromColour())
+        steps += [T.ToImage(), T.ToDtype(torch.float32, scale=True)]
+        self.steps = steps
+        self._geometry = T.Compose(steps)
+        mean, std = list(cfg.get("mean", (0.5,) * 3)), list(cfg.get("std", (0.5,) * 3))
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def _one(self, image: Any, what: str) -> torch.Tensor:
+        x = self._geometry(to_pil(image, what))
+        x = x.as_subclass(torch.Tensor)
+        if self.grayscale and x.shape[0] == 3:  # colour float input: luma as PIL's convert("L") does
+            x = (x * torch.tensor(_LUMA).view(3, 1, 1)).sum(0, keepdim=True)
+        if x.shape[0] == 1 and self.out_channels == 3:
+            x = x.expand(3, -1, -1)
+        elif x.shape[0] != self.out_channels:
+            raise InvalidImageError(f"{what} has {x.shape[0]} channels after conversion but the model expects "
+                                    f"{self.out_channels}.")
+        return ((x - self.mean) / self.std).contiguous()
+
+    def __call__(self, images: Any) -> torch.Tensor:
+        if isinstance(images, (list, tuple)):
+            if not images:
+                raise InvalidImageError("Empty batch: pass at least one image.")
+            return torch.stack([self._one(im, f"image {i}") for i, im in enumerate(images)])
+        if isinstance(images, torch.Tensor) and images.ndim == 4:
+            return torch.stack([self._one(im, f"image {i}") for i, im in enumerate(images)])
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            return torch.stack([self._one(im, f"image {i}") for i, im in enumerate(images)])
+        return self._one(images, "image")
+
+    def __repr__(self) -> str:
+        block = self.cfg.get("ecamp") or {}
+        lines = [f"{type(self).__name__}(mode={'train' if self.train else 'eval'}, "
+                 f"modality={block.get('modality')}, image_policy={block.get('image_policy')},"]
+        lines += [f"    {step}," for step in self.steps]
+        if self.grayscale:
+            lines.append(f"    grey -> {self.out_channels} channels,")
+        lines.append(f"    Normalize(mean={list(self.cfg.get('mean', []))}, std={list(self.cfg.get('std', []))}),")
+        lines.append(")")
+        return "\n".join(lines)
+
+
+def get_transform(name_or_model: Any, *, train: bool = False, **overrides: Any) -> EcampTransform:
+    """The preprocessing for a model name, a loaded model or a cfg dict.
+
+    ``overrides`` replace cfg fields: ``input_size``/``img_size``, ``mean``, ``std``, ``interpolation``,
+    ``crop_pct``, and the ecamp settings ``grayscale``, ``image_policy``.
+    """
+    from .factory import get_pretrained_cfg, resolve_model_cfg
+
+    if isinstance(name_or_model, (str, os.PathLike)):
+        cfg = get_pretrained_cfg(str(name_or_model))
+    elif isinstance(name_or_model, dict):
+        cfg = dict(name_or_model)
+    elif isinstance(name_or_model, torch.nn.Module):
+        cfg = resolve_model_cfg(name_or_model)
+    else:
+        raise EcampError(f"get_transform takes a model name, a model or a cfg dict, not "
+                         f"{type(name_or_model).__name__}.")
+    cfg = dict(cfg)
+    block = dict(cfg.get("ecamp") or {})
+    for key in ("grayscale", "image_policy", "fov_crop"):
+        if key in overrides:
+            block[key] = overrides.pop(key)
+    if "img_size" in overrides:
+        size = _size2(overrides.pop("img_size"))
+        overrides["input_size"] = (cfg.get("input_size", (3,))[0], *size)
+    unknown = set(overrides) - {"input_size", "mean", "std", "interpolation", "crop_pct"}
+    if unknown:
+        raise EcampError(f"Unknown transform override(s) {sorted(unknown)}.")
+    cfg.update(overrides)
+    cfg["ecamp"] = block
+    return EcampTransform(cfg, train=train)

@@ -1,0 +1,117 @@
+"""Eval and train transforms: the authors' numerics on 8-bit input, other input kinds, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ecamp
+from ecamp.errors import InvalidImageError
+
+
+def _authors_eval():
+    # The authors' downstream test transform (Fine-tuning/Classification/utils/data_utils.py), torchvision v1.
+    from torchvision import transforms as T
+
+    return T.Compose([T.Resize(224), T.CenterCrop(224), T.Grayscale(num_output_channels=3), T.ToTensor(),
+                      T.Normalize(mean=[0.4722], std=[0.3028])])
+
+
+def _photo(h: int, w: int, mode: str, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    # a smooth image plus noise, so resampling differences would show
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = 127 + 100 * np.sin(xx / 17.0) * np.cos(yy / 23.0)
+    chans = [np.clip(base + rng.normal(0, 20, (h, w)) + 10 * c, 0, 255) for c in range(3)]
+    if mode == "L":
+        return Image.fromarray(chans[0].astype(np.uint8), "L")
+    return Image.fromarray(np.stack(chans, -1).astype(np.uint8), "RGB")
+
+
+@pytest.mark.parametrize("size", [(300, 400), (512, 256), (224, 224), (150, 170)])
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_eval_matches_authors_pipeline_on_8bit(size, mode):
+    img = _photo(*size, mode)
+    ours = ecamp.get_transform("cxr-vit-b")(img)
+    ref = _authors_eval()(img)
+    assert ours.shape == ref.shape == (3, 224, 224)
+    assert torch.allclose(ours, ref, atol=1e-5, rtol=0)
+
+
+def test_ndarray_tensor_and_batches_agree():
+    tf = ecamp.get_transform("cxr-vit-b")
+    img = _photo(260, 300, "L")
+    arr = np.asarray(img)
+    ref = tf(img)
+    assert torch.equal(tf(arr), ref)
+    assert torch.equal(tf(arr[:, :, None]), ref)
+    assert torch.equal(tf(torch.from_numpy(arr.copy())[None]), ref)  # uint8 tensor [1, H, W]
+    batch = tf([img, _photo(260, 300, "L", seed=1)])
+    assert batch.shape == (2, 3, 224, 224) and torch.equal(batch[0], ref)
+    assert torch.equal(tf(np.stack([arr, arr])[..., None]), torch.stack([ref, ref]))
+
+
+def test_high_bit_depth_is_not_quantised():
+    tf = ecamp.get_transform("cxr-vit-b")
+    ramp16 = (np.linspace(0, 65535, 256 * 256).reshape(256, 256)).astype(np.uint16)
+    x16 = tf(ramp16)
+    xf = tf(ramp16.astype(np.float32) / 65535)
+    assert torch.allclose(x16, xf, atol=1e-6)
+    # more distinct values than 8 bits could hold
+    assert torch.unique(x16[0]).numel() > 256
+    pil16 = Image.fromarray(ramp16)
+    assert pil16.mode.startswith("I;16")
+    assert torch.allclose(tf(pil16), x16, atol=1e-6)
+    # float tensors in [0, 1], grey and colour
+    t = torch.rand(3, 240, 250)
+    assert tf(t).shape == (3, 224, 224)
+    assert torch.allclose(tf(t[:1]), tf(t[0]), atol=0)
+
+
+def test_colour_float_uses_luma_like_pil():
+    tf = ecamp.get_transform("cxr-vit-b")
+    rgb = _photo(224, 224, "RGB")
+    as_float = np.asarray(rgb).astype(np.float32) / 255
+    # 224x224 needs no resampling: float luma equals PIL's rounded luma within half a grey level
+    assert torch.allclose(tf(as_float), tf(rgb), atol=0.5 / 255 / 0.3028 + 1e-6)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.full((32, 32), np.nan, dtype=np.float32), "NaN"),
+    (np.full((32, 32), np.inf, dtype=np.float32), "NaN or infinite"),
+    (np.full((32, 32), 3.0, dtype=np.float32), r"scaled to \[0, 1\]"),
+    (np.zeros((32, 32, 5), dtype=np.uint8), "shape"),
+    (np.zeros((0, 32), dtype=np.uint8), "empty"),
+    (np.zeros((32, 32), dtype=np.int64), "dtype"),
+    (torch.zeros(5, 32, 32), "shape"),
+    ([], "Empty batch"),
+    (object(), "expected a PIL image"),
+])
+def test_bad_input_raises_specific_error(bad, message):
+    with pytest.raises(InvalidImageError, match=message):
+        ecamp.get_transform("cxr-vit-b")(bad)
+
+
+def test_train_mode_augments_and_keeps_shape():
+    tf = ecamp.get_transform("cxr-vit-b", train=True)
+    img = _photo(300, 400, "L")
+    torch.manual_seed(0)
+    a = tf(img)
+    b = tf(img)
+    assert a.shape == (3, 224, 224) and not torch.equal(a, b)
+    assert "RandomResizedCrop" in repr(tf) and "RandomHorizontalFlip" in repr(tf)
+
+
+def test_overrides_repr_and_model_binding(tiny_folder):
+    tf = ecamp.get_transform("cxr-vit-b", img_size=112, mean=[0.5] * 3)
+    assert tf(_photo(200, 200, "L")).shape == (3, 112, 112)
+    assert "Normalize(mean=[0.5, 0.5, 0.5]" in repr(tf) and "modality=cxr" in repr(tf)
+    model = ecamp.load(f"local-dir:{tiny_folder}")
+    tf_model = ecamp.get_transform(model)
+    assert tf_model.cfg["input_size"] in ([3, 64, 64], (3, 64, 64))
+    x = tf_model(_photo(100, 120, "RGB"))
+    assert model(x[None]).shape == (1, 48)
+    with pytest.raises(ecamp.EcampError, match="Unknown transform override"):
+        ecamp.get_transform("cxr-vit-b", bogus=1)
