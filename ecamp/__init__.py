@@ -25,18 +25,21 @@ _LAZY = {
     "load_manifest": "registry",
     "get_transform": "transforms",
     "save_pretrained": "hub",
-    "verify": "verify",
+    "verify": "integrity",
+    "embed": "embedding",
 }
-_SUBMODULES = ("errors", "registry", "hub", "factory", "transforms", "models", "cli", "verify")
+_SUBMODULES = ("errors", "registry", "hub", "factory", "io", "transforms", "fundus", "embedding", "integrity",
+               "models", "cli")
 
 __all__ = ["__version__", "EcampError", *_LAZY, *_SUBMODULES]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .embedding import embed  # noqa: F401
     from .factory import download, get_pretrained_cfg, load  # noqa: F401
     from .hub import save_pretrained  # noqa: F401
+    from .integrity import verify  # noqa: F401
     from .registry import list_models, load_manifest  # noqa: F401
     from .transforms import get_transform  # noqa: F401
-    from .verify import verify  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

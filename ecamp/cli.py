@@ -46,7 +46,7 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from .verify import verify
+    from .integrity import verify
 
     results = verify(args.name, cache_dir=args.cache_dir, manifest=args.manifest)
     for r in results:
@@ -65,6 +65,31 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         print(f"{args.name} is not (fully) cached; fetch it with `ecamp download {args.name}`.", file=sys.stderr)
         return 1
     return 0
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    import torch
+
+    from .embedding import embed_files, find_images
+    from .factory import load
+
+    files = find_images(args.paths)
+    model = load(args.model, cache_dir=args.cache_dir, local_files_only=args.local_files_only,
+                 manifest=args.manifest)
+    dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    result = embed_files(model, files, args.out, model_name=args.model, batch_size=args.batch_size,
+                         num_workers=args.num_workers, device=args.device, dtype=dtype,
+                         progress=not args.no_progress, chunk_size=args.chunk_size, resume=not args.no_resume)
+    n_bad = len(result.failures)
+    print(f"embedded {len(files) - n_bad} of {len(files)} files -> {result.out}"
+          + (f" (resumed {result.resumed_chunks} finished chunk(s))" if result.resumed_chunks else ""))
+    if n_bad:
+        print(f"{n_bad} file(s) could not be read (NaN rows):", file=sys.stderr)
+        for _path, reason in list(result.failures.items())[:20]:
+            print(f"  {reason}", file=sys.stderr)
+        if n_bad > 20:
+            print(f"  ... and {n_bad - 20} more (see the output's failure list)", file=sys.stderr)
+    return 1 if n_bad == len(files) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +117,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("verify", _cmd_verify, "re-hash cached weights against the manifest (offline)")
     p.add_argument("name", nargs="?", default=None, help="one model (default: every published model)")
     p.add_argument("--cache-dir", default=None, help="Hugging Face cache folder (default: HF_HUB_CACHE)")
+
+    p = add("embed", _cmd_embed, "embed image files and folders into .npy or .safetensors")
+    p.add_argument("paths", nargs="+", help="image files (DICOM, PNG, JPEG, TIFF) and folders (searched recursively)")
+    p.add_argument("--model", required=True, help="model name, hf-hub:org/repo or local-dir:/path")
+    p.add_argument("--out", required=True, help="output file, .npy (plus .files.txt) or .safetensors")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes for decoding")
+    p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cpu)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="autocast dtype for the model")
+    p.add_argument("--chunk-size", type=int, default=1024, help="images per saved chunk (the resume granularity)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if an interrupted run left chunks")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--local-files-only", action="store_true", help="do not touch the network")
     return parser
 
 

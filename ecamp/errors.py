@@ -24,6 +24,8 @@ __all__ = [
     "ModelFolderError",
     "InvalidWeightsFileError",
     "InvalidImageError",
+    "ImageReadError",
+    "MissingDecoderError",
 ]
 
 
@@ -92,3 +94,11 @@ class InvalidWeightsFileError(EcampError, ValueError):
 
 class InvalidImageError(EcampError, ValueError):
     """An image (array, tensor, PIL image or file) cannot be used: wrong shape or dtype, NaN/inf, out of range."""
+
+
+class ImageReadError(InvalidImageError):
+    """A file or byte string cannot be decoded as an image (truncated, empty, not an image, no pixel data...)."""
+
+
+class MissingDecoderError(ImageReadError, MissingDependencyError):
+    """A compressed DICOM needs a pixel-data decoder plugin that is not installed."""

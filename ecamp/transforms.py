@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from .errors import EcampError, InvalidImageError
+from .fundus import fov_crop
 
 __all__ = ["EcampTransform", "get_transform", "to_pil"]
 
@@ -60,12 +61,30 @@ def _from_array(arr: np.ndarray, what: str) -> Image.Image | torch.Tensor:
     return Image.fromarray(np.ascontiguousarray(arr, dtype=np.float32), "F")
 
 
-def to_pil(image: Any, what: str = "image") -> Image.Image | torch.Tensor:
+def _is_file_source(image: Any) -> bool:
+    return isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(image, "read")
+
+
+def to_pil(image: Any, what: str = "image", *, policy: str = "bits", fov: bool = False,
+           frame: int | None = None) -> Image.Image | torch.Tensor:
     """Normalise one image to what the torchvision pipeline takes.
 
-    8-bit input becomes a PIL ``L``/``RGB`` image (the authors' exact path); deeper grey input a PIL ``F`` image
-    in [0, 1]; deeper colour input a float ``[3, H, W]`` tensor in [0, 1].
+    Paths, bytes and file objects are read with :func:`ecamp.io.read_image` under ``policy``. 8-bit input becomes a
+    PIL ``L``/``RGB`` image (the authors' exact path); deeper grey input a PIL ``F`` image in [0, 1]; deeper colour
+    input a float ``[3, H, W]`` tensor in [0, 1]. ``fov`` crops a fundus photograph to its field of view first.
     """
+    if _is_file_source(image):
+        from .io import read_image_native
+
+        arr = read_image_native(image, policy=policy, frame=frame)
+        return _from_array(fov_crop(arr) if fov else arr, what if what != "image" else str(image)[:200])
+    if fov:
+        arr = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) and image.mode not in
+                         ("L", "RGB", "I;16", "I", "F") else image)
+        if isinstance(image, torch.Tensor):
+            arr = image.detach().cpu().numpy()
+            arr = arr.transpose(1, 2, 0) if arr.ndim == 3 else arr
+        return _from_array(fov_crop(arr), what)
     if isinstance(image, Image.Image):
         if image.mode in ("L", "RGB"):
             return image
@@ -126,6 +145,12 @@ class EcampTransform:
         self.train = train
         block = cfg.get("ecamp") or {}
         self.grayscale = bool(block.get("grayscale", False))
+        self.policy = block.get("image_policy", "bits")
+        self.fov_crop = bool(block.get("fov_crop", False))
+        from .io import POLICIES
+
+        if self.policy not in POLICIES:
+            raise EcampError(f"Unknown image policy {self.policy!r}; use one of {POLICIES}.")
         h, w = _size2(cfg.get("input_size", (3, 224, 224)))
         interp_name = cfg.get("interpolation", "bilinear")
         if interp_name not in _INTERP:
@@ -150,7 +175,7 @@ class EcampTransform:
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
 
     def _one(self, image: Any, what: str) -> torch.Tensor:
-        x = self._geometry(to_pil(image, what))
+        x = self._geometry(to_pil(image, what, policy=self.policy, fov=self.fov_crop))
         x = x.as_subclass(torch.Tensor)
         if self.grayscale and x.shape[0] == 3:  # colour float input: luma as PIL's convert("L") does
             x = (x * torch.tensor(_LUMA).view(3, 1, 1)).sum(0, keepdim=True)
@@ -166,7 +191,7 @@ class EcampTransform:
             if not images:
                 raise InvalidImageError("Empty batch: pass at least one image.")
             return torch.stack([self._one(im, f"image {i}") for i, im in enumerate(images)])
-        if isinstance(images, torch.Tensor) and images.ndim == 4:
+        if isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[1] in (1, 3):
             return torch.stack([self._one(im, f"image {i}") for i, im in enumerate(images)])
         if isinstance(images, np.ndarray) and images.ndim == 4:
             return torch.stack([self._one(im, f"image {i}") for i, im in enumerate(images)])
@@ -175,7 +200,7 @@ class EcampTransform:
     def __repr__(self) -> str:
         block = self.cfg.get("ecamp") or {}
         lines = [f"{type(self).__name__}(mode={'train' if self.train else 'eval'}, "
-                 f"modality={block.get('modality')}, image_policy={block.get('image_policy')},"]
+                 f"modality={block.get('modality')}, image_policy={self.policy}, fov_crop={self.fov_crop},"]
         lines += [f"    {step}," for step in self.steps]
         if self.grayscale:
             lines.append(f"    grey -> {self.out_channels} channels,")

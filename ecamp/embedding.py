@@ -1,0 +1,230 @@
+"""Batched embedding of many images, with DataLoader workers and a progress bar.
+
+Unreadable inputs never abort a run: their rows are NaN and they are reported (logged, and returned by
+:func:`embed_files`). :func:`embed_files` writes its result atomically and resumes an interrupted run from its
+last finished chunk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import EcampError
+
+__all__ = ["embed", "embed_files", "EmbedResult", "find_images", "IMAGE_SUFFIXES"]
+
+logger = logging.getLogger("ecamp")
+
+IMAGE_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+class _Images(torch.utils.data.Dataset):
+    """Item i -> (i, tensor or None, error message or None); decoding errors stay per item."""
+
+    def __init__(self, inputs: Sequence[Any], transform: Callable[[Any], torch.Tensor]):
+        self.inputs = inputs
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, self.transform(self.inputs[i]), None
+        except EcampError as e:
+            return i, None, str(e)
+
+
+def _collate(items):
+    return items
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _batches(model: nn.Module, inputs: Sequence[Any], transform, batch_size: int, num_workers: int,
+             device: torch.device, dtype: torch.dtype | None, progress: bool, desc: str):
+    """Yield ``(indices, embeddings [b, D] float32 numpy, failures {index: message})`` in input order."""
+    from tqdm.auto import tqdm
+
+    loader = torch.utils.data.DataLoader(_Images(inputs, transform), batch_size=batch_size, shuffle=False,
+                                         num_workers=num_workers, collate_fn=_collate,
+                                         persistent_workers=False)
+    bar = tqdm(total=len(inputs), desc=desc, unit="img", disable=not progress)
+    try:
+        for items in loader:
+            ok = [(i, x) for i, x, err in items if x is not None]
+            failures = {i: err for i, x, err in items if x is None}
+            out = np.zeros((0,), np.float32)
+            if ok:
+                x = torch.stack([t for _, t in ok]).to(device)
+                with torch.inference_mode(), _autocast(device, dtype):
+                    out = model(x).float().cpu().numpy()
+            yield [i for i, _ in ok], out, failures
+            bar.update(len(items))
+    finally:
+        bar.close()
+
+
+def embed(model: nn.Module, inputs: Sequence[Any], *, batch_size: int = 32, num_workers: int = 0,
+          device: str | torch.device | None = None, dtype: torch.dtype | None = None, progress: bool = True,
+          transform: Callable[[Any], torch.Tensor] | None = None) -> np.ndarray:
+    """Embed images (paths, bytes, PIL images, arrays or tensors) with ``model``: ``[N, D]`` float32, in input order.
+
+    Inputs that cannot be read give NaN rows and a warning naming each one. ``device`` defaults to the model's;
+    ``dtype`` (e.g. ``torch.bfloat16``) runs the model under autocast. ``transform`` defaults to
+    ``ecamp.get_transform(model)``.
+    """
+    from .transforms import get_transform
+
+    if batch_size < 1:
+        raise EcampError(f"batch_size must be positive, got {batch_size}.")
+    inputs = list(inputs)
+    if not inputs:
+        raise EcampError("embed() got no inputs.")
+    transform = transform or get_transform(model)
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    model = model.to(dev).eval()
+    rows: np.ndarray | None = None
+    failures: dict[int, str] = {}
+    for idx, out, failed in _batches(model, inputs, transform, batch_size, num_workers, dev, dtype, progress,
+                                     "embed"):
+        failures.update(failed)
+        if len(idx):
+            if rows is None:
+                rows = np.full((len(inputs), out.shape[1]), np.nan, dtype=np.float32)
+            rows[idx] = out
+    if rows is None:
+        raise EcampError(f"None of the {len(inputs)} inputs could be read; first error: "
+                         f"{next(iter(failures.values()))}")
+    if failures:
+        logger.warning("%d of %d inputs could not be read (NaN rows): %s", len(failures), len(inputs),
+                       "; ".join(failures[i] for i in sorted(failures)[:10]))
+    return rows
+
+
+def find_images(paths: Sequence[str | os.PathLike], suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[str]:
+    """Files given directly (in order), then the images inside given folders (recursively, sorted)."""
+    found: list[str] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found.extend(sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in suffixes))
+        else:
+            found.append(str(p))
+    return found
+
+
+@dataclass
+class EmbedResult:
+    out: Path
+    files: list[str]
+    failures: dict[str, str] = field(default_factory=dict)
+    resumed_chunks: int = 0
+
+
+def _atomic_save(path: Path, writer: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        writer(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def embed_files(model: nn.Module, files: Sequence[str], out: str | os.PathLike, *, model_name: str = "",
+                batch_size: int = 32, num_workers: int = 0, device: str | torch.device | None = None,
+                dtype: torch.dtype | None = None, progress: bool = True, chunk_size: int = 1024,
+                resume: bool = True) -> EmbedResult:
+    """Embed ``files`` into ``out`` (``.npy`` or ``.safetensors``), resumable and order-stable.
+
+    Row i is file i (NaN for unreadable files). ``.npy`` output gets ``<out>.files.txt`` beside it (one path per
+    row) and ``<out>.failed.json``; ``.safetensors`` output holds the tensor ``embeddings`` and the file list and
+    failures in its metadata. Work is saved in chunks under ``<out>.partial/``: an interrupted run started again
+    with the same files continues after the last finished chunk.
+    """
+    out = Path(out)
+    if out.suffix not in (".npy", ".safetensors"):
+        raise EcampError(f"Output {out} must end in .npy or .safetensors.")
+    files = [str(f) for f in files]
+    if not files:
+        raise EcampError("No input files (folders are searched for " + ", ".join(IMAGE_SUFFIXES) + ").")
+    from .transforms import get_transform
+
+    transform = get_transform(model)
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    model = model.to(dev).eval()
+    key = hashlib.sha256(json.dumps([files, model_name, chunk_size]).encode()).hexdigest()[:16]
+    partial = out.with_name(out.name + ".partial")
+    state_path = partial / "state.json"
+    if partial.exists() and (not resume or not state_path.is_file() or
+                             json.loads(state_path.read_text()).get("key") != key):
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    if not state_path.is_file():
+        _atomic_save(state_path, lambda p: p.write_text(json.dumps({"key": key, "n": len(files)})))
+    chunks = [(s, min(s + chunk_size, len(files))) for s in range(0, len(files), chunk_size)]
+    resumed = 0
+    dim: int | None = None
+    for c, (s, e) in enumerate(chunks):
+        done = partial / f"chunk-{c:06d}.npz"
+        if done.is_file():
+            resumed += 1
+            continue
+        rows = None
+        failed: dict[int, str] = {}
+        for idx, emb, fails in _batches(model, files[s:e], transform, batch_size, num_workers, dev, dtype,
+                                        progress, f"embed {c + 1}/{len(chunks)}"):
+            failed.update(fails)
+            if len(idx):
+                if rows is None:
+                    rows = np.full((e - s, emb.shape[1]), np.nan, dtype=np.float32)
+                rows[idx] = emb
+        if rows is None:
+            dim = dim or int(getattr(model, "num_features", 0)) or None
+            rows = np.full((e - s, dim or 0), np.nan, dtype=np.float32)
+        fail_json = json.dumps({files[s + i]: m for i, m in failed.items()})
+
+        def write_chunk(p: Path, rows=rows, fail_json=fail_json) -> None:
+            with open(p, "wb") as f:
+                np.savez(f, rows=rows, failures=np.array(fail_json))
+
+        _atomic_save(done, write_chunk)
+    parts = [np.load(partial / f"chunk-{c:06d}.npz") for c in range(len(chunks))]
+    width = max(p["rows"].shape[1] for p in parts)
+    embeddings = np.concatenate([p["rows"] if p["rows"].shape[1] == width else
+                                 np.full((p["rows"].shape[0], width), np.nan, np.float32) for p in parts])
+    failures: dict[str, str] = {}
+    for p in parts:
+        failures.update(json.loads(str(p["failures"])))
+    if out.suffix == ".npy":
+        def write_npy(p: Path) -> None:
+            with open(p, "wb") as f:
+                np.save(f, embeddings)
+
+        _atomic_save(out, write_npy)
+        _atomic_save(out.with_name(out.name + ".files.txt"), lambda p: p.write_text("\n".join(files) + "\n"))
+        _atomic_save(out.with_name(out.name + ".failed.json"), lambda p: p.write_text(json.dumps(failures, indent=1)))
+    else:
+        from safetensors.numpy import save_file
+
+        meta = {"files": json.dumps(files), "failed": json.dumps(failures), "model": model_name}
+        _atomic_save(out, lambda p: save_file({"embeddings": embeddings}, str(p), metadata=meta))
+    shutil.rmtree(partial, ignore_errors=True)
+    return EmbedResult(out=out, files=files, failures=failures, resumed_chunks=resumed)

@@ -1,0 +1,404 @@
+"""Reading medical images: DICOM, PNG (8/16-bit), JPEG, TIFF, into float32 arrays in [0, 1].
+
+Grey images come back as ``[H, W]``, colour as ``[H, W, 3]``. DICOM goes through the modality LUT
+(RescaleSlope/Intercept or a Modality LUT Sequence), then an explicit *intensity policy* maps the values to [0, 1],
+and MONOCHROME1 is inverted so that, as in every display convention, bone and air are bright and dark:
+
+``"bits"`` (default of :func:`read_image`)
+    scale by the value range that BitsStored and PixelRepresentation allow (after the modality LUT). The same stored
+    value always gives the same output, whatever else is in the image.
+``"minmax"``
+    per-image min-max of the modality values (PixelPaddingValue pixels excluded).
+``"voi"``
+    the file's VOI LUT or WindowCenter/WindowWidth (pydicom's ``apply_voi_lut``), scaled by its output range.
+``"mimic-cxr-jpg"`` (default of the CXR weights)
+    how MIMIC-CXR-JPG, the images the CXR weights saw, was made from DICOM: min-max to 8 bits, MONOCHROME1
+    inversion, histogram equalisation (OpenCV ``equalizeHist`` semantics). The JPEG compression step is not
+    reproduced. 8-bit PNG/JPEG files are taken as already processed and left alone.
+
+Files with more than 8 bits but no DICOM header (16-bit PNG/TIFF) follow the same policies without the DICOM steps.
+Compressed DICOM transfer syntaxes decode through pydicom's plugins (``pip install "ecamp[dicom]"``).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import stat
+import warnings
+from pathlib import Path
+from typing import Any, BinaryIO, Union
+
+import numpy as np
+
+from .errors import ImageReadError, InvalidImageError, MissingDecoderError
+
+__all__ = ["read_image", "read_image_native", "POLICIES", "DEFAULT_MAX_PIXELS", "equalize_hist", "is_dicom"]
+
+logger = logging.getLogger("ecamp")
+
+POLICIES = ("bits", "minmax", "voi", "mimic-cxr-jpg")
+# Guard against decompression bombs: about 11585 x 11585 pixels, 7x the largest radiographs in common use.
+DEFAULT_MAX_PIXELS = int(os.environ.get("ECAMP_MAX_IMAGE_PIXELS", 2**27))
+DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
+ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
+
+
+def _describe(src: Any) -> str:
+    if isinstance(src, (str, os.PathLike)):
+        return str(src)
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return f"<{len(src)} bytes>"
+    return getattr(src, "name", None) or f"<{type(src).__name__}>"
+
+
+def _open(src: ImageSource) -> tuple[str, bytes]:
+    """Name and content of a path, a byte string or a binary file object; refuses what cannot be an image file."""
+    name = _describe(src)
+    if isinstance(src, (str, os.PathLike)):
+        path = Path(src)
+        try:
+            st = path.stat()
+        except OSError as e:
+            raise ImageReadError(f"{name}: cannot open ({e.strerror or e}).") from e
+        if not stat.S_ISREG(st.st_mode):  # directories, FIFOs, devices: reading could hang or mean nothing
+            raise ImageReadError(f"{name}: not a regular file.")
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise ImageReadError(f"{name}: cannot read ({e.strerror or e}).") from e
+    elif isinstance(src, (bytes, bytearray, memoryview)):
+        data = bytes(src)
+    elif hasattr(src, "read"):
+        data = src.read()
+        if not isinstance(data, bytes):
+            raise ImageReadError(f"{name}: file object must be opened in binary mode.")
+    else:
+        raise InvalidImageError(f"Cannot read an image from a {type(src).__name__}; pass a path, bytes or a binary "
+                                f"file object.")
+    if not data:
+        raise ImageReadError(f"{name}: empty file.")
+    return name, data
+
+
+def is_dicom(data: bytes, name: str = "") -> bool:
+    """DICOM Part 10 preamble, or a DICOM file extension (for files written without the preamble)."""
+    return data[128:132] == b"DICM" or name.lower().endswith(DICOM_SUFFIXES)
+
+
+def equalize_hist(img: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Histogram equalisation of a uint8 image with OpenCV's ``equalizeHist`` mapping.
+
+    ``lut[v] = round((cdf[v] - cdf[v_min]) * 255 / (n - cdf[v_min]))``; pixels outside ``mask`` do not count.
+    """
+    values = img[mask] if mask is not None else img.ravel()
+    hist = np.bincount(values.ravel(), minlength=256)
+    total = int(hist.sum())
+    nonzero = np.flatnonzero(hist)
+    if total == 0 or hist[nonzero[0]] == total:  # constant image: OpenCV leaves it unchanged
+        return img.copy()
+    first = int(hist[nonzero[0]])
+    cdf = np.cumsum(hist)
+    lut = np.clip(np.rint((cdf - first) * (255.0 / (total - first))), 0, 255).astype(np.uint8)
+    lut[: nonzero[0]] = 0
+    return lut[img]
+
+
+def _to_unit_8bit(values: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
+    """Min-max to uint8 [0, 255] (rounded), over the valid pixels."""
+    v = values[valid] if valid is not None else values
+    lo, hi = float(v.min()), float(v.max())
+    if hi <= lo:
+        return np.zeros(values.shape, dtype=np.uint8)
+    return np.clip(np.rint((values - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
+
+
+def _minmax(values: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
+    v = values[valid] if valid is not None else values
+    lo, hi = float(v.min()), float(v.max())
+    if hi <= lo:
+        return np.zeros(values.shape, dtype=np.float32)
+    return np.clip((values - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def _check_policy(policy: str) -> None:
+    if policy not in POLICIES:
+        raise InvalidImageError(f"Unknown intensity policy {policy!r}; use one of {POLICIES}.")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# DICOM
+
+
+def _dicom_decoder_check(ds: Any, name: str) -> None:
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None) or ImplicitVRLittleEndian
+    if not ts.is_compressed:
+        return
+    try:
+        decoder = get_decoder(ts)
+    except NotImplementedError as e:
+        raise ImageReadError(f"{name}: transfer syntax {ts} ({ts.name}) has no pixel decoder in pydicom.") from e
+    if not decoder.is_available:
+        missing = "; ".join(f"{plugin}: {', '.join(deps)}" for plugin, deps in decoder.missing_dependencies.items()
+                            if deps) if isinstance(decoder.missing_dependencies, dict) else ""
+        raise MissingDecoderError(
+            f"{name}: pixel data is compressed as {ts.name} ({ts}) and no installed decoder handles it"
+            + (f" (missing {missing})" if missing else "")
+            + ". Install the DICOM codecs: pip install \"ecamp[dicom]\"."
+        )
+
+
+def _bits_range(ds: Any) -> tuple[float, float]:
+    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)) or 16)
+    if int(ds.get("PixelRepresentation", 0) or 0) == 1:
+        return float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
+    return 0.0, float(2**bits - 1)
+
+
+def _padding_mask(ds: Any, stored: np.ndarray) -> np.ndarray | None:
+    pad = ds.get("PixelPaddingValue")
+    if pad is None:
+        return None
+    limit = ds.get("PixelPaddingRangeLimit")
+    if limit is not None:
+        lo, hi = sorted((int(pad), int(limit)))
+        mask = (stored >= lo) & (stored <= hi)
+    else:
+        mask = stored == int(pad)
+    return mask if mask.any() else None
+
+
+def _ensure_transfer_syntax(ds: Any) -> None:
+    """Files written without File Meta Information: record the encoding pydicom read them with."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    implicit, little = getattr(ds, "original_encoding", (True, True))
+    uid = ImplicitVRLittleEndian if implicit else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    if meta is None:
+        ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = uid
+
+
+def _read_dicom(name: str, data: bytes, policy: str, frame: int | None, max_pixels: int) -> np.ndarray:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # header quirks pydicom can read past; what matters is checked below
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, AttributeError) as e:
+        raise ImageReadError(f"{name}: not a readable DICOM file ({e}).") from e
+    _ensure_transfer_syntax(ds)
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise ImageReadError(f"{name}: DICOM file has no pixel data (SOP class "
+                             f"{getattr(ds.get('SOPClassUID'), 'name', ds.get('SOPClassUID', 'unknown'))}).")
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError) as e:
+        raise ImageReadError(f"{name}: DICOM image lacks valid Rows/Columns/NumberOfFrames ({e}).") from e
+    if rows < 1 or cols < 1:
+        raise ImageReadError(f"{name}: DICOM image has size {rows}x{cols}.")
+    if rows * cols * frames > max_pixels:
+        raise ImageReadError(f"{name}: {frames} frame(s) of {rows}x{cols} exceed the {max_pixels}-pixel limit "
+                             f"(a guard against decompression bombs; raise max_pixels= if the file is genuine).")
+    if frames > 1 and frame is None:
+        raise InvalidImageError(f"{name}: multi-frame DICOM with {frames} frames; choose one with frame=0..."
+                                f"{frames - 1} (read_image(..., frame=k)).")
+    if frame is not None and not 0 <= frame < frames:
+        raise InvalidImageError(f"{name}: frame {frame} requested but the file has {frames} frame(s).")
+    _dicom_decoder_check(ds, name)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warns about fixable header quirks; the result is checked below
+            arr = ds.pixel_array
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - pydicom and its plugins raise many types for corrupt data
+        raise ImageReadError(f"{name}: cannot decode the DICOM pixel data ({type(e).__name__}: {e}).") from e
+    if frames > 1:
+        arr = arr[frame]
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4) or photometric in ("RGB", "PALETTE COLOR") or \
+            photometric.startswith("YBR"):
+        return _dicom_colour(ds, arr, photometric, name)
+    if arr.ndim != 2:
+        raise ImageReadError(f"{name}: unexpected pixel array shape {arr.shape} for {photometric}.")
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise ImageReadError(f"{name}: photometric interpretation {photometric!r} is not supported.")
+    pad = _padding_mask(ds, arr)
+    valid = None if pad is None else ~pad
+    if valid is not None and not valid.any():
+        raise ImageReadError(f"{name}: every pixel is padding (PixelPaddingValue).")
+    values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise ImageReadError(f"{name}: pixel values are not finite.")
+    invert = photometric == "MONOCHROME1"
+    if policy == "mimic-cxr-jpg":
+        u8 = _to_unit_8bit(values, valid)
+        if invert:
+            u8 = 255 - u8
+        out8 = equalize_hist(u8, valid)
+        if pad is not None:
+            out8[pad] = 0
+        return out8
+    elif policy == "minmax":
+        out = _minmax(values, valid)
+        out = 1.0 - out if invert else out
+    elif policy == "voi":
+        if "VOILUTSequence" not in ds and "WindowCenter" not in ds:
+            raise InvalidImageError(f"{name}: policy 'voi' needs a VOI LUT or WindowCenter/WindowWidth, and the "
+                                    f"file has neither; use policy 'minmax' or 'bits'.")
+        lo, hi = _bits_range(ds)
+        ends = np.asarray(apply_modality_lut(np.array([lo, hi]).astype(arr.dtype), ds), dtype=np.float64)
+        y = np.asarray(apply_voi_lut(values, ds), dtype=np.float64)
+        y_ends = np.asarray(apply_voi_lut(ends, ds), dtype=np.float64)
+        y_lo, y_hi = float(y_ends.min()), float(y_ends.max())
+        out = np.zeros(values.shape, np.float32) if y_hi <= y_lo else \
+            np.clip((y - y_lo) / (y_hi - y_lo), 0, 1).astype(np.float32)
+        out = 1.0 - out if invert else out
+    else:  # "bits"
+        lo, hi = _bits_range(ds)
+        ends = np.asarray(apply_modality_lut(np.array([lo, hi]).astype(arr.dtype), ds), dtype=np.float64)
+        e_lo, e_hi = float(ends.min()), float(ends.max())
+        out = np.clip((values - e_lo) / (e_hi - e_lo), 0, 1).astype(np.float32) if e_hi > e_lo else \
+            np.zeros(values.shape, np.float32)
+        out = 1.0 - out if invert else out
+    if pad is not None:
+        out[pad] = 0.0  # padding is background: black
+    return out
+
+
+def _dicom_colour(ds: Any, arr: np.ndarray, photometric: str, name: str) -> np.ndarray:
+    from pydicom.pixels import apply_color_lut, convert_color_space
+
+    if photometric == "PALETTE COLOR":
+        arr = apply_color_lut(arr, ds)
+        bits = 16 if arr.dtype.itemsize > 1 else 8
+    else:
+        bits = int(ds.get("BitsStored", 8) or 8)
+        # pydicom 3 returns RGB for YBR data by default; convert if a plugin handed back YBR unchanged.
+        if photometric.startswith("YBR") and getattr(ds, "_pixel_array_opts", {}).get("as_rgb") is False:
+            arr = convert_color_space(arr, photometric, "RGB")
+    if arr.ndim != 3 or arr.shape[-1] < 3:
+        raise ImageReadError(f"{name}: unexpected colour pixel array shape {arr.shape}.")
+    if bits == 8 and arr.dtype == np.uint8:
+        return np.ascontiguousarray(arr[..., :3])
+    return np.clip(arr[..., :3].astype(np.float32) / float(2**bits - 1), 0, 1)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# PNG, JPEG, TIFF (Pillow)
+
+
+def _read_pil(name: str, data: bytes, policy: str, frame: int | None, max_pixels: int) -> np.ndarray:
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies below
+            im = Image.open(io.BytesIO(data))
+            w, h = im.size
+            n_frames = int(getattr(im, "n_frames", 1) or 1)
+            if w * h > max_pixels:
+                raise ImageReadError(f"{name}: {w}x{h} pixels exceed the {max_pixels}-pixel limit (a guard against "
+                                     f"decompression bombs; raise max_pixels= if the file is genuine).")
+            if n_frames > 1:
+                if frame is None:
+                    raise InvalidImageError(f"{name}: {n_frames} frames/pages; choose one with frame=k.")
+                if not 0 <= frame < n_frames:
+                    raise InvalidImageError(f"{name}: frame {frame} requested but there are {n_frames}.")
+                im.seek(frame)
+            im.load()
+            im = ImageOps.exif_transpose(im)
+    except (ImageReadError, InvalidImageError):
+        raise
+    except UnidentifiedImageError as e:
+        raise ImageReadError(f"{name}: not an image Pillow or pydicom can read (DICOM files need the DICM preamble "
+                             f"or a .dcm name).") from e
+    except Image.DecompressionBombError as e:
+        raise ImageReadError(f"{name}: too large for the pixel limit, refused as a possible decompression bomb "
+                             f"({e}).") from e
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise ImageReadError(f"{name}: cannot decode ({e}); the file may be truncated or corrupt.") from e
+    if w < 1 or h < 1:
+        raise ImageReadError(f"{name}: image has size {w}x{h}.")
+    mode = im.mode
+    if mode in ("1", "L", "P", "LA", "La", "PA"):
+        im = im.convert("RGB") if mode in ("P", "PA") and "transparency" not in im.info and \
+            _palette_is_colour(im) else im.convert("L")
+        return np.asarray(im, dtype=np.uint8)
+    if mode in ("RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"):
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    if mode.startswith("I;16") or mode == "I":
+        arr = np.asarray(im).astype(np.float64)
+        if mode == "I" and (arr.min() < 0 or arr.max() > 65535):
+            return _deep_grey(arr, policy, scale=None)
+        return _deep_grey(arr, policy, scale=65535.0)
+    if mode == "F":
+        arr = np.asarray(im).astype(np.float64)
+        if not np.isfinite(arr).all():
+            raise ImageReadError(f"{name}: float image contains NaN or infinite values.")
+        in_unit = arr.min() >= 0 and arr.max() <= 1
+        return _deep_grey(arr, policy, scale=1.0 if in_unit else None)
+    raise ImageReadError(f"{name}: image mode {mode!r} is not supported.")
+
+
+def _palette_is_colour(im: Any) -> bool:
+    rgb = np.asarray(im.convert("RGB"))
+    return not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]))
+
+
+def _deep_grey(arr: np.ndarray, policy: str, scale: float | None) -> np.ndarray:
+    """A grey image with more than 8 bits and no DICOM header, under an intensity policy."""
+    if policy == "mimic-cxr-jpg":
+        return equalize_hist(_to_unit_8bit(arr, None))
+    if policy == "minmax" or scale is None:
+        return _minmax(arr, None)
+    return np.clip(arr / scale, 0, 1).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def read_image(src: ImageSource, *, policy: str = "bits", frame: int | None = None,
+               max_pixels: int | None = None) -> np.ndarray:
+    """Read a DICOM, PNG, JPEG or TIFF image as float32 in [0, 1]: ``[H, W]`` (grey) or ``[H, W, 3]`` (colour).
+
+    Args:
+        src: a path, bytes, or a binary file object.
+        policy: intensity policy for DICOM and >8-bit images, one of :data:`POLICIES` (see the module doc).
+        frame: which frame of a multi-frame DICOM or multi-page TIFF; required when there are several.
+        max_pixels: refuse larger images (decompression-bomb guard); default ``ECAMP_MAX_IMAGE_PIXELS`` or 2**27.
+
+    Raises :class:`~ecamp.errors.ImageReadError` (or :class:`~ecamp.errors.MissingDecoderError`) naming the file
+    and the reason; never returns a partial image.
+    """
+    out = read_image_native(src, policy=policy, frame=frame, max_pixels=max_pixels)
+    return out.astype(np.float32) / 255.0 if out.dtype == np.uint8 else out
+
+
+def read_image_native(src: ImageSource, *, policy: str = "bits", frame: int | None = None,
+                      max_pixels: int | None = None) -> np.ndarray:
+    """As :func:`read_image`, but 8-bit results stay ``uint8`` (0-255), so the transforms can take the exact
+    8-bit path the authors' torchvision pipeline took; everything else is float32 in [0, 1]."""
+    _check_policy(policy)
+    name, data = _open(src)
+    limit = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
+    if is_dicom(data, name):
+        with warnings.catch_warnings():
+            # pydicom warns about header values it can read past (e.g. malformed IS strings); the reader
+            # validates what it uses and raises ImageReadError where it matters.
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
+            return _read_dicom(name, data, policy, frame, limit)
+    return _read_pil(name, data, policy, frame, limit)

@@ -1,0 +1,128 @@
+"""Batched embedding: order, bad files, workers, the CLI, and resuming after a kill."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ecamp
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(8):
+        p = root / f"img_{i:02d}.png"
+        Image.fromarray(rng.integers(0, 255, (80 + i, 90), dtype=np.uint8)).save(p)
+        paths.append(p)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def model(tiny_folder):
+    return ecamp.load(f"local-dir:{tiny_folder}")
+
+
+def _direct(model, paths) -> np.ndarray:
+    tf = ecamp.get_transform(model)
+    with torch.no_grad():
+        return np.stack([model(tf(p)[None])[0].numpy() for p in paths])
+
+
+def test_embed_matches_one_by_one_and_marks_bad_files(model, images, tmp_path, caplog):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    inputs = [images[0], bad, images[1], images[2]]
+    with caplog.at_level(logging.WARNING, logger="ecamp"):
+        emb = ecamp.embed(model, inputs, batch_size=3, progress=False)
+    assert emb.shape == (4, 48) and emb.dtype == np.float32
+    assert np.isnan(emb[1]).all() and not np.isnan(emb[[0, 2, 3]]).any()
+    assert np.allclose(emb[[0, 2, 3]], _direct(model, [images[0], images[1], images[2]]), atol=1e-5)
+    assert "1 of 4 inputs could not be read" in caplog.text and "broken.png" in caplog.text
+
+
+def test_embed_with_workers_and_bf16(model, images):
+    ref = ecamp.embed(model, images, batch_size=4, progress=False)
+    with_workers = ecamp.embed(model, images, batch_size=3, num_workers=2, progress=False)
+    assert np.allclose(ref, with_workers, atol=1e-6)
+    bf16 = ecamp.embed(model, images, batch_size=8, dtype=torch.bfloat16, progress=False)
+    assert np.allclose(ref, bf16, atol=0.1) and not np.array_equal(ref, bf16)
+
+
+def test_embed_rejects_empty_and_all_bad(model, tmp_path):
+    with pytest.raises(ecamp.EcampError, match="no inputs"):
+        ecamp.embed(model, [], progress=False)
+    with pytest.raises(ecamp.EcampError, match="None of the 1 inputs"):
+        ecamp.embed(model, [tmp_path / "nope.png"], progress=False)
+
+
+def _cli(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, "-m", "ecamp", *args], capture_output=True, text=True, timeout=300, **kw)
+    if check:
+        assert out.returncode == 0, out.stderr
+    return out
+
+
+def test_cli_embed_npy_and_safetensors(tiny_folder, model, images, tmp_path):
+    folder = images[0].parent
+    (folder / "notes.txt").write_text("not an image, and not picked up from a folder")
+    out = _cli("embed", str(folder), "--model", f"local-dir:{tiny_folder}", "--out", str(tmp_path / "e.npy"),
+               "--batch-size", "3", "--no-progress")
+    assert "embedded 8 of 8 files" in out.stdout
+    emb = np.load(tmp_path / "e.npy")
+    files = (tmp_path / "e.npy.files.txt").read_text().split()
+    assert files == [str(p) for p in images]
+    assert np.allclose(emb, _direct(model, images), atol=1e-5)
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(b"DICM" * 10)
+    out = _cli("embed", str(images[0]), str(bad), "--model", f"local-dir:{tiny_folder}", "--out",
+               str(tmp_path / "e.safetensors"), "--no-progress")
+    assert "embedded 1 of 2 files" in out.stdout and "bad.dcm" in out.stderr
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "e.safetensors", "np") as f:
+        meta = f.metadata()
+        emb2 = f.get_tensor("embeddings")
+    assert json.loads(meta["files"]) == [str(images[0]), str(bad)]
+    assert str(bad) in json.loads(meta["failed"])
+    assert np.isnan(emb2[1]).all() and np.allclose(emb2[0], emb[0], atol=1e-6)
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_cli_embed_resumes_after_kill(tiny_folder, images, tmp_path):
+    out = tmp_path / "r.npy"
+    args = ["embed", *map(str, images), "--model", f"local-dir:{tiny_folder}", "--out", str(out),
+            "--chunk-size", "2", "--batch-size", "1", "--no-progress"]
+    # Kill the process (SIGKILL, no clean-up) while it reads the 6th image, in the third chunk.
+    script = (
+        "import os, signal, sys\n"
+        "import ecamp.io as io\n"
+        "real = io.read_image_native\n"
+        "def reader(src, **kw):\n"
+        "    if str(src).endswith('img_05.png'):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real(src, **kw)\n"
+        "io.read_image_native = reader\n"
+        "from ecamp.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9
+    assert not out.exists()
+    assert sorted(p.name for p in (tmp_path / "r.npy.partial").glob("chunk-*")) == \
+        ["chunk-000000.npz", "chunk-000001.npz"]
+    resumed = _cli(*args)
+    assert "resumed 2 finished chunk(s)" in resumed.stdout
+    fresh = _cli(*[a if a != str(out) else str(tmp_path / "f.npy") for a in args])
+    assert "resumed" not in fresh.stdout
+    assert np.array_equal(np.load(out), np.load(tmp_path / "f.npy"))

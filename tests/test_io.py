@@ -1,0 +1,305 @@
+"""Reading real and synthetic medical images: DICOM policies, PNG/JPEG/TIFF, bad input."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from PIL import Image
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+import ecamp
+from ecamp.errors import EcampError, ImageReadError, InvalidImageError, MissingDecoderError
+from ecamp.io import equalize_hist, read_image
+
+
+def _all_pydicom_files() -> list[Path]:
+    import data_store  # the pydicom-data package: external test files, offline
+
+    roots = [Path(pydicom.__file__).parent / "data" / "test_files", Path(data_store.__file__).parent]
+    skip = (".py", ".pyc", ".json", ".txt", ".gz", ".bz2", ".md")
+    return sorted(p for r in roots for p in r.rglob("*") if p.is_file() and not p.name.endswith(skip))
+
+
+def test_every_pydicom_test_file_decodes_or_raises_a_clear_error():
+    files = _all_pydicom_files()
+    assert len(files) > 200
+    decoded = 0
+    for path in files:
+        try:
+            img = read_image(path)
+        except InvalidImageError as e:
+            # multi-frame files are a choice, not a failure: the first frame must then decode
+            if "frame=" in str(e):
+                img = read_image(path, frame=0)
+            else:
+                assert str(path) in str(e)
+                continue
+        assert img.dtype == np.float32 and img.ndim in (2, 3)
+        assert np.isfinite(img).all() and img.min() >= 0 and img.max() <= 1, path
+        decoded += 1
+    assert decoded >= 150
+
+
+@pytest.fixture(scope="module")
+def rg1() -> dict[str, str]:
+    return {k: get_testdata_file(f"RG1_{k}.dcm") for k in ("UNCR", "J2KR", "J2KI")}
+
+
+@pytest.mark.parametrize("policy", ["bits", "minmax", "voi", "mimic-cxr-jpg"])
+def test_real_chest_radiograph_in_three_encodings(rg1, policy):
+    ref = read_image(rg1["UNCR"], policy=policy)
+    lossless = read_image(rg1["J2KR"], policy=policy)
+    lossy = read_image(rg1["J2KI"], policy=policy)
+    assert ref.shape == (1955, 1841)
+    assert np.array_equal(ref, lossless)
+    assert np.abs(ref - lossy).mean() < 0.01
+    h, w = ref.shape
+    # MONOCHROME1 is inverted: lungs dark, mediastinum and spine bright
+    right_lung = ref[h // 3: h // 2, w // 5: w // 3].mean()
+    left_lung = ref[h // 3: h // 2, 2 * w // 3: 4 * w // 5].mean()
+    mediastinum = ref[h // 3: h // 2, int(w * 0.45): int(w * 0.55)].mean()
+    assert mediastinum > right_lung + 0.15 and mediastinum > left_lung + 0.15
+
+
+def test_mimic_policy_is_8bit_and_equalised(rg1):
+    img = read_image(rg1["UNCR"], policy="mimic-cxr-jpg")
+    levels = np.unique(np.rint(img * 255))
+    assert np.allclose(img * 255, np.rint(img * 255), atol=1e-4)
+    assert levels.min() == 0 and levels.max() == 255
+    hist = np.bincount(np.rint(img * 255).astype(int).ravel(), minlength=256)
+    cdf = np.cumsum(hist) / hist.sum()
+    # equalised: the cumulative histogram is close to the identity line
+    assert np.abs(cdf[levels.astype(int)] - levels / 255).max() < 0.05
+
+
+def test_equalize_hist_matches_opencv_formula():
+    img = np.array([[0, 0, 10, 10], [10, 50, 50, 200]], dtype=np.uint8)
+    out = equalize_hist(img)
+    # hist: 0->2, 10->3, 50->2, 200->1; n=8, first=2 -> lut = round((cdf-2)*255/6), halves to even as cvRound
+    assert out.tolist() == [[0, 0, 128, 128], [128, 212, 212, 255]]
+    assert np.array_equal(equalize_hist(np.full((3, 3), 7, np.uint8)), np.full((3, 3), 7, np.uint8))
+
+
+def _dicom(tmp_path: Path, arr: np.ndarray, name: str = "x.dcm", **attrs) -> Path:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    frames = arr.shape[0] if arr.ndim == 3 and "SamplesPerPixel" not in attrs else 1
+    ds.Rows, ds.Columns = arr.shape[-2:] if frames > 1 else arr.shape[:2]
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = arr.dtype.itemsize * 8
+    ds.BitsStored = ds.BitsAllocated
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = 1 if arr.dtype.kind == "i" else 0
+    for k, v in attrs.items():
+        setattr(ds, k, v)
+    if ds.SamplesPerPixel == 3:
+        ds.PlanarConfiguration = 0
+    ds.PixelData = arr.tobytes()
+    path = tmp_path / name
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_monochrome1_is_inverted(tmp_path):
+    ramp = np.tile(np.arange(0, 4096, 16, dtype=np.uint16), (8, 1))
+    m2 = read_image(_dicom(tmp_path, ramp, "m2.dcm", BitsStored=12, HighBit=11))
+    m1 = read_image(_dicom(tmp_path, ramp, "m1.dcm", BitsStored=12, HighBit=11,
+                           PhotometricInterpretation="MONOCHROME1"))
+    assert np.allclose(m1, 1 - m2, atol=1e-6)
+    assert m2[0, 0] == 0 and m2[0, -1] == pytest.approx(4080 / 4095)
+
+
+def test_bits_policy_uses_bitsstored_not_image_range(tmp_path):
+    small = np.full((4, 4), 100, np.uint16)
+    small[0, 0] = 200
+    img = read_image(_dicom(tmp_path, small, BitsStored=12, HighBit=11))
+    assert img[1, 1] == pytest.approx(100 / 4095) and img[0, 0] == pytest.approx(200 / 4095)
+    mm = read_image(tmp_path / "x.dcm", policy="minmax")
+    assert mm[1, 1] == 0 and mm[0, 0] == 1
+
+
+def test_rescale_slope_intercept_and_signed(tmp_path):
+    stored = np.array([[-2048, 0], [1000, 2047]], dtype=np.int16)
+    path = _dicom(tmp_path, stored, BitsStored=12, HighBit=11, RescaleSlope=2, RescaleIntercept=-1000)
+    img = read_image(path)
+    # the 12-bit signed range [-2048, 2047] maps through the modality LUT to [-5096, 3094]
+    expected = (stored.astype(float) * 2 - 1000 + 5096) / (3094 + 5096)
+    assert np.allclose(img, expected, atol=1e-6)
+    # windowing in modality units: centre 0, width 2000 -> stored 500 (value 0) is mid-grey
+    win = _dicom(tmp_path, np.array([[0, 500], [1000, 2047]], np.int16), "w.dcm", BitsStored=12, HighBit=11,
+                 RescaleSlope=2, RescaleIntercept=-1000, WindowCenter=0, WindowWidth=2000)
+    w = read_image(win, policy="voi")
+    assert w[0, 0] == 0 and w[0, 1] == pytest.approx(0.5, abs=0.01) and w[1, 0] == 1 and w[1, 1] == 1
+    with pytest.raises(InvalidImageError, match="WindowCenter"):
+        read_image(path, policy="voi")
+
+
+def test_pixel_padding_is_excluded_and_black(tmp_path):
+    arr = np.full((8, 8), 500, np.uint16)
+    arr[2:6, 2:6] = 1500
+    arr[:, 0] = 4095  # padding (as some MONOCHROME1 detectors write it)
+    img = read_image(_dicom(tmp_path, arr, BitsStored=12, HighBit=11, PixelPaddingValue=4095), policy="minmax")
+    assert img[0, 0] == 0 and img[3, 3] == 1 and img[0, 4] == 0
+    eq = read_image(tmp_path / "x.dcm", policy="mimic-cxr-jpg")
+    assert eq[:, 0].max() == 0 and eq[3, 3] == 1
+
+
+def test_sixteen_bit_png_and_policies(tmp_path):
+    ramp = np.linspace(1000, 40000, 64 * 64).reshape(64, 64).astype(np.uint16)
+    path = tmp_path / "x16.png"
+    Image.fromarray(ramp).save(path)
+    img = read_image(path)
+    assert np.allclose(img, ramp / 65535, atol=1e-6)
+    assert read_image(path, policy="minmax").max() == 1
+    eq = read_image(path, policy="mimic-cxr-jpg")
+    assert eq.min() == 0 and eq.max() == 1
+
+
+def test_jpeg_exif_orientation_bytes_and_file_objects(tmp_path):
+    arr = np.zeros((40, 80), np.uint8)
+    arr[:, :40] = 255  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=95, exif=exif)
+    data = buf.getvalue()
+    img = read_image(data)
+    assert img.shape == (80, 40)
+    assert img[:35].mean() > 0.9 and img[45:].mean() < 0.1  # white is now on top
+    assert np.array_equal(read_image(io.BytesIO(data)), img)
+    (tmp_path / "x.jpg").write_bytes(data)
+    with open(tmp_path / "x.jpg", "rb") as f:
+        assert np.array_equal(read_image(f), img)
+
+
+def test_multipage_tiff_needs_a_frame(tmp_path):
+    pages = [Image.fromarray(np.full((10, 10), v, np.uint8)) for v in (10, 200)]
+    pages[0].save(tmp_path / "m.tif", save_all=True, append_images=pages[1:])
+    with pytest.raises(InvalidImageError, match="frame"):
+        read_image(tmp_path / "m.tif")
+    assert read_image(tmp_path / "m.tif", frame=1)[0, 0] == pytest.approx(200 / 255)
+
+
+def test_rgb_and_multiframe_dicom(tmp_path):
+    rgb = np.zeros((6, 5, 3), np.uint8)
+    rgb[..., 0] = 255
+    img = read_image(_dicom(tmp_path, rgb, "rgb.dcm", SamplesPerPixel=3, PhotometricInterpretation="RGB"))
+    assert img.shape == (6, 5, 3) and img[..., 0].min() == 1 and img[..., 1].max() == 0
+    frames = np.stack([np.full((4, 4), v, np.uint16) for v in (0, 4095)])
+    path = _dicom(tmp_path, frames, "mf.dcm", BitsStored=12, HighBit=11)
+    with pytest.raises(InvalidImageError, match="2 frames"):
+        read_image(path)
+    assert read_image(path, frame=1).min() == 1
+    with pytest.raises(InvalidImageError, match="frame 2"):
+        read_image(path, frame=2)
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + \
+        chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"", "empty"),
+    (b"hello, not an image", "not an image"),
+    (_png_header_only(100_000, 100_000), "pixel limit"),
+])
+def test_bad_bytes(data, message):
+    with pytest.raises(ImageReadError, match=message):
+        read_image(data)
+
+
+def test_bad_files(tmp_path, rg1):
+    truncated = tmp_path / "t.png"
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200), dtype=np.uint8)).save(buf, "PNG")
+    truncated.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(ImageReadError, match="truncated"):
+        read_image(truncated)
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(Path(rg1["UNCR"]).read_bytes()[:200_000])
+    with pytest.raises(ImageReadError, match="cut.dcm"):
+        read_image(cut)
+    with pytest.raises(ImageReadError, match="not a regular file"):
+        read_image(tmp_path)
+    with pytest.raises(ImageReadError, match="cannot open"):
+        read_image(tmp_path / "missing.png")
+    with pytest.raises(ImageReadError, match="no pixel data"):
+        read_image(get_testdata_file("rtplan.dcm"))
+    with pytest.raises(ImageReadError, match="pixel limit"):
+        read_image(rg1["UNCR"], max_pixels=1_000_000)
+    with pytest.raises(InvalidImageError, match="policy"):
+        read_image(rg1["UNCR"], policy="pretty")
+
+
+def test_missing_decoder_names_file_syntax_and_extra(monkeypatch, rg1):
+    from pydicom.pixels.decoders.base import Decoder
+
+    # Simulate an installation without the JPEG 2000 plugins (Pillow and pylibjpeg-openjpeg both absent).
+    monkeypatch.setattr(Decoder, "is_available", property(lambda self: False))
+    monkeypatch.setattr(Decoder, "missing_dependencies", property(lambda self: {"pylibjpeg": ["pylibjpeg-openjpeg"]}))
+    with pytest.raises(MissingDecoderError) as err:
+        read_image(rg1["J2KR"])
+    msg = str(err.value)
+    assert "RG1_J2KR.dcm" in msg and "JPEG 2000" in msg and 'pip install "ecamp[dicom]"' in msg
+    assert isinstance(err.value, ImportError) and isinstance(err.value, EcampError)
+    read_image(rg1["UNCR"])  # uncompressed needs no plugin
+
+
+def test_transform_reads_dicom_with_the_weights_policy(rg1):
+    tf = ecamp.get_transform("cxr-vit-b")
+    x = tf(rg1["UNCR"])
+    assert x.shape == (3, 224, 224)
+    # the CXR policy yields 8-bit levels, which take the authors' exact 8-bit path
+    native = (read_image(rg1["UNCR"], policy="mimic-cxr-jpg") * 255).round().astype(np.uint8)
+    assert torch.equal(x, tf(native))
+    assert torch.allclose(tf(rg1["J2KR"]), x)
+    batch = tf([rg1["UNCR"], rg1["J2KI"]])
+    assert batch.shape == (2, 3, 224, 224)
+    windowed = ecamp.get_transform("cxr-vit-b", image_policy="voi")(rg1["UNCR"])
+    assert not torch.allclose(windowed, x)
+
+
+def test_fundus_fov_crop_on_real_retina(tmp_path):
+    from skimage.data import retina
+
+    from ecamp.fundus import fov_bbox, fov_crop
+
+    r = retina()
+    framed = np.zeros((1700, 2100, 3), np.uint8)
+    framed[150:150 + r.shape[0], 500:500 + r.shape[1]] = r
+    t, b, left, right = fov_bbox(framed)
+    assert abs(t - 150) < 20 and abs(b - (150 + r.shape[0])) < 20
+    assert abs(left - 500) < 20 and abs(right - (500 + r.shape[1])) < 20
+    cropped = fov_crop(framed)
+    assert cropped.shape[0] == cropped.shape[1] and cropped.dtype == np.uint8
+    tf = ecamp.get_transform("fundus-vit-b", fov_crop=True)
+    Image.fromarray(framed).save(tmp_path / "framed.png")
+    a, b2 = tf(r), tf(tmp_path / "framed.png")
+    assert (a - b2).abs().mean() < 0.02
+    plain = ecamp.get_transform("fundus-vit-b")(tmp_path / "framed.png")
+    assert (plain - a).abs().mean() > 0.1  # without the crop the black frame changes the input a lot
+    assert fov_bbox(np.zeros((50, 50), np.uint8)) is None
