@@ -1,0 +1,96 @@
+"""Preprocessing throughput: ecamp's file-to-tensor path against torchxrayvision's, side by side.
+
+    pip install --no-deps torchxrayvision && pip install pandas requests   # its import needs these
+    python bench/preprocess.py [--repeats 10]
+
+Files: the real chest radiograph RG1_UNCR (1955x1841, 15-bit MONOCHROME1 CR, from pydicom-data) as DICOM, and the
+same image written as an 8-bit PNG at full size. Both pipelines go from a path to a model-ready 224x224 tensor:
+
+- ecamp: ``ecamp.get_transform("cxr-vit-b")(path)`` (DICOM under the MIMIC-CXR-JPG policy, and under "bits";
+  resize/crop/normalise with torchvision as the authors did);
+- torchxrayvision: ``xrv.utils.read_xray_dcm`` (DICOM) or ``skimage.io.imread`` + ``xrv.datasets.normalize`` (PNG),
+  then ``XRayCenterCrop`` and ``XRayResizer(224)`` (its documented pipeline).
+
+Prints images per second for each and the ratio ecamp / torchxrayvision (higher is faster for ecamp). Runs are
+interleaved so that machine noise hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return repeats / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # both pipelines are per-image CPU work; compare them on one core
+
+    from pydicom.data import get_testdata_file
+
+    import ecamp
+    from ecamp.io import read_image
+
+    dcm = get_testdata_file("RG1_UNCR.dcm")
+    tmp = Path(tempfile.mkdtemp())
+    png = tmp / "rg1.png"
+    from PIL import Image
+
+    Image.fromarray((read_image(dcm, policy="minmax") * 255).round().astype(np.uint8)).save(png)
+
+    tf_cxr = ecamp.get_transform("cxr-vit-b")
+    tf_bits = ecamp.get_transform("cxr-vit-b", image_policy="bits")
+    ours = {
+        "DICOM (mimic-cxr-jpg policy)": lambda: tf_cxr(dcm),
+        "DICOM (bits policy)": lambda: tf_bits(dcm),
+        "PNG 8-bit": lambda: tf_cxr(png),
+    }
+    try:
+        import skimage.io
+        import torchxrayvision as xrv
+    except ImportError as e:
+        print(f"torchxrayvision is not importable ({e}); printing ecamp's numbers only.")
+        xrv = None
+    theirs = {}
+    if xrv is not None:
+        crop, resize = xrv.datasets.XRayCenterCrop(), xrv.datasets.XRayResizer(224)
+
+        def xrv_dcm():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                img = xrv.utils.read_xray_dcm(dcm)
+            return torch.from_numpy(resize(crop(img[None])))
+
+        def xrv_png():
+            img = xrv.datasets.normalize(skimage.io.imread(png), 255)
+            return torch.from_numpy(resize(crop(img[None])))
+
+        theirs = {"DICOM (mimic-cxr-jpg policy)": xrv_dcm, "DICOM (bits policy)": xrv_dcm, "PNG 8-bit": xrv_png}
+
+    print(f"{'input':<30} {'ecamp img/s':>12} {'xrv img/s':>10} {'ratio':>7}")
+    for name, fn in ours.items():
+        a = _time(fn, args.repeats)
+        if name in theirs:
+            b = _time(theirs[name], args.repeats)
+            print(f"{name:<30} {a:>12.2f} {b:>10.2f} {a / b:>7.2f}")
+        else:
+            print(f"{name:<30} {a:>12.2f} {'-':>10} {'-':>7}")
+
+
+if __name__ == "__main__":
+    main()
