@@ -27,12 +27,18 @@ import numpy as np
 import torch
 
 
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    start = time.perf_counter()
+def _time_pair(a, b, repeats: int) -> tuple[float, float]:
+    """Images per second of ``a`` and ``b``, calls alternating so that machine noise hits both alike."""
+    a(), b()  # warm-up
+    ta = tb = 0.0
     for _ in range(repeats):
-        fn()
-    return repeats / (time.perf_counter() - start)
+        t0 = time.perf_counter()
+        a()
+        t1 = time.perf_counter()
+        b()
+        t2 = time.perf_counter()
+        ta, tb = ta + t1 - t0, tb + t2 - t1
+    return repeats / ta, repeats / tb
 
 
 def main() -> None:
@@ -84,11 +90,11 @@ def main() -> None:
 
     print(f"{'input':<30} {'ecamp img/s':>12} {'xrv img/s':>10} {'ratio':>7}")
     for name, fn in ours.items():
-        a = _time(fn, args.repeats)
         if name in theirs:
-            b = _time(theirs[name], args.repeats)
+            a, b = _time_pair(fn, theirs[name], args.repeats)
             print(f"{name:<30} {a:>12.2f} {b:>10.2f} {a / b:>7.2f}")
         else:
+            a, _ = _time_pair(fn, lambda: None, args.repeats)
             print(f"{name:<30} {a:>12.2f} {'-':>10} {'-':>7}")
 
 

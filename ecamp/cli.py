@@ -92,6 +92,30 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     return 1 if n_bad == len(files) else 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .hub import local_store_path, save_pretrained
+    from .models.pretrain import ECAMPPretrainConfig, ECAMPPretrainModel
+    from .registry import load_manifest
+
+    entry = load_manifest(args.manifest).resolve(args.name)
+    if entry.kind != "encoder":
+        raise EcampError(f"{args.name} is a full pre-training model; `ecamp convert` writes image encoders. Use "
+                         f"the matching encoder name (`ecamp list`).")
+    config = None
+    if args.config:
+        config = ECAMPPretrainConfig.from_dict(json.loads(open(args.config, encoding="utf-8").read()))
+    model = ECAMPPretrainModel.from_upstream(args.checkpoint, config=config)
+    encoder = model.to_encoder(entry.ecamp.get("modality", "cxr"))
+    encoder.ecamp_cfg["provenance"] = {"converted_from": str(args.checkpoint),
+                                       "original_file": entry.provenance.get("original_file")}
+    out = args.out or local_store_path(entry.name)
+    manifest_entry = save_pretrained(encoder, out, name=entry.name, hf_repo=entry.hf_repo)
+    print(json.dumps({"out": str(out), "files": manifest_entry["files"]}, indent=2))
+    if not args.out:
+        print(f"ecamp.load({args.name!r}) now finds these weights offline.", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ecamp", description="ECAMP pretrained medical image encoders.")
     parser.add_argument("--version", action="version", version=f"ecamp {__version__}")
@@ -117,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("verify", _cmd_verify, "re-hash cached weights against the manifest (offline)")
     p.add_argument("name", nargs="?", default=None, help="one model (default: every published model)")
     p.add_argument("--cache-dir", default=None, help="Hugging Face cache folder (default: HF_HUB_CACHE)")
+
+    p = add("convert", _cmd_convert, "convert the authors' pre-training checkpoint (.pth) into an ecamp encoder")
+    p.add_argument("checkpoint", help="e.g. ECAMP_ViT_Base_16.pth (read with weights_only=True, never unpickled)")
+    p.add_argument("--name", required=True, help="the encoder it is, e.g. cxr-vit-b")
+    p.add_argument("--out", default=None, help="folder to write (default: ecamp's local store, which "
+                                               "ecamp.load(NAME) reads)")
+    p.add_argument("--config", default=None, help="JSON of ECAMPPretrainConfig fields, for non-default sizes")
 
     p = add("embed", _cmd_embed, "embed image files and folders into .npy or .safetensors")
     p.add_argument("paths", nargs="+", help="image files (DICOM, PNG, JPEG, TIFF) and folders (searched recursively)")

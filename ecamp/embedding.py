@@ -28,7 +28,15 @@ __all__ = ["embed", "embed_files", "EmbedResult", "find_images", "IMAGE_SUFFIXES
 
 logger = logging.getLogger("ecamp")
 
-IMAGE_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+IMAGE_SUFFIXES = (".dcm", ".dicom", ".dic", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+def _has_dicom_preamble(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
 
 
 class _Images(torch.utils.data.Dataset):
@@ -46,6 +54,10 @@ class _Images(torch.utils.data.Dataset):
             return i, self.transform(self.inputs[i]), None
         except EcampError as e:
             return i, None, str(e)
+        except MemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - one bad input must never stop a run
+            return i, None, f"{str(self.inputs[i])[:200]}: {type(e).__name__}: {e}"
 
 
 def _collate(items):
@@ -73,7 +85,7 @@ def _batches(model: nn.Module, inputs: Sequence[Any], transform, batch_size: int
             failures = {i: err for i, x, err in items if x is None}
             out = np.zeros((0,), np.float32)
             if ok:
-                x = torch.stack([t for _, t in ok]).to(device)
+                x = torch.stack([t for _, t in ok]).to(device, dtype=next(model.parameters()).dtype)
                 with torch.inference_mode(), _autocast(device, dtype):
                     out = model(x).float().cpu().numpy()
             yield [i for i, _ in ok], out, failures
@@ -120,11 +132,17 @@ def embed(model: nn.Module, inputs: Sequence[Any], *, batch_size: int = 32, num_
 
 
 def find_images(paths: Sequence[str | os.PathLike], suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[str]:
-    """Files given directly (in order), then the images inside given folders (recursively, sorted)."""
+    """Files given directly (in order), then the images inside given folders (recursively, sorted): files with an
+    image suffix, and DICOM files without one (PACS exports such as ``IM000001``), recognised by their preamble."""
     found: list[str] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found.extend(sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in suffixes))
+            files = sorted(f for f in p.rglob("*") if f.is_file())
+            picked = [str(f) for f in files if f.suffix.lower() in suffixes or
+                      (not f.suffix and _has_dicom_preamble(f))]
+            if len(picked) < len(files):
+                logger.info("%s: %d file(s) are not images and were skipped", p, len(files) - len(picked))
+            found.extend(picked)
         else:
             found.append(str(p))
     return found
@@ -138,10 +156,31 @@ class EmbedResult:
     resumed_chunks: int = 0
 
 
+def _run_key(model: nn.Module, transform: Any, files: Sequence[str], model_name: str, chunk_size: int,
+             dtype: torch.dtype | None) -> str:
+    """Identity of an embedding run: a resume only re-uses chunks made by the same weights, preprocessing, dtype
+    and the same files (path, size and modification time)."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    stats = []
+    for f in files:
+        try:
+            st = os.stat(f)
+            stats.append((f, st.st_size, st.st_mtime_ns))
+        except OSError:
+            stats.append((f, None, None))
+    h.update(json.dumps([stats, model_name, chunk_size, str(dtype), repr(transform)]).encode())
+    return h.hexdigest()[:24]
+
+
 def _atomic_save(path: Path, writer: Callable[[Path], None]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         writer(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -170,7 +209,7 @@ def embed_files(model: nn.Module, files: Sequence[str], out: str | os.PathLike, 
     transform = get_transform(model)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(dev).eval()
-    key = hashlib.sha256(json.dumps([files, model_name, chunk_size]).encode()).hexdigest()[:16]
+    key = _run_key(model, transform, files, model_name, chunk_size, dtype)
     partial = out.with_name(out.name + ".partial")
     state_path = partial / "state.json"
     if partial.exists() and (not resume or not state_path.is_file() or
@@ -181,7 +220,6 @@ def embed_files(model: nn.Module, files: Sequence[str], out: str | os.PathLike, 
         _atomic_save(state_path, lambda p: p.write_text(json.dumps({"key": key, "n": len(files)})))
     chunks = [(s, min(s + chunk_size, len(files))) for s in range(0, len(files), chunk_size)]
     resumed = 0
-    dim: int | None = None
     for c, (s, e) in enumerate(chunks):
         done = partial / f"chunk-{c:06d}.npz"
         if done.is_file():
@@ -196,9 +234,8 @@ def embed_files(model: nn.Module, files: Sequence[str], out: str | os.PathLike, 
                 if rows is None:
                     rows = np.full((e - s, emb.shape[1]), np.nan, dtype=np.float32)
                 rows[idx] = emb
-        if rows is None:
-            dim = dim or int(getattr(model, "num_features", 0)) or None
-            rows = np.full((e - s, dim or 0), np.nan, dtype=np.float32)
+        if rows is None:  # nothing readable in this chunk: width 0, padded to the real width at the end
+            rows = np.full((e - s, 0), np.nan, dtype=np.float32)
         fail_json = json.dumps({files[s + i]: m for i, m in failed.items()})
 
         def write_chunk(p: Path, rows=rows, fail_json=fail_json) -> None:
@@ -208,6 +245,12 @@ def embed_files(model: nn.Module, files: Sequence[str], out: str | os.PathLike, 
         _atomic_save(done, write_chunk)
     parts = [np.load(partial / f"chunk-{c:06d}.npz") for c in range(len(chunks))]
     width = max(p["rows"].shape[1] for p in parts)
+    if width == 0:
+        raise EcampError(f"None of the {len(files)} files could be read; see {partial} for the reasons.")
+    bad = [p["rows"].shape[1] for p in parts if p["rows"].shape[1] not in (0, width)]
+    if bad:
+        raise EcampError(f"Chunks under {partial} have different widths {sorted(set(bad))} and {width}; "
+                         f"remove the folder and run again.")
     embeddings = np.concatenate([p["rows"] if p["rows"].shape[1] == width else
                                  np.full((p["rows"].shape[0], width), np.nan, np.float32) for p in parts])
     failures: dict[str, str] = {}
@@ -218,9 +261,10 @@ def embed_files(model: nn.Module, files: Sequence[str], out: str | os.PathLike, 
             with open(p, "wb") as f:
                 np.save(f, embeddings)
 
-        _atomic_save(out, write_npy)
+        # sidecars first, the array last: the .npy only ever appears next to its own file list
         _atomic_save(out.with_name(out.name + ".files.txt"), lambda p: p.write_text("\n".join(files) + "\n"))
         _atomic_save(out.with_name(out.name + ".failed.json"), lambda p: p.write_text(json.dumps(failures, indent=1)))
+        _atomic_save(out, write_npy)
     else:
         from safetensors.numpy import save_file
 

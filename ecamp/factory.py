@@ -121,8 +121,9 @@ def _fetch(src: _Source, *, pretrained: bool, cache_dir: PathLike | None, local_
                                 f"ecamp.load builds image encoders. Use the matching encoder name "
                                 f"(`ecamp list`) for features and fine-tuning.")
     if entry.published:
+        wanted = [CONFIG_NAME, WEIGHTS_NAME] if pretrained else [CONFIG_NAME]
         paths = download_entry(entry, revision=src.revision, cache_dir=cache_dir, local_files_only=local_files_only,
-                               force_download=force_download, files=[CONFIG_NAME, WEIGHTS_NAME])
+                               force_download=force_download, files=wanted)
         return _read_config(paths[CONFIG_NAME], src.label), paths[WEIGHTS_NAME] if pretrained else None
     store = local_store_path(entry.name)
     if (store / CONFIG_NAME).is_file():

@@ -87,6 +87,8 @@ def _hub_errors(repo_id: str, filename: str, revision: str | None, fetch_hint: s
     rev = revision or "main"
     try:
         yield
+    except hf_errors.HFValidationError as e:
+        raise RepoNotFoundError(f"{repo_id!r} is not a valid Hub repo id ({e}); write 'org/name'.") from e
     except hf_errors.LocalEntryNotFoundError as e:
         why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE
                else "local_files_only=True was asked or the Hub could not be reached")

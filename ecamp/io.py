@@ -33,12 +33,13 @@ from typing import Any, BinaryIO, Union
 import numpy as np
 
 from .errors import ImageReadError, InvalidImageError, MissingDecoderError
+from .registry import IMAGE_POLICIES as POLICIES  # one list for the manifest and the reader
 
-__all__ = ["read_image", "read_image_native", "POLICIES", "DEFAULT_MAX_PIXELS", "equalize_hist", "is_dicom"]
+__all__ = ["read_image", "read_image_native", "POLICIES", "DEFAULT_MAX_PIXELS", "equalize_hist", "is_dicom",
+           "apply_policy_to_grey"]
 
 logger = logging.getLogger("ecamp")
 
-POLICIES = ("bits", "minmax", "voi", "mimic-cxr-jpg")
 # Guard against decompression bombs: about 11585 x 11585 pixels, 7x the largest radiographs in common use.
 DEFAULT_MAX_PIXELS = int(os.environ.get("ECAMP_MAX_IMAGE_PIXELS", 2**27))
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
@@ -189,16 +190,29 @@ def _ensure_transfer_syntax(ds: Any) -> None:
 
 def _read_dicom(name: str, data: bytes, policy: str, frame: int | None, max_pixels: int) -> np.ndarray:
     import pydicom
-    from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # header quirks pydicom can read past; what matters is checked below
             ds = pydicom.dcmread(io.BytesIO(data), force=True)
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, AttributeError) as e:
-        raise ImageReadError(f"{name}: not a readable DICOM file ({e}).") from e
-    _ensure_transfer_syntax(ds)
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - corrupt headers raise struct.error, BytesLengthException, ...
+        raise ImageReadError(f"{name}: not a readable DICOM file ({type(e).__name__}: {e}).") from e
+    try:
+        _ensure_transfer_syntax(ds)
+        return _decode_dicom(ds, name, policy, frame, max_pixels)
+    except (ImageReadError, InvalidImageError):
+        raise
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a corrupt element can fail anywhere in pydicom
+        raise ImageReadError(f"{name}: corrupt DICOM ({type(e).__name__}: {e}).") from e
+
+
+def _decode_dicom(ds: Any, name: str, policy: str, frame: int | None, max_pixels: int) -> np.ndarray:
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise ImageReadError(f"{name}: DICOM file has no pixel data (SOP class "
                              f"{getattr(ds.get('SOPClassUID'), 'name', ds.get('SOPClassUID', 'unknown'))}).")
@@ -313,12 +327,16 @@ def _read_pil(name: str, data: bytes, policy: str, frame: int | None, max_pixels
             if w * h > max_pixels:
                 raise ImageReadError(f"{name}: {w}x{h} pixels exceed the {max_pixels}-pixel limit (a guard against "
                                      f"decompression bombs; raise max_pixels= if the file is genuine).")
-            if n_frames > 1:
-                if frame is None:
-                    raise InvalidImageError(f"{name}: {n_frames} frames/pages; choose one with frame=k.")
+            if n_frames > 1 and frame is None:
+                raise InvalidImageError(f"{name}: {n_frames} frames/pages; choose one with frame=k.")
+            if frame is not None:
                 if not 0 <= frame < n_frames:
                     raise InvalidImageError(f"{name}: frame {frame} requested but there are {n_frames}.")
                 im.seek(frame)
+                w, h = im.size  # pages can differ in size: check the one that is decoded
+                if w * h > max_pixels:
+                    raise ImageReadError(f"{name}: page {frame} has {w}x{h} pixels, over the {max_pixels}-pixel "
+                                         f"limit (a guard against decompression bombs).")
             im.load()
             im = ImageOps.exif_transpose(im)
     except (ImageReadError, InvalidImageError):
@@ -357,6 +375,13 @@ def _read_pil(name: str, data: bytes, policy: str, frame: int | None, max_pixels
 def _palette_is_colour(im: Any) -> bool:
     rgb = np.asarray(im.convert("RGB"))
     return not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]))
+
+
+def apply_policy_to_grey(arr: np.ndarray, policy: str) -> np.ndarray:
+    """An in-memory grey image with more than 8 bits (uint16 array, PIL ``I;16``) under an intensity policy, as if
+    it had been read from a 16-bit PNG: uint8 for ``mimic-cxr-jpg``, float32 in [0, 1] otherwise."""
+    _check_policy(policy)
+    return _deep_grey(np.asarray(arr).astype(np.float64), policy, scale=65535.0)
 
 
 def _deep_grey(arr: np.ndarray, policy: str, scale: float | None) -> np.ndarray:

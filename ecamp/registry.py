@@ -52,6 +52,7 @@ _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 KINDS = ("encoder", "pretrain")
 MODALITIES = ("cxr", "fundus")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+IMAGE_POLICIES = ("bits", "minmax", "voi", "mimic-cxr-jpg")  # as ecamp.io.POLICIES (io imports numpy; this must not)
 # Files an encoder repo must hold: timm reads exactly these two.
 ENCODER_FILES = ("config.json", "model.safetensors")
 
@@ -229,6 +230,8 @@ def _parse_entry(name: str, raw: Any, source: str) -> ModelEntry:
     ecamp_block = raw["ecamp"]
     _require(ecamp_block, {"modality": str, "image_policy": str}, source, f"{where}.ecamp",
              optional={"grayscale": bool, "fov_crop": bool, "notes": str})
+    if ecamp_block["image_policy"] not in IMAGE_POLICIES:
+        raise _err(source, f"{where}.ecamp.image_policy", f"expected one of {IMAGE_POLICIES}")
     if ecamp_block["modality"] not in MODALITIES:
         raise _err(source, f"{where}.ecamp.modality", f"expected one of {MODALITIES}")
     _require(raw["provenance"], {"paper": dict, "original_file": (str, type(None)),

@@ -37,7 +37,7 @@ def _check_float(arr: np.ndarray, what: str) -> np.ndarray:
     return np.clip(arr, 0.0, 1.0)
 
 
-def _from_array(arr: np.ndarray, what: str) -> Image.Image | torch.Tensor:
+def _from_array(arr: np.ndarray, what: str, policy: str = "bits") -> Image.Image | torch.Tensor:
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
@@ -50,6 +50,10 @@ def _from_array(arr: np.ndarray, what: str) -> Image.Image | torch.Tensor:
             return Image.fromarray(np.ascontiguousarray(arr), "RGBA").convert("RGB")
         return Image.fromarray(np.ascontiguousarray(arr), "L" if arr.ndim == 2 else "RGB")
     if arr.dtype == np.uint16:
+        if arr.ndim == 2:  # deep grey data: the same intensity policy as for a 16-bit file
+            from .io import apply_policy_to_grey
+
+            return _from_array(apply_policy_to_grey(arr, policy), what)
         arr = arr.astype(np.float32) / 65535.0
     elif arr.dtype.kind == "f":
         arr = _check_float(arr, what)
@@ -84,7 +88,7 @@ def to_pil(image: Any, what: str = "image", *, policy: str = "bits", fov: bool =
         if isinstance(image, torch.Tensor):
             arr = image.detach().cpu().numpy()
             arr = arr.transpose(1, 2, 0) if arr.ndim == 3 else arr
-        return _from_array(fov_crop(arr), what)
+        return _from_array(fov_crop(arr), what, policy)
     if isinstance(image, Image.Image):
         if image.mode in ("L", "RGB"):
             return image
@@ -92,8 +96,9 @@ def to_pil(image: Any, what: str = "image", *, policy: str = "bits", fov: bool =
             arr = np.asarray(image)
             if image.mode == "F":
                 return _from_array(arr.astype(np.float32), what)
-            scale = 65535.0 if image.mode.startswith("I;16") or arr.max(initial=0) <= 65535 else float(arr.max())
-            return _from_array(arr.astype(np.float32) / scale, what)
+            if arr.min(initial=0) < 0 or arr.max(initial=0) > 65535:
+                raise InvalidImageError(f"{what} is a 32-bit integer image outside 0..65535; scale it first.")
+            return _from_array(arr.astype(np.uint16), what, policy)
         if image.mode in ("1", "LA", "La"):
             return image.convert("L")
         return image.convert("RGB")
@@ -104,9 +109,9 @@ def to_pil(image: Any, what: str = "image", *, policy: str = "bits", fov: bool =
         if t.ndim != 3 or t.shape[0] not in (1, 3):
             raise InvalidImageError(f"{what} is a tensor of shape {tuple(image.shape)}; expected [H, W], [1, H, W] "
                                     f"or [3, H, W] (or a batch [B, C, H, W]).")
-        return _from_array(t.permute(1, 2, 0).numpy(), what)
+        return _from_array(t.permute(1, 2, 0).numpy(), what, policy)
     if isinstance(image, np.ndarray):
-        return _from_array(image, what)
+        return _from_array(image, what, policy)
     raise InvalidImageError(f"{what} is a {type(image).__name__}; expected a PIL image, numpy array or tensor.")
 
 

@@ -15,12 +15,11 @@ import ecamp
 
 def main(model_name: str, paths: list[str]) -> None:
     model = ecamp.load(model_name)
-    tf = ecamp.get_transform(model)
-    from PIL import Image
+    tf = ecamp.get_transform(model)  # paths go through the weights' intensity policy (DICOM, 16-bit PNG...)
 
     with torch.inference_mode():
         for path in paths:
-            z = model(tf(Image.open(path))[None])[0]
+            z = model(tf(path)[None])[0]
             print(f"{path}: dim={z.numel()} norm={z.norm():.3f} first={z[:4].tolist()}")
 
 

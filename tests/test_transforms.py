@@ -54,7 +54,7 @@ def test_ndarray_tensor_and_batches_agree():
 
 
 def test_high_bit_depth_is_not_quantised():
-    tf = ecamp.get_transform("cxr-vit-b")
+    tf = ecamp.get_transform("cxr-vit-b", image_policy="bits")
     ramp16 = (np.linspace(0, 65535, 256 * 256).reshape(256, 256)).astype(np.uint16)
     x16 = tf(ramp16)
     xf = tf(ramp16.astype(np.float32) / 65535)
@@ -115,3 +115,13 @@ def test_overrides_repr_and_model_binding(tiny_folder):
     assert model(x[None]).shape == (1, 48)
     with pytest.raises(ecamp.EcampError, match="Unknown transform override"):
         ecamp.get_transform("cxr-vit-b", bogus=1)
+
+
+def test_in_memory_16bit_follows_the_weights_policy(tmp_path):
+    ramp16 = (np.linspace(0, 30000, 200 * 220) ** 1.2 / 30000**0.2).reshape(200, 220).astype(np.uint16)
+    Image.fromarray(ramp16).save(tmp_path / "x16.png")
+    tf = ecamp.get_transform("cxr-vit-b")  # mimic-cxr-jpg: 8-bit min-max and histogram equalisation
+    from_path = tf(tmp_path / "x16.png")
+    assert torch.equal(tf(ramp16), from_path)
+    assert torch.equal(tf(Image.open(tmp_path / "x16.png")), from_path)
+    assert not torch.allclose(ecamp.get_transform("cxr-vit-b", image_policy="bits")(ramp16), from_path)

@@ -104,9 +104,12 @@ def load_encoder_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Ten
         )
     report.fresh = missing
     model.load_state_dict(sd, strict=False)
-    if report.dropped or report.fresh:
-        logger.info("Loaded %s; dropped checkpoint keys %s; freshly initialised %s", source,
-                    report.dropped or "none", report.fresh or "none")
+    if report.dropped:
+        logger.warning("Loaded %s; dropped checkpoint keys %s; freshly initialised %s", source, report.dropped,
+                       report.fresh or "none")
+    elif report.fresh:
+        logger.info("Loaded %s; freshly initialised %s", source, report.fresh)
+    model.ecamp_load_report = report
     return report
 
 
