@@ -126,3 +126,52 @@ def test_cli_embed_resumes_after_kill(tiny_folder, images, tmp_path):
     fresh = _cli(*[a if a != str(out) else str(tmp_path / "f.npy") for a in args])
     assert "resumed" not in fresh.stdout
     assert np.array_equal(np.load(out), np.load(tmp_path / "f.npy"))
+
+
+def test_resume_never_mixes_models_and_keeps_head_width(tiny_folder, images, tmp_path, monkeypatch):
+    import ecamp.io as eio
+    from ecamp.embedding import embed_files
+
+    out = tmp_path / "m.npy"
+    files = [str(p) for p in images[:4]]
+    a = ecamp.load(f"local-dir:{tiny_folder}")
+    b = ecamp.load(f"local-dir:{tiny_folder}", num_classes=3)  # same files, other weights and width
+    real = eio.read_image_native
+
+    def interrupted(src, **kw):
+        if str(src) == files[2]:
+            raise KeyboardInterrupt  # as a Ctrl-C in the second chunk would
+        return real(src, **kw)
+
+    monkeypatch.setattr(eio, "read_image_native", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        embed_files(a, files, out, chunk_size=2, progress=False)
+    monkeypatch.setattr(eio, "read_image_native", real)
+    assert [p.name for p in (tmp_path / "m.npy.partial").glob("chunk-*")] == ["chunk-000000.npz"]
+    res = embed_files(b, files, out, chunk_size=2, progress=False)
+    assert res.resumed_chunks == 0
+    emb = np.load(out)
+    assert emb.shape == (4, 3) and np.allclose(emb, _direct(b, images[:4]), atol=1e-5)
+    # a chunk in which nothing is readable keeps the width of the others
+    missing = [str(tmp_path / "gone1.png"), str(tmp_path / "gone2.png")]
+    res = embed_files(b, files[:2] + missing, tmp_path / "h.npy", chunk_size=2, progress=False)
+    h = np.load(tmp_path / "h.npy")
+    assert h.shape == (4, 3) and not np.isnan(h[:2]).any() and np.isnan(h[2:]).all()
+    assert set(res.failures) == set(missing)
+
+
+def test_embed_model_in_bfloat16(tiny_folder, images):
+    m = ecamp.load(f"local-dir:{tiny_folder}", dtype=torch.bfloat16)
+    emb = ecamp.embed(m, images[:2], progress=False)
+    assert emb.dtype == np.float32 and emb.shape == (2, 48) and np.isfinite(emb).all()
+
+
+def test_find_images_picks_dicom_without_suffix(tmp_path, images):
+    from pydicom.data import get_testdata_file
+
+    from ecamp.embedding import find_images
+
+    (tmp_path / "IM000001").write_bytes(Path(get_testdata_file("CT_small.dcm")).read_bytes())
+    (tmp_path / "README").write_text("not an image")
+    Image.open(images[0]).save(tmp_path / "a.png")
+    assert find_images([tmp_path]) == [str(tmp_path / "IM000001"), str(tmp_path / "a.png")]

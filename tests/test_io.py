@@ -303,3 +303,27 @@ def test_fundus_fov_crop_on_real_retina(tmp_path):
     plain = ecamp.get_transform("fundus-vit-b")(tmp_path / "framed.png")
     assert (plain - a).abs().mean() > 0.1  # without the crop the black frame changes the input a lot
     assert fov_bbox(np.zeros((50, 50), np.uint8)) is None
+
+
+def test_corrupted_dicom_files_never_escape_as_other_errors():
+    """Truncated and bit-flipped copies of real files: every failure is an EcampError naming the input."""
+    rng = np.random.default_rng(0)
+    names = ["CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "RG1_J2KI.dcm", "SC_rgb_rle.dcm", "emri_small_RLE.dcm",
+             "JPGLosslessP14SV1_1s_1f_8b.dcm", "US1_J2KR.dcm"]
+    variants = 0
+    for name in names:
+        data = Path(get_testdata_file(name)).read_bytes()
+        cuts = [132, 300, len(data) // 3, len(data) - 10]
+        flips = []
+        for _ in range(6):
+            b = bytearray(data)
+            for pos in rng.integers(128, min(len(b), 2000), size=4):
+                b[pos] ^= 0xFF
+            flips.append(bytes(b))
+        for blob in [data[:c] for c in cuts] + flips:
+            variants += 1
+            try:
+                read_image(blob)
+            except EcampError:
+                pass
+    assert variants == len(names) * 10
