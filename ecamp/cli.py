@@ -98,17 +98,21 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from .registry import load_manifest
 
     entry = load_manifest(args.manifest).resolve(args.name)
-    if entry.kind != "encoder":
-        raise EcampError(f"{args.name} is a full pre-training model; `ecamp convert` writes image encoders. Use "
-                         f"the matching encoder name (`ecamp list`).")
     config = None
     if args.config:
         config = ECAMPPretrainConfig.from_dict(json.loads(open(args.config, encoding="utf-8").read()))
     model = ECAMPPretrainModel.from_upstream(args.checkpoint, config=config)
+    out = args.out or local_store_path(entry.name)
+    if entry.kind == "pretrain":
+        block = dict(entry.ecamp, name=entry.name, provenance={"converted_from": str(args.checkpoint)})
+        result = model.save_pretrained(out, tokenizer=args.tokenizer, ecamp_cfg=block)
+        print(json.dumps({"out": str(out), "files": result["files"]}, indent=2))
+        return 0
+    if args.tokenizer:
+        raise EcampError("--tokenizer belongs to full pre-training models; an image encoder has no tokenizer.")
     encoder = model.to_encoder(entry.ecamp.get("modality", "cxr"))
     encoder.ecamp_cfg["provenance"] = {"converted_from": str(args.checkpoint),
                                        "original_file": entry.provenance.get("original_file")}
-    out = args.out or local_store_path(entry.name)
     manifest_entry = save_pretrained(encoder, out, name=entry.name, hf_repo=entry.hf_repo)
     print(json.dumps({"out": str(out), "files": manifest_entry["files"]}, indent=2))
     if not args.out:
@@ -142,12 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", default=None, help="one model (default: every published model)")
     p.add_argument("--cache-dir", default=None, help="Hugging Face cache folder (default: HF_HUB_CACHE)")
 
-    p = add("convert", _cmd_convert, "convert the authors' pre-training checkpoint (.pth) into an ecamp encoder")
+    p = add("convert", _cmd_convert, "convert the authors' pre-training checkpoint (.pth) into an ecamp encoder "
+                                     "(or, for a *-pretrain name, the full pre-training model)")
     p.add_argument("checkpoint", help="e.g. ECAMP_ViT_Base_16.pth (read with weights_only=True, never unpickled)")
-    p.add_argument("--name", required=True, help="the encoder it is, e.g. cxr-vit-b")
+    p.add_argument("--name", required=True, help="what it becomes: cxr-vit-b, fundus-vit-b, cxr-ecamp-b-pretrain...")
     p.add_argument("--out", default=None, help="folder to write (default: ecamp's local store, which "
                                                "ecamp.load(NAME) reads)")
     p.add_argument("--config", default=None, help="JSON of ECAMPPretrainConfig fields, for non-default sizes")
+    p.add_argument("--tokenizer", default=None, help="tokenizers JSON (e.g. the authors' mimic_wordpiece.json) to "
+                                                     "store with a full pre-training model")
 
     p = add("embed", _cmd_embed, "embed image files and folders into .npy or .safetensors")
     p.add_argument("paths", nargs="+", help="image files (DICOM, PNG, JPEG, TIFF) and folders (searched recursively)")

@@ -118,8 +118,9 @@ def _fetch(src: _Source, *, pretrained: bool, cache_dir: PathLike | None, local_
     assert entry is not None
     if entry.kind != "encoder":
         raise NotAnEncoderError(f"{src.label} is a full pre-training model (encoder, decoder, text model); "
-                                f"ecamp.load builds image encoders. Use the matching encoder name "
-                                f"(`ecamp list`) for features and fine-tuning.")
+                                f"ecamp.load builds image encoders. Load it with "
+                                f"ecamp.models.ECAMPPretrainModel.from_pretrained({src.label.split(' ')[0]!r}), or "
+                                f"use the matching encoder name (`ecamp list`) for features and fine-tuning.")
     if entry.published:
         wanted = [CONFIG_NAME, WEIGHTS_NAME] if pretrained else [CONFIG_NAME]
         paths = download_entry(entry, revision=src.revision, cache_dir=cache_dir, local_files_only=local_files_only,

@@ -270,3 +270,36 @@ def test_full_size_forward_backward():
     assert torch.isfinite(out["loss"]) and out["mask"].sum() == 147 and cfg.grid == 14
     assert out["reconstruction"].shape == (1, 3, 224, 224) and out["sr"].shape == (1, 3, 448, 448)
     assert model.encoder.blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_full_model_folder_round_trip_and_store(tiny, tmp_path):
+    from ecamp.errors import WeightsNotPublishedError
+    from ecamp.hub import local_store_path
+    from ecamp.text import train_tokenizer
+
+    tok = train_tokenizer(["small left pleural effusion.", "no pneumothorax."] * 5, vocab_size=60, min_frequency=1)
+    files = tiny.save_pretrained(tmp_path / "full", tokenizer=tok)["files"]
+    assert [f["path"] for f in files] == ["config.json", "model.safetensors", "tokenizer.json"]
+    again = ECAMPPretrainModel.from_pretrained(tmp_path / "full").eval()
+    batch, noise = _batch(tiny.config), _noise(tiny.config)
+    assert torch.equal(again(batch, noise=noise)["loss"], tiny(batch, noise=noise)["loss"])
+    with pytest.raises(WeightsNotPublishedError, match="ecamp convert"):
+        ECAMPPretrainModel.from_pretrained("cxr-ecamp-b-pretrain")
+    # `ecamp convert ... --name cxr-ecamp-b-pretrain` fills the store that from_pretrained(name) reads
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": _authors_layout(tiny)}, path)
+    (tmp_path / "tiny.json").write_text(json.dumps(tiny.config.to_dict()))
+    tok.save(str(tmp_path / "tok.json"))
+    store = local_store_path("ecamp_vit_base_patch16.mimic_cxr_pretrain")
+    try:
+        out = subprocess.run([sys.executable, "-m", "ecamp", "convert", str(path), "--name", "cxr-ecamp-b-pretrain",
+                              "--config", str(tmp_path / "tiny.json"), "--tokenizer", str(tmp_path / "tok.json")],
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        stored = ECAMPPretrainModel.from_pretrained("cxr-ecamp-b-pretrain").eval()
+        assert torch.equal(stored(batch, noise=noise)["loss"], tiny(batch, noise=noise)["loss"])
+        assert (store / "tokenizer.json").is_file() and stored.ecamp_cfg["modality"] == "cxr"
+    finally:
+        import shutil
+
+        shutil.rmtree(store, ignore_errors=True)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from text_reference import reference_mask, reference_weights
 
 from ecamp.text import MaskingConfig, ReportEncoder, ReportError, insert_context, train_tokenizer
 from ecamp.text.report import mask_tokens, template_weights
+
+from text_reference import reference_mask, reference_weights
 
 CORPUS = [
     "there is no evidence of pneumothorax. mild cardiomegaly is present.",

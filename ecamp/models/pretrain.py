@@ -465,6 +465,70 @@ class ECAMPPretrainModel(nn.Module):
         enc.ecamp_cfg["provenance"] = {"source": "ECAMPPretrainModel.to_encoder"}
         return enc.eval()
 
+    # -- ecamp's own folder format -------------------------------------------------------------------------------
+    def save_pretrained(self, out_dir: str | Path, *, tokenizer: Any = None, ecamp_cfg: Mapping[str, Any] | None = None
+                        ) -> dict[str, Any]:
+        """Write ``config.json`` (architecture ``ecamp_pretrain`` and the config), ``model.safetensors`` and, if
+        given, ``tokenizer.json``; each file atomically. Returns the files with sha256 and size."""
+        import json
+        import os
+        import tempfile
+
+        from safetensors.torch import save_model
+
+        from ..hub import sha256_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        config = {"architecture": "ecamp_pretrain", "ecamp_pretrain_config": self.config.to_dict(),
+                  "ecamp": dict(ecamp_cfg or {})}
+        files = []
+        writers = [("config.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n")),
+                   ("model.safetensors", lambda p: save_model(self, str(p)))]
+        if tokenizer is not None:
+            from ..text import load_tokenizer
+
+            tok = load_tokenizer(tokenizer)
+            writers.append(("tokenizer.json", lambda p: p.write_text(tok.to_str())))
+        for name, write in writers:
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out)
+            os.close(fd)
+            try:
+                write(Path(tmp))
+                os.replace(tmp, out / name)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            files.append({"path": name, "sha256": sha256_file(out / name), "size": (out / name).stat().st_size})
+        return {"files": files}
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, *, revision: str | None = None, cache_dir: Any = None,
+                        local_files_only: bool = False, manifest: Any = None) -> ECAMPPretrainModel:
+        """Load a folder written by :meth:`save_pretrained`: a path, ``local-dir:``, ``hf-hub:org/repo[@rev]`` or a
+        manifest name (``cxr-ecamp-b-pretrain``; sha256-verified when published, else read from the local store)."""
+        import json
+
+        from safetensors.torch import load_model
+
+        folder = _pretrain_folder(str(name_or_path), revision, cache_dir, local_files_only, manifest)
+        try:
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+            cfg = ECAMPPretrainConfig.from_dict(config["ecamp_pretrain_config"])
+        except (OSError, ValueError, KeyError) as e:
+            raise InvalidWeightsFileError(f"{folder}/config.json is not an ECAMP pre-training config: {e}") from e
+        model = cls(cfg)
+        try:
+            missing, unexpected = load_model(model, str(folder / "model.safetensors"), strict=False)
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise InvalidWeightsFileError(f"{folder}/model.safetensors cannot be loaded: {e}") from e
+        if missing or unexpected:
+            raise WeightsMismatchError(f"{folder}/model.safetensors does not fit its config.json: missing "
+                                       f"{sorted(missing)[:6]}, unexpected {sorted(unexpected)[:6]}.")
+        model.ecamp_cfg = dict(config.get("ecamp") or {})
+        model.source_folder = folder
+        return model
+
     # -- the authors' checkpoints -------------------------------------------------------------------------------
     @staticmethod
     def read_upstream_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
@@ -544,3 +608,38 @@ def _diff_config(cfg: ECAMPPretrainConfig) -> str:
     default = ECAMPPretrainConfig()
     diff = {k: v for k, v in cfg.to_dict().items() if getattr(default, k) != v}
     return ", ".join(f"{k}={v}" for k, v in diff.items()) or "default"
+
+
+def _pretrain_folder(name: str, revision: str | None, cache_dir: Any, local_files_only: bool, manifest: Any) -> Path:
+    """Local folder holding a pre-training model, fetching (and verifying) it from the Hub where needed."""
+    from ..errors import ModelFolderError, NotAnEncoderError, WeightsNotPublishedError
+    from ..hub import download_entry, hub_download, local_store_path, split_hub_spec
+    from ..registry import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, load_manifest
+
+    if name.startswith(LOCAL_DIR_PREFIX) or Path(name).is_dir():
+        folder = Path(name[len(LOCAL_DIR_PREFIX):] if name.startswith(LOCAL_DIR_PREFIX) else name).expanduser()
+    elif name.startswith(HF_HUB_PREFIX):
+        repo, rev = split_hub_spec(name[len(HF_HUB_PREFIX):])
+        paths = {f: hub_download(repo, f, revision=rev or revision, cache_dir=cache_dir,
+                                 local_files_only=local_files_only) for f in ("config.json", "model.safetensors")}
+        folder = paths["config.json"].parent
+    else:
+        entry = load_manifest(manifest).resolve(name)
+        if entry.kind != "pretrain":
+            raise NotAnEncoderError(f"{name} is an image encoder; load it with ecamp.load({name!r}).")
+        if entry.published:
+            paths = download_entry(entry, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+            folder = paths["config.json"].parent
+        else:
+            folder = local_store_path(entry.name)
+            if not (folder / "config.json").is_file():
+                orig = entry.provenance.get("original_file") or "the authors' checkpoint"
+                raise WeightsNotPublishedError(
+                    f"{name} ({entry.name}) is not published on the Hub yet. Convert the authors' release once with "
+                    f"`ecamp convert {orig} --name {entry.aliases[0] if entry.aliases else entry.name}` "
+                    f"(add --tokenizer mimic_wordpiece.json to keep their tokenizer); it is then read from "
+                    f"{folder}.")
+    for f in ("config.json", "model.safetensors"):
+        if not (folder / f).is_file():
+            raise ModelFolderError(f"{folder} lacks {f}; write it with ECAMPPretrainModel.save_pretrained.")
+    return folder
