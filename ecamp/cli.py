@@ -120,6 +120,43 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train.cli import main as train_main  # the CLI is the one library file allowed to reach ecamp.train
+
+    return train_main(args.rest)
+
+
+def _cmd_phantom(args: argparse.Namespace) -> int:
+    from .train.phantom import write_phantom
+
+    root = write_phantom(args.out, args.n, seed=args.seed, size=args.size, progress=not args.no_progress)
+    print(f"wrote {args.n} phantom cases to {root}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .train.export import export_checkpoint
+
+    result = export_checkpoint(args.checkpoint, args.out, args.name, hf_repo=args.hf_repo, tokenizer=args.tokenizer,
+                               manifest=args.manifest)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from .train.demo import run_demo
+
+    out = args.out or tempfile.mkdtemp(prefix="ecamp-demo-")
+    result = run_demo(out, n_pretrain=args.n_pretrain, n_probe=args.n_probe, max_steps=args.max_steps,
+                      progress=not args.no_progress)
+    if result["mean_pretrained"] <= result["mean_random"]:
+        print("The pre-trained encoder did not beat random initialisation.", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ecamp", description="ECAMP pretrained medical image encoders.")
     parser.add_argument("--version", action="version", version=f"ecamp {__version__}")
@@ -170,6 +207,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--local-files-only", action="store_true", help="do not touch the network")
+
+    p = add("train", _cmd_train, "training: `ecamp train pretrain --config ... --data-root ... --output-dir ...`")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of `python -m ecamp.train`")
+
+    p = add("phantom", _cmd_phantom, "write a synthetic chest-film data set in the authors' pre-training layout")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=256, help="image side in pixels")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = add("export", _cmd_export, "export a training checkpoint: encoder (timm format) and full pre-training model")
+    p.add_argument("checkpoint", help="checkpoint-*.pt, or a run's output folder (its latest checkpoint)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--name", required=True, help="the encoder's manifest name, e.g. cxr-vit-b")
+    p.add_argument("--hf-repo", default=None, help="the Hub repo it will be published as (default: the manifest's)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the run's)")
+
+    p = add("demo", _cmd_demo, "offline CPU demo: phantom data, pre-training, export, load, linear probes")
+    p.add_argument("--out", default=None, help="working folder (default: a new temporary folder)")
+    p.add_argument("--n-pretrain", type=int, default=2000)
+    p.add_argument("--n-probe", type=int, default=600)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
     return parser
 
 

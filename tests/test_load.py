@@ -181,5 +181,7 @@ def test_library_never_calls_cuda_or_imports_train():
     for path in (ROOT / "ecamp").rglob("*.py"):
         text = path.read_text()
         assert ".cuda(" not in text, path
-        if "train" not in path.relative_to(ROOT / "ecamp").parts:
+        rel = path.relative_to(ROOT / "ecamp")
+        # the library never reaches into ecamp.train; the CLI (argument parsing only) is the one entry layer
+        if "train" not in rel.parts and rel.name != "cli.py":
             assert "ecamp.train" not in text and "from .train" not in text and "from ..train" not in text, path

@@ -413,6 +413,8 @@ class ECAMPPretrainModel(nn.Module):
         cfg = self.config
         self._check_batch(batch)
         ratio = cfg.mask_ratio if mask_ratio is None else mask_ratio
+        if noise is None and "noise" in batch:  # per-sample noise from the data pipeline
+            noise = batch["noise"]
         big = batch["image"]
         imgs = F.interpolate(big, size=(cfg.img_size, cfg.img_size), mode="bicubic", align_corners=False,
                              antialias=cfg.encoder_resize_antialias)

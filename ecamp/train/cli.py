@@ -1,0 +1,63 @@
+"""``python -m ecamp.train pretrain ...`` (also ``ecamp train pretrain ...``): argument parsing only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from ..errors import EcampError
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ecamp train", description="ECAMP training.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("pretrain", help="pre-train an ECAMP model (run under torchrun for several processes)",
+                       description="Pre-train an ECAMP model. Under torchrun every process runs this command.")
+    p.add_argument("--config", default=None, help="YAML preset (e.g. configs/pretrain/mimic_cxr.yaml)")
+    p.add_argument("--data-root", required=True, help="folder with the reports CSV, windows CSV and images")
+    p.add_argument("--output-dir", required=True, help="checkpoints, metrics.jsonl, tokenizer and config go here")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue from the latest checkpoint in --output-dir, or from the given file")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: this process's GPU or the CPU)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=1e-4")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides may come anywhere, also after options: `--output-dir out optim.lr=1e-4`
+    stray = [x for x in extra if x.startswith("-") or "=" not in x]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    args.overrides = list(getattr(args, "overrides", [])) + extra
+    logging.basicConfig(format="%(message)s", level=logging.WARNING)
+    logging.getLogger("ecamp").setLevel(logging.INFO)
+    try:
+        from .config import load_config
+        from .loop import pretrain
+
+        cfg = load_config(args.config, args.overrides)
+        resume = True if args.resume == "auto" else args.resume
+        summary = pretrain(cfg, args.data_root, args.output_dir, max_steps=args.max_steps, resume=resume,
+                           device=args.device, progress=not args.no_progress)
+        import os
+
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(summary))
+        return 0
+    except EcampError as e:
+        print(f"ecamp train {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        import torch
+
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

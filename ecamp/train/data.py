@@ -1,0 +1,250 @@
+"""Pre-training data: the authors' MIMIC-CXR layout, an FFA-IR converter, augmentation and report encoding.
+
+Layout (dossier 4.1), under ``data_root``:
+
+* ``mimic-cxr-2.0.0-entity-llm.csv`` with columns ``img_path, report, llm_output`` (image paths relative to
+  ``data_root/image_root``);
+* ``mimic-cxr-2.0.0-attn-label.csv`` with ``label_i, label_j``: the top-left cell (row, column) of the 12x12
+  super-resolution window on the 14x14 grid. The authors aligned the two files by row; when both have an
+  ``img_path`` column ecamp joins on it instead.
+
+Every sample is a pure function of (seed, epoch, index): image augmentation, context insertion and masking draw
+from generators seeded with those three numbers, so results do not depend on the number of ranks or workers, and
+a resumed run sees exactly the samples the interrupted one would have.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import EcampError
+
+__all__ = ["DataError", "PretrainDataset", "ResumableSampler", "collate_pretrain", "ffa_ir_to_csv",
+           "read_table", "map_window"]
+
+AUTHORS_GRID, AUTHORS_WINDOW = 14, 12
+
+
+class DataError(EcampError, ValueError):
+    """A data file is missing, lacks columns, or too many samples cannot be read."""
+
+
+def read_table(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
+    if not path.is_file():
+        raise DataError(f"{path} does not exist; the pre-training layout is described in docs and "
+                        f"`ecamp phantom` writes an example.")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"{path} lacks column(s) {missing}; it has {reader.fieldnames}.")
+        rows = list(reader)
+    if not rows:
+        raise DataError(f"{path} has no rows.")
+    return rows
+
+
+def map_window(offset: Sequence[int], grid: int, window: int) -> tuple[int, int]:
+    """A window offset in the authors' convention (12 of 14 cells, offsets 0..2) on another grid/window size."""
+    span = grid - window
+    return tuple(int(round(o * span / (AUTHORS_GRID - AUTHORS_WINDOW))) if span else 0 for o in offset)
+
+
+def _sample_seed(seed: int, epoch: int, index: int) -> np.random.SeedSequence:
+    return np.random.SeedSequence([seed, epoch, index])
+
+
+class PretrainDataset(torch.utils.data.Dataset):
+    """Samples for :class:`ecamp.models.ECAMPPretrainModel`; unreadable samples come back as ``{"error": ...}``."""
+
+    def __init__(self, data_root: str | Path, cfg: Any, encoder: Any, *, seed: int = 0):
+        from ..models.pretrain import ECAMPPretrainConfig
+
+        self.root = Path(data_root)
+        self.cfg = cfg
+        self.model_cfg: ECAMPPretrainConfig = cfg.model
+        self.data_cfg = cfg.data
+        self.encoder = encoder
+        self.seed = seed
+        self.epoch = 0
+        rows = read_table(self.root / self.data_cfg.reports_csv, ["img_path", "report", "llm_output"])
+        self.items = [(r["img_path"], r["report"], r["llm_output"]) for r in rows]
+        self.windows: list[tuple[int, int] | None] = [None] * len(rows)
+        if self.data_cfg.windows_csv:
+            wpath = self.root / self.data_cfg.windows_csv
+            wrows = read_table(wpath, ["label_i", "label_j"])
+            if "img_path" in wrows[0]:
+                by_path = {r["img_path"]: r for r in wrows}
+                missing = [p for p, _, _ in self.items if p not in by_path]
+                if missing:
+                    raise DataError(f"{wpath} has no window for {len(missing)} image(s), e.g. {missing[0]}.")
+                wrows = [by_path[p] for p, _, _ in self.items]
+            elif len(wrows) != len(rows):
+                raise DataError(f"{wpath} has {len(wrows)} rows but {self.data_cfg.reports_csv} has {len(rows)}; "
+                                f"without an img_path column they are matched by row and must be equally long.")
+            for k, r in enumerate(wrows):
+                try:
+                    li, lj = int(r["label_i"]), int(r["label_j"])
+                except ValueError as e:
+                    raise DataError(f"{wpath} row {k + 2}: window labels must be integers ({e}).") from e
+                if not (0 <= li <= AUTHORS_GRID - AUTHORS_WINDOW and 0 <= lj <= AUTHORS_GRID - AUTHORS_WINDOW):
+                    raise DataError(f"{wpath} row {k + 2}: window ({li}, {lj}) is outside 0..2; a 12x12 window "
+                                    f"must fit the 14x14 grid.")
+                self.windows[k] = (li, lj)
+        from torchvision.transforms import InterpolationMode
+
+        self.size = self.model_cfg.sr_img_size
+        self.interp = InterpolationMode.BICUBIC
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _augment(self, image: Any, rng_seed: int):
+        """RandomResizedCrop(448, scale 0.2-1, bicubic) + horizontal flip + grey + normalise, as torchvision draws
+        them, under a private seed; returns the tensor and the (top, left, height, width, flipped) crop."""
+        from torchvision.transforms import v2 as T
+        from torchvision.transforms.v2 import functional as F
+
+        d = self.data_cfg
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(rng_seed)
+            top, left, h, w = T.RandomResizedCrop.get_params(image, scale=list(d.crop_scale),
+                                                             ratio=[3.0 / 4.0, 4.0 / 3.0])
+            image = F.resized_crop(image, top, left, h, w, [self.size, self.size], interpolation=self.interp,
+                                   antialias=True)
+            flipped = bool(d.hflip and torch.rand(1) < 0.5)
+        if flipped:
+            image = F.horizontal_flip(image)
+        if image.mode != "L":
+            image = image.convert("L")
+        x = F.to_dtype(F.to_image(image), torch.float32, scale=True).expand(3, -1, -1)
+        x = (x - d.mean) / d.std
+        return x.contiguous(), (top, left, h, w, flipped)
+
+    def _window(self, index: int, rng: np.random.Generator, crop, orig_hw) -> tuple[int, int]:
+        cfg, d = self.model_cfg, self.data_cfg
+        g, win = cfg.grid, cfg.sr_window
+        label = self.windows[index]
+        if label is None:
+            if d.default_window == "random":
+                return int(rng.integers(0, g - win + 1)), int(rng.integers(0, g - win + 1))
+            return (g - win) // 2, (g - win) // 2
+        mapped = map_window(label, g, win)
+        if not d.sr_window_follows_augmentation:
+            return mapped  # the authors: the window ignores the crop and flip
+        top, left, h, w, flipped = crop
+        H, W = orig_hw
+        # the window's centre in original pixels, through the crop (and flip), to the nearest window on the grid
+        cy = (mapped[0] + win / 2) / g * H
+        cx = (mapped[1] + win / 2) / g * W
+        ny = (cy - top) / h
+        nx = (cx - left) / w
+        if flipped:
+            nx = 1 - nx
+        clamp = lambda v: int(min(max(round(v * g - win / 2), 0), g - win))  # noqa: E731
+        return clamp(ny), clamp(nx)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from PIL import Image
+
+        from ..io import read_image_native
+
+        path, report, context = self.items[index]
+        full = self.root / self.data_cfg.image_root / path
+        ss = _sample_seed(self.seed, self.epoch, index)
+        torch_seed, np_seed = ss.generate_state(2)
+        rng = np.random.default_rng(np_seed)
+        try:
+            arr = read_image_native(full, policy=self.data_cfg.image_policy)
+            if arr.dtype != np.uint8:
+                arr = np.clip(np.rint(arr * 255), 0, 255).astype(np.uint8)
+            pil = Image.fromarray(arr)
+            x, crop = self._augment(pil, int(torch_seed))
+            text = self.encoder(report, context or None, rng)
+        except EcampError as e:
+            return {"error": str(e), "index": index}
+        window = self._window(index, rng, crop, arr.shape[:2])
+        out = {k: torch.from_numpy(v) for k, v in text.items()}
+        # the MAE masking noise, per sample: masking then does not depend on ranks, batch layout or resumes
+        noise = torch.from_numpy(rng.random(self.model_cfg.grid**2).astype(np.float32))
+        out.update(image=x, sr_window=torch.tensor(window, dtype=torch.long), noise=noise,
+                   index=torch.tensor(index))
+        return out
+
+
+def collate_pretrain(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack good samples; report the bad ones (``n_bad``, ``errors``) so the loop can count and bound them."""
+    good = [it for it in items if "error" not in it]
+    bad = [it["error"] for it in items if "error" in it]
+    batch: dict[str, Any] = {}
+    if good:
+        batch = {k: torch.stack([it[k] for it in good]) for k in good[0]}
+    batch["n_bad"] = len(bad)
+    batch["errors"] = bad
+    return batch
+
+
+class ResumableSampler(torch.utils.data.Sampler[int]):
+    """Seeded per-epoch shuffle split across ranks (like ``DistributedSampler``), that can start mid-epoch."""
+
+    def __init__(self, n: int, *, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True):
+        self.n, self.rank, self.world = n, rank, world_size
+        self.seed, self.shuffle = seed, shuffle
+        self.epoch, self.start = 0, 0
+        self.per_rank = math.ceil(n / world_size)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Use ``epoch``'s order and skip this rank's first ``start`` samples (the part a resumed run has seen)."""
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return max(self.per_rank - self.start, 0)
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        else:
+            order = np.arange(self.n)
+        total = self.per_rank * self.world
+        order = np.concatenate([order, order[: total - self.n]]) if total > self.n else order
+        mine = order[self.rank:total:self.world]
+        return iter(mine[self.start:].tolist())
+
+
+def ffa_ir_to_csv(annotation_json: str | Path, out_csv: str | Path, splits: Sequence[str] = ("train",)) -> int:
+    """Write the pre-training CSV (``img_path, report, llm_output``) for FFA-IR from its annotation JSON.
+
+    Our reading of the FFA-IR release (the authors published no FFA-IR code): ``{"train": {case_id: {"Image_path":
+    [...], "En_Report": "..."}}, "val": ..., "test": ...}``, one report per case shared by all its angiography
+    frames, each frame becoming one row. ``llm_output`` is left empty for ``ecamp distill`` to fill. Returns the
+    number of rows.
+    """
+    data = json.loads(Path(annotation_json).read_text(encoding="utf-8"))
+    rows = []
+    for split in splits:
+        if split not in data:
+            raise DataError(f"{annotation_json} has no split {split!r}; it has {sorted(data)}.")
+        for case_id, case in data[split].items():
+            images = case.get("Image_path") or case.get("image_path") or []
+            report = case.get("En_Report") or case.get("en_report") or case.get("Report") or ""
+            if not images or not str(report).strip():
+                continue
+            rows.extend([img, str(report).strip(), ""] for img in images)
+    if not rows:
+        raise DataError(f"{annotation_json}: no case with images and an English report in {list(splits)}.")
+    with open(out_csv, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["img_path", "report", "llm_output"])
+        w.writerows(rows)
+    return len(rows)

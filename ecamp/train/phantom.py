@@ -1,0 +1,202 @@
+"""A procedurally generated chest-film-like data set with findings at known places, and matching reports.
+
+Each image is a grey frontal "radiograph": a bright body, two dark lung fields with rib shadows, a bright
+mediastinum, spine and heart. Findings are drawn at known places and sizes:
+
+* pleural **effusion** (left/right; small/large): a bright, meniscus-topped opacity at the lung base;
+* lung **nodule** (left/right; small/large): a bright disc inside a lung;
+* **cardiomegaly** (mild/severe): an enlarged heart silhouette;
+* **pneumothorax** (left/right; small/large): a dark, rib-less apical region with a pleural line.
+
+Reports use the entity words, descriptors (side, size, severity) and negations ("There is no pneumothorax.").
+The data set is written in the authors' MIMIC-CXR pre-training layout, so the real reader is what tests exercise:
+
+* ``images/*.png`` (8-bit);
+* ``mimic-cxr-2.0.0-entity-llm.csv``: ``img_path, report, llm_output`` (a synthetic entity-centred context stands in
+  for the LLM output);
+* ``mimic-cxr-2.0.0-attn-label.csv``: ``img_path, label_i, label_j``, the 12x12 window (on the 14x14 grid) over the
+  main finding (centre for normal images);
+* ``labels.csv``: per image 0/1 per finding plus side and size, for probing.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["FINDINGS", "PhantomCase", "make_case", "write_phantom"]
+
+FINDINGS = ("effusion", "nodule", "cardiomegaly", "pneumothorax")
+
+_CONTEXT = {
+    "effusion": "A pleural effusion is fluid between the lung and the chest wall; it blunts the costophrenic angle "
+                "and rises along the lateral chest wall.",
+    "nodule": "A nodule is a round opacity within the lung; its size and margins matter for follow-up.",
+    "cardiomegaly": "Cardiomegaly is enlargement of the cardiac silhouette beyond half of the thoracic width.",
+    "pneumothorax": "A pneumothorax is air in the pleural space; the collapsed lung edge is seen without lung "
+                    "markings beyond it.",
+}
+_NEGATIONS = {
+    "effusion": ["No pleural effusion.", "There is no pleural effusion."],
+    "nodule": ["No focal nodule.", "There is no evidence of nodule."],
+    "cardiomegaly": ["Heart size is normal.", "No cardiomegaly."],
+    "pneumothorax": ["There is no pneumothorax.", "No pneumothorax."],
+}
+
+
+@dataclass
+class PhantomCase:
+    image: np.ndarray  # uint8 [size, size]
+    labels: dict[str, int]
+    attrs: dict[str, str]
+    report: str
+    context: str
+    window: tuple[int, int]  # (label_i, label_j) on the authors' 14x14 grid with a 12x12 window
+
+
+def _ellipse(yy, xx, cy, cx, ry, rx):
+    return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2
+
+
+def _window_for(cy: float, cx: float, size: int) -> tuple[int, int]:
+    # top-left cell of a 12x12 window on the 14x14 grid that centres the point as far as possible (0..2)
+    return (int(np.clip(round(cy / size * 14 - 6), 0, 2)), int(np.clip(round(cx / size * 14 - 6), 0, 2)))
+
+
+def make_case(rng: np.random.Generator, size: int = 256, p_finding: float = 0.35) -> PhantomCase:
+    s = size
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
+    # patients and exposures differ: body habitus, position, lung and heart size, tissue densities, devices
+    img = np.full((s, s), rng.uniform(0.03, 0.15), np.float32)
+    cx = s / 2 + rng.normal(0, s * 0.03)
+    cy = s * 0.55 + rng.normal(0, s * 0.02)
+    bw = rng.uniform(0.38, 0.47)
+    body = _ellipse(yy, xx, cy, cx, s * 0.55, s * bw) < 1
+    img[body] = rng.uniform(0.5, 0.7)
+    lung_w, lung_h = rng.uniform(0.11, 0.15), rng.uniform(0.24, 0.31)
+    lung_tone = rng.uniform(0.12, 0.3)
+    lungs = {}
+    for side, sign in (("right", -1), ("left", 1)):  # patient's right is on the image's left
+        lx = cx + sign * s * (lung_w + 0.06 + rng.normal(0, 0.006))
+        m = _ellipse(yy, xx, cy - s * 0.08, lx, s * lung_h, s * lung_w) < 1
+        lungs[side] = (m, lx)
+        img[m] = lung_tone
+    ribs = (np.sin(yy / s * 2 * np.pi * rng.uniform(5.5, 8.5) + np.abs(xx - cx) / s * 6 + rng.uniform(0, 6))
+            > rng.uniform(0.75, 0.9))
+    for m, _ in lungs.values():
+        img[m & ribs] += rng.uniform(0.08, 0.18)
+    img[_ellipse(yy, xx, cy - s * 0.05, cx, s * 0.45, s * rng.uniform(0.035, 0.06)) < 1] = rng.uniform(0.7, 0.85)
+    if rng.random() < 0.5:  # a line or tube crossing the chest
+        x0, x1 = rng.uniform(0.25, 0.75, 2) * s
+        t = np.linspace(0, 1, 4 * s)
+        py = (0.1 + 0.6 * t) * s
+        px = x0 + (x1 - x0) * t + 0.05 * s * np.sin(t * rng.uniform(2, 6))
+        ok = (py >= 0) & (py < s) & (px >= 0) & (px < s)
+        img[py[ok].astype(int), px[ok].astype(int)] = 0.95
+    labels = {f: 0 for f in FINDINGS}
+    attrs: dict[str, str] = {}
+    sentences: list[str] = []
+    focus: tuple[float, float] | None = None
+    present = [f for f in FINDINGS if rng.random() < p_finding]
+    heart_rx = s * rng.uniform(0.095, 0.12)
+    if "cardiomegaly" in present:
+        sev = "severe" if rng.random() < 0.5 else "mild"
+        heart_rx = s * (rng.uniform(0.16, 0.18) if sev == "severe" else rng.uniform(0.135, 0.15))
+        labels["cardiomegaly"], attrs["cardiomegaly_size"] = 1, sev
+        sentences.append(f"{sev.capitalize()} cardiomegaly.")
+        focus = focus or (cy + s * 0.08, cx + s * 0.03)
+    img[_ellipse(yy, xx, cy + s * 0.08, cx + s * 0.03, s * rng.uniform(0.1, 0.12), heart_rx) < 1] = \
+        rng.uniform(0.65, 0.8)
+    for finding in ("effusion", "nodule", "pneumothorax"):
+        if finding not in present:
+            continue
+        side = "left" if rng.random() < 0.5 else "right"
+        large = rng.random() < 0.5
+        mask, lx = lungs[side]
+        labels[finding] = 1
+        attrs[f"{finding}_side"], attrs[f"{finding}_size"] = side, "large" if large else "small"
+        size_word = "large" if large else "small"
+        if finding == "effusion":
+            level = cy + s * (0.0 if large else 0.1) + 3 * np.abs(xx - lx) ** 1.2 / s * 2
+            region = mask & (yy > level)
+            img[region] = img[region] * 0.3 + rng.uniform(0.45, 0.6)
+            sentences.append(f"{size_word.capitalize()} {side} pleural effusion.")
+            focus = focus or (cy + s * 0.12, lx)
+        elif finding == "nodule":
+            ny = cy - s * rng.uniform(0.0, 0.2)
+            nx = lx + rng.uniform(-0.05, 0.05) * s
+            r = s * (0.045 if large else 0.025)
+            disc = (_ellipse(yy, xx, ny, nx, r, r) < 1) & mask
+            img[disc] = img[disc] + rng.uniform(0.25, 0.4)
+            sentences.append(f"{size_word.capitalize()} {side} lung nodule.")
+            focus = focus or (ny, nx)
+        else:
+            top = cy - s * 0.08 - s * lung_h
+            depth = s * (0.22 if large else 0.12)
+            apex = mask & (yy < top + depth)
+            img[apex] = lung_tone * 0.3
+            edge = mask & (np.abs(yy - (top + depth)) < 1.5)
+            img[edge] = lung_tone + 0.25
+            sentences.append(f"{size_word.capitalize()} {side} pneumothorax.")
+            focus = focus or (top + depth / 2, lx)
+    negatives = [f for f in FINDINGS if f not in present]
+    for f in negatives:
+        sentences.append(_NEGATIONS[f][int(rng.integers(len(_NEGATIONS[f])))])
+    if not present:
+        sentences.insert(0, "The lungs are clear.")
+    order = rng.permutation(len(sentences))
+    report = " ".join(sentences[i] for i in order)
+    context = " ".join(_CONTEXT[f] for f in present)
+    # soft tissue, blur and noise: a film, not a cartoon
+    from PIL import Image, ImageFilter
+
+    img = np.clip(img, 0, 1) ** rng.uniform(0.7, 1.4) * rng.uniform(0.75, 1.15) + rng.uniform(-0.08, 0.08)
+    pil = Image.fromarray(np.clip(img * 255, 0, 255).astype(np.uint8))
+    pil = pil.rotate(rng.uniform(-6, 6), resample=Image.BILINEAR, fillcolor=int(np.clip(img[0, 0] * 255, 0, 255)))
+    pil = pil.filter(ImageFilter.GaussianBlur(s / 256 * rng.uniform(0.8, 2.2)))
+    arr = np.asarray(pil).astype(np.float32) + rng.normal(0, rng.uniform(3, 10), (s, s))
+    image = np.clip(arr, 0, 255).astype(np.uint8)
+    window = _window_for(*focus, s) if focus else (1, 1)
+    return PhantomCase(image, labels, attrs, report, context, window)
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def write_phantom(out: str | os.PathLike, n: int, seed: int = 0, size: int = 256, progress: bool = False) -> Path:
+    """Write ``n`` phantom cases in the authors' MIMIC-CXR layout under ``out``; returns the folder."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from ..errors import EcampError
+
+    if n < 1:
+        raise EcampError(f"--n must be at least 1, got {n}.")
+    root = Path(out)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    reports, windows, labels = [], [], []
+    for i in tqdm(range(n), desc="phantom", disable=not progress):
+        case = make_case(rng, size)
+        rel = f"images/p{seed:04d}_{i:06d}.png"
+        Image.fromarray(case.image).save(root / rel)
+        reports.append([rel, case.report, case.context])
+        windows.append([rel, *case.window])
+        labels.append([rel, *[case.labels[f] for f in FINDINGS],
+                       *[case.attrs.get(f"{f}_side", "") for f in ("effusion", "nodule", "pneumothorax")],
+                       *[case.attrs.get(f"{f}_size", "") for f in FINDINGS]])
+    _write_csv(root / "mimic-cxr-2.0.0-entity-llm.csv", ["img_path", "report", "llm_output"], reports)
+    _write_csv(root / "mimic-cxr-2.0.0-attn-label.csv", ["img_path", "label_i", "label_j"], windows)
+    _write_csv(root / "labels.csv", ["img_path", *FINDINGS, "effusion_side", "nodule_side", "pneumothorax_side",
+                                     *[f"{f}_size" for f in FINDINGS]], labels)
+    return root

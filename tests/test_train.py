@@ -1,0 +1,259 @@
+"""ecamp.train: configs, the data reader, exact resume after a kill, DDP against a single process, export."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ecamp
+from ecamp.train.config import ConfigError, load_config
+from ecamp.train.data import DataError, PretrainDataset, ResumableSampler, map_window
+from ecamp.train.phantom import write_phantom
+
+ROOT = Path(__file__).resolve().parents[1]
+# A very small run: 64-px encoder input on a 4x4 grid, text of 32 tokens.
+TINY = ["model.img_size=32", "model.patch_size=8", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
+        "model.decoder_embed_dim=16", "model.decoder_depth=1", "model.decoder_num_heads=2", "model.sr_window=3",
+        "model.vocab_size=256", "model.text_hidden_size=32", "model.text_layers=1", "model.text_heads=2",
+        "model.text_intermediate_size=64", "model.max_text_len=32", "optim.batch_size=4", "optim.accum_iter=2",
+        "optim.epochs=3", "optim.warmup_epochs=1", "optim.schedule_epochs=3", "optim.lr=1e-3",
+        "run.num_workers=0", "run.precision=fp32", "run.save_every=2", "run.keep_last=2",
+        "data.tokenizer=tokenizer.json"]
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory) -> Path:
+    root = write_phantom(tmp_path_factory.mktemp("phantom"), 24, seed=3, size=96)
+    # one tokenizer for every run: WordPiece training breaks frequency ties in no fixed order
+    from ecamp.text import train_tokenizer
+
+    rows = (root / "mimic-cxr-2.0.0-entity-llm.csv").read_text().splitlines()[1:]
+    train_tokenizer(rows, vocab_size=256, min_frequency=1).save(str(root / "tokenizer.json"))
+    return root
+
+
+def test_presets_load_and_defaults_are_the_authors():
+    mimic = load_config(ROOT / "configs/pretrain/mimic_cxr.yaml")
+    assert mimic.optim.lr == 1.5e-4 and mimic.optim.batch_size * mimic.optim.accum_iter * 4 == 8192
+    assert (mimic.optim.epochs, mimic.optim.warmup_epochs, mimic.optim.schedule_epochs) == (120, 40, 200)
+    assert mimic.optim.betas == (0.9, 0.95) and mimic.data.crop_scale == (0.2, 1.0)
+    assert mimic.model.embed_dim == 768 and mimic.masking().mask_prob == 0.70
+    load_config(ROOT / "configs/pretrain/ffa_ir.yaml")
+    from ecamp.train.demo import demo_config
+
+    assert load_config(ROOT / "configs/pretrain/phantom_tiny.yaml").to_dict() == demo_config().to_dict()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optim.lr=-1"], "optim.lr"),
+    (["optim.lrr=1"], "Unknown config key 'optim.lrr'"),
+    (["run.precision=fp8"], "precision"),
+    (["optim.batch_size=two"], "expected an integer"),
+    (["data.crop_scale=[0.5]"], "list of 2"),
+    (["model.sr_window=99"], "sr_window"),
+    (["text.mask_probb=0.5"], "mask_probb"),
+    (["nonsense"], "key.sub=value"),
+])
+def test_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_schedule_follows_the_authors():
+    from ecamp.train.loop import lr_at
+
+    cfg = load_config(ROOT / "configs/pretrain/mimic_cxr.yaml")
+    assert lr_at(0, cfg) == 0 and lr_at(20, cfg) == pytest.approx(0.75e-4)
+    assert lr_at(40, cfg) == pytest.approx(1.5e-4)
+    assert lr_at(120, cfg) == pytest.approx(0.75e-4)  # half the peak where the authors stop: horizon 200
+
+
+def test_dataset_reads_the_layout_and_is_deterministic(phantom, tmp_path):
+    from ecamp.text import ReportEncoder, train_tokenizer
+
+    cfg = load_config(None, TINY)
+    rows = (phantom / "mimic-cxr-2.0.0-entity-llm.csv").read_text().splitlines()
+    tok = train_tokenizer([r for r in rows[1:]], vocab_size=256, min_frequency=1)
+    ds = PretrainDataset(phantom, cfg, ReportEncoder(tok, max_length=32), seed=1)
+    a, b = ds[3], ds[3]
+    assert a["image"].shape == (3, 64, 64) and a["input_ids"].shape == (32,) and a["noise"].shape == (16,)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ds.set_epoch(1)
+    assert not torch.equal(ds[3]["image"], a["image"])
+    assert 0 <= int(a["sr_window"].min()) and int(a["sr_window"].max()) <= 1
+    assert map_window((2, 0), 14, 12) == (2, 0) and map_window((2, 1), 4, 3) == (1, 0)
+    # errors: missing columns, misaligned windows, unreadable images are samples with an error
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "mimic-cxr-2.0.0-entity-llm.csv").write_text("img_path,report\nx.png,hello\n")
+    with pytest.raises(DataError, match="llm_output"):
+        PretrainDataset(bad, cfg, ReportEncoder(tok, max_length=32))
+    (bad / "mimic-cxr-2.0.0-entity-llm.csv").write_text("img_path,report,llm_output\nx.png,hello,\ny.png,,\n")
+    (bad / "mimic-cxr-2.0.0-attn-label.csv").write_text("label_i,label_j\n0,0\n")
+    with pytest.raises(DataError, match="matched by row"):
+        PretrainDataset(bad, cfg, ReportEncoder(tok, max_length=32))
+    (bad / "mimic-cxr-2.0.0-attn-label.csv").write_text("label_i,label_j\n0,0\n1,5\n")
+    with pytest.raises(DataError, match="outside 0..2"):
+        PretrainDataset(bad, cfg, ReportEncoder(tok, max_length=32))
+    (bad / "mimic-cxr-2.0.0-attn-label.csv").write_text("label_i,label_j\n0,0\n1,1\n")
+    ds_bad = PretrainDataset(bad, cfg, ReportEncoder(tok, max_length=32))
+    assert "x.png" in ds_bad[0]["error"] and "error" in ds_bad[1]
+
+
+def test_sampler_splits_and_resumes():
+    full = list(ResumableSampler(10, seed=0))
+    r0, r1 = list(ResumableSampler(10, rank=0, world_size=2, seed=0)), list(ResumableSampler(10, rank=1,
+                                                                                             world_size=2, seed=0))
+    assert sorted(r0 + r1) == sorted(full) and r0 == full[0::2] and r1 == full[1::2]
+    s = ResumableSampler(10, seed=0)
+    s.set_epoch(0, start=4)
+    assert list(s) == full[4:]
+    s.set_epoch(1)
+    assert list(s) != full
+
+
+def _run_script(code: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def _metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_kill_and_resume_gives_the_same_losses(phantom, tmp_path):
+    args = ["pretrain", "--data-root", str(phantom), "--no-progress", *TINY]
+    ref = subprocess.run([sys.executable, "-m", "ecamp.train", *args, "--output-dir", str(tmp_path / "ref")],
+                         capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr
+    # the same run, killed (SIGKILL) in its 5th optimizer step, after the checkpoint of step 4
+    killer = (
+        "import os, signal, sys, torch\n"
+        "real = torch.optim.AdamW.step\n"
+        "calls = [0]\n"
+        "def step(self, *a, **k):\n"
+        "    calls[0] += 1\n"
+        "    if calls[0] == 5:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real(self, *a, **k)\n"
+        "torch.optim.AdamW.step = step\n"
+        "from ecamp.train.cli import main\n"
+        f"sys.exit(main({[*args, '--output-dir', str(tmp_path / 'run')]!r}))\n"
+    )
+    killed = _run_script(killer)
+    assert killed.returncode == -9, killed.stderr
+    names = sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*.pt"))
+    assert names == ["checkpoint-00000002.pt", "checkpoint-00000004.pt"]
+    resumed = subprocess.run([sys.executable, "-m", "ecamp.train", *args, "--output-dir", str(tmp_path / "run"),
+                              "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = _metrics(tmp_path / "ref"), _metrics(tmp_path / "run")
+    assert [m["step"] for m in b] == [m["step"] for m in a] == list(range(1, len(a) + 1))
+    for x, y in zip(a, b, strict=True):
+        assert (x["loss"], x["mim_loss"], x["sr_loss"], x["mlm_loss"], x["lr"]) == \
+            (y["loss"], y["mim_loss"], y["sr_loss"], y["mlm_loss"], y["lr"])
+    # keep_last=2
+    assert len(list((tmp_path / "run").glob("checkpoint-*.pt"))) == 2
+
+
+def test_two_process_ddp_matches_one_process(phantom, tmp_path):
+    common = ["pretrain", "--data-root", str(phantom), "--no-progress", "--max-steps", "3", *TINY,
+              "model.text_dropout=0.0", "optim.accum_iter=1"]
+    single = subprocess.run([sys.executable, "-m", "ecamp.train", *common, "--output-dir", str(tmp_path / "one"),
+                             "optim.batch_size=8"], capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "ecamp.train", *common, "--output-dir", str(tmp_path / "two"), "optim.batch_size=4"],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert ddp.returncode == 0, ddp.stderr
+    from ecamp.train.loop import load_checkpoint
+
+    one = load_checkpoint(tmp_path / "one" / "checkpoint-00000003.pt")
+    two = load_checkpoint(tmp_path / "two" / "checkpoint-00000003.pt")
+    assert len(two["rng"]) == 2  # both ranks' RNG states
+    for k, v in one["model"].items():
+        if k.endswith("key.bias"):
+            # softmax ignores a key bias: its gradient is zero up to rounding, which Adam's normalisation turns
+            # into full-size steps, different for any different summation order
+            continue
+        assert torch.allclose(v, two["model"][k], atol=2e-5, rtol=1e-4), k
+    ma, mb = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert [round(m["loss"], 4) for m in ma] == [round(m["loss"], 4) for m in mb]
+
+
+def test_ddp_ranks_hold_identical_parameters(phantom, tmp_path):
+    # every rank checks its parameters against rank 0's with an all-gather at the end of training
+    script = tmp_path / "check.py"
+    script.write_text(
+        "import sys, torch, torch.distributed as dist\n"
+        "from ecamp.train.config import load_config\n"
+        "from ecamp.train import loop\n"
+        "holder = {}\n"
+        "real = loop._save\n"
+        "def save(out, model, *a, **k):\n"
+        "    holder['m'] = model\n"
+        "    return real(out, model, *a, **k)\n"
+        "loop._save = save\n"
+        f"cfg = load_config(None, {TINY!r})\n"
+        f"loop.pretrain(cfg, {str(phantom)!r}, {str(tmp_path / 'out')!r}, max_steps=2, progress=False)\n"
+        "flat = torch.cat([p.detach().flatten() for p in holder['m'].parameters()])\n"
+        "got = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]\n"
+        "dist.all_gather(got, flat)\n"
+        "assert all(torch.equal(got[0], g) for g in got), 'ranks differ'\n"
+        "print('IDENTICAL', dist.get_rank())\n"
+    )
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script)], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    assert "IDENTICAL 0" in out.stdout and "IDENTICAL 1" in out.stdout
+
+
+def test_overfits_one_batch(phantom, tmp_path):
+    from ecamp.train.loop import pretrain
+
+    cfg = load_config(None, TINY + ["optim.batch_size=8", "optim.accum_iter=1", "optim.epochs=80",
+                                    "optim.warmup_epochs=0", "optim.schedule_epochs=80", "optim.lr=3e-3",
+                                    "data.crop_scale=[1.0, 1.0]", "data.hflip=false", "text.context_prob=0.0",
+                                    "model.text_dropout=0.0", "run.save_every=1000"])
+    small = tmp_path / "one-batch"
+    small.mkdir()
+    lines = (phantom / "mimic-cxr-2.0.0-entity-llm.csv").read_text().splitlines()
+    (small / "mimic-cxr-2.0.0-entity-llm.csv").write_text("\n".join(lines[:9]) + "\n")
+    wl = (phantom / "mimic-cxr-2.0.0-attn-label.csv").read_text().splitlines()
+    (small / "mimic-cxr-2.0.0-attn-label.csv").write_text("\n".join(wl[:9]) + "\n")
+    (small / "images").symlink_to(phantom / "images")
+    (small / "tokenizer.json").symlink_to(phantom / "tokenizer.json")
+    summary = pretrain(cfg, small, tmp_path / "out", progress=False)
+    m = _metrics(tmp_path / "out")
+    assert summary["step"] == 80 and len(m) == 80
+    first, last = np.mean([x["loss"] for x in m[:3]]), np.mean([x["loss"] for x in m[-3:]])
+    assert last < 0.5 * first, (first, last)
+    assert all(np.isfinite(x["loss"]) for x in m)
+
+
+def test_export_then_load(phantom, tmp_path):
+    from ecamp.models.pretrain import ECAMPPretrainModel
+    from ecamp.train.loop import pretrain
+
+    cfg = load_config(None, TINY)
+    summary = pretrain(cfg, phantom, tmp_path / "run", max_steps=2, progress=False)
+    out = subprocess.run([sys.executable, "-m", "ecamp", "export", str(tmp_path / "run"), "--out",
+                          str(tmp_path / "exp"), "--name", "cxr-vit-b"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    entry = json.loads(out.stdout)
+    assert {f["path"] for f in entry["encoder"]["files"]} == {"config.json", "model.safetensors", "README.md"}
+    assert {f["path"] for f in entry["pretrain"]["files"]} == {"config.json", "model.safetensors", "tokenizer.json"}
+    enc = ecamp.load(f"local-dir:{tmp_path / 'exp' / 'encoder'}")
+    full = ECAMPPretrainModel.from_pretrained(tmp_path / "exp" / "pretrain")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(enc.forward_features(x), full.encoder.forward_features(x))
+    assert summary["checkpoint"].endswith("checkpoint-00000002.pt")
