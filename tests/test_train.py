@@ -207,13 +207,13 @@ def test_ddp_ranks_hold_identical_parameters(phantom, tmp_path):
         "got = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]\n"
         "dist.all_gather(got, flat)\n"
         "assert all(torch.equal(got[0], g) for g in got), 'ranks differ'\n"
-        "print('IDENTICAL', dist.get_rank())\n"
+        f"open({str(tmp_path)!r} + f'/rank{{dist.get_rank()}}.ok', 'w').write('identical')\n"
     )
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           str(script)], capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr
-    assert "IDENTICAL 0" in out.stdout and "IDENTICAL 1" in out.stdout
+    assert (tmp_path / "rank0.ok").read_text() == (tmp_path / "rank1.ok").read_text() == "identical"
 
 
 def test_overfits_one_batch(phantom, tmp_path):
@@ -257,3 +257,59 @@ def test_export_then_load(phantom, tmp_path):
     with torch.no_grad():
         assert torch.equal(enc.forward_features(x), full.encoder.forward_features(x))
     assert summary["checkpoint"].endswith("checkpoint-00000002.pt")
+
+
+def test_ffa_ir_converter(tmp_path):
+    from ecamp.train.data import ffa_ir_to_csv
+
+    ann = {"train": {"case1": {"Image_path": ["c1/1.jpg", "c1/2.jpg"], "En_Report": "Fluorescein leakage."},
+                     "case2": {"Image_path": ["c2/1.jpg"], "En_Report": ""}},
+           "test": {"case3": {"Image_path": ["c3/1.jpg"], "En_Report": "Normal."}}}
+    (tmp_path / "ffair_annotation.json").write_text(json.dumps(ann))
+    n = ffa_ir_to_csv(tmp_path / "ffair_annotation.json", tmp_path / "ffa.csv")
+    assert n == 2
+    lines = (tmp_path / "ffa.csv").read_text().splitlines()
+    assert lines[0] == "img_path,report,llm_output" and lines[1] == "c1/1.jpg,Fluorescein leakage.,"
+    with pytest.raises(DataError, match="no split 'val'"):
+        ffa_ir_to_csv(tmp_path / "ffair_annotation.json", tmp_path / "x.csv", splits=("val",))
+
+
+def test_sr_window_can_follow_the_crop_and_flip(phantom):
+    from ecamp.text import ReportEncoder, load_tokenizer
+
+    enc = ReportEncoder(load_tokenizer(phantom / "tokenizer.json"), max_length=32)
+    fixed = PretrainDataset(phantom, load_config(None, TINY), enc, seed=0)
+    moving = PretrainDataset(phantom, load_config(None, TINY + ["data.sr_window_follows_augmentation=true"]), enc,
+                             seed=0)
+    from ecamp.train.data import map_window
+
+    differs = 0
+    for i in range(len(fixed)):
+        a, b = fixed[i], moving[i]
+        assert torch.equal(a["image"], b["image"])  # same augmentation either way
+        assert tuple(a["sr_window"].tolist()) == map_window(fixed.windows[i], 4, 3)  # the authors: unchanged
+        differs += int(not torch.equal(a["sr_window"], b["sr_window"]))
+    assert differs > 0
+
+
+def test_demo_runs_end_to_end_quickly(tmp_path):
+    """The demo's whole path (phantom, pre-training, export, load, probes) on a very small budget. Whether
+    pre-training wins is checked at full budget by the slow test below and by `ecamp demo` itself."""
+    from ecamp.train.demo import run_demo
+
+    lines = []
+    result = run_demo(tmp_path, n_pretrain=64, n_probe=80, max_steps=3, progress=False, echo=lines.append)
+    assert result["steps"] == 3
+    assert set(result["pretrained"]) == {"effusion", "nodule", "cardiomegaly", "pneumothorax"}
+    assert all(0 <= v <= 1 for v in [*result["pretrained"].values(), *result["random"].values()])
+    assert any("pre-trained AUROC" in line for line in lines)
+    assert (tmp_path / "export" / "encoder" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_demo_pretraining_beats_random_init(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "ecamp", "demo", "--out", str(tmp_path), "--no-progress"],
+                         capture_output=True, text=True, timeout=3600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    mean = [line.split() for line in out.stdout.splitlines() if line.startswith("mean")][0]
+    assert float(mean[1]) > float(mean[2]) + 0.05

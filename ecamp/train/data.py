@@ -235,7 +235,7 @@ def ffa_ir_to_csv(annotation_json: str | Path, out_csv: str | Path, splits: Sequ
     for split in splits:
         if split not in data:
             raise DataError(f"{annotation_json} has no split {split!r}; it has {sorted(data)}.")
-        for case_id, case in data[split].items():
+        for case in data[split].values():
             images = case.get("Image_path") or case.get("image_path") or []
             report = case.get("En_Report") or case.get("en_report") or case.get("Report") or ""
             if not images or not str(report).strip():

@@ -28,7 +28,7 @@ def demo_config() -> PretrainRunConfig:
                                   text_intermediate_size=128, max_text_len=64),
         text={},
         data=DataConfig(crop_scale=(0.5, 1.0)),
-        optim=OptimConfig(lr=1.5e-3, batch_size=32, accum_iter=1, epochs=30, warmup_epochs=2, schedule_epochs=30),
+        optim=OptimConfig(lr=1.5e-3, batch_size=32, accum_iter=1, epochs=20, warmup_epochs=2, schedule_epochs=20),
         run=RunConfig(seed=0, num_workers=0, precision="fp32", save_every=10_000, keep_last=1),
     )
 
