@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .errors import EcampError
+from .fileio import atomic_write
 
 __all__ = ["embed", "embed_files", "EmbedResult", "find_images", "IMAGE_SUFFIXES"]
 
@@ -175,18 +176,6 @@ def _run_key(model: nn.Module, transform: Any, files: Sequence[str], model_name:
     return h.hexdigest()[:24]
 
 
-def _atomic_save(path: Path, writer: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        writer(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def embed_files(model: nn.Module, files: Sequence[str], out: str | os.PathLike, *, model_name: str = "",
                 batch_size: int = 32, num_workers: int = 0, device: str | torch.device | None = None,
                 dtype: torch.dtype | None = None, progress: bool = True, chunk_size: int = 1024,
@@ -217,7 +206,7 @@ def embed_files(model: nn.Module, files: Sequence[str], out: str | os.PathLike, 
         shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)
     if not state_path.is_file():
-        _atomic_save(state_path, lambda p: p.write_text(json.dumps({"key": key, "n": len(files)})))
+        atomic_write(state_path, lambda p: p.write_text(json.dumps({"key": key, "n": len(files)})))
     chunks = [(s, min(s + chunk_size, len(files))) for s in range(0, len(files), chunk_size)]
     resumed = 0
     for c, (s, e) in enumerate(chunks):
@@ -242,7 +231,7 @@ def embed_files(model: nn.Module, files: Sequence[str], out: str | os.PathLike, 
             with open(p, "wb") as f:
                 np.savez(f, rows=rows, failures=np.array(fail_json))
 
-        _atomic_save(done, write_chunk)
+        atomic_write(done, write_chunk)
     parts = [np.load(partial / f"chunk-{c:06d}.npz") for c in range(len(chunks))]
     width = max(p["rows"].shape[1] for p in parts)
     if width == 0:
@@ -262,13 +251,13 @@ def embed_files(model: nn.Module, files: Sequence[str], out: str | os.PathLike, 
                 np.save(f, embeddings)
 
         # sidecars first, the array last: the .npy only ever appears next to its own file list
-        _atomic_save(out.with_name(out.name + ".files.txt"), lambda p: p.write_text("\n".join(files) + "\n"))
-        _atomic_save(out.with_name(out.name + ".failed.json"), lambda p: p.write_text(json.dumps(failures, indent=1)))
-        _atomic_save(out, write_npy)
+        atomic_write(out.with_name(out.name + ".files.txt"), lambda p: p.write_text("\n".join(files) + "\n"))
+        atomic_write(out.with_name(out.name + ".failed.json"), lambda p: p.write_text(json.dumps(failures, indent=1)))
+        atomic_write(out, write_npy)
     else:
         from safetensors.numpy import save_file
 
         meta = {"files": json.dumps(files), "failed": json.dumps(failures), "model": model_name}
-        _atomic_save(out, lambda p: save_file({"embeddings": embeddings}, str(p), metadata=meta))
+        atomic_write(out, lambda p: save_file({"embeddings": embeddings}, str(p), metadata=meta))
     shutil.rmtree(partial, ignore_errors=True)
     return EmbedResult(out=out, files=files, failures=failures, resumed_chunks=resumed)

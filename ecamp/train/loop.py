@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import EcampError
+from ..fileio import atomic_write
 from .config import PretrainRunConfig
 from .data import DataError, PretrainDataset, ResumableSampler, collate_pretrain
 
@@ -71,18 +72,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _init_distributed() -> tuple[int, int, int]:
@@ -354,9 +343,9 @@ def _save(out: Path, model, optimizer, scaler, step: int, epoch: int, epoch_pos:
         rngs = [rng]
     path = out / f"checkpoint-{step:08d}.pt"
     if rank == 0:
-        _atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        atomic_write(path, lambda tmp: torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                             "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "epoch_pos": epoch_pos,
-                            "rng": rngs, "config": json.dumps(cfg.to_dict()), "format": "ecamp-pretrain-1"}, path)
+                            "rng": rngs, "config": json.dumps(cfg.to_dict()), "format": "ecamp-pretrain-1"}, tmp))
         old = sorted(p for p in out.glob("checkpoint-*.pt") if CHECKPOINT_RE.match(p.name))
         for p in old[: -cfg.run.keep_last]:
             p.unlink()
