@@ -157,6 +157,43 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_distill(args: argparse.Namespace) -> int:
+    import os
+
+    from .train.distill import OpenAIBackend, TransformersBackend, distill, merge_context
+
+    if args.action == "merge":
+        if not (args.images and args.context and args.out):
+            raise EcampError("`ecamp distill merge` needs --images, --context and --out.")
+        counts = merge_context(args.images, args.context, args.out)
+        print(f"wrote {counts['rows']} rows ({counts['with_context']} with context) to {args.out}")
+        return 0
+    if not (args.reports and args.out and args.model):
+        raise EcampError("`ecamp distill` needs --reports, --out and --model.")
+    if args.backend == "openai":
+        if not args.base_url:
+            raise EcampError("--backend openai needs --base-url, e.g. http://localhost:8000/v1")
+        backend = OpenAIBackend(args.base_url, args.model, api_key=os.environ.get(args.api_key_env),
+                                timeout=args.timeout)
+    else:
+        backend = TransformersBackend(args.model, batch_size=args.batch_size, device=args.device)
+    summary = distill(args.reports, args.out, backend, modality=args.modality, concurrency=args.concurrency,
+                      max_retries=args.max_retries, progress=not args.no_progress)
+    for line in summary.lines():
+        print(line)
+    return 1 if summary.failed else 0
+
+
+def _cmd_sr_windows(args: argparse.Namespace) -> int:
+    from .train.sr_windows import compute_windows
+
+    counts = compute_windows(args.checkpoint, args.data, args.out, reports_csv=args.reports_csv,
+                             batch_size=args.batch_size, device=args.device, progress=not args.no_progress)
+    print(f"{counts['attention']} windows from attention, {counts['no_entity']} reports without an entity "
+          f"(left to data.default_window), written to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ecamp", description="ECAMP pretrained medical image encoders.")
     parser.add_argument("--version", action="version", version=f"ecamp {__version__}")
@@ -224,6 +261,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True, help="the encoder's manifest name, e.g. cxr-vit-b")
     p.add_argument("--hf-repo", default=None, help="the Hub repo it will be published as (default: the manifest's)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the run's)")
+
+    p = add("distill", _cmd_distill, "entity-centred context for reports from an LLM (resumable); `merge` builds the "
+                                     "pre-training CSV")
+    p.add_argument("action", nargs="?", choices=("run", "merge"), default="run")
+    p.add_argument("--reports", help="CSV with study_id and report columns")
+    p.add_argument("--out", help="output: context JSONL (run) or pre-training CSV (merge)")
+    p.add_argument("--backend", choices=("openai", "transformers"), default="openai")
+    p.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://host:8000/v1 (vLLM, TGI, Ollama)")
+    p.add_argument("--model", help="model name on the server, or a local/Hub causal LM for --backend transformers")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight (openai backend)")
+    p.add_argument("--max-retries", type=int, default=5)
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    p.add_argument("--batch-size", type=int, default=8, help="reports per generate() call (transformers backend)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--modality", choices=("cxr", "fundus"), default="cxr")
+    p.add_argument("--images", help="merge: CSV with study_id, img_path and report")
+    p.add_argument("--context", help="merge: the JSONL written by `ecamp distill`")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = add("sr-windows", _cmd_sr_windows, "super-resolution windows from a first-stage model's entity attention")
+    p.add_argument("--checkpoint", required=True, help="exported pre-training folder, run folder or checkpoint")
+    p.add_argument("--data", required=True, help="data root with the reports CSV and images")
+    p.add_argument("--out", required=True, help="windows CSV (img_path, label_i, label_j, source)")
+    p.add_argument("--reports-csv", default="mimic-cxr-2.0.0-entity-llm.csv")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
 
     p = add("demo", _cmd_demo, "offline CPU demo: phantom data, pre-training, export, load, linear probes")
     p.add_argument("--out", default=None, help="working folder (default: a new temporary folder)")

@@ -205,11 +205,17 @@ class ContextFusionLayer(nn.Module):
         self.out_layer = BertSelfOutput(bert_config)
         self.intermediate = BertIntermediate(bert_config)
         self.output = BertOutput(bert_config)
+        # set by ecamp.train.sr_windows: keep the text-to-image attention probabilities [B, heads, T, patches]
+        self.keep_attention = False
+        self.last_cross_attention: torch.Tensor | None = None
 
     def forward(self, hidden: torch.Tensor, attn_mask: torch.Tensor, image_tokens: torch.Tensor,
                 gap_token: torch.Tensor) -> torch.Tensor:
         attended, _ = self.attention(hidden, attn_mask)
-        context, _ = self.cross_self_attention(attended, encoder_hidden_states=image_tokens, attention_mask=None)
+        context, weights = self.cross_self_attention(attended, encoder_hidden_states=image_tokens,
+                                                     attention_mask=None)
+        if self.keep_attention:
+            self.last_cross_attention = weights
         context = context + self.gap_mlp(gap_token)
         fused = self.out_layer(context, attended)
         return self.output(self.intermediate(fused), fused)

@@ -91,6 +91,8 @@ class PretrainDataset(torch.utils.data.Dataset):
                 raise DataError(f"{wpath} has {len(wrows)} rows but {self.data_cfg.reports_csv} has {len(rows)}; "
                                 f"without an img_path column they are matched by row and must be equally long.")
             for k, r in enumerate(wrows):
+                if not (r["label_i"] or "").strip() and not (r["label_j"] or "").strip():
+                    continue  # no window (no entity): data.default_window decides, per epoch if "random"
                 try:
                     li, lj = int(r["label_i"]), int(r["label_j"])
                 except ValueError as e:

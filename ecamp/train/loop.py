@@ -343,9 +343,10 @@ def _save(out: Path, model, optimizer, scaler, step: int, epoch: int, epoch_pos:
         rngs = [rng]
     path = out / f"checkpoint-{step:08d}.pt"
     if rank == 0:
-        atomic_write(path, lambda tmp: torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "epoch_pos": epoch_pos,
-                            "rng": rngs, "config": json.dumps(cfg.to_dict()), "format": "ecamp-pretrain-1"}, tmp))
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                 "step": step, "epoch": epoch, "epoch_pos": epoch_pos, "rng": rngs,
+                 "config": json.dumps(cfg.to_dict()), "format": "ecamp-pretrain-1"}
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
         old = sorted(p for p in out.glob("checkpoint-*.pt") if CHECKPOINT_RE.match(p.name))
         for p in old[: -cfg.run.keep_last]:
             p.unlink()

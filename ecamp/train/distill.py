@@ -1,0 +1,356 @@
+"""Entity-centred context from a large language model (``ecamp distill``), resumable and concurrent.
+
+The authors asked Vicuna for context about the entities of each MIMIC-CXR report and inserted its answer into the
+report during pre-training (dossier 4.1-4.2); their prompt is unpublished. The prompts here are our own wording,
+versioned (``PROMPT_VERSION``): each output line records the version it was made with, and a run only skips
+reports already done *with the same version*.
+
+Backends: any OpenAI-compatible chat-completions endpoint (vLLM, TGI, llama.cpp and Ollama servers speak it), with
+bounded concurrency, timeouts, retries with exponential back-off and jitter, and ``Retry-After`` on 429; and a local
+``transformers`` causal LM with batched generation.
+
+Output (JSONL, one object per line): ``study_id``, ``prompt_version``, ``model``, ``context``, ``entities``. Lines
+are appended and flushed one by one, so an interrupted run loses at most the line being written (a torn last line
+is dropped on resume) and never writes a study twice.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import random
+import re
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import EcampError
+from ..text.entities import ENTITIES
+
+__all__ = ["PROMPT_VERSION", "PROMPTS", "DistillError", "OpenAIBackend", "TransformersBackend", "build_messages",
+           "validate_context", "find_entities", "distill", "merge_context", "DistillSummary"]
+
+logger = logging.getLogger("ecamp")
+
+PROMPT_VERSION = "ecamp-context-v1"
+PROMPTS = {
+    "cxr": (
+        "You are a radiologist writing teaching notes. For each finding named below from a chest X-ray report, "
+        "write one or two plain sentences on what the finding is and how it looks on a radiograph (location, "
+        "density, typical appearance). Do not add findings that are not listed, do not repeat the report, and do "
+        "not give a diagnosis or advice."),
+    "fundus": (
+        "You are an ophthalmologist writing teaching notes. For each finding named below from a fundus angiography "
+        "report, write one or two plain sentences on what the finding is and how it appears on fluorescein "
+        "angiography (location, leakage or filling pattern). Do not add findings that are not listed, do not repeat "
+        "the report, and do not give a diagnosis or advice."),
+}
+
+
+class DistillError(EcampError, RuntimeError):
+    """The LLM backend or the inputs make the run impossible (bad CSV, authentication, unknown model...)."""
+
+
+def find_entities(text: str, entities: Iterable[str] = ENTITIES) -> list[str]:
+    """Entity words of the list that occur in ``text`` (case-insensitive whole words), in list order."""
+    words = set(re.findall(r"[a-z]+", text.lower()))
+    return [e.lower() for e in entities if e.lower() in words]
+
+
+def build_messages(report: str, modality: str = "cxr", entities: Sequence[str] | None = None) -> list[dict[str, str]]:
+    if modality not in PROMPTS:
+        raise DistillError(f"Unknown modality {modality!r}; prompts exist for {sorted(PROMPTS)}.")
+    found = list(entities) if entities is not None else find_entities(report)
+    listed = ", ".join(found) if found else "(none named; describe the main findings of the report)"
+    return [{"role": "system", "content": PROMPTS[modality]},
+            {"role": "user", "content": f"Report: {report.strip()}\nFindings: {listed}"}]
+
+
+def validate_context(context: Any, report: str, *, min_chars: int = 20, max_chars: int = 2000,
+                     new_entity_tolerance: int = 1) -> str | None:
+    """None if the answer is usable, else why not: empty, too short or long, or naming more than
+    ``new_entity_tolerance`` entities of the list that the report does not mention (invented findings)."""
+    if not isinstance(context, str) or not context.strip():
+        return "empty answer"
+    n = len(context.strip())
+    if n < min_chars:
+        return f"answer too short ({n} < {min_chars} characters)"
+    if n > max_chars:
+        return f"answer too long ({n} > {max_chars} characters)"
+    invented = set(find_entities(context)) - set(find_entities(report))
+    if len(invented) > new_entity_tolerance:
+        return f"answer names findings absent from the report: {sorted(invented)}"
+    return None
+
+
+class _Retryable(Exception):
+    def __init__(self, message: str, wait_s: float | None = None):
+        super().__init__(message)
+        self.wait_s = wait_s
+
+
+@dataclass
+class OpenAIBackend:
+    """POST ``{base_url}/chat/completions``; ``api_key`` defaults to ``$OPENAI_API_KEY`` (unset for local servers)."""
+
+    base_url: str
+    model: str
+    api_key: str | None = None
+    timeout: float = 60.0
+    temperature: float = 0.2
+    max_tokens: int = 400
+    name: str = field(init=False, default="openai")
+
+    def complete(self, messages: list[dict[str, str]]) -> str:
+        url = self.base_url.rstrip("/") + "/chat/completions"
+        body = json.dumps({"model": self.model, "messages": messages, "temperature": self.temperature,
+                           "max_tokens": self.max_tokens}).encode()
+        headers = {"Content-Type": "application/json"}
+        key = self.api_key or os.environ.get("OPENAI_API_KEY")
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as e:
+            detail = e.read()[:300].decode("utf-8", "replace")
+            if e.code == 429 or e.code >= 500:
+                retry_after = e.headers.get("Retry-After")
+                wait_s = float(retry_after) if retry_after and retry_after.replace(".", "", 1).isdigit() else None
+                raise _Retryable(f"HTTP {e.code}: {detail}", wait_s) from e
+            if e.code in (401, 403):
+                raise DistillError(f"{url} refused the credentials (HTTP {e.code}); set OPENAI_API_KEY or "
+                                   f"--api-key-env.") from e
+            if e.code == 404:
+                raise DistillError(f"{url} answered 404: wrong --base-url (it should end in /v1) or unknown model "
+                                   f"{self.model!r}: {detail}") from e
+            raise _Retryable(f"HTTP {e.code}: {detail}") from e
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
+            raise _Retryable(f"{type(e).__name__}: {e}") from e
+        try:
+            data = json.loads(raw)
+            return data["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            raise _Retryable(f"malformed response: {raw[:200]!r}") from e
+
+
+@dataclass
+class TransformersBackend:
+    """A local causal LM (path or Hub id) through ``transformers``, generating for ``batch_size`` reports at once."""
+
+    model_name_or_path: str
+    batch_size: int = 8
+    max_new_tokens: int = 200
+    device: str | None = None
+    name: str = field(init=False, default="transformers")
+
+    def __post_init__(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_name_or_path)
+        self.tokenizer.padding_side = "left"  # generation continues on the right
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_name_or_path).eval()
+        self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(self.device)
+        self.model_id = str(self.model_name_or_path)
+
+    def _prompt(self, messages: list[dict[str, str]]) -> str:
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return "\n\n".join(m["content"] for m in messages) + "\n\nNotes:"
+
+    def complete_batch(self, batch: list[list[dict[str, str]]]) -> list[str]:
+        import torch
+
+        prompts = [self._prompt(m) for m in batch]
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.device)
+        with torch.inference_mode():
+            out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                      pad_token_id=self.tokenizer.pad_token_id)
+        new = out[:, enc["input_ids"].shape[1]:]
+        return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+@dataclass
+class DistillSummary:
+    total: int = 0
+    skipped_done: int = 0
+    written: int = 0
+    failed: dict[str, str] = field(default_factory=dict)  # study_id -> last reason
+
+    def lines(self) -> list[str]:
+        out = [f"{self.written} written, {self.skipped_done} already done, {len(self.failed)} failed "
+               f"(of {self.total} reports)"]
+        reasons: dict[str, int] = {}
+        for r in self.failed.values():
+            key = r.split(":")[0][:80]
+            reasons[key] = reasons.get(key, 0) + 1
+        out += [f"  {n} x {r}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1])]
+        return out
+
+
+def _read_reports(path: Path) -> list[tuple[str, str]]:
+    if not path.is_file():
+        raise DistillError(f"{path} does not exist.")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in ("study_id", "report") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DistillError(f"{path} lacks column(s) {missing}; it has {reader.fieldnames}.")
+        seen: dict[str, str] = {}
+        rows = []
+        for k, r in enumerate(reader):
+            sid, rep = (r["study_id"] or "").strip(), r["report"] or ""
+            if not sid:
+                raise DistillError(f"{path} row {k + 2} has no study_id.")
+            if sid in seen:
+                if seen[sid] != rep:
+                    raise DistillError(f"{path}: study {sid} appears twice with different reports.")
+                continue
+            seen[sid] = rep
+            rows.append((sid, rep))
+    return rows
+
+
+def _done(out: Path, version: str) -> set[str]:
+    """Studies already in ``out`` for ``version``; a torn last line (from a kill) is cut off."""
+    if not out.is_file():
+        return set()
+    data = out.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+        with open(out, "r+b") as f:
+            f.truncate(len(data))
+    done = set()
+    for line in data.decode("utf-8").splitlines():
+        if line.strip():
+            obj = json.loads(line)
+            if obj.get("prompt_version") == version:
+                done.add(str(obj["study_id"]))
+    return done
+
+
+def distill(reports_csv: str | Path, out_jsonl: str | Path, backend: Any, *, modality: str = "cxr",
+            concurrency: int = 4, max_retries: int = 5, backoff: float = 1.0, max_backoff: float = 60.0,
+            progress: bool = True, min_chars: int = 20, max_chars: int = 2000, new_entity_tolerance: int = 1,
+            sleep: Callable[[float], None] = time.sleep) -> DistillSummary:
+    """Distil context for every report of ``reports_csv`` (``study_id``, ``report``) into ``out_jsonl``."""
+    from tqdm.auto import tqdm
+
+    rows = _read_reports(Path(reports_csv))
+    out = Path(out_jsonl)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = _done(out, PROMPT_VERSION)
+    todo = [(s, r) for s, r in rows if s not in done]
+    summary = DistillSummary(total=len(rows), skipped_done=len(rows) - len(todo))
+    model_id = getattr(backend, "model", None) or getattr(backend, "model_id", "")
+    lock = threading.Lock()
+    bar = tqdm(total=len(todo), desc="distill", unit="report", disable=not progress)
+    f = open(out, "a", encoding="utf-8")
+
+    def write(sid: str, report: str, context: str) -> None:
+        line = json.dumps({"study_id": sid, "prompt_version": PROMPT_VERSION, "model": model_id,
+                           "context": context.strip(), "entities": find_entities(report)})
+        with lock:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            summary.written += 1
+            bar.update(1)
+
+    def fail(sid: str, reason: str) -> None:
+        with lock:
+            summary.failed[sid] = reason
+            bar.update(1)
+
+    def attempt_loop(sid: str, report: str, call: Callable[[], str]) -> None:
+        reason = "no attempt"
+        for attempt in range(max_retries + 1):
+            try:
+                context = call()
+            except _Retryable as e:
+                reason = str(e)
+                if attempt == max_retries:
+                    break
+                delay = e.wait_s if e.wait_s is not None else min(max_backoff, backoff * 2**attempt)
+                sleep(delay * (1 + 0.25 * random.random()))
+                continue
+            problem = validate_context(context, report, min_chars=min_chars, max_chars=max_chars,
+                                       new_entity_tolerance=new_entity_tolerance)
+            if problem is None:
+                write(sid, report, context)
+                return
+            reason = f"invalid answer: {problem}"
+        fail(sid, reason)
+
+    try:
+        empty = [(s, r) for s, r in todo if not r.strip()]
+        for s, _ in empty:
+            fail(s, "empty report")
+        todo = [(s, r) for s, r in todo if r.strip()]
+        if hasattr(backend, "complete_batch"):
+            size = max(1, getattr(backend, "batch_size", 8))
+            for i in range(0, len(todo), size):
+                chunk = todo[i:i + size]
+                answers = backend.complete_batch([build_messages(r, modality) for _, r in chunk])
+                for (sid, report), answer in zip(chunk, answers, strict=True):
+                    attempt_loop(sid, report, lambda a=answer: a)
+        else:
+            with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+                pending = set()
+                it = iter(todo)
+                for sid, report in it:
+                    pending.add(pool.submit(attempt_loop, sid, report,
+                                            lambda r=report: backend.complete(build_messages(r, modality))))
+                    if len(pending) >= 2 * concurrency:
+                        finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                        for fut in finished:
+                            fut.result()  # DistillError (credentials, bad URL) stops the run
+                for fut in pending:
+                    fut.result()
+    finally:
+        f.close()
+        bar.close()
+    return summary
+
+
+def merge_context(images_csv: str | Path, context_jsonl: str | Path, out_csv: str | Path, *,
+                  prompt_version: str = PROMPT_VERSION) -> dict[str, int]:
+    """Write the pre-training CSV (``img_path, report, llm_output``) from an image list with ``study_id``,
+    ``img_path`` and ``report`` columns and the distilled contexts; studies without a context get an empty
+    ``llm_output`` (the report is then used alone, as when the authors' 80 % insertion does not fire)."""
+    contexts: dict[str, str] = {}
+    for line in Path(context_jsonl).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            obj = json.loads(line)
+            if obj.get("prompt_version") == prompt_version:
+                contexts[str(obj["study_id"])] = obj["context"]
+    with open(images_csv, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in ("study_id", "img_path", "report") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DistillError(f"{images_csv} lacks column(s) {missing}; it has {reader.fieldnames}.")
+        rows = list(reader)
+    counts = {"rows": len(rows), "with_context": 0}
+    tmp = Path(out_csv).with_name(f".{Path(out_csv).name}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["img_path", "report", "llm_output"])
+        for r in rows:
+            ctx = contexts.get(str(r["study_id"]).strip(), "")
+            counts["with_context"] += int(bool(ctx))
+            w.writerow([r["img_path"], r["report"], ctx])
+    os.replace(tmp, out_csv)
+    return counts

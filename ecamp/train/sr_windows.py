@@ -1,0 +1,132 @@
+"""Context-guided super-resolution windows (``ecamp sr-windows``): where the report's entities look in the image.
+
+The authors' windows (``label_i, label_j``: the top-left cell of a 12x12 window on the 14x14 patch grid) came from
+a script they did not publish. This is our reading of the method (dossier section 5): run a first-stage ECAMP model
+with every patch visible, in grid order; take the fusion layer's text-to-patch cross-attention probabilities at
+the report's entity tokens, the maximum over heads, summed over the entity tokens; and pick the window with the
+largest total attention. Windows are searched only among valid offsets, so a window outside the grid cannot occur.
+Reports without an entity get no window (empty labels), and the pre-training data then uses
+``data.default_window`` (the centre, or a random window drawn anew every epoch).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import EcampError
+from .data import AUTHORS_GRID, AUTHORS_WINDOW, read_table
+
+__all__ = ["best_window", "compute_windows", "load_stage1"]
+
+
+def best_window(attention: np.ndarray, window: int) -> tuple[int, int]:
+    """Top-left cell of the ``window`` x ``window`` square with the largest sum on a [g, g] map."""
+    g = attention.shape[0]
+    c = np.pad(attention, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+    sums = c[window:, window:] - c[:-window, window:] - c[window:, :-window] + c[:-window, :-window]
+    top, left = np.unravel_index(int(np.argmax(sums)), sums.shape)
+    assert 0 <= top <= g - window and 0 <= left <= g - window
+    return int(top), int(left)
+
+
+def _to_authors(offset: int, grid: int, window: int) -> int:
+    span = grid - window
+    return int(round(offset * (AUTHORS_GRID - AUTHORS_WINDOW) / span)) if span else 0
+
+
+def load_stage1(source: str | Path) -> tuple[Any, Any]:
+    """The model and tokenizer of an exported pre-training folder or of a training run / checkpoint."""
+    from ..models.pretrain import ECAMPPretrainModel
+    from ..text import load_tokenizer
+    from .export import model_from_checkpoint
+
+    path = Path(source)
+    if path.is_dir() and (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        model, folder = ECAMPPretrainModel.from_pretrained(path), path
+    else:
+        model, _, ckpt = model_from_checkpoint(path)
+        folder = ckpt.parent
+    if not (folder / "tokenizer.json").is_file():
+        raise EcampError(f"{folder} has no tokenizer.json; the first-stage model's tokenizer is needed.")
+    return model.eval(), load_tokenizer(folder / "tokenizer.json")
+
+
+@torch.no_grad()
+def compute_windows(stage1: str | Path, data_root: str | Path, out_csv: str | Path, *,
+                    reports_csv: str = "mimic-cxr-2.0.0-entity-llm.csv", batch_size: int = 16,
+                    device: str | None = None, progress: bool = True) -> dict[str, int]:
+    """Write ``img_path, label_i, label_j, source`` for every image of the reports CSV; returns counts."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from ..io import read_image_native
+    from ..text import ReportEncoder
+
+    model, tokenizer = load_stage1(stage1)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(dev)
+    cfg = model.config
+    fusion = model.text.context_fusion_layer
+    bert_config = model.text.bert_config
+    previous = bert_config._attn_implementation
+    bert_config._attn_implementation = "eager"  # only eager attention returns the probabilities
+    fusion.keep_attention = True
+    enc = ReportEncoder(tokenizer, max_length=cfg.max_text_len)
+    root = Path(data_root)
+    rows = read_table(root / reports_csv, ["img_path", "report"])
+    size = cfg.sr_img_size
+    results: list[list[Any]] = []
+    counts = {"images": len(rows), "attention": 0, "no_entity": 0}
+    try:
+        for start in tqdm(range(0, len(rows), batch_size), desc="sr-windows", disable=not progress):
+            chunk = rows[start:start + batch_size]
+            images, ids, masks = [], [], []
+            for r in chunk:
+                arr = read_image_native(root / r["img_path"], policy="bits")
+                if arr.dtype != np.uint8:
+                    arr = np.clip(np.rint(arr * 255), 0, 255).astype(np.uint8)
+                pil = Image.fromarray(arr).convert("L").resize((size, size), Image.BICUBIC)
+                images.append(torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0))
+                t, m = enc.tokenize(r["report"])
+                ids.append(torch.from_numpy(t))
+                masks.append(torch.from_numpy(m))
+            x = torch.stack(images)[:, None].expand(-1, 3, -1, -1)
+            x = ((x - 0.4721) / 0.3037).to(dev)
+            small = F.interpolate(x, size=(cfg.img_size, cfg.img_size), mode="bicubic", align_corners=False)
+            order = torch.arange(cfg.grid**2, dtype=torch.float32, device=dev).expand(x.shape[0], -1)
+            latent, _, _, _ = model.forward_encoder(small, 0.0, order)  # all patches, in grid order
+            tokens = model.bert_mlp(latent)[:, 1:]
+            input_ids, attn = torch.stack(ids).to(dev), torch.stack(masks).to(dev)
+            model.text(input_ids, attn, torch.zeros_like(input_ids), tokens, tokens.mean(1, keepdim=True))
+            probs = fusion.last_cross_attention.float().amax(dim=1)  # [B, T, patches]
+            for b, r in enumerate(chunk):
+                tids = input_ids[b].cpu().numpy()
+                entity = enc.is_entity[tids] & (attn[b].cpu().numpy() > 0)
+                if not entity.any():
+                    results.append([r["img_path"], "", "", "no-entity"])
+                    counts["no_entity"] += 1
+                    continue
+                amap = probs[b, torch.from_numpy(entity).to(dev)].sum(0).reshape(cfg.grid, cfg.grid).cpu().numpy()
+                top, left = best_window(amap, cfg.sr_window)
+                results.append([r["img_path"], _to_authors(top, cfg.grid, cfg.sr_window),
+                                _to_authors(left, cfg.grid, cfg.sr_window), "attention"])
+                counts["attention"] += 1
+    finally:
+        fusion.keep_attention = False
+        fusion.last_cross_attention = None
+        bert_config._attn_implementation = previous
+    out = Path(out_csv)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["img_path", "label_i", "label_j", "source"])
+        w.writerows(results)
+    os.replace(tmp, out)
+    return counts

@@ -1,0 +1,237 @@
+"""``ecamp distill`` against a fake OpenAI-compatible server on 127.0.0.1, and the transformers backend."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from ecamp.train.distill import (
+    PROMPT_VERSION,
+    DistillError,
+    OpenAIBackend,
+    build_messages,
+    distill,
+    merge_context,
+    validate_context,
+)
+
+
+class FakeLLM:
+    """Answers chat completions; per-report misbehaviour is keyed on a word in the report text."""
+
+    def __init__(self, delay: float = 0.0):
+        self.delay = delay
+        self.calls: dict[str, int] = {}
+        self.lock = threading.Lock()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.path != "/v1/chat/completions":
+                    return self._send(404, b'{"error": "not found"}')
+                user = body["messages"][-1]["content"]
+                sid = user.split("Report: ")[1].split(" ", 1)[0]
+                with fake.lock:
+                    n = fake.calls[sid] = fake.calls.get(sid, 0) + 1
+                if fake.delay:
+                    time.sleep(fake.delay)
+                if "SLOW" in user and n == 1:
+                    time.sleep(1.5)  # past the client's timeout: retried
+                if "BUSY" in user and n <= 2:
+                    return self._send(429, b'{"error": "rate limited"}', {"Retry-After": "0.05"})
+                if "FLAKY" in user and n == 1:
+                    return self._send(500, b'{"error": "oops"}')
+                if "GARBLED" in user and n == 1:
+                    return self._send(200, b'{"choices": [ not json')
+                if "INVENT" in user:
+                    text = "Pneumothorax, cardiomegaly, edema and fibrosis are all present here, clearly."
+                else:
+                    text = f"Context for {sid}: an effusion is fluid in the pleural space, dense at the lung base."
+                reply = {"choices": [{"message": {"role": "assistant", "content": text}}]}
+                return self._send(200, json.dumps(reply).encode())
+
+            def _send(self, code, data, headers=None):
+                self.send_response(code)
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                try:
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (its timeout): that is the point of the SLOW case
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def llm():
+    server = FakeLLM()
+    yield server
+    server.stop()
+
+
+def _reports(path: Path, rows: list[tuple[str, str]]) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["study_id", "report"])
+        w.writerows(rows)
+    return path
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def test_prompt_and_validation():
+    msgs = build_messages("Small left pleural effusion. No pneumothorax.", "cxr")
+    assert msgs[0]["role"] == "system" and "Findings: effusion, pneumothorax" in msgs[1]["content"]
+    assert "fluorescein" in build_messages("x", "fundus")[0]["content"]
+    report = "Small effusion."
+    assert validate_context("An effusion is fluid around the lung, seen at the base.", report) is None
+    assert "empty" in validate_context("  ", report)
+    assert "too short" in validate_context("Fluid.", report)
+    assert "absent from the report" in validate_context("Effusion with edema, fibrosis and mass nearby.", report)
+
+
+def test_retries_slow_rate_limited_failing_and_malformed(llm, tmp_path):
+    rows = [(f"s{i}", f"s{i} small effusion {tag}") for i, tag in
+            enumerate(["", "SLOW", "BUSY", "FLAKY", "GARBLED", "", "INVENT"])]
+    reports = _reports(tmp_path / "r.csv", rows + [("s7", "   ")])
+    waits = []
+    summary = distill(reports, tmp_path / "c.jsonl", OpenAIBackend(llm.url, "fake", timeout=0.5), concurrency=3,
+                      max_retries=3, backoff=0.01, progress=False, sleep=lambda s: (waits.append(s), time.sleep(s)))
+    out = _lines(tmp_path / "c.jsonl")
+    assert sorted(o["study_id"] for o in out) == ["s0", "s1", "s2", "s3", "s4", "s5"]
+    assert all(o["prompt_version"] == PROMPT_VERSION and o["model"] == "fake" for o in out)
+    assert set(summary.failed) == {"s6", "s7"}
+    assert "absent from the report" in summary.failed["s6"] and summary.failed["s7"] == "empty report"
+    assert llm.calls["s2"] == 3 and llm.calls["s3"] == 2 and llm.calls["s4"] == 2 and llm.calls["s1"] == 2
+    assert any(0.05 <= w < 0.07 for w in waits)  # Retry-After honoured
+    assert summary.lines()[0].startswith("6 written, 0 already done, 2 failed")
+
+
+def test_bad_inputs_and_endpoints(llm, tmp_path):
+    with pytest.raises(DistillError, match="lacks column"):
+        distill(_write(tmp_path / "x.csv", "id,report\n1,a\n"), tmp_path / "o.jsonl",
+                OpenAIBackend(llm.url, "m"), progress=False)
+    with pytest.raises(DistillError, match="twice with different reports"):
+        distill(_write(tmp_path / "y.csv", "study_id,report\n1,a\n1,b\n"), tmp_path / "o.jsonl",
+                OpenAIBackend(llm.url, "m"), progress=False)
+    with pytest.raises(DistillError, match="404"):
+        distill(_reports(tmp_path / "z.csv", [("s1", "s1 effusion")]), tmp_path / "o.jsonl",
+                OpenAIBackend(llm.url.replace("/v1", "/nope"), "m"), progress=False)
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_kill_mid_run_then_resume_loses_and_repeats_nothing(tmp_path):
+    server = FakeLLM(delay=0.15)
+    try:
+        reports = _reports(tmp_path / "r.csv", [(f"s{i:02d}", f"s{i:02d} small left effusion") for i in range(30)])
+        out = tmp_path / "c.jsonl"
+        cmd = [sys.executable, "-m", "ecamp", "distill", "--reports", str(reports), "--out", str(out),
+               "--backend", "openai", "--base-url", server.url, "--model", "fake", "--concurrency", "2",
+               "--no-progress"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.time() + 120
+        while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 5):
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        first = _lines(out)
+        assert 5 <= len(first) < 30
+        # a torn last line, as a kill during a write would leave
+        with open(out, "a") as f:
+            f.write('{"study_id": "s99", "prompt_ver')
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert "already done" in done.stdout
+        ids = [o["study_id"] for o in _lines(out)]
+        assert sorted(ids) == [f"s{i:02d}" for i in range(30)] and len(ids) == len(set(ids))
+        assert ids[: len(first)] == [o["study_id"] for o in first]
+    finally:
+        server.stop()
+
+
+def test_merge_writes_the_pretraining_layout(tmp_path):
+    (tmp_path / "c.jsonl").write_text(
+        json.dumps({"study_id": "1", "prompt_version": PROMPT_VERSION, "context": "C1."}) + "\n" +
+        json.dumps({"study_id": "2", "prompt_version": "old-version", "context": "stale"}) + "\n")
+    _write(tmp_path / "images.csv", "study_id,img_path,report\n1,a.jpg,R1\n1,b.jpg,R1\n2,c.jpg,R2\n")
+    counts = merge_context(tmp_path / "images.csv", tmp_path / "c.jsonl", tmp_path / "pre.csv")
+    assert counts == {"rows": 3, "with_context": 2}
+    rows = list(csv.DictReader(open(tmp_path / "pre.csv")))
+    assert [(r["img_path"], r["llm_output"]) for r in rows] == [("a.jpg", "C1."), ("b.jpg", "C1."), ("c.jpg", "")]
+
+
+def test_transformers_backend_with_a_tiny_random_model(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from ecamp.train.distill import TransformersBackend
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    corpus = ["report findings effusion pleural fluid small left lung base context notes"] * 3
+    tok.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=["[UNK]", "[PAD]", "[EOS]"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
+    folder = tmp_path / "tiny-lm"
+    fast.save_pretrained(folder)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=fast.vocab_size, n_positions=512, n_embd=32, n_layer=1, n_head=2,
+                                       pad_token_id=fast.pad_token_id, eos_token_id=fast.eos_token_id))
+    model.save_pretrained(folder)
+    backend = TransformersBackend(str(folder), batch_size=2, max_new_tokens=12, device="cpu")
+    reports = _reports(tmp_path / "r.csv", [("a", "small left effusion"), ("b", "pleural fluid"),
+                                            ("c", "lung base effusion")])
+    summary = distill(reports, tmp_path / "c.jsonl", backend, progress=False, min_chars=1,
+                      new_entity_tolerance=10)
+    out = _lines(tmp_path / "c.jsonl")
+    assert summary.written + len(summary.failed) == 3
+    assert {o["study_id"] for o in out} | set(summary.failed) == {"a", "b", "c"}
+    assert all(o["model"] == str(folder) for o in out)
+
+
+def test_api_key_is_sent(llm, tmp_path, monkeypatch):
+    seen = {}
+    real = OpenAIBackend.complete
+
+    def spy(self, messages):
+        seen["key"] = self.api_key or os.environ.get("OPENAI_API_KEY")
+        return real(self, messages)
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    monkeypatch.setattr(OpenAIBackend, "complete", spy)
+    distill(_reports(tmp_path / "r.csv", [("s1", "s1 small effusion")]), tmp_path / "c.jsonl",
+            OpenAIBackend(llm.url, "m"), progress=False)
+    assert seen["key"] == "sk-test"

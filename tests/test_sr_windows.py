@@ -1,0 +1,57 @@
+"""``ecamp sr-windows``: windows from a first-stage model's entity-to-patch attention."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+from ecamp.models.pretrain import ECAMPPretrainConfig, ECAMPPretrainModel
+from ecamp.text import ReportEncoder, train_tokenizer
+from ecamp.train.config import load_config
+from ecamp.train.data import PretrainDataset
+from ecamp.train.phantom import write_phantom
+from ecamp.train.sr_windows import best_window
+
+
+def test_best_window_finds_the_peak_and_stays_in_range():
+    m = np.zeros((14, 14))
+    m[13, 0] = 1.0
+    assert best_window(m, 12) == (2, 0)
+    m = np.random.default_rng(0).random((8, 8))
+    top, left = best_window(m, 6)
+    sums = {(t, c): m[t:t + 6, c:c + 6].sum() for t in range(3) for c in range(3)}
+    assert (top, left) == max(sums, key=sums.get)
+
+
+def test_windows_from_a_first_stage_model(tmp_path):
+    root = write_phantom(tmp_path / "data", 12, seed=5, size=128)
+    csv_path = root / "mimic-cxr-2.0.0-entity-llm.csv"
+    rows = list(csv.DictReader(open(csv_path)))
+    rows[0]["report"] = "The lungs are clear. Heart size is normal."  # no entity of the list
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["img_path", "report", "llm_output"])
+        w.writeheader()
+        w.writerows(rows)
+    tok = train_tokenizer([r["report"] for r in rows], vocab_size=200, min_frequency=1)
+    cfg = ECAMPPretrainConfig.tiny(vocab_size=200, img_size=32, patch_size=8, sr_window=3, max_text_len=32)
+    torch.manual_seed(0)
+    ECAMPPretrainModel(cfg).save_pretrained(tmp_path / "stage1", tokenizer=tok)
+    out = subprocess.run([sys.executable, "-m", "ecamp", "sr-windows", "--checkpoint", str(tmp_path / "stage1"),
+                          "--data", str(root), "--out", str(tmp_path / "w.csv"), "--no-progress"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "11 windows from attention, 1 reports without an entity" in out.stdout
+    got = list(csv.DictReader(open(tmp_path / "w.csv")))
+    assert [r["img_path"] for r in got] == [r["img_path"] for r in rows]
+    assert got[0]["label_i"] == got[0]["label_j"] == "" and got[0]["source"] == "no-entity"
+    assert all(0 <= int(r["label_i"]) <= 2 and 0 <= int(r["label_j"]) <= 2 for r in got[1:])
+    # the pre-training reader takes this file (joined on img_path); the entity-less image gets the default window
+    run = load_config(None, ["model.img_size=32", "model.patch_size=8", "model.sr_window=3", "model.embed_dim=64",
+                             "model.max_text_len=32", "data.windows_csv=" + str(tmp_path / "w.csv")])
+    ds = PretrainDataset(root, run, ReportEncoder(tok, max_length=32))
+    assert ds.windows[0] is None and all(w is not None for w in ds.windows[1:])
+    assert ds[0]["sr_window"].tolist() == [0, 0]  # centre of a 4x4 grid with a 3x3 window
