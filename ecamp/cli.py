@@ -129,7 +129,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_phantom(args: argparse.Namespace) -> int:
     from .train.phantom import write_phantom
 
-    root = write_phantom(args.out, args.n, seed=args.seed, size=args.size, progress=not args.no_progress)
+    if args.kind == "classification":
+        from .train.phantom import write_phantom_classification
+
+        root = write_phantom_classification(args.out, args.n, seed=args.seed, size=args.size,
+                                            progress=not args.no_progress)
+    elif args.kind == "pretrain":
+        root = write_phantom(args.out, args.n, seed=args.seed, size=args.size, progress=not args.no_progress)
+    else:
+        raise EcampError(f"--kind {args.kind}: segmentation and detection phantoms are not available yet.")
     print(f"wrote {args.n} phantom cases to {root}")
     return 0
 
@@ -253,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=256, help="image side in pixels")
+    p.add_argument("--kind", choices=("pretrain", "classification", "segmentation", "detection"), default="pretrain",
+                   help="pretrain: the authors' MIMIC-CXR layout; classification: their list files")
     p.add_argument("--no-progress", action="store_true")
 
     p = add("export", _cmd_export, "export a training checkpoint: encoder (timm format) and full pre-training model")

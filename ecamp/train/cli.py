@@ -27,20 +27,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: this process's GPU or the CPU)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=1e-4")
+
+    f = sub.add_parser("finetune", help="fine-tune or linear-probe an encoder on a downstream task",
+                       description="Downstream classification with the authors' list files and recipes.")
+    f.add_argument("--dataset", required=True, help="chestx-ray14, chexpert, rsna, covidx, aptos-2019, odir-5k, "
+                                                    "mured or phantom")
+    f.add_argument("--fraction", type=int, choices=(1, 10, 100), default=100, help="percent of training labels")
+    f.add_argument("--data-root", required=True, help="image paths in the lists are relative to this folder")
+    f.add_argument("--lists", default=None, help="folder with the list files (default: --data-root)")
+    f.add_argument("--output-dir", required=True)
+    f.add_argument("--model", default="cxr-vit-b", help="manifest name, hf-hub:..., local-dir:...")
+    f.add_argument("--mode", choices=("finetune", "linear-probe"), default="finetune")
+    f.add_argument("--head", choices=("cls", "seg", "det"), default="cls")
+    f.add_argument("--max-steps", type=int, default=None, help="cap the recipe's step count")
+    f.add_argument("--lr", type=float, default=None)
+    f.add_argument("--batch-size", type=int, default=None)
+    f.add_argument("--warmup", type=int, default=None)
+    f.add_argument("--eval-every", type=int, default=None)
+    f.add_argument("--num-workers", type=int, default=4)
+    f.add_argument("--device", default=None)
+    f.add_argument("--no-progress", action="store_true")
     return parser
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    if args.head != "cls":
+        raise EcampError(f"--head {args.head}: segmentation and detection heads are not available yet; "
+                         f"ecamp.finetune.multiscale_features and FeaturePyramid give the features for your own.")
+    from .downstream import finetune_classification
+
+    metrics = finetune_classification(args.dataset, args.fraction, args.data_root, args.output_dir,
+                                      model_name=args.model, lists=args.lists, mode=args.mode,
+                                      max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size,
+                                      warmup=args.warmup, eval_every=args.eval_every, num_workers=args.num_workers,
+                                      device=args.device, progress=not args.no_progress)
+    print(json.dumps({k: v for k, v in metrics.items() if k != "test_per_class"}))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # overrides may come anywhere, also after options: `--output-dir out optim.lr=1e-4`
-    stray = [x for x in extra if x.startswith("-") or "=" not in x]
+    stray = [x for x in extra if x.startswith("-") or "=" not in x or args.command != "pretrain"]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     args.overrides = list(getattr(args, "overrides", [])) + extra
     logging.basicConfig(format="%(message)s", level=logging.WARNING)
     logging.getLogger("ecamp").setLevel(logging.INFO)
     try:
+        if args.command == "finetune":
+            return _finetune(args)
         from .config import load_config
         from .loop import pretrain
 

@@ -67,30 +67,38 @@ def _window_for(cy: float, cx: float, size: int) -> tuple[int, int]:
     return (int(np.clip(round(cy / size * 14 - 6), 0, 2)), int(np.clip(round(cx / size * 14 - 6), 0, 2)))
 
 
-def make_case(rng: np.random.Generator, size: int = 256, p_finding: float = 0.35) -> PhantomCase:
+def make_case(rng: np.random.Generator, size: int = 256, p_finding: float = 0.35, variation: float = 1.0
+              ) -> PhantomCase:
+    """One phantom. ``variation`` scales the differences between patients and exposures (1: the default spread,
+    0: every film alike apart from its findings); the random draws are the same whatever its value."""
     s = size
+
+    def vary(lo: float, hi: float) -> float:
+        u = rng.uniform(lo, hi)
+        return u if variation == 1 else (lo + hi) / 2 + (u - (lo + hi) / 2) * variation
+
     yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
     # patients and exposures differ: body habitus, position, lung and heart size, tissue densities, devices
-    img = np.full((s, s), rng.uniform(0.03, 0.15), np.float32)
-    cx = s / 2 + rng.normal(0, s * 0.03)
-    cy = s * 0.55 + rng.normal(0, s * 0.02)
-    bw = rng.uniform(0.38, 0.47)
+    img = np.full((s, s), vary(0.03, 0.15), np.float32)
+    cx = s / 2 + rng.normal(0, s * 0.03) * variation
+    cy = s * 0.55 + rng.normal(0, s * 0.02) * variation
+    bw = vary(0.38, 0.47)
     body = _ellipse(yy, xx, cy, cx, s * 0.55, s * bw) < 1
-    img[body] = rng.uniform(0.5, 0.7)
-    lung_w, lung_h = rng.uniform(0.11, 0.15), rng.uniform(0.24, 0.31)
-    lung_tone = rng.uniform(0.12, 0.3)
+    img[body] = vary(0.5, 0.7)
+    lung_w, lung_h = vary(0.11, 0.15), vary(0.24, 0.31)
+    lung_tone = vary(0.12, 0.3)
     lungs = {}
     for side, sign in (("right", -1), ("left", 1)):  # patient's right is on the image's left
-        lx = cx + sign * s * (lung_w + 0.06 + rng.normal(0, 0.006))
+        lx = cx + sign * s * (lung_w + 0.06 + rng.normal(0, 0.006) * variation)
         m = _ellipse(yy, xx, cy - s * 0.08, lx, s * lung_h, s * lung_w) < 1
         lungs[side] = (m, lx)
         img[m] = lung_tone
-    ribs = (np.sin(yy / s * 2 * np.pi * rng.uniform(5.5, 8.5) + np.abs(xx - cx) / s * 6 + rng.uniform(0, 6))
-            > rng.uniform(0.75, 0.9))
+    ribs = (np.sin(yy / s * 2 * np.pi * vary(5.5, 8.5) + np.abs(xx - cx) / s * 6 + vary(0, 6))
+            > vary(0.75, 0.9))
     for m, _ in lungs.values():
-        img[m & ribs] += rng.uniform(0.08, 0.18)
-    img[_ellipse(yy, xx, cy - s * 0.05, cx, s * 0.45, s * rng.uniform(0.035, 0.06)) < 1] = rng.uniform(0.7, 0.85)
-    if rng.random() < 0.5:  # a line or tube crossing the chest
+        img[m & ribs] += vary(0.08, 0.18)
+    img[_ellipse(yy, xx, cy - s * 0.05, cx, s * 0.45, s * vary(0.035, 0.06)) < 1] = vary(0.7, 0.85)
+    if rng.random() < 0.5 * variation:  # a line or tube crossing the chest
         x0, x1 = rng.uniform(0.25, 0.75, 2) * s
         t = np.linspace(0, 1, 4 * s)
         py = (0.1 + 0.6 * t) * s
@@ -102,15 +110,14 @@ def make_case(rng: np.random.Generator, size: int = 256, p_finding: float = 0.35
     sentences: list[str] = []
     focus: tuple[float, float] | None = None
     present = [f for f in FINDINGS if rng.random() < p_finding]
-    heart_rx = s * rng.uniform(0.095, 0.12)
+    heart_rx = s * vary(0.095, 0.12)
     if "cardiomegaly" in present:
         sev = "severe" if rng.random() < 0.5 else "mild"
         heart_rx = s * (rng.uniform(0.16, 0.18) if sev == "severe" else rng.uniform(0.135, 0.15))
         labels["cardiomegaly"], attrs["cardiomegaly_size"] = 1, sev
         sentences.append(f"{sev.capitalize()} cardiomegaly.")
         focus = focus or (cy + s * 0.08, cx + s * 0.03)
-    img[_ellipse(yy, xx, cy + s * 0.08, cx + s * 0.03, s * rng.uniform(0.1, 0.12), heart_rx) < 1] = \
-        rng.uniform(0.65, 0.8)
+    img[_ellipse(yy, xx, cy + s * 0.08, cx + s * 0.03, s * vary(0.1, 0.12), heart_rx) < 1] = vary(0.65, 0.8)
     for finding in ("effusion", "nodule", "pneumothorax"):
         if finding not in present:
             continue
@@ -154,11 +161,11 @@ def make_case(rng: np.random.Generator, size: int = 256, p_finding: float = 0.35
     # soft tissue, blur and noise: a film, not a cartoon
     from PIL import Image, ImageFilter
 
-    img = np.clip(img, 0, 1) ** rng.uniform(0.7, 1.4) * rng.uniform(0.75, 1.15) + rng.uniform(-0.08, 0.08)
+    img = np.clip(img, 0, 1) ** vary(0.7, 1.4) * vary(0.75, 1.15) + vary(-0.08, 0.08)
     pil = Image.fromarray(np.clip(img * 255, 0, 255).astype(np.uint8))
-    pil = pil.rotate(rng.uniform(-6, 6), resample=Image.BILINEAR, fillcolor=int(np.clip(img[0, 0] * 255, 0, 255)))
-    pil = pil.filter(ImageFilter.GaussianBlur(s / 256 * rng.uniform(0.8, 2.2)))
-    arr = np.asarray(pil).astype(np.float32) + rng.normal(0, rng.uniform(3, 10), (s, s))
+    pil = pil.rotate(vary(-6, 6), resample=Image.BILINEAR, fillcolor=int(np.clip(img[0, 0] * 255, 0, 255)))
+    pil = pil.filter(ImageFilter.GaussianBlur(s / 256 * vary(0.8, 2.2)))
+    arr = np.asarray(pil).astype(np.float32) + rng.normal(0, vary(3, 10), (s, s))
     image = np.clip(arr, 0, 255).astype(np.uint8)
     window = _window_for(*focus, s) if focus else (1, 1)
     return PhantomCase(image, labels, attrs, report, context, window)
@@ -173,7 +180,8 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
     os.replace(tmp, path)
 
 
-def write_phantom(out: str | os.PathLike, n: int, seed: int = 0, size: int = 256, progress: bool = False) -> Path:
+def write_phantom(out: str | os.PathLike, n: int, seed: int = 0, size: int = 256, progress: bool = False,
+                  variation: float = 1.0) -> Path:
     """Write ``n`` phantom cases in the authors' MIMIC-CXR layout under ``out``; returns the folder."""
     from PIL import Image
     from tqdm.auto import tqdm
@@ -187,7 +195,7 @@ def write_phantom(out: str | os.PathLike, n: int, seed: int = 0, size: int = 256
     rng = np.random.default_rng(seed)
     reports, windows, labels = [], [], []
     for i in tqdm(range(n), desc="phantom", disable=not progress):
-        case = make_case(rng, size)
+        case = make_case(rng, size, variation=variation)
         rel = f"images/p{seed:04d}_{i:06d}.png"
         Image.fromarray(case.image).save(root / rel)
         reports.append([rel, case.report, case.context])
@@ -199,4 +207,30 @@ def write_phantom(out: str | os.PathLike, n: int, seed: int = 0, size: int = 256
     _write_csv(root / "mimic-cxr-2.0.0-attn-label.csv", ["img_path", "label_i", "label_j"], windows)
     _write_csv(root / "labels.csv", ["img_path", *FINDINGS, "effusion_side", "nodule_side", "pneumothorax_side",
                                      *[f"{f}_size" for f in FINDINGS]], labels)
+    return root
+
+
+def write_phantom_classification(out: str | os.PathLike, n: int, seed: int = 0, size: int = 256,
+                                 progress: bool = False, variation: float = 1.0) -> Path:
+    """Phantom films with the authors' classification list files (``train_list{,_1,_10}.txt``, ``val_list.txt``,
+    ``test_list.txt``; labels effusion, nodule, cardiomegaly, pneumothorax) for ``ecamp train finetune --dataset
+    phantom``."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from ..errors import EcampError
+    from .downstream import write_splits
+
+    if n < 10:
+        raise EcampError(f"--n must be at least 10 for a train/val/test split, got {n}.")
+    root = Path(out)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    items = []
+    for i in tqdm(range(n), desc="phantom", disable=not progress):
+        case = make_case(rng, size, variation=variation)
+        rel = f"images/c{seed:04d}_{i:06d}.png"
+        Image.fromarray(case.image).save(root / rel)
+        items.append((rel, [float(case.labels[f]) for f in FINDINGS]))
+    write_splits(items, root, seed=seed)
     return root

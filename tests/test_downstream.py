@@ -1,0 +1,98 @@
+"""Downstream classification: list-file readers, phantom fine-tuning and linear probing, dense-feature helpers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import ecamp
+from ecamp.finetune import FeaturePyramid, LinearProbe, layer_decay_param_groups, multiscale_features
+from ecamp.train.data import DataError
+from ecamp.train.downstream import TASKS, list_file_for, read_list_file, write_splits
+from ecamp.train.phantom import write_phantom_classification
+
+
+def test_list_files_in_the_authors_formats(tmp_path):
+    (tmp_path / "nih.txt").write_text("images/a.png 0 1 0 0 0 0 0 0 0 0 0 0 0 1 \nimages/b.png " + "0 " * 14 + "\n")
+    rows = read_list_file(tmp_path / "nih.txt", TASKS["chestx-ray14"])
+    assert [r[0] for r in rows] == ["images/a.png", "images/b.png"] and rows[0][1].tolist()[1] == 1
+    (tmp_path / "covid.txt").write_text("x.png 2\ny.png 0 1 0\n")
+    rows = read_list_file(tmp_path / "covid.txt", TASKS["covidx"])
+    assert [r[1].tolist() for r in rows] == [[2.0], [1.0]]
+    (tmp_path / "bad.txt").write_text("x.png 1 0\n")
+    with pytest.raises(DataError, match="bad.txt:1: expected 14 labels"):
+        read_list_file(tmp_path / "bad.txt", TASKS["chestx-ray14"])
+    (tmp_path / "bad2.txt").write_text("x.png yes\n")
+    with pytest.raises(DataError, match="numbers"):
+        read_list_file(tmp_path / "bad2.txt", TASKS["rsna"])
+    with pytest.raises(DataError, match="does not exist"):
+        read_list_file(tmp_path / "missing.txt", TASKS["rsna"])
+    assert list_file_for("train", 1) == "train_list_1.txt" and list_file_for("train", 100) == "train_list.txt"
+    counts = write_splits([(f"{i}.png", [i % 2]) for i in range(1000)], tmp_path / "splits", seed=0)
+    assert counts == {"test_list.txt": 200, "val_list.txt": 100, "train_list.txt": 700, "train_list_10.txt": 70,
+                      "train_list_1.txt": 7}
+    one = (tmp_path / "splits" / "train_list_1.txt").read_text().split("\n")[:7]
+    assert set(one) <= set((tmp_path / "splits" / "train_list_10.txt").read_text().split("\n"))
+
+
+@pytest.fixture(scope="module")
+def phantom_cls(tmp_path_factory):
+    # variation=0: films alike apart from their findings, so a short fine-tune from random init must learn them
+    return write_phantom_classification(tmp_path_factory.mktemp("cls"), 400, seed=11, size=128, variation=0.0)
+
+
+def test_finetune_on_phantom_beats_chance(phantom_cls, tiny_folder, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "ecamp.train", "finetune", "--dataset", "phantom", "--fraction",
+                          "100", "--data-root", str(phantom_cls), "--output-dir", str(tmp_path / "ft"), "--model",
+                          f"local-dir:{tiny_folder}", "--max-steps", "150", "--lr", "0.03", "--batch-size", "32",
+                          "--warmup", "10", "--num-workers", "0", "--no-progress"],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr
+    metrics = json.loads((tmp_path / "ft" / "metrics.json").read_text())
+    assert metrics["task"] == "phantom" and metrics["steps"] == 150 and len(metrics["test_per_class"]) == 4
+    assert metrics["test_auroc"] > 0.65, metrics
+
+
+def test_linear_probe_leaves_the_trunk_unchanged(phantom_cls, tiny_folder, tmp_path):
+    from ecamp.train.downstream import finetune_classification
+
+    probe = LinearProbe(ecamp.load(f"local-dir:{tiny_folder}", drop_path_rate=0.5), 4)
+    before = {k: v.clone() for k, v in probe.encoder.state_dict().items()}
+    probe.train()
+    assert not probe.encoder.training and probe.head.training  # no drop-path or dropout in the frozen trunk
+    assert [n for n, p in probe.named_parameters() if p.requires_grad] == ["head.weight", "head.bias"]
+    opt = torch.optim.SGD([p for p in probe.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
+    x, y = torch.randn(8, 3, 64, 64), torch.randint(0, 2, (8, 4)).float()
+    head_before = probe.head.weight.clone()
+    for _ in range(5):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(probe(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert not torch.equal(probe.head.weight, head_before)
+    for k, v in probe.encoder.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with torch.no_grad():
+        assert torch.equal(probe.features(x), probe.features(x))  # deterministic: eval mode despite drop-path
+    metrics = finetune_classification("phantom", 10, phantom_cls, tmp_path / "lp",
+                                      model_name=f"local-dir:{tiny_folder}", mode="linear-probe", max_steps=20,
+                                      lr=0.05, batch_size=8, warmup=2, num_workers=0, progress=False)
+    assert 0 <= metrics["test_auroc"] <= 1 and metrics["mode"] == "linear-probe"
+
+
+def test_dense_features_and_layer_decay(tiny_folder):
+    model = ecamp.load(f"local-dir:{tiny_folder}")
+    x = torch.randn(2, 3, 64, 64)
+    maps = multiscale_features(model, x, indices=(0, 1), scales=(2.0, 0.5))
+    assert [tuple(m.shape) for m in maps] == [(2, 48, 8, 8), (2, 48, 2, 2)]
+    pyr = FeaturePyramid(48, 32)(maps[1].new_zeros(2, 48, 4, 4))
+    assert [tuple(p.shape) for p in pyr] == [(2, 32, 16, 16), (2, 32, 8, 8), (2, 32, 4, 4), (2, 32, 2, 2)]
+    groups = layer_decay_param_groups(ecamp.load(f"local-dir:{tiny_folder}", num_classes=3), 1e-3, layer_decay=0.5)
+    lrs = sorted({round(g["lr"], 8) for g in groups})
+    assert lrs[-1] == pytest.approx(1e-3) and lrs[0] == pytest.approx(1e-3 * 0.5**3)
+    assert np.isclose(sum(len(g["params"]) for g in groups), len(list(model.parameters())) + 2)
