@@ -205,7 +205,7 @@ class ContextFusionLayer(nn.Module):
         self.out_layer = BertSelfOutput(bert_config)
         self.intermediate = BertIntermediate(bert_config)
         self.output = BertOutput(bert_config)
-        # set by ecamp.train.sr_windows: keep the text-to-image attention probabilities [B, heads, T, patches]
+        # `ecamp sr-windows` sets this to keep the text-to-image attention probabilities [B, heads, T, patches]
         self.keep_attention = False
         self.last_cross_attention: torch.Tensor | None = None
 
