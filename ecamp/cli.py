@@ -166,8 +166,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
-    import os
-
     from .train.distill import OpenAIBackend, TransformersBackend, distill, merge_context
 
     if args.action == "merge":
@@ -181,8 +179,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     if args.backend == "openai":
         if not args.base_url:
             raise EcampError("--backend openai needs --base-url, e.g. http://localhost:8000/v1")
-        backend = OpenAIBackend(args.base_url, args.model, api_key=os.environ.get(args.api_key_env),
-                                timeout=args.timeout)
+        backend = OpenAIBackend(args.base_url, args.model, api_key_env=args.api_key_env, timeout=args.timeout)
     else:
         backend = TransformersBackend(args.model, batch_size=args.batch_size, device=args.device)
     summary = distill(args.reports, args.out, backend, modality=args.modality, concurrency=args.concurrency,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import torch
 
 from ecamp.train.distill import (
     PROMPT_VERSION,
@@ -32,6 +32,7 @@ class FakeLLM:
     def __init__(self, delay: float = 0.0):
         self.delay = delay
         self.calls: dict[str, int] = {}
+        self.auth: list[str | None] = []
         self.lock = threading.Lock()
         fake = self
 
@@ -45,6 +46,9 @@ class FakeLLM:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 if self.path != "/v1/chat/completions":
                     return self._send(404, b'{"error": "not found"}')
+                fake.auth.append(self.headers.get("Authorization"))
+                if "REJECT" in body["messages"][-1]["content"]:
+                    return self._send(400, b'{"error": "context length exceeded"}')
                 user = body["messages"][-1]["content"]
                 sid = user.split("Report: ")[1].split(" ", 1)[0]
                 with fake.lock:
@@ -209,29 +213,34 @@ def test_transformers_backend_with_a_tiny_random_model(tmp_path):
     folder = tmp_path / "tiny-lm"
     fast.save_pretrained(folder)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=fast.vocab_size, n_positions=512, n_embd=32, n_layer=1, n_head=2,
-                                       pad_token_id=fast.pad_token_id, eos_token_id=fast.eos_token_id))
+                                       pad_token_id=fast.pad_token_id, eos_token_id=fast.eos_token_id,
+                                       bos_token_id=None))
+    with torch.no_grad():  # a random model happily emits [PAD]; zero logits for the special tokens make it talk
+        model.transformer.wte.weight[[0, 1, 2]] = 0.0
     model.save_pretrained(folder)
-    backend = TransformersBackend(str(folder), batch_size=2, max_new_tokens=12, device="cpu")
+    backend = TransformersBackend(str(folder), batch_size=2, max_new_tokens=12, min_new_tokens=12, device="cpu")
     reports = _reports(tmp_path / "r.csv", [("a", "small left effusion"), ("b", "pleural fluid"),
                                             ("c", "lung base effusion")])
     summary = distill(reports, tmp_path / "c.jsonl", backend, progress=False, min_chars=1,
                       new_entity_tolerance=10)
     out = _lines(tmp_path / "c.jsonl")
-    assert summary.written + len(summary.failed) == 3
-    assert {o["study_id"] for o in out} | set(summary.failed) == {"a", "b", "c"}
-    assert all(o["model"] == str(folder) for o in out)
+    assert summary.written == 3 and not summary.failed, summary.failed
+    assert {o["study_id"] for o in out} == {"a", "b", "c"}
+    assert all(o["model"] == str(folder) and o["context"] for o in out)
 
 
-def test_api_key_is_sent(llm, tmp_path, monkeypatch):
-    seen = {}
-    real = OpenAIBackend.complete
+def test_api_key_from_the_named_variable_only(llm, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-default")
+    monkeypatch.setenv("MY_KEY", "sk-mine")
+    reports = _reports(tmp_path / "r.csv", [("s1", "s1 small effusion")])
+    distill(reports, tmp_path / "a.jsonl", OpenAIBackend(llm.url, "m", api_key_env="MY_KEY"), progress=False)
+    assert llm.auth[-1] == "Bearer sk-mine"
+    monkeypatch.delenv("MY_KEY")
+    distill(reports, tmp_path / "b.jsonl", OpenAIBackend(llm.url, "m", api_key_env="MY_KEY"), progress=False)
+    assert llm.auth[-1] is None  # an unset variable sends nothing, never another variable's key
 
-    def spy(self, messages):
-        seen["key"] = self.api_key or os.environ.get("OPENAI_API_KEY")
-        return real(self, messages)
 
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-    monkeypatch.setattr(OpenAIBackend, "complete", spy)
-    distill(_reports(tmp_path / "r.csv", [("s1", "s1 small effusion")]), tmp_path / "c.jsonl",
-            OpenAIBackend(llm.url, "m"), progress=False)
-    assert seen["key"] == "sk-test"
+def test_client_errors_fail_the_report_without_retries(llm, tmp_path):
+    reports = _reports(tmp_path / "r.csv", [("s1", "s1 small effusion REJECT"), ("s2", "s2 small effusion")])
+    summary = distill(reports, tmp_path / "c.jsonl", OpenAIBackend(llm.url, "m"), max_retries=4, progress=False)
+    assert len(llm.auth) == 2 and "HTTP 400" in summary.failed["s1"] and summary.written == 1  # one request each

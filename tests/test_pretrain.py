@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import ecamp
 from ecamp.errors import InvalidWeightsFileError, WeightsMismatchError
@@ -78,6 +79,14 @@ def test_losses_match_hand_computation(tiny):
             mim += ((recon[sl] - imgs[sl]) ** 2).sum().item()
     mim /= imgs.numel()  # the authors average over every pixel, zeros outside the mask included
     assert out["mim_loss"].item() == pytest.approx(mim, rel=1e-5)
+    # the SR head, computed here from its definition: bilinear x2, conv -> ReLU -> conv, + residual, ReLU
+    head = tiny.super_res
+    up = F.interpolate(recon, scale_factor=2, mode="bilinear", align_corners=False)
+    mid = F.relu(F.conv2d(up, head.conv1.weight, head.conv1.bias, padding=1))
+    expected_sr = F.relu(F.conv2d(mid, head.conv2.weight, head.conv2.bias, padding=1) + up)
+    assert torch.allclose(out["sr"], expected_sr, atol=1e-5)
+    # only the CLS token and the visible patches reach the text side
+    assert tiny.forward_encoder(imgs, cfg.mask_ratio, noise)[0].shape[1] == 1 + keep
     sr, big, cell, w = out["sr"], batch["image"], 2 * p, cfg.sr_window
     srl = 0.0
     for b in range(B):

@@ -166,6 +166,9 @@ def test_encoder_outputs_and_errors(enc):
     masked_only = ReportEncoder(enc.tokenizer, max_length=48, labels_on_all_positions=False)
     o2 = masked_only("small left pleural effusion.", None, np.random.default_rng(1))
     assert ((o2["labels"] != -100) == (o2["input_ids"] == 3)).all()
+    no_pad = ReportEncoder(enc.tokenizer, max_length=48, mlm_ignore_padding=True)
+    o3 = no_pad("small left pleural effusion.", None, np.random.default_rng(1))
+    assert ((o3["labels"] == -100) == (o3["attention_mask"] == 0)).all()
     for bad in ("", "   ", None, 3):
         with pytest.raises(ReportError):
             enc(bad, None, rng)

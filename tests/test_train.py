@@ -317,3 +317,30 @@ def test_demo_pretraining_beats_random_init(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     mean = [line.split() for line in out.stdout.splitlines() if line.startswith("mean")][0]
     assert float(mean[1]) > float(mean[2]) + 0.05
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["text.mask_prob=abc"], "text.mask_prob"),
+    (["text.mask_prob=1.5"], r"\[0, 1\]"),
+    (["text.entities=effusion"], "list of words"),
+    (["optim.betas=[2, 3]"], "betas"),
+    (["run.num_workers=-2"], "num_workers"),
+    (["model.text_heads=5"], "divisible"),
+    (["model.patch_size=0"], "positive"),
+    (["text=foo"], "one by one"),
+])
+def test_more_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_refuses_a_used_output_folder_and_clamps_the_schedule(phantom, tmp_path):
+    from ecamp.errors import EcampError
+    from ecamp.train.loop import lr_at, pretrain
+
+    cfg = load_config(None, TINY)
+    pretrain(cfg, phantom, tmp_path / "run", max_steps=2, progress=False)
+    with pytest.raises(EcampError, match="--resume"):
+        pretrain(cfg, phantom, tmp_path / "run", max_steps=2, progress=False)
+    long = load_config(None, ["optim.epochs=300"])
+    assert lr_at(250, long) == lr_at(200, long) == long.optim.min_lr

@@ -43,7 +43,7 @@ class MaskingConfig:
     ``force_mask_descriptors``: always mask descriptor tokens, the variant the authors' dead code points at
     (authors: descriptors are masked at the ordinary rate and only up-weighted).
     ``labels_on_all_positions``: the authors' MLM target is every position, padding included; False restricts the
-    loss to masked positions (labels -100 elsewhere).
+    loss to masked positions (labels -100 elsewhere). ``mlm_ignore_padding`` drops only the padding positions.
     """
 
     mask_prob: float = 0.70
@@ -57,6 +57,7 @@ class MaskingConfig:
     lowercase_entities: bool = False
     force_mask_descriptors: bool = False
     labels_on_all_positions: bool = True
+    mlm_ignore_padding: bool = False
 
 
 def insert_context(report: str, context: str | None, rng: np.random.Generator, prob: float = 0.8) -> str:
@@ -204,6 +205,8 @@ class ReportEncoder:
                                       pad_id=self.pad_id, cfg=cfg)
         weights = template_weights(ids, self.templates, desc, cfg.template_weight)
         labels = ids.copy() if cfg.labels_on_all_positions else np.where(masked == self.mask_id, ids, -100)
+        if cfg.mlm_ignore_padding:  # keep the loss on visible tokens (as the authors) but not on [PAD]
+            labels[attention == 0] = -100
         return {"input_ids": masked, "labels": labels, "attention_mask": attention,
                 "token_type_ids": np.zeros(self.max_length, dtype=np.int64),
                 "weights": weights.astype(np.float32)}

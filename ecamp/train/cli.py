@@ -22,8 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", required=True, help="folder with the reports CSV, windows CSV and images")
     p.add_argument("--output-dir", required=True, help="checkpoints, metrics.jsonl, tokenizer and config go here")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue from the latest checkpoint in --output-dir, or from the given file")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    p.add_argument("--resume-from", default=None, help="continue from this checkpoint file")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: this process's GPU or the CPU)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=1e-4")
@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .loop import pretrain
 
         cfg = load_config(args.config, args.overrides)
-        resume = True if args.resume == "auto" else args.resume
+        resume = args.resume_from or (True if args.resume else None)
         summary = pretrain(cfg, args.data_root, args.output_dir, max_steps=args.max_steps, resume=resume,
                            device=args.device, progress=not args.no_progress)
         import os

@@ -72,19 +72,62 @@ class PretrainRunConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def masking(self) -> MaskingConfig:
-        return dataclasses.replace(MaskingConfig(), **self.text)
+        """The ``text`` section as a :class:`MaskingConfig`, each field type- and range-checked."""
+        import typing
+
+        hints = typing.get_type_hints(MaskingConfig)
+        names = {f.name for f in dataclasses.fields(MaskingConfig)}
+        values = {}
+        for key, value in self.text.items():
+            if key not in names:
+                raise ConfigError(f"Unknown config key 'text.{key}'; known: {sorted(names)}.")
+            if key == "entities":
+                if not isinstance(value, (list, tuple)) or not all(isinstance(e, str) for e in value):
+                    raise ConfigError("text.entities must be a list of words.")
+                values[key] = tuple(value)
+                continue
+            if key == "templates":
+                if not isinstance(value, (list, tuple)) or not all(isinstance(t, (list, tuple)) for t in value):
+                    raise ConfigError("text.templates must be a list of word lists.")
+                values[key] = tuple(tuple(t) for t in value)
+                continue
+            values[key] = _coerce(value, hints[key], f"text.{key}")
+        cfg = dataclasses.replace(MaskingConfig(), **values)
+        for key in ("mask_prob", "mask_prob_no_entity", "entity_mask_prob", "context_prob", "template_weight"):
+            if not 0 <= getattr(cfg, key) <= 1:
+                raise ConfigError(f"text.{key} must be in [0, 1], got {getattr(cfg, key)}.")
+        if cfg.num_descriptors < 0:
+            raise ConfigError("text.num_descriptors must be >= 0.")
+        return cfg
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
+        if not isinstance(self.text, dict):
+            raise ConfigError("The text section must be a mapping of MaskingConfig fields.")
+        m = self.model
+        if m.patch_size < 1 or m.img_size < 1:
+            raise ConfigError("model.img_size and model.patch_size must be positive.")
         try:
-            self.model.validate()
+            m.validate()
             self.masking()
+        except ConfigError:
+            raise
         except (EcampError, TypeError) as e:
             raise ConfigError(str(e)) from e
         o, r, d = self.optim, self.run, self.data
         checks = [
+            (m.embed_dim % m.num_heads == 0, "model.embed_dim must be divisible by model.num_heads"),
+            (m.text_hidden_size % m.text_heads == 0, "model.text_hidden_size must be divisible by model.text_heads"),
+            (m.decoder_embed_dim % m.decoder_num_heads == 0,
+             "model.decoder_embed_dim must be divisible by model.decoder_num_heads"),
+            (all(0 <= b < 1 for b in o.betas), "optim.betas must be in [0, 1)"),
+            (0 <= o.min_lr <= o.lr, "optim.min_lr must be in [0, optim.lr]"),
+            (o.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+            (o.clip_grad is None or o.clip_grad > 0, "optim.clip_grad must be positive (or null)"),
+            (r.num_workers >= 0, "run.num_workers must be >= 0"),
+            (d.max_bad_samples >= 0, "data.max_bad_samples must be >= 0"),
             (o.lr > 0, "optim.lr must be positive"),
             (o.batch_size >= 1 and o.accum_iter >= 1, "optim.batch_size and optim.accum_iter must be >= 1"),
             (0 <= o.warmup_epochs <= o.schedule_epochs, "optim.warmup_epochs must be in [0, schedule_epochs]"),
@@ -214,7 +257,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         for k in reversed(keys[1:]):
             nested = {k: nested}
         if keys[0] == "text":
-            cfg.text.update(nested if isinstance(nested, dict) else {})
+            if not isinstance(nested, dict):
+                raise ConfigError(f"Override {item!r}: set text fields one by one, e.g. text.mask_prob=0.7.")
+            cfg.text.update(nested)
             continue
         _apply(cfg, {keys[0]: nested}, "")
     cfg.validate()

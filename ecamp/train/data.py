@@ -120,7 +120,7 @@ class PretrainDataset(torch.utils.data.Dataset):
 
         d = self.data_cfg
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(rng_seed)
+            torch.random.default_generator.manual_seed(rng_seed)  # the CPU generator only: GPU streams untouched
             top, left, h, w = T.RandomResizedCrop.get_params(image, scale=list(d.crop_scale),
                                                              ratio=[3.0 / 4.0, 4.0 / 3.0])
             image = F.resized_crop(image, top, left, h, w, [self.size, self.size], interpolation=self.interp,

@@ -17,6 +17,7 @@ is dropped on resume) and never writes a study twice.
 from __future__ import annotations
 
 import csv
+import http.client
 import json
 import logging
 import os
@@ -97,6 +98,10 @@ class _Retryable(Exception):
         self.wait_s = wait_s
 
 
+class _Rejected(Exception):
+    """The server refused this request for good (a 4xx other than 429): no retry, the report fails."""
+
+
 @dataclass
 class OpenAIBackend:
     """POST ``{base_url}/chat/completions``; ``api_key`` defaults to ``$OPENAI_API_KEY`` (unset for local servers)."""
@@ -104,17 +109,22 @@ class OpenAIBackend:
     base_url: str
     model: str
     api_key: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"  # read when api_key is None; only this variable
     timeout: float = 60.0
     temperature: float = 0.2
     max_tokens: int = 400
     name: str = field(init=False, default="openai")
+
+    @property
+    def model_id(self) -> str:
+        return self.model
 
     def complete(self, messages: list[dict[str, str]]) -> str:
         url = self.base_url.rstrip("/") + "/chat/completions"
         body = json.dumps({"model": self.model, "messages": messages, "temperature": self.temperature,
                            "max_tokens": self.max_tokens}).encode()
         headers = {"Content-Type": "application/json"}
-        key = self.api_key or os.environ.get("OPENAI_API_KEY")
+        key = self.api_key if self.api_key is not None else os.environ.get(self.api_key_env)
         if key:
             headers["Authorization"] = f"Bearer {key}"
         request = urllib.request.Request(url, data=body, headers=headers, method="POST")
@@ -133,8 +143,8 @@ class OpenAIBackend:
             if e.code == 404:
                 raise DistillError(f"{url} answered 404: wrong --base-url (it should end in /v1) or unknown model "
                                    f"{self.model!r}: {detail}") from e
-            raise _Retryable(f"HTTP {e.code}: {detail}") from e
-        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
+            raise _Rejected(f"HTTP {e.code}: {detail}") from e
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, http.client.HTTPException) as e:
             raise _Retryable(f"{type(e).__name__}: {e}") from e
         try:
             data = json.loads(raw)
@@ -150,6 +160,7 @@ class TransformersBackend:
     model_name_or_path: str
     batch_size: int = 8
     max_new_tokens: int = 200
+    min_new_tokens: int = 1
     device: str | None = None
     name: str = field(init=False, default="transformers")
 
@@ -177,7 +188,8 @@ class TransformersBackend:
         prompts = [self._prompt(m) for m in batch]
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.device)
         with torch.inference_mode():
-            out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
+            out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens,
+                                      min_new_tokens=self.min_new_tokens, do_sample=False,
                                       pad_token_id=self.tokenizer.pad_token_id)
         new = out[:, enc["input_ids"].shape[1]:]
         return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
@@ -255,7 +267,7 @@ def distill(reports_csv: str | Path, out_jsonl: str | Path, backend: Any, *, mod
     done = _done(out, PROMPT_VERSION)
     todo = [(s, r) for s, r in rows if s not in done]
     summary = DistillSummary(total=len(rows), skipped_done=len(rows) - len(todo))
-    model_id = getattr(backend, "model", None) or getattr(backend, "model_id", "")
+    model_id = str(getattr(backend, "model_id", "") or "")
     lock = threading.Lock()
     bar = tqdm(total=len(todo), desc="distill", unit="report", disable=not progress)
     f = open(out, "a", encoding="utf-8")
@@ -280,11 +292,14 @@ def distill(reports_csv: str | Path, out_jsonl: str | Path, backend: Any, *, mod
         for attempt in range(max_retries + 1):
             try:
                 context = call()
+            except _Rejected as e:
+                reason = str(e)
+                break
             except _Retryable as e:
                 reason = str(e)
                 if attempt == max_retries:
                     break
-                delay = e.wait_s if e.wait_s is not None else min(max_backoff, backoff * 2**attempt)
+                delay = min(max_backoff, e.wait_s if e.wait_s is not None else backoff * 2**attempt)
                 sleep(delay * (1 + 0.25 * random.random()))
                 continue
             problem = validate_context(context, report, min_chars=min_chars, max_chars=max_chars,

@@ -39,7 +39,8 @@ def lr_at(epoch: float, cfg) -> float:
     if epoch < o.warmup_epochs:
         return o.lr * epoch / o.warmup_epochs
     span = max(o.schedule_epochs - o.warmup_epochs, 1e-12)
-    return o.min_lr + (o.lr - o.min_lr) * 0.5 * (1.0 + math.cos(math.pi * (epoch - o.warmup_epochs) / span))
+    progress = min((epoch - o.warmup_epochs) / span, 1.0)  # past the horizon the lr stays at min_lr
+    return o.min_lr + (o.lr - o.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def latest_checkpoint(folder: str | Path) -> Path | None:
@@ -202,6 +203,9 @@ def pretrain(cfg: PretrainRunConfig, data_root: str | Path, output_dir: str | Pa
         ckpt_path = latest_checkpoint(out) if resume is True or resume == "auto" else Path(resume)
         if ckpt_path is None:
             logger.warning("No checkpoint in %s; starting from scratch.", out)
+    elif latest_checkpoint(out) is not None:
+        raise EcampError(f"{out} already holds checkpoints of a run; pass --resume to continue it, or choose "
+                         f"another --output-dir.")
     if ckpt_path is not None:
         ckpt = load_checkpoint(ckpt_path)
         model.load_state_dict(ckpt["model"])
@@ -242,6 +246,7 @@ def pretrain(cfg: PretrainRunConfig, data_root: str | Path, output_dir: str | Pa
                     csv_file.write(",".join(str(m[k]) for k in ("step", "epoch", "loss", "mim_loss", "sr_loss",
                                                                   "mlm_loss", "lr")) + "\n")
     last_ckpt = ckpt_path
+    last_error = ""
     t_start = time.time()
     try:
         while step < stop:
@@ -261,10 +266,7 @@ def pretrain(cfg: PretrainRunConfig, data_root: str | Path, output_dir: str | Pa
                 seen += batch["n_bad"] + (batch["image"].shape[0] if "image" in batch else 0)
                 if batch["n_bad"]:
                     logger.warning("Skipped %d unreadable sample(s): %s", batch["n_bad"], "; ".join(batch["errors"]))
-                    allowed = limit if limit >= 1 else limit * max(seen, 1)
-                    if bad > max(allowed, 0):
-                        raise DataError(f"{bad} of {seen} samples could not be read, over data.max_bad_samples="
-                                        f"{limit}; last error: {batch['errors'][-1]}")
+                    last_error = batch["errors"][-1]
                 if micro_in_step == 0:
                     lr = lr_at(epoch + epoch_pos / micro_per_epoch, cfg)
                     for g in optimizer.param_groups:
@@ -291,11 +293,24 @@ def pretrain(cfg: PretrainRunConfig, data_root: str | Path, output_dir: str | Pa
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                # the bad-sample budget, on global counts so that every rank stops together
+                counts = torch.tensor([bad, seen], dtype=torch.float64)
+                if world > 1:
+                    counts = counts.to(dev)
+                    torch.distributed.all_reduce(counts)
+                    counts = counts.cpu()
+                g_bad, g_seen = int(counts[0]), int(counts[1])
+                # a fraction is judged over at least 1,000 samples, so one early bad file does not stop a run
+                allowed = limit if limit >= 1 else limit * max(g_seen, 1000)
+                if g_bad > allowed:
+                    raise DataError(f"{g_bad} of {g_seen} samples could not be read, over data.max_bad_samples="
+                                    f"{limit}; last error here: {last_error}")
                 micro_in_step = 0
                 avg = sums / accum
-                if world > 1:
+                if world > 1:  # on the device: an NCCL group has no CPU backend
+                    avg = avg.to(dev)
                     torch.distributed.all_reduce(avg)
-                    avg /= world
+                    avg = avg.cpu() / world
                 sums.zero_()
                 if rank == 0:
                     row = {"step": step, "epoch": round(epoch + epoch_pos / micro_per_epoch, 6),
