@@ -51,6 +51,7 @@ def test_windows_from_a_first_stage_model(tmp_path):
     assert all(0 <= int(r["label_i"]) <= 2 and 0 <= int(r["label_j"]) <= 2 for r in got[1:])
     # the pre-training reader takes this file (joined on img_path); the entity-less image gets the default window
     run = load_config(None, ["model.img_size=32", "model.patch_size=8", "model.sr_window=3", "model.embed_dim=64",
+                             "model.num_heads=2",
                              "model.max_text_len=32", "data.windows_csv=" + str(tmp_path / "w.csv")])
     ds = PretrainDataset(root, run, ReportEncoder(tok, max_length=32))
     assert ds.windows[0] is None and all(w is not None for w in ds.windows[1:])
