@@ -136,8 +136,13 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
                                             progress=not args.no_progress)
     elif args.kind == "pretrain":
         root = write_phantom(args.out, args.n, seed=args.seed, size=args.size, progress=not args.no_progress)
+    elif args.kind == "segmentation":
+        from .train.phantom import write_phantom_segmentation
+
+        root = write_phantom_segmentation(args.out, args.n, seed=args.seed, size=args.size,
+                                          progress=not args.no_progress)
     else:
-        raise EcampError(f"--kind {args.kind}: segmentation and detection phantoms are not available yet.")
+        raise EcampError(f"--kind {args.kind}: detection phantoms are not available yet.")
     print(f"wrote {args.n} phantom cases to {root}")
     return 0
 

@@ -51,9 +51,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    if args.head != "cls":
-        raise EcampError(f"--head {args.head}: segmentation and detection heads are not available yet; "
-                         f"ecamp.finetune.multiscale_features and FeaturePyramid give the features for your own.")
+    if args.head == "det":
+        raise EcampError("--head det: the detection head is not available yet; ecamp.finetune.multiscale_features "
+                         "and FeaturePyramid give the features for your own.")
+    if args.head == "seg":
+        from .segmentation import finetune_segmentation
+
+        kwargs = {k: v for k, v in dict(max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size,
+                                        warmup=args.warmup).items() if v is not None}
+        metrics = finetune_segmentation(args.dataset, args.fraction, args.data_root, args.output_dir,
+                                        model_name=args.model, lists=args.lists, eval_every=args.eval_every,
+                                        num_workers=args.num_workers, device=args.device,
+                                        progress=not args.no_progress, **kwargs)
+        print(json.dumps(metrics))
+        return 0
     from .downstream import finetune_classification
 
     metrics = finetune_classification(args.dataset, args.fraction, args.data_root, args.output_dir,

@@ -56,6 +56,7 @@ class PhantomCase:
     report: str
     context: str
     window: tuple[int, int]  # (label_i, label_j) on the authors' 14x14 grid with a 12x12 window
+    masks: dict[str, np.ndarray] | None = None  # uint8 0/255 [size, size] per finding present (not cardiomegaly)
 
 
 def _ellipse(yy, xx, cy, cx, ry, rx):
@@ -67,8 +68,8 @@ def _window_for(cy: float, cx: float, size: int) -> tuple[int, int]:
     return (int(np.clip(round(cy / size * 14 - 6), 0, 2)), int(np.clip(round(cx / size * 14 - 6), 0, 2)))
 
 
-def make_case(rng: np.random.Generator, size: int = 256, p_finding: float = 0.35, variation: float = 1.0
-              ) -> PhantomCase:
+def make_case(rng: np.random.Generator, size: int = 256, p_finding: float = 0.35, variation: float = 1.0,
+              force: tuple[str, ...] = ()) -> PhantomCase:
     """One phantom. ``variation`` scales the differences between patients and exposures (1: the default spread,
     0: every film alike apart from its findings); the random draws are the same whatever its value."""
     s = size
@@ -109,7 +110,8 @@ def make_case(rng: np.random.Generator, size: int = 256, p_finding: float = 0.35
     attrs: dict[str, str] = {}
     sentences: list[str] = []
     focus: tuple[float, float] | None = None
-    present = [f for f in FINDINGS if rng.random() < p_finding]
+    present = [f for f in FINDINGS if rng.random() < p_finding or f in force]
+    regions: dict[str, np.ndarray] = {}
     heart_rx = s * vary(0.095, 0.12)
     if "cardiomegaly" in present:
         sev = "severe" if rng.random() < 0.5 else "mild"
@@ -130,6 +132,7 @@ def make_case(rng: np.random.Generator, size: int = 256, p_finding: float = 0.35
         if finding == "effusion":
             level = cy + s * (0.0 if large else 0.1) + 3 * np.abs(xx - lx) ** 1.2 / s * 2
             region = mask & (yy > level)
+            regions["effusion"] = region
             img[region] = img[region] * 0.3 + rng.uniform(0.45, 0.6)
             sentences.append(f"{size_word.capitalize()} {side} pleural effusion.")
             focus = focus or (cy + s * 0.12, lx)
@@ -138,6 +141,7 @@ def make_case(rng: np.random.Generator, size: int = 256, p_finding: float = 0.35
             nx = lx + rng.uniform(-0.05, 0.05) * s
             r = s * (0.045 if large else 0.025)
             disc = (_ellipse(yy, xx, ny, nx, r, r) < 1) & mask
+            regions["nodule"] = disc
             img[disc] = img[disc] + rng.uniform(0.25, 0.4)
             sentences.append(f"{size_word.capitalize()} {side} lung nodule.")
             focus = focus or (ny, nx)
@@ -145,6 +149,7 @@ def make_case(rng: np.random.Generator, size: int = 256, p_finding: float = 0.35
             top = cy - s * 0.08 - s * lung_h
             depth = s * (0.22 if large else 0.12)
             apex = mask & (yy < top + depth)
+            regions["pneumothorax"] = apex
             img[apex] = lung_tone * 0.3
             edge = mask & (np.abs(yy - (top + depth)) < 1.5)
             img[edge] = lung_tone + 0.25
@@ -163,12 +168,15 @@ def make_case(rng: np.random.Generator, size: int = 256, p_finding: float = 0.35
 
     img = np.clip(img, 0, 1) ** vary(0.7, 1.4) * vary(0.75, 1.15) + vary(-0.08, 0.08)
     pil = Image.fromarray(np.clip(img * 255, 0, 255).astype(np.uint8))
-    pil = pil.rotate(vary(-6, 6), resample=Image.BILINEAR, fillcolor=int(np.clip(img[0, 0] * 255, 0, 255)))
+    angle = vary(-6, 6)
+    pil = pil.rotate(angle, resample=Image.BILINEAR, fillcolor=int(np.clip(img[0, 0] * 255, 0, 255)))
+    masks = {k: np.asarray(Image.fromarray(v.astype(np.uint8) * 255).rotate(angle, resample=Image.NEAREST))
+             for k, v in regions.items()}
     pil = pil.filter(ImageFilter.GaussianBlur(s / 256 * vary(0.8, 2.2)))
     arr = np.asarray(pil).astype(np.float32) + rng.normal(0, vary(3, 10), (s, s))
     image = np.clip(arr, 0, 255).astype(np.uint8)
     window = _window_for(*focus, s) if focus else (1, 1)
-    return PhantomCase(image, labels, attrs, report, context, window)
+    return PhantomCase(image, labels, attrs, report, context, window, masks)
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
@@ -233,4 +241,37 @@ def write_phantom_classification(out: str | os.PathLike, n: int, seed: int = 0, 
         Image.fromarray(case.image).save(root / rel)
         items.append((rel, [float(case.labels[f]) for f in FINDINGS]))
     write_splits(items, root, seed=seed)
+    return root
+
+
+def write_phantom_segmentation(out: str | os.PathLike, n: int, seed: int = 0, size: int = 256,
+                               finding: str = "effusion", progress: bool = False, variation: float = 1.0) -> Path:
+    """Phantom films that all show ``finding``, with its mask (``masks/*.png``, 0/255) and list files
+    ``{train_list,train_list_1,train_list_10,val_list,test_list}.csv`` with ``img_path,mask_path``, the layout
+    ``ecamp train finetune --dataset phantom-seg --head seg`` reads."""
+    from PIL import Image
+
+    from ..errors import EcampError
+
+    if finding not in ("effusion", "nodule", "pneumothorax"):
+        raise EcampError(f"Segmentation phantoms exist for effusion, nodule and pneumothorax, not {finding!r}.")
+    root = Path(out)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        case = make_case(rng, size, p_finding=0.0, variation=variation, force=(finding,))
+        img, msk = f"images/s{seed:04d}_{i:06d}.png", f"masks/s{seed:04d}_{i:06d}.png"
+        Image.fromarray(case.image).save(root / img)
+        Image.fromarray(case.masks[finding]).save(root / msk)
+        rows.append([img, msk])
+    order = np.random.default_rng(seed).permutation(n)
+    n_test, n_val = max(1, n // 5), max(1, n // 10)
+    train = order[n_test + n_val:]
+    parts = {"test_list.csv": order[:n_test], "val_list.csv": order[n_test:n_test + n_val], "train_list.csv": train,
+             "train_list_10.csv": train[: max(1, len(train) // 10)],
+             "train_list_1.csv": train[: max(1, len(train) // 100)]}
+    for name, idx in parts.items():
+        _write_csv(root / name, ["img_path", "mask_path"], [rows[i] for i in idx])
     return root

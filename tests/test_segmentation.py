@@ -1,0 +1,89 @@
+"""Downstream segmentation: the authors' file formats, the frozen-encoder head, loss, Dice, phantom training."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import ecamp
+from ecamp.train.data import DataError
+from ecamp.train.phantom import write_phantom_segmentation
+from ecamp.train.segmentation import (
+    SegmentationModel,
+    dice_per_image,
+    mixed_loss,
+    read_mask_list,
+    read_rsna_boxes,
+    read_siim,
+    rle_decode,
+)
+
+
+def test_siim_rle_and_csv(tmp_path):
+    # a 4x4 mask, runs down the columns: pixels 1-2 (column 0, rows 1-2) and 9 (column 2, row 1)
+    m = rle_decode("1 2 6 1", height=4, width=4)
+    expected = np.zeros((4, 4), np.uint8)
+    expected[1:3, 0] = 1
+    expected[1, 2] = 1
+    assert np.array_equal(m, expected)
+    assert rle_decode("-1", 4, 4).sum() == 0
+    with pytest.raises(DataError, match="odd number"):
+        rle_decode("1 2 3", 4, 4)
+    (tmp_path / "siim.csv").write_text("ImageId, EncodedPixels\nA, -1\nB, 1 2 6 1\nB, 0 1\n")
+    assert read_siim(tmp_path / "siim.csv") == {"A": ["-1"], "B": ["1 2 6 1", "0 1"]}
+
+
+def test_rsna_boxes_and_mask_lists(tmp_path):
+    (tmp_path / "rsna.csv").write_text('image_path,bbox\na.png,"[[10, 20, 30, 60]]"\nb.png,"[[0, 0, 0, 0]]"\n'
+                                       'c.png,__import__("os")\n')
+    with pytest.raises(DataError, match="list literal"):
+        read_rsna_boxes(tmp_path / "rsna.csv", size=64)
+    (tmp_path / "rsna.csv").write_text('image_path,bbox\na.png,"[[10, 20, 30, 60]]"\nb.png,"[[0, 0, 0, 0]]"\n')
+    rows = read_rsna_boxes(tmp_path / "rsna.csv", size=64)
+    assert rows[0][1].sum() == 20 * 40 and rows[0][1][20, 10] == 1 and rows[1][1].sum() == 0
+    with pytest.raises(DataError, match="img_path/mask_path"):
+        (tmp_path / "l.csv").write_text("image,mask\nx,y\n")
+        read_mask_list(tmp_path / "l.csv")
+
+
+def test_loss_and_dice():
+    target = torch.zeros(2, 1, 8, 8)
+    target[0, 0, 2:6, 2:6] = 1
+    perfect = (target * 20 - 10)
+    assert dice_per_image(perfect, target).flatten().tolist() == [1.0, 1.0]  # empty vs empty scores 1
+    assert dice_per_image(torch.full_like(target, -10), target).flatten().tolist() == [0.0, 1.0]
+    assert mixed_loss(perfect, target) < mixed_loss(-perfect, target)
+
+
+def test_phantom_segmentation_beats_an_empty_prediction(tiny_folder, tmp_path):
+    root = write_phantom_segmentation(tmp_path / "seg", 120, seed=2, size=64, finding="effusion", variation=0.0)
+    out = subprocess.run([sys.executable, "-m", "ecamp.train", "finetune", "--dataset", "phantom-seg", "--head", "seg",
+                          "--fraction", "100", "--data-root", str(root), "--output-dir", str(tmp_path / "run"),
+                          "--model", f"local-dir:{tiny_folder}", "--max-steps", "80", "--lr", "3e-3",
+                          "--batch-size", "16", "--warmup", "5", "--num-workers", "0", "--no-progress"],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    # every phantom shows an effusion, so an empty prediction scores 0
+    assert metrics["test_dice"] > 0.5, metrics
+
+
+def test_encoder_stays_frozen(tiny_folder):
+    model = SegmentationModel(ecamp.load(f"local-dir:{tiny_folder}"), outputs=2, channels=(16, 8))
+    before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    model.train()
+    assert not model.encoder.training
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x, y = torch.randn(2, 3, 64, 64), (torch.rand(2, 2, 64, 64) > 0.5).float()
+    for _ in range(3):
+        loss = mixed_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert model(x).shape == (2, 2, 64, 64)
+    assert all(torch.equal(v, before[k]) for k, v in model.encoder.state_dict().items())
