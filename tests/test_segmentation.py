@@ -87,3 +87,25 @@ def test_encoder_stays_frozen(tiny_folder):
         opt.step()
     assert model(x).shape == (2, 2, 64, 64)
     assert all(torch.equal(v, before[k]) for k, v in model.encoder.state_dict().items())
+
+
+def test_convert_the_authors_lists(tmp_path):
+    from PIL import Image
+
+    from ecamp.train.segmentation import convert_lists
+
+    src = tmp_path / "siim"
+    src.mkdir()
+    (src / "train_list.csv").write_text("ImageId, EncodedPixels\nA, -1\nB, 1 2 6 1\nB, 12 1\n")
+    (src / "val_list.csv").write_text("ImageId, EncodedPixels\nC, 0 1\n")
+    counts = convert_lists("siim", src, tmp_path / "out", size=4)
+    assert counts == {"train_list.csv": 2, "val_list.csv": 1}
+    rows = read_mask_list(tmp_path / "out" / "train_list.csv")
+    assert rows[1] == ("train/images/1024/dicom/B.png", "masks/B.png")
+    b = np.asarray(Image.open(tmp_path / "out" / "masks" / "B.png")) > 0
+    assert b.sum() == 4 and b[1, 0] and b[2, 0] and b[1, 2] and b[0, 3]  # union of both RLE rows
+    rsna = tmp_path / "rsna"
+    rsna.mkdir()
+    (rsna / "test_list.csv").write_text('image_path,bbox\nimgs/x.png,"[[1, 1, 3, 2]]"\n')
+    assert convert_lists("rsna", rsna, tmp_path / "out2", size=4) == {"test_list.csv": 1}
+    assert np.asarray(Image.open(tmp_path / "out2" / "masks" / "x.png")).astype(bool).sum() == 2

@@ -30,7 +30,7 @@ from ..errors import EcampError
 from .data import DataError
 
 __all__ = ["rle_decode", "read_siim", "read_rsna_boxes", "read_mask_list", "SegmentationModel", "mixed_loss",
-           "dice_per_image", "finetune_segmentation", "SEG_TASKS"]
+           "dice_per_image", "finetune_segmentation", "convert_lists", "SEG_TASKS"]
 
 # task -> (number of outputs, list-file suffix)
 SEG_TASKS = {"siim": 1, "rsna": 1, "riga": 2, "phantom-seg": 1}
@@ -222,8 +222,12 @@ def finetune_segmentation(task: str, fraction: int, data_root: str | Path, outpu
     if key not in SEG_TASKS:
         raise EcampError(f"Unknown segmentation task {task!r}; known: {sorted(SEG_TASKS)}.")
     if key in ("siim", "rsna"):
-        raise EcampError(f"{task}: convert the authors' {key.upper()} files to mask images and img_path,mask_path "
-                         f"lists with ecamp.train.segmentation.read_siim / read_rsna_boxes first.")
+        converted = Path(lists or data_root)
+        if not (converted / list_file_for("val").replace(".txt", ".csv")).is_file() or \
+                "mask_path" not in (converted / "val_list.csv").read_text(encoding="utf-8").split("\n", 1)[0]:
+            raise EcampError(f"{task}: convert the authors' {key.upper()} list CSVs once with "
+                             f"ecamp.train.segmentation.convert_lists({key!r}, LISTS_DIR, OUT_DIR) and pass "
+                             f"--lists OUT_DIR.")
     outputs = SEG_TASKS[key]
     torch.manual_seed(seed)
     lists = Path(lists or data_root)
@@ -289,3 +293,43 @@ def finetune_segmentation(task: str, fraction: int, data_root: str | Path, outpu
     tmp.write_text(json.dumps(metrics, indent=2) + "\n")
     os.replace(tmp, out / "metrics.json")
     return metrics
+
+
+def convert_lists(task: str, lists_dir: str | Path, out_dir: str | Path, *,
+                  image_pattern: str = "train/images/1024/dicom/{}.png", size: int = 1024) -> dict[str, int]:
+    """Turn the authors' SIIM (``ImageId, EncodedPixels``) or RSNA (``image_path, bbox``) list CSVs into mask PNGs
+    under ``out_dir/masks`` and ``img_path,mask_path`` lists in ``out_dir`` with the same file names, which
+    ``finetune_segmentation`` reads (pass ``--lists out_dir``). SIIM masks are the union of an image's RLE rows;
+    RSNA masks are its filled boxes. ``image_pattern`` places SIIM images (the authors' layout by default)."""
+    from PIL import Image
+
+    key = task.lower()
+    if key not in ("siim", "rsna"):
+        raise EcampError(f"convert_lists handles siim and rsna, not {task!r}.")
+    src, out = Path(lists_dir), Path(out_dir)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    counts = {}
+    files = sorted(p for p in src.glob("*.csv") if p.stem.startswith(("train_list", "val_list", "test_list")))
+    if not files:
+        raise DataError(f"{src} holds no train_list*/val_list/test_list CSV files.")
+    for path in files:
+        rows = []
+        if key == "siim":
+            for image_id, rles in read_siim(path).items():
+                mask = np.zeros((size, size), np.uint8)
+                for rle in rles:
+                    mask |= rle_decode(rle, size, size)
+                name = f"masks/{image_id}.png"
+                Image.fromarray(mask * 255).save(out / name)
+                rows.append((image_pattern.format(image_id), name))
+        else:
+            for image_path, mask in read_rsna_boxes(path, size=size):
+                name = f"masks/{Path(image_path).stem}.png"
+                Image.fromarray(mask * 255).save(out / name)
+                rows.append((image_path, name))
+        with open(out / path.name, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["img_path", "mask_path"])
+            w.writerows(rows)
+        counts[path.name] = len(rows)
+    return counts
