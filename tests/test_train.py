@@ -344,3 +344,29 @@ def test_refuses_a_used_output_folder_and_clamps_the_schedule(phantom, tmp_path)
         pretrain(cfg, phantom, tmp_path / "run", max_steps=2, progress=False)
     long = load_config(None, ["optim.epochs=300"])
     assert lr_at(250, long) == lr_at(200, long) == long.optim.min_lr
+
+
+def test_ddp_survives_a_rank_whose_batch_is_all_unreadable(tmp_path):
+    import shutil
+
+    root = write_phantom(tmp_path / "data", 16, seed=4, size=96)
+    from ecamp.text import train_tokenizer
+
+    rows = (root / "mimic-cxr-2.0.0-entity-llm.csv").read_text().splitlines()[1:]
+    train_tokenizer(rows, vocab_size=256, min_frequency=1).save(str(root / "tokenizer.json"))
+    # rank 1's second batch of 2 (epoch 0, seed 42): delete both images, so that rank has nothing to train on
+    sampler = ResumableSampler(16, rank=1, world_size=2, seed=42)
+    second = list(sampler)[2:4]
+    paths = [line.split(",")[0] for line in rows]
+    for i in second:
+        (root / paths[i]).unlink()
+    shutil.copy(root / "tokenizer.json", tmp_path / "tokenizer.json")
+    overrides = [o for o in TINY if not o.startswith(("optim.batch_size", "optim.accum_iter", "run.seed"))]
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "ecamp.train", "pretrain", "--data-root", str(root), "--output-dir",
+                          str(tmp_path / "run"), "--no-progress", "--max-steps", "3", *overrides,
+                          "optim.batch_size=2", "optim.accum_iter=1", "run.seed=42", "data.max_bad_samples=5"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    metrics = _metrics(tmp_path / "run")
+    assert [m["step"] for m in metrics] == [1, 2, 3] and metrics[-1]["skipped"] >= 0

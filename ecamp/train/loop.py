@@ -247,6 +247,7 @@ def pretrain(cfg: PretrainRunConfig, data_root: str | Path, output_dir: str | Pa
                                                                   "mlm_loss", "lr")) + "\n")
     last_ckpt = ckpt_path
     last_error = ""
+    last_inputs: dict[str, torch.Tensor] | None = None
     t_start = time.time()
     try:
         while step < stop:
@@ -272,16 +273,25 @@ def pretrain(cfg: PretrainRunConfig, data_root: str | Path, output_dir: str | Pa
                     for g in optimizer.param_groups:
                         g["lr"] = lr
                 last_micro = micro_in_step == accum - 1
-                if "image" in batch:
+                usable = "image" in batch
+                if usable:
                     inputs = {k: v.to(dev, non_blocking=True) for k, v in batch.items()
                               if isinstance(v, torch.Tensor) and k != "index"}
+                    last_inputs = inputs
+                elif world > 1 and last_inputs is not None:
+                    # every sample of this rank's batch was unreadable: still take part in DDP's gradient
+                    # all-reduce (other ranks wait for it) with a zero-weighted pass over the previous batch
+                    inputs = last_inputs
+                if usable or (world > 1 and last_inputs is not None):
                     sync = contextlib.nullcontext() if (last_micro or world == 1) else ddp.no_sync()
                     with sync:
                         with _autocast(dev, cfg.run.precision):
                             outs = ddp(inputs)
-                        scaler.scale(outs["loss"] / accum).backward()
-                    sums += torch.tensor([outs[k].item() for k in ("loss", "mim_loss", "sr_loss", "mlm_loss")],
-                                         dtype=torch.float64)
+                        weight = 1.0 if usable else 0.0
+                        scaler.scale(outs["loss"] * weight / accum).backward()
+                    if usable:
+                        sums += torch.tensor([outs[k].item() for k in ("loss", "mim_loss", "sr_loss", "mlm_loss")],
+                                             dtype=torch.float64)
                 micro_in_step += 1
                 epoch_pos += 1
                 if not last_micro:
