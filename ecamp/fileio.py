@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "write_csv"]
 
 
 def atomic_write(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:
@@ -21,3 +23,15 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[Path], None]) -> Non
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """Write a CSV file atomically."""
+
+    def writer(tmp: Path) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            w.writerows(rows)
+
+    atomic_write(path, writer)

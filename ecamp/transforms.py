@@ -192,13 +192,11 @@ class EcampTransform:
         return ((x - self.mean) / self.std).contiguous()
 
     def __call__(self, images: Any) -> torch.Tensor:
-        if isinstance(images, (list, tuple)):
-            if not images:
-                raise InvalidImageError("Empty batch: pass at least one image.")
-            return torch.stack([self._one(im, f"image {i}") for i, im in enumerate(images)])
-        if isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[1] in (1, 3):
-            return torch.stack([self._one(im, f"image {i}") for i, im in enumerate(images)])
-        if isinstance(images, np.ndarray) and images.ndim == 4:
+        if isinstance(images, (list, tuple)) and not images:
+            raise InvalidImageError("Empty batch: pass at least one image.")
+        batched = isinstance(images, (list, tuple)) or (isinstance(images, np.ndarray) and images.ndim == 4) or \
+            (isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[1] in (1, 3))
+        if batched:
             return torch.stack([self._one(im, f"image {i}") for i, im in enumerate(images)])
         return self._one(images, "image")
 

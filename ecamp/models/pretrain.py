@@ -479,11 +479,10 @@ class ECAMPPretrainModel(nn.Module):
         """Write ``config.json`` (architecture ``ecamp_pretrain`` and the config), ``model.safetensors`` and, if
         given, ``tokenizer.json``; each file atomically. Returns the files with sha256 and size."""
         import json
-        import os
-        import tempfile
 
         from safetensors.torch import save_model
 
+        from ..fileio import atomic_write
         from ..hub import sha256_file
 
         out = Path(out_dir)
@@ -499,14 +498,7 @@ class ECAMPPretrainModel(nn.Module):
             tok = load_tokenizer(tokenizer)
             writers.append(("tokenizer.json", lambda p: p.write_text(tok.to_str())))
         for name, write in writers:
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out)
-            os.close(fd)
-            try:
-                write(Path(tmp))
-                os.replace(tmp, out / name)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            atomic_write(out / name, write)
             files.append({"path": name, "sha256": sha256_file(out / name), "size": (out / name).stat().st_size})
         return {"files": files}
 

@@ -31,10 +31,9 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 30000, min_freque
     continuation prefix; ``[PAD] [UNK] [CLS] [MASK] [SEP]`` as ids 0-4; no post-processor (the report encoder
     writes the leading ``[CLS]`` itself, and no ``[SEP]`` is ever added), as in the authors' ``mimic_wordpiece.json``.
     """
-    tk = _tokenizers()
+    _tokenizers()  # a clear error if it is missing
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
-    del tk
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##", max_input_chars_per_word=100))
     tok.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.NFKD(), normalizers.StripAccents()])
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(),

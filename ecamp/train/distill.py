@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EcampError
+from ..fileio import write_csv
 from ..text.entities import ENTITIES
 
 __all__ = ["PROMPT_VERSION", "PROMPTS", "DistillError", "OpenAIBackend", "TransformersBackend", "build_messages",
@@ -358,14 +359,6 @@ def merge_context(images_csv: str | Path, context_jsonl: str | Path, out_csv: st
         if missing:
             raise DistillError(f"{images_csv} lacks column(s) {missing}; it has {reader.fieldnames}.")
         rows = list(reader)
-    counts = {"rows": len(rows), "with_context": 0}
-    tmp = Path(out_csv).with_name(f".{Path(out_csv).name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["img_path", "report", "llm_output"])
-        for r in rows:
-            ctx = contexts.get(str(r["study_id"]).strip(), "")
-            counts["with_context"] += int(bool(ctx))
-            w.writerow([r["img_path"], r["report"], ctx])
-    os.replace(tmp, out_csv)
-    return counts
+    out_rows = [[r["img_path"], r["report"], contexts.get(str(r["study_id"]).strip(), "")] for r in rows]
+    write_csv(out_csv, ["img_path", "report", "llm_output"], out_rows)
+    return {"rows": len(rows), "with_context": sum(1 for r in out_rows if r[2])}

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import EcampError
+from ..fileio import atomic_write
 from .data import DataError
 
 __all__ = ["TASKS", "AUTHORS_RECIPES", "Task", "read_list_file", "list_file_for", "ListDataset", "write_splits",
@@ -83,14 +83,27 @@ def recipe(task: str, fraction: int, mode: str) -> tuple[int, float, int, int]:
     return AUTHORS_RECIPES[("chestx-ray14", fraction, mode)]
 
 
-def list_file_for(split: str, fraction: int = 100) -> str:
+def list_file_for(split: str, fraction: int = 100, suffix: str = ".txt") -> str:
+    """The authors' list-file name: ``train_list{,_1,_10}``, ``val_list`` or ``test_list`` plus ``suffix``."""
     if split == "train":
         if fraction not in (1, 10, 100):
             raise EcampError(f"--fraction must be 1, 10 or 100, got {fraction}.")
-        return "train_list.txt" if fraction == 100 else f"train_list_{fraction}.txt"
+        return ("train_list" if fraction == 100 else f"train_list_{fraction}") + suffix
     if split not in ("val", "test"):
         raise EcampError(f"Unknown split {split!r}.")
-    return f"{split}_list.txt"
+    return f"{split}_list{suffix}"
+
+
+def warmup_cosine(warmup: int, total: int):
+    """LambdaLR factor: linear warm-up over ``warmup`` steps, then a cosine to 0 at ``total``, clamped there (the
+    authors' schedule rose again past the end, #35)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return factor
 
 
 def read_list_file(path: str | Path, task: Task) -> list[tuple[str, np.ndarray]]:
@@ -227,13 +240,7 @@ def finetune_classification(task_name: str, fraction: int, data_root: str | Path
     }
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=0.0)
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        progress_ = min(1.0, (step - warmup) / max(1, steps - warmup))  # clamped: no rising lr past the end
-        return 0.5 * (1.0 + math.cos(math.pi * progress_))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, steps))
     loss_fn = nn.BCEWithLogitsLoss() if task.multilabel else nn.CrossEntropyLoss()
     eval_every = eval_every or max(1, len(loaders["train"]))
     out = Path(output_dir)
@@ -268,7 +275,5 @@ def finetune_classification(task_name: str, fraction: int, data_root: str | Path
     test, per = _evaluate(model, loaders["test"], task, dev)
     metrics = {"task": key, "fraction": fraction, "mode": mode, "model": model_name, "steps": steps,
                f"val_{task.metric}": best, f"test_{task.metric}": test, "test_per_class": per}
-    tmp = out / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    os.replace(tmp, out / "metrics.json")
+    atomic_write(out / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2) + "\n"))
     return metrics

@@ -94,17 +94,13 @@ def _tokenizer(cfg: PretrainRunConfig, data_root: Path, out: Path, rank: int, wo
         path = Path(cfg.data.tokenizer)
         tok = load_tokenizer(path if path.is_absolute() else data_root / path)
         if rank == 0 and not target.is_file():
-            tmp = target.with_name(".tokenizer.json.tmp")
-            tok.save(str(tmp))
-            os.replace(tmp, target)
+            atomic_write(target, lambda p: tok.save(str(p)))
         return tok
     if rank == 0 and not target.is_file():
         rows = read_table(data_root / cfg.data.reports_csv, ["report", "llm_output"])
         texts = [r["report"] + " " + (r["llm_output"] or "") for r in rows]
         tok = train_tokenizer(texts, vocab_size=cfg.model.vocab_size)
-        tmp = target.with_name(".tokenizer.json.tmp")
-        tok.save(str(tmp))
-        os.replace(tmp, target)
+        atomic_write(target, lambda p: tok.save(str(p)))
     if world > 1:
         torch.distributed.barrier()
     return load_tokenizer(target)

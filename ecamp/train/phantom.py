@@ -21,12 +21,13 @@ The data set is written in the authors' MIMIC-CXR pre-training layout, so the re
 
 from __future__ import annotations
 
-import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ..fileio import write_csv
 
 __all__ = ["FINDINGS", "PhantomCase", "make_case", "write_phantom"]
 
@@ -179,15 +180,6 @@ def make_case(rng: np.random.Generator, size: int = 256, p_finding: float = 0.35
     return PhantomCase(image, labels, attrs, report, context, window, masks)
 
 
-def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    os.replace(tmp, path)
-
-
 def write_phantom(out: str | os.PathLike, n: int, seed: int = 0, size: int = 256, progress: bool = False,
                   variation: float = 1.0) -> Path:
     """Write ``n`` phantom cases in the authors' MIMIC-CXR layout under ``out``; returns the folder."""
@@ -211,9 +203,9 @@ def write_phantom(out: str | os.PathLike, n: int, seed: int = 0, size: int = 256
         labels.append([rel, *[case.labels[f] for f in FINDINGS],
                        *[case.attrs.get(f"{f}_side", "") for f in ("effusion", "nodule", "pneumothorax")],
                        *[case.attrs.get(f"{f}_size", "") for f in FINDINGS]])
-    _write_csv(root / "mimic-cxr-2.0.0-entity-llm.csv", ["img_path", "report", "llm_output"], reports)
-    _write_csv(root / "mimic-cxr-2.0.0-attn-label.csv", ["img_path", "label_i", "label_j"], windows)
-    _write_csv(root / "labels.csv", ["img_path", *FINDINGS, "effusion_side", "nodule_side", "pneumothorax_side",
+    write_csv(root / "mimic-cxr-2.0.0-entity-llm.csv", ["img_path", "report", "llm_output"], reports)
+    write_csv(root / "mimic-cxr-2.0.0-attn-label.csv", ["img_path", "label_i", "label_j"], windows)
+    write_csv(root / "labels.csv", ["img_path", *FINDINGS, "effusion_side", "nodule_side", "pneumothorax_side",
                                      *[f"{f}_size" for f in FINDINGS]], labels)
     return root
 
@@ -273,5 +265,5 @@ def write_phantom_segmentation(out: str | os.PathLike, n: int, seed: int = 0, si
              "train_list_10.csv": train[: max(1, len(train) // 10)],
              "train_list_1.csv": train[: max(1, len(train) // 100)]}
     for name, idx in parts.items():
-        _write_csv(root / name, ["img_path", "mask_path"], [rows[i] for i in idx])
+        write_csv(root / name, ["img_path", "mask_path"], [rows[i] for i in idx])
     return root

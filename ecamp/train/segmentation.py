@@ -16,7 +16,6 @@ import ast
 import csv
 import json
 import math
-import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import EcampError
+from ..fileio import atomic_write, write_csv
 from .data import DataError
 
 __all__ = ["rle_decode", "read_siim", "read_rsna_boxes", "read_mask_list", "SegmentationModel", "mixed_loss",
@@ -216,14 +216,14 @@ def finetune_segmentation(task: str, fraction: int, data_root: str | Path, outpu
     """
     import ecamp
 
-    from .downstream import list_file_for
+    from .downstream import list_file_for, warmup_cosine
 
     key = task.lower()
     if key not in SEG_TASKS:
         raise EcampError(f"Unknown segmentation task {task!r}; known: {sorted(SEG_TASKS)}.")
     if key in ("siim", "rsna"):
         converted = Path(lists or data_root)
-        if not (converted / list_file_for("val").replace(".txt", ".csv")).is_file() or \
+        if not (converted / list_file_for("val", suffix=".csv")).is_file() or \
                 "mask_path" not in (converted / "val_list.csv").read_text(encoding="utf-8").split("\n", 1)[0]:
             raise EcampError(f"{task}: convert the authors' {key.upper()} list CSVs once with "
                              f"ecamp.train.segmentation.convert_lists({key!r}, LISTS_DIR, OUT_DIR) and pass "
@@ -231,7 +231,7 @@ def finetune_segmentation(task: str, fraction: int, data_root: str | Path, outpu
     outputs = SEG_TASKS[key]
     torch.manual_seed(seed)
     lists = Path(lists or data_root)
-    names = {s: list_file_for(s, fraction).replace(".txt", ".csv") for s in ("train", "val", "test")}
+    names = {s: list_file_for(s, fraction, suffix=".csv") for s in ("train", "val", "test")}
     rows = {s: read_mask_list(lists / n) for s, n in names.items()}
     encoder = ecamp.load(model_name)
     cfg = dict(encoder.pretrained_cfg)
@@ -247,12 +247,7 @@ def finetune_segmentation(task: str, fraction: int, data_root: str | Path, outpu
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.05)
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, max_steps - warmup))))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, max_steps))
 
     @torch.no_grad()
     def evaluate(split: str) -> float:
@@ -289,9 +284,7 @@ def finetune_segmentation(task: str, fraction: int, data_root: str | Path, outpu
                "test_dice": evaluate("test")}
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    os.replace(tmp, out / "metrics.json")
+    atomic_write(out / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2) + "\n"))
     return metrics
 
 
@@ -327,9 +320,6 @@ def convert_lists(task: str, lists_dir: str | Path, out_dir: str | Path, *,
                 name = f"masks/{Path(image_path).stem}.png"
                 Image.fromarray(mask * 255).save(out / name)
                 rows.append((image_path, name))
-        with open(out / path.name, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(["img_path", "mask_path"])
-            w.writerows(rows)
+        write_csv(out / path.name, ["img_path", "mask_path"], rows)
         counts[path.name] = len(rows)
     return counts

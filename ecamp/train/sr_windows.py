@@ -11,8 +11,6 @@ Reports without an entity get no window (empty labels), and the pre-training dat
 
 from __future__ import annotations
 
-import csv
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import EcampError
+from ..fileio import write_csv
 from .data import AUTHORS_GRID, AUTHORS_WINDOW, read_table
 
 __all__ = ["best_window", "compute_windows", "load_stage1"]
@@ -122,11 +121,5 @@ def compute_windows(stage1: str | Path, data_root: str | Path, out_csv: str | Pa
         fusion.keep_attention = False
         fusion.last_cross_attention = None
         bert_config._attn_implementation = previous
-    out = Path(out_csv)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["img_path", "label_i", "label_j", "source"])
-        w.writerows(results)
-    os.replace(tmp, out)
+    write_csv(out_csv, ["img_path", "label_i", "label_j", "source"], results)
     return counts
