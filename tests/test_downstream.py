@@ -5,16 +5,21 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import ecamp
+from ecamp.errors import EcampError
 from ecamp.finetune import FeaturePyramid, LinearProbe, layer_decay_param_groups, multiscale_features
 from ecamp.train.data import DataError
 from ecamp.train.downstream import TASKS, list_file_for, read_list_file, write_splits
 from ecamp.train.phantom import write_phantom_classification
+from ecamp.train.recipes import RECIPES, load_preset, preset_text, recipe
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_list_files_in_the_authors_formats(tmp_path):
@@ -79,10 +84,10 @@ def test_linear_probe_leaves_the_trunk_unchanged(phantom_cls, tiny_folder, tmp_p
         assert torch.equal(v, before[k]), k
     with torch.no_grad():
         assert torch.equal(probe.features(x), probe.features(x))  # deterministic: eval mode despite drop-path
-    metrics = finetune_classification("phantom", 10, phantom_cls, tmp_path / "lp",
-                                      model_name=f"local-dir:{tiny_folder}", mode="linear-probe", max_steps=20,
-                                      lr=0.05, batch_size=8, warmup=2, num_workers=0, progress=False)
-    assert 0 <= metrics["test_auroc"] <= 1 and metrics["mode"] == "linear-probe"
+    r = recipe("cls", "phantom", 10, "linear-probe").replace(steps=20, lr=0.05, batch_size=8, warmup=2)
+    metrics = finetune_classification("phantom", 10, phantom_cls, tmp_path / "lp", mode="linear-probe", recipe=r,
+                                      model_name=f"local-dir:{tiny_folder}", num_workers=0, progress=False)
+    assert 0 <= metrics["test_auroc"] <= 1 and metrics["mode"] == "linear-probe" and metrics["steps_run"] == 20
 
 
 def test_dense_features_and_layer_decay(tiny_folder):
@@ -96,3 +101,60 @@ def test_dense_features_and_layer_decay(tiny_folder):
     lrs = sorted({round(g["lr"], 8) for g in groups})
     assert lrs[-1] == pytest.approx(1e-3) and lrs[0] == pytest.approx(1e-3 * 0.5**3)
     assert np.isclose(sum(len(g["params"]) for g in groups), len(list(model.parameters())) + 2)
+
+
+def test_model_selection_stays_off_the_test_set(tmp_path):
+    from ecamp.train.downstream import select_validation
+
+    task = TASKS["chexpert"]
+    lines = [f"img{i}.png 1 0 0 0 1" for i in range(40)]
+    for name in ("train_list.txt", "val_list.txt", "test_list.txt"):
+        (tmp_path / name).write_text("\n".join(lines[:30] if name == "train_list.txt" else lines[30:]) + "\n")
+    rows = {s: read_list_file(tmp_path / f"{s}_list.txt", task) for s in ("train", "val", "test")}
+    # the authors' CheXpert lists: val equals test; without test_list_600 a seeded tenth of train validates
+    held, note = select_validation(rows, tmp_path, "chexpert", task, upstream=False, seed=0)
+    assert len(held["val"]) == 3 and len(held["train"]) == 27 and "10 %" in note
+    assert not {r[0] for r in held["val"]} & ({r[0] for r in held["train"]} | {r[0] for r in held["test"]})
+    assert held["val"] == select_validation(rows, tmp_path, "chexpert", task, upstream=False, seed=0)[0]["val"]
+    (tmp_path / "test_list_600.txt").write_text("official0.png 0 1 0 0 0\nofficial1.png 1 0 0 0 0\n")
+    official, note = select_validation(rows, tmp_path, "chexpert", task, upstream=False, seed=0)
+    assert [r[0] for r in official["test"]] == ["official0.png", "official1.png"] and official["val"] == rows["val"]
+    same, note = select_validation(rows, tmp_path, "chexpert", task, upstream=True, seed=0)
+    assert same == rows and note.startswith("upstream")
+
+
+def test_presets_match_the_authors_tables_and_load(tmp_path):
+    files = sorted((REPO / "configs" / "finetune").glob("*.yaml"))
+    assert len(files) == len(RECIPES) == 36  # 24 classification, 9 segmentation, 3 detection rows
+    for key in RECIPES:
+        head, task, fraction, mode = key
+        path = REPO / "configs" / "finetune" / f"{head}_{task}_{fraction}_{mode}.yaml"
+        assert path.read_text() == preset_text(key), f"{path.name} is stale: regenerate it with preset_text"
+        run, values = load_preset(path)
+        assert run == {"head": head, "dataset": task, "fraction": fraction, "mode": mode}
+        assert recipe(head, task, fraction, mode).replace(**values) == RECIPES[key]
+    assert recipe("cls", "chexpert", 100, "linear-probe").batch_size == 4096
+    assert recipe("det", "rsna", 100).expansion == 4 and recipe("seg", "riga", 1).batch_size == 5
+    assert recipe("cls", "mured", 10) == recipe("cls", "chestx-ray14", 10)  # no published fundus settings
+    (tmp_path / "bad.yaml").write_text("lr: fast\n")
+    with pytest.raises(EcampError, match="lr must be float"):
+        load_preset(tmp_path / "bad.yaml")
+    (tmp_path / "typo.yaml").write_text("learning_rate: 0.1\n")
+    with pytest.raises(EcampError, match="unknown keys"):
+        load_preset(tmp_path / "typo.yaml")
+    with pytest.raises(EcampError, match="classification only"):
+        recipe("seg", "siim", 1, "linear-probe")
+
+
+def test_finetune_from_a_preset_file(phantom_cls, tiny_folder, tmp_path):
+    (tmp_path / "p.yaml").write_text("head: cls\ndataset: phantom\nfraction: 100\nmode: linear-probe\nsteps: 6\n"
+                                     "lr: 0.05\nwarmup: 1\nbatch_size: 16\neval_every: 3\npatience: 1\n")
+    out = subprocess.run([sys.executable, "-m", "ecamp.train", "finetune", "--config", str(tmp_path / "p.yaml"),
+                          "--data-root", str(phantom_cls), "--output-dir", str(tmp_path / "run"), "--model",
+                          f"local-dir:{tiny_folder}", "--num-workers", "0", "--no-progress", "--lr", "0.01"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["mode"] == "linear-probe" and metrics["steps"] == 6
+    logged = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged] == [3, 6] and logged[0]["lr"] < 0.01

@@ -1,4 +1,4 @@
-"""``python -m ecamp.train pretrain ...`` (also ``ecamp train pretrain ...``): argument parsing only."""
+"""``python -m ecamp.train pretrain|finetune ...`` (also ``ecamp train ...``): argument parsing only."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import EcampError
+from .recipes import HEADS, MODES
 
 __all__ = ["main", "build_parser"]
 
@@ -29,50 +30,72 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=1e-4")
 
     f = sub.add_parser("finetune", help="fine-tune or linear-probe an encoder on a downstream task",
-                       description="Downstream classification with the authors' list files and recipes.")
-    f.add_argument("--dataset", required=True, help="chestx-ray14, chexpert, rsna, covidx, aptos-2019, odir-5k, "
-                                                    "mured or phantom")
-    f.add_argument("--fraction", type=int, choices=(1, 10, 100), default=100, help="percent of training labels")
+                       description="Downstream classification, segmentation and detection with the authors' list "
+                                   "files and hyper-parameters (configs/finetune/ has a preset per row of their "
+                                   "tables). Under torchrun every process runs this command.")
+    f.add_argument("--config", default=None, help="preset YAML (configs/finetune/*.yaml); flags override it")
+    f.add_argument("--dataset", default=None, help="cls: chestx-ray14, chexpert, rsna, covidx, aptos-2019, "
+                                                   "odir-5k, mured, phantom; seg: siim, rsna, riga, phantom-seg; "
+                                                   "det: rsna, phantom-det")
+    f.add_argument("--fraction", type=int, choices=(1, 10, 100), default=None,
+                   help="percent of training labels (default 100)")
     f.add_argument("--data-root", required=True, help="image paths in the lists are relative to this folder")
     f.add_argument("--lists", default=None, help="folder with the list files (default: --data-root)")
     f.add_argument("--output-dir", required=True)
     f.add_argument("--model", default="cxr-vit-b", help="manifest name, hf-hub:..., local-dir:...")
-    f.add_argument("--mode", choices=("finetune", "linear-probe"), default="finetune")
-    f.add_argument("--head", choices=("cls", "seg", "det"), default="cls")
+    f.add_argument("--mode", choices=MODES, default=None, help="classification only (default finetune)")
+    f.add_argument("--head", choices=HEADS, default=None, help="cls, seg or det (default cls)")
+    f.add_argument("--upstream-protocol", action="store_true",
+                   help="reproduce the authors' evaluation protocol (selection on the test set where their lists "
+                        "do it, their detection metric, SIIM masks not augmented) instead of the fixed one")
     f.add_argument("--max-steps", type=int, default=None, help="cap the recipe's step count")
     f.add_argument("--lr", type=float, default=None)
-    f.add_argument("--batch-size", type=int, default=None)
+    f.add_argument("--batch-size", type=int, default=None, help="global batch size (all processes together)")
     f.add_argument("--warmup", type=int, default=None)
-    f.add_argument("--eval-every", type=int, default=None)
+    f.add_argument("--eval-every", type=int, default=None, help="optimizer steps between validations (default: "
+                                                                "one epoch)")
+    f.add_argument("--patience", type=int, default=None, help="validations without improvement before stopping "
+                                                              "(0: never)")
+    f.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None)
     f.add_argument("--num-workers", type=int, default=4)
     f.add_argument("--device", default=None)
+    f.add_argument("--seed", type=int, default=42)
     f.add_argument("--no-progress", action="store_true")
     return parser
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    if args.head == "det":
-        raise EcampError("--head det: the detection head is not available yet; ecamp.finetune.multiscale_features "
-                         "and FeaturePyramid give the features for your own.")
-    if args.head == "seg":
+    import os
+
+    from .recipes import load_preset, recipe
+
+    preset_run, preset_values = load_preset(args.config) if args.config else ({}, {})
+    head = args.head or preset_run.get("head", "cls")
+    dataset = args.dataset or preset_run.get("dataset")
+    if not dataset:
+        raise EcampError("Pass --dataset NAME (or a --config preset that names one).")
+    fraction = args.fraction or preset_run.get("fraction", 100)
+    mode = args.mode or preset_run.get("mode", "finetune")
+    r = recipe(head, dataset.lower(), fraction, mode).replace(**preset_values)
+    r = r.replace(lr=args.lr, batch_size=args.batch_size, warmup=args.warmup, eval_every=args.eval_every,
+                  patience=args.patience, precision=args.precision,
+                  steps=min(r.steps, args.max_steps) if args.max_steps else None)
+    common = dict(model_name=args.model, lists=args.lists, recipe=r, upstream_protocol=args.upstream_protocol,
+                  num_workers=args.num_workers, device=args.device, seed=args.seed, progress=not args.no_progress)
+    if head == "det":
+        from .detection import finetune_detection
+
+        metrics = finetune_detection(dataset, fraction, args.data_root, args.output_dir, **common)
+    elif head == "seg":
         from .segmentation import finetune_segmentation
 
-        kwargs = {k: v for k, v in dict(max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size,
-                                        warmup=args.warmup).items() if v is not None}
-        metrics = finetune_segmentation(args.dataset, args.fraction, args.data_root, args.output_dir,
-                                        model_name=args.model, lists=args.lists, eval_every=args.eval_every,
-                                        num_workers=args.num_workers, device=args.device,
-                                        progress=not args.no_progress, **kwargs)
-        print(json.dumps(metrics))
-        return 0
-    from .downstream import finetune_classification
+        metrics = finetune_segmentation(dataset, fraction, args.data_root, args.output_dir, **common)
+    else:
+        from .downstream import finetune_classification
 
-    metrics = finetune_classification(args.dataset, args.fraction, args.data_root, args.output_dir,
-                                      model_name=args.model, lists=args.lists, mode=args.mode,
-                                      max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size,
-                                      warmup=args.warmup, eval_every=args.eval_every, num_workers=args.num_workers,
-                                      device=args.device, progress=not args.no_progress)
-    print(json.dumps({k: v for k, v in metrics.items() if k != "test_per_class"}))
+        metrics = finetune_classification(dataset, fraction, args.data_root, args.output_dir, mode=mode, **common)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: v for k, v in metrics.items() if k != "test_per_class"}))
     return 0
 
 

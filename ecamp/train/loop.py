@@ -75,7 +75,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _init_distributed() -> tuple[int, int, int]:
+def init_distributed() -> tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -134,7 +134,7 @@ def _init_from(model, source: str) -> None:
     logger.info("Initialised %d tensors from %s", len(taken), source)
 
 
-def _autocast(device: torch.device, precision: str):
+def autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -152,7 +152,7 @@ def pretrain(cfg: PretrainRunConfig, data_root: str | Path, output_dir: str | Pa
 
     cfg.validate()
     data_root, out = Path(data_root), Path(output_dir)
-    rank, world, local_rank = _init_distributed()
+    rank, world, local_rank = init_distributed()
     if device is None:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
@@ -281,7 +281,7 @@ def pretrain(cfg: PretrainRunConfig, data_root: str | Path, output_dir: str | Pa
                 if usable or (world > 1 and last_inputs is not None):
                     sync = contextlib.nullcontext() if (last_micro or world == 1) else ddp.no_sync()
                     with sync:
-                        with _autocast(dev, cfg.run.precision):
+                        with autocast(dev, cfg.run.precision):
                             outs = ddp(inputs)
                         weight = 1.0 if usable else 0.0
                         scaler.scale(outs["loss"] * weight / accum).backward()

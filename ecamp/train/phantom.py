@@ -29,7 +29,8 @@ import numpy as np
 
 from ..fileio import write_csv
 
-__all__ = ["FINDINGS", "PhantomCase", "make_case", "write_phantom"]
+__all__ = ["FINDINGS", "PhantomCase", "make_case", "write_phantom", "write_phantom_classification",
+           "write_phantom_segmentation", "write_phantom_detection"]
 
 FINDINGS = ("effusion", "nodule", "cardiomegaly", "pneumothorax")
 
@@ -258,6 +259,13 @@ def write_phantom_segmentation(out: str | os.PathLike, n: int, seed: int = 0, si
         Image.fromarray(case.image).save(root / img)
         Image.fromarray(case.masks[finding]).save(root / msk)
         rows.append([img, msk])
+    _write_split_csvs(root, ["img_path", "mask_path"], rows, seed)
+    return root
+
+
+def _write_split_csvs(root: Path, header: list[str], rows: list[list], seed: int) -> None:
+    """Seeded test (20 %), validation (10 %) and train lists with nested 10 % and 1 % subsets, as CSV files."""
+    n = len(rows)
     order = np.random.default_rng(seed).permutation(n)
     n_test, n_val = max(1, n // 5), max(1, n // 10)
     train = order[n_test + n_val:]
@@ -265,5 +273,38 @@ def write_phantom_segmentation(out: str | os.PathLike, n: int, seed: int = 0, si
              "train_list_10.csv": train[: max(1, len(train) // 10)],
              "train_list_1.csv": train[: max(1, len(train) // 100)]}
     for name, idx in parts.items():
-        write_csv(root / name, ["img_path", "mask_path"], [rows[i] for i in idx])
+        write_csv(root / name, header, [rows[i] for i in idx])
+
+
+def write_phantom_detection(out: str | os.PathLike, n: int, seed: int = 0, size: int = 256,
+                            finding: str = "effusion", p_finding: float = 0.7, progress: bool = False,
+                            variation: float = 1.0) -> Path:
+    """Phantom films, a share ``p_finding`` of them showing ``finding``, with its bounding box in the authors' RSNA
+    detection format: ``image_path,bbox`` lists (``train_list{,_1,_10}.csv``, ``val_list.csv``,
+    ``test_list.csv``), boxes ``[[x1, y1, x2, y2]]`` in pixels, ``[[0, 0, 0, 0]]`` for films without it; the layout
+    ``ecamp train finetune --dataset phantom-det --head det`` reads."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from ..errors import EcampError
+
+    if finding not in ("effusion", "nodule", "pneumothorax"):
+        raise EcampError(f"Detection phantoms exist for effusion, nodule and pneumothorax, not {finding!r}.")
+    if n < 10:
+        raise EcampError(f"--n must be at least 10 for a train/val/test split, got {n}.")
+    root = Path(out)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in tqdm(range(n), desc="phantom", disable=not progress):
+        show = rng.random() < p_finding
+        case = make_case(rng, size, p_finding=0.0, variation=variation, force=(finding,) if show else ())
+        rel = f"images/d{seed:04d}_{i:06d}.png"
+        Image.fromarray(case.image).save(root / rel)
+        box = [0, 0, 0, 0]
+        if show and case.masks[finding].any():
+            ys, xs = np.nonzero(case.masks[finding])
+            box = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+        rows.append([rel, str([box])])
+    _write_split_csvs(root, ["image_path", "bbox"], rows, seed)
     return root

@@ -6,15 +6,15 @@ Model: the encoder is frozen; its patch tokens pass a trainable linear ``seg_hea
 ``10 * focal(gamma 2) - log(soft Dice)``. Metric: Dice per image at 0.5, an image with an empty mask scoring 1 when
 the prediction is empty too, averaged over all images.
 
-Fixed relative to the authors, no switch yet: image and mask are augmented together (their SIIM masks were not,
-#44), and masks are resized with nearest neighbour (their INTER_AREA made fractional labels, #46).
+Fixed relative to the authors: image and mask are augmented together (their SIIM masks were not, #44; the
+``--upstream-protocol`` switch augments the SIIM image alone again, for comparison), and masks are resized with
+nearest neighbour (their INTER_AREA made fractional labels, #46).
 """
 
 from __future__ import annotations
 
 import ast
 import csv
-import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import EcampError
-from ..fileio import atomic_write, write_csv
+from ..fileio import write_csv
 from .data import DataError
+from .recipes import Recipe
 
 __all__ = ["rle_decode", "read_siim", "read_rsna_boxes", "read_mask_list", "SegmentationModel", "mixed_loss",
            "dice_per_image", "finetune_segmentation", "convert_lists", "SEG_TASKS"]
@@ -116,8 +117,10 @@ def _riga_targets(mask: np.ndarray) -> np.ndarray:
 class MaskDataset(torch.utils.data.Dataset):
     """(image, target [K, S, S]) pairs; training applies one random flip/affine to image and mask together."""
 
-    def __init__(self, root: Path, rows: list[tuple[str, str]], cfg: dict, outputs: int, train: bool):
+    def __init__(self, root: Path, rows: list[tuple[str, str]], cfg: dict, outputs: int, train: bool,
+                 augment_mask: bool = True):
         self.root, self.rows, self.cfg, self.outputs, self.train = root, rows, cfg, outputs, train
+        self.augment_mask = augment_mask  # False: the authors' SIIM pipeline (image augmented alone, #44)
         self.size = int(cfg["input_size"][-1])
 
     def __len__(self) -> int:
@@ -138,10 +141,13 @@ class MaskDataset(torch.utils.data.Dataset):
         target = _riga_targets(mask) if self.outputs == 2 else (mask > 0).astype(np.float32)[None]
         x = tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(img))[None])
         y = tv_tensors.Mask(torch.from_numpy(target))
-        ops = [T.Resize((self.size, self.size), antialias=True)]
-        if self.train:
-            ops = [T.RandomAffine(degrees=10, scale=(0.9, 1.1)), *ops]  # joint: the mask moves with the image
-        x, y = T.Compose(ops)(x, y)
+        resize = T.Resize((self.size, self.size), antialias=True)
+        if self.train and self.augment_mask:
+            x, y = T.Compose([T.RandomAffine(degrees=10, scale=(0.9, 1.1)), resize])(x, y)  # the mask moves too
+        elif self.train:
+            x, y = resize(T.RandomAffine(degrees=10, scale=(0.9, 1.1))(x)), resize(y)
+        else:
+            x, y = resize(x, y)
         mean, std = float(self.cfg["mean"][0]), float(self.cfg["std"][0])
         x = ((x.as_subclass(torch.Tensor).expand(3, -1, -1) - mean) / std).float()
         return x, (y.as_subclass(torch.Tensor) > 0.5).float()
@@ -204,87 +210,62 @@ def dice_per_image(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def finetune_segmentation(task: str, fraction: int, data_root: str | Path, output_dir: str | Path, *,
-                          model_name: str = "cxr-vit-b", lists: str | Path | None = None, max_steps: int = 3000,
-                          lr: float = 5e-4, batch_size: int = 32, warmup: int = 50, eval_every: int | None = None,
-                          decoder_channels: tuple[int, ...] = (512, 256, 128, 64), num_workers: int = 4,
-                          device: str | None = None, seed: int = 42, progress: bool = True) -> dict[str, Any]:
+                          model_name: str = "cxr-vit-b", lists: str | Path | None = None, recipe: Recipe | None = None,
+                          upstream_protocol: bool = False, decoder_channels: tuple[int, ...] = (512, 256, 128, 64),
+                          num_workers: int = 4, device: str | None = None, seed: int = 42,
+                          progress: bool = True) -> dict[str, Any]:
     """Train the segmentation head on a frozen encoder; ``metrics.json`` gets validation and test Dice.
 
     Reads RIGA-style lists (``img_path,mask_path``; ``{train_list,train_list_1,train_list_10,val_list,
     test_list}.csv``) for ``riga`` and ``phantom-seg``. SIIM and RSNA ship in other formats (:func:`read_siim`,
-    :func:`read_rsna_boxes`); convert them to mask images and such lists first.
+    :func:`read_rsna_boxes`); convert them to mask images and such lists first (:func:`convert_lists`).
+    ``recipe`` defaults to the authors' row (AdamW, weight decay 0.05, early stopping after 40 evaluations).
     """
     import ecamp
 
-    from .downstream import list_file_for, warmup_cosine
+    from .downstream import list_file_for
+    from .finetune_loop import evaluate, setup_runtime, train_head, write_metrics
+    from .recipes import recipe as authors_recipe
 
     key = task.lower()
     if key not in SEG_TASKS:
         raise EcampError(f"Unknown segmentation task {task!r}; known: {sorted(SEG_TASKS)}.")
+    lists = Path(lists or data_root)
     if key in ("siim", "rsna"):
-        converted = Path(lists or data_root)
-        if not (converted / list_file_for("val", suffix=".csv")).is_file() or \
-                "mask_path" not in (converted / "val_list.csv").read_text(encoding="utf-8").split("\n", 1)[0]:
+        val_list = lists / list_file_for("val", suffix=".csv")
+        if not val_list.is_file() or "mask_path" not in val_list.read_text(encoding="utf-8").split("\n", 1)[0]:
             raise EcampError(f"{task}: convert the authors' {key.upper()} list CSVs once with "
                              f"ecamp.train.segmentation.convert_lists({key!r}, LISTS_DIR, OUT_DIR) and pass "
                              f"--lists OUT_DIR.")
     outputs = SEG_TASKS[key]
-    torch.manual_seed(seed)
-    lists = Path(lists or data_root)
-    names = {s: list_file_for(s, fraction, suffix=".csv") for s in ("train", "val", "test")}
-    rows = {s: read_mask_list(lists / n) for s, n in names.items()}
+    r = recipe or authors_recipe("seg", key, fraction)
+    rt = setup_runtime(device, seed)
+    rows = {s: read_mask_list(lists / list_file_for(s, fraction, suffix=".csv")) for s in ("train", "val", "test")}
     encoder = ecamp.load(model_name)
     cfg = dict(encoder.pretrained_cfg)
     model = SegmentationModel(encoder, outputs, decoder_channels)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model.to(dev)
-    root = Path(data_root)
-    loaders = {s: torch.utils.data.DataLoader(MaskDataset(root, rows[s], cfg, outputs, train=s == "train"),
-                                              batch_size=batch_size if s == "train" else 64, shuffle=s == "train",
-                                              num_workers=num_workers,
-                                              generator=torch.Generator().manual_seed(seed))
-               for s in rows}
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.05)
+    augment_mask = not (upstream_protocol and key == "siim")
+    sets = {s: MaskDataset(Path(data_root), rows[s], cfg, outputs, train=s == "train", augment_mask=augment_mask)
+            for s in rows}
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, max_steps))
+    def train_loss(net, batch, dev):
+        x, y = batch
+        return mixed_loss(net(x.to(dev)).float(), y.to(dev))
 
-    @torch.no_grad()
-    def evaluate(split: str) -> float:
-        model.eval()
-        scores = [dice_per_image(model(x.to(dev)), y.to(dev)).cpu() for x, y in loaders[split]]
-        return float(torch.cat(scores).mean())
+    def predict(net, batch):
+        x, y = batch
+        return list(dice_per_image(net(x.to(rt.device)).float(), y.to(rt.device)).mean(1).cpu())
 
-    from tqdm.auto import tqdm
+    def run_eval(split):
+        return evaluate(model, sets[split], predict, lambda d: float(torch.stack(d).mean()), rt,
+                        batch_size=r.eval_batch_size, num_workers=num_workers)
 
-    eval_every = eval_every or max(1, len(loaders["train"]))
-    best, best_state, step = -1.0, None, 0
-    bar = tqdm(total=max_steps, desc=f"seg {key} {fraction}%", disable=not progress)
-    while step < max_steps:
-        for x, y in loaders["train"]:
-            model.train()
-            loss = mixed_loss(model(x.to(dev)), y.to(dev))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            step += 1
-            bar.update(1)
-            if step % eval_every == 0 or step == max_steps:
-                val = evaluate("val")
-                if val >= best:
-                    best, best_state = val, {k: v.detach().clone() for k, v in model.state_dict().items()}
-            if step >= max_steps:
-                break
-    bar.close()
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    metrics = {"task": key, "fraction": fraction, "model": model_name, "steps": max_steps, "val_dice": best,
-               "test_dice": evaluate("test")}
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2) + "\n"))
+    summary = train_head(model, sets["train"], train_loss, lambda: run_eval("val"), r, rt, output_dir,
+                         metric="dice", num_workers=num_workers, seed=seed, progress=progress,
+                         desc=f"seg {key} {fraction}%")
+    metrics = {"task": key, "fraction": fraction, "model": model_name, "steps": r.steps,
+               "protocol": "upstream" if upstream_protocol else "fixed", **summary, "test_dice": run_eval("test")}
+    write_metrics(rt, output_dir, metrics)
     return metrics
 
 

@@ -1,0 +1,201 @@
+"""The training loop every downstream head shares: DDP, autocast, the authors' optimisers and schedule, periodic
+validation with early stopping, the best checkpoint, ``metrics.jsonl``.
+
+Under ``torchrun`` each process trains on its share of every global batch (``recipe.batch_size`` is the global
+batch, as in the authors' tables) and evaluates a shard of the validation set; predictions are gathered, so every
+rank computes the same metric and takes the same decisions. ``best.pt`` holds the weights of the best validation
+score (the authors' ``<=``: a tie saves). Fine-tuning runs are short, so they restart rather than resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import EcampError
+from ..fileio import atomic_write
+from .loop import autocast, init_distributed
+from .recipes import Recipe
+
+__all__ = ["Runtime", "setup_runtime", "evaluate", "train_head", "warmup_cosine", "write_metrics"]
+
+logger = logging.getLogger("ecamp")
+
+
+def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
+    """LambdaLR factor: linear warm-up over ``warmup`` steps, then a cosine to 0 at ``total``, clamped there (the
+    authors' schedule rose again past the end, dossier #35)."""
+    import math
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return factor
+
+
+class Runtime:
+    """Where this process runs: rank, world size and device."""
+
+    def __init__(self, rank: int, world: int, device: torch.device):
+        self.rank, self.world, self.device = rank, world, device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_runtime(device: str | None = None, seed: int = 42) -> Runtime:
+    rank, world, local_rank = init_distributed()
+    if device is None:
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    torch.manual_seed(seed)  # the same seed on every rank: heads start identical
+    return Runtime(rank, world, dev)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: torch.utils.data.Dataset, predict: Callable[[nn.Module, Any], list],
+             score: Callable[[list], Any], rt: Runtime, *, batch_size: int, num_workers: int = 0,
+             collate_fn: Callable | None = None) -> Any:
+    """``score`` of all ``predict`` outputs over ``dataset``; each rank predicts a shard, the outputs are gathered.
+
+    ``predict(model, batch)`` returns a list with one entry per sample (e.g. ``(prediction, target)`` pairs on the
+    CPU); ``score`` gets them all, in no particular order.
+    """
+    model.eval()
+    shard = torch.utils.data.Subset(dataset, list(range(rt.rank, len(dataset), rt.world)))
+    loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=num_workers,
+                                         collate_fn=collate_fn)
+    outputs: list = []
+    for batch in loader:
+        outputs.extend(predict(model, batch))
+    if rt.world > 1:
+        gathered: list[list | None] = [None] * rt.world
+        torch.distributed.all_gather_object(gathered, outputs)
+        outputs = [o for part in gathered for o in (part or [])]
+    return score(outputs)
+
+
+def _optimizer(params: Sequence[nn.Parameter], r: Recipe) -> torch.optim.Optimizer:
+    if r.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=r.lr, momentum=0.9, weight_decay=r.weight_decay)
+    if r.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=r.lr, betas=(0.9, 0.999), weight_decay=r.weight_decay)
+    raise EcampError(f"Unknown optimizer {r.optimizer!r}; use sgd or adamw.")
+
+
+def train_head(model: nn.Module, train_set: torch.utils.data.Dataset,
+               loss_fn: Callable[[nn.Module, Any, torch.device], torch.Tensor], validate: Callable[[], float],
+               recipe: Recipe, rt: Runtime, output_dir: str | Path, *, metric: str, num_workers: int = 0,
+               collate_fn: Callable | None = None, seed: int = 42, progress: bool = True,
+               desc: str = "finetune") -> dict[str, Any]:
+    """Train ``model``'s parameters that require grad; returns a summary and leaves the best weights loaded.
+
+    ``loss_fn(model, batch, device)`` gives the training loss of a batch (``model`` may be wrapped in DDP);
+    ``validate()`` scores the current weights on the validation split (higher is better).
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(output_dir)
+    if rt.main:
+        out.mkdir(parents=True, exist_ok=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise EcampError("The model has no trainable parameters.")
+    model.to(rt.device)
+    net: nn.Module = model
+    if rt.world > 1:
+        if recipe.batch_size % rt.world:
+            raise EcampError(f"The global batch size {recipe.batch_size} is not divisible by the {rt.world} "
+                             f"processes; pass --batch-size.")
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda"
+                                                  else None)
+    per_rank = max(1, recipe.batch_size // rt.world)
+    drop_last = len(train_set) >= recipe.batch_size
+    if rt.world > 1:
+        sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=rt.world, rank=rt.rank, shuffle=True,
+                                                      seed=seed, drop_last=drop_last)
+    else:
+        sampler = torch.utils.data.RandomSampler(train_set, generator=torch.Generator().manual_seed(seed))
+    loader = torch.utils.data.DataLoader(train_set, batch_size=per_rank, sampler=sampler, drop_last=drop_last,
+                                         num_workers=num_workers, collate_fn=collate_fn)
+    if len(loader) == 0:
+        raise EcampError(f"The training split has {len(train_set)} samples: too few for {rt.world} processes.")
+    opt = _optimizer(params, recipe)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(recipe.warmup, recipe.steps))
+    fp16 = recipe.precision == "fp16" and rt.device.type == "cuda"
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=fp16)
+    eval_every = recipe.eval_every or len(loader)
+    log = open(out / "metrics.jsonl", "w", encoding="utf-8") if rt.main else None
+    best, best_state, best_step, bad, step, epoch = float("-inf"), None, 0, 0, 0, 0
+    losses: list[float] = []
+    bar = tqdm(total=recipe.steps, desc=desc, disable=not progress or not rt.main)
+    try:
+        while step < recipe.steps:
+            if isinstance(sampler, torch.utils.data.DistributedSampler):
+                sampler.set_epoch(epoch)
+            for batch in loader:
+                model.train()
+                with autocast(rt.device, recipe.precision):
+                    loss = loss_fn(net, batch, rt.device)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                scaler.step(opt)
+                scaler.update()
+                sched.step()  # after the optimizer (the authors' order was reversed, dossier #36)
+                step += 1
+                losses.append(float(loss.detach()))
+                bar.update(1)
+                if step >= recipe.start_eval and (step % eval_every == 0 or step == recipe.steps):
+                    val = validate()
+                    row = {"step": step, "loss": sum(losses) / len(losses), "lr": sched.get_last_lr()[0],
+                           f"val_{metric}": val}
+                    losses = []
+                    if val >= best:
+                        best, best_step, bad = val, step, 0
+                        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                        if rt.main:
+                            state = {"model": best_state, "step": step, f"val_{metric}": val}
+                            atomic_write(out / "best.pt", lambda p, s=state: torch.save(s, p))
+                    else:
+                        bad += 1
+                    if log:
+                        log.write(json.dumps(row) + "\n")
+                        log.flush()
+                    if recipe.patience and bad >= recipe.patience:
+                        logger.info("No better validation %s for %d evaluations: stopping at step %d.", metric,
+                                    bad, step)
+                        break
+                if step >= recipe.steps:
+                    break
+            else:
+                epoch += 1
+                continue
+            break  # early stop or step budget reached inside the epoch
+    finally:
+        bar.close()
+        if log:
+            log.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return {"steps_run": step, f"val_{metric}": best, "best_step": best_step,
+            "stopped_early": step < recipe.steps}
+
+
+def write_metrics(rt: Runtime, output_dir: str | Path, metrics: dict[str, Any]) -> None:
+    if rt.main:
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2) + "\n"))

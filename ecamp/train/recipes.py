@@ -1,0 +1,170 @@
+"""The authors' downstream hyper-parameters (dossier 9.2-9.4) as typed recipes, and their YAML preset files.
+
+One :class:`Recipe` per (head, task, label percentage, mode) row of the authors' scripts: ``run_ft.sh`` and
+``run_lp.sh`` for classification (SGD, momentum 0.9, no weight decay, early stopping after 20 evaluations),
+the segmentation ``run.sh`` (AdamW, weight decay 0.05, patience 40) and the detection script (AdamW 5e-4, weight
+decay 0.05, patience 20, neck expansion 8 for 1/10 % and 4 for 100 %). ``configs/finetune/*.yaml`` holds the same
+rows as files (``ecamp train finetune --config FILE``); a test keeps the two in agreement.
+
+Tasks without a row of their own (the fundus classification tasks, for which the authors published no settings,
+and the phantom data sets) use the ChestX-ray14, SIIM or RSNA row of the same percentage: our choice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import EcampError
+
+__all__ = ["Recipe", "RECIPES", "recipe", "load_preset", "preset_text", "HEADS", "MODES"]
+
+HEADS = ("cls", "seg", "det")
+MODES = ("finetune", "linear-probe")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    steps: int
+    lr: float
+    warmup: int
+    batch_size: int
+    optimizer: str = "sgd"  # "sgd" (momentum 0.9) or "adamw" (betas 0.9, 0.999)
+    weight_decay: float = 0.0
+    patience: int = 20  # evaluations without improvement before stopping; 0 disables early stopping
+    eval_every: int | None = None  # optimizer steps between evaluations; None: once per epoch, as the authors
+    start_eval: int = 0  # no evaluation before this step (the detection script's start_eval)
+    eval_batch_size: int = 256
+    expansion: int | None = None  # detection neck bottleneck expansion
+    precision: str = "fp32"  # fp32, bf16 or fp16 (the authors trained in apex fp16 O2)
+
+    def replace(self, **changes: Any) -> Recipe:
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def _cls(steps: int, lr: float, warmup: int, batch: int) -> Recipe:
+    return Recipe(steps, lr, warmup, batch)
+
+
+def _seg(steps: int, lr: float, warmup: int, batch: int, patience: int = 40) -> Recipe:
+    return Recipe(steps, lr, warmup, batch, optimizer="adamw", weight_decay=0.05, patience=patience, eval_batch_size=64)
+
+
+def _det(steps: int, warmup: int, batch: int, start_eval: int, expansion: int) -> Recipe:
+    return Recipe(steps, 5e-4, warmup, batch, optimizer="adamw", weight_decay=0.05, patience=20,
+                  start_eval=start_eval, eval_batch_size=64, expansion=expansion)
+
+
+# (head, task, percent, mode) -> recipe
+RECIPES: dict[tuple[str, str, int, str], Recipe] = {
+    ("cls", "chestx-ray14", 1, "finetune"): _cls(3000, 3e-2, 50, 96),
+    ("cls", "chestx-ray14", 10, "finetune"): _cls(3000, 2.4e-2, 50, 768),
+    ("cls", "chestx-ray14", 100, "finetune"): _cls(30000, 1e-2, 500, 768),
+    ("cls", "chestx-ray14", 1, "linear-probe"): _cls(3000, 3e-2, 50, 96),
+    ("cls", "chestx-ray14", 10, "linear-probe"): _cls(30000, 2.4e-2, 50, 768),
+    ("cls", "chestx-ray14", 100, "linear-probe"): _cls(30000, 1e-2, 500, 768),
+    ("cls", "chexpert", 1, "finetune"): _cls(30000, 3e-3, 50, 768),
+    ("cls", "chexpert", 10, "finetune"): _cls(90000, 5e-3, 1500, 768),
+    ("cls", "chexpert", 100, "finetune"): _cls(90000, 4e-3, 1500, 768),
+    ("cls", "chexpert", 1, "linear-probe"): _cls(9000, 3e-3, 150, 768),
+    ("cls", "chexpert", 10, "linear-probe"): _cls(9000, 3e-2, 1500, 1024),
+    ("cls", "chexpert", 100, "linear-probe"): _cls(22500, 3e-2, 3750, 4096),
+    ("cls", "rsna", 1, "finetune"): _cls(2000, 3e-3, 50, 256),
+    ("cls", "rsna", 10, "finetune"): _cls(9000, 3e-3, 50, 768),
+    ("cls", "rsna", 100, "finetune"): _cls(90000, 3e-3, 150, 768),
+    ("cls", "rsna", 1, "linear-probe"): _cls(1000, 1e-2, 50, 96),
+    ("cls", "rsna", 10, "linear-probe"): _cls(5000, 1e-2, 50, 768),
+    ("cls", "rsna", 100, "linear-probe"): _cls(9000, 1e-2, 150, 4096),
+    ("cls", "covidx", 1, "finetune"): _cls(30000, 3e-2, 50, 256),
+    ("cls", "covidx", 10, "finetune"): _cls(30000, 1e-2, 50, 768),
+    ("cls", "covidx", 100, "finetune"): _cls(30000, 1e-2, 50, 768),
+    ("cls", "covidx", 1, "linear-probe"): _cls(500, 3e-2, 30, 128),
+    ("cls", "covidx", 10, "linear-probe"): _cls(5000, 3e-2, 350, 128),
+    ("cls", "covidx", 100, "linear-probe"): _cls(9000, 3e-2, 1750, 256),
+    ("seg", "siim", 1, "finetune"): _seg(3000, 5e-4, 50, 512),
+    ("seg", "siim", 10, "finetune"): _seg(3000, 5e-4, 150, 1024),
+    ("seg", "siim", 100, "finetune"): _seg(3000, 5e-4, 50, 512),
+    ("seg", "rsna", 1, "finetune"): _seg(3000, 3e-4, 50, 96),
+    ("seg", "rsna", 10, "finetune"): _seg(1000, 5e-4, 50, 256),
+    ("seg", "rsna", 100, "finetune"): _seg(1000, 3e-3, 100, 512),
+    ("seg", "riga", 1, "finetune"): _seg(500, 5e-4, 15, 5),
+    ("seg", "riga", 10, "finetune"): _seg(500, 5e-4, 15, 56),
+    ("seg", "riga", 100, "finetune"): _seg(1000, 5e-4, 20, 128),
+    ("det", "rsna", 1, "finetune"): _det(3000, 5, 96, 60, 8),
+    ("det", "rsna", 10, "finetune"): _det(3000, 5, 256, 100, 8),
+    ("det", "rsna", 100, "finetune"): _det(20000, 30, 1024, 50, 4),
+}
+
+_FALLBACK = {"cls": "chestx-ray14", "seg": "siim", "det": "rsna"}
+
+
+def recipe(head: str, task: str, fraction: int, mode: str = "finetune") -> Recipe:
+    """The authors' row for this run, or the fallback row of the same head and percentage (module docstring)."""
+    if head not in HEADS:
+        raise EcampError(f"--head must be one of {HEADS}, got {head!r}.")
+    if fraction not in (1, 10, 100):
+        raise EcampError(f"--fraction must be 1, 10 or 100, got {fraction}.")
+    if head != "cls" and mode != "finetune":
+        raise EcampError(f"--mode {mode} exists for classification only; dense heads always train on a frozen "
+                         f"encoder.")
+    return RECIPES.get((head, task, fraction, mode)) or RECIPES[(head, _FALLBACK[head], fraction, mode)]
+
+
+_RUN_KEYS = {"head": str, "dataset": str, "fraction": int, "mode": str}
+# recipe field -> (type, may be null)
+_FIELD_TYPES = {"steps": (int, False), "lr": (float, False), "warmup": (int, False), "batch_size": (int, False),
+                "optimizer": (str, False), "weight_decay": (float, False), "patience": (int, False),
+                "eval_every": (int, True), "start_eval": (int, False), "eval_batch_size": (int, False),
+                "expansion": (int, True), "precision": (str, False)}
+_CHOICES = {"optimizer": ("sgd", "adamw"), "precision": ("fp32", "bf16", "fp16"), "head": HEADS, "mode": MODES,
+            "fraction": (1, 10, 100)}
+
+
+def preset_text(key: tuple[str, str, int, str]) -> str:
+    """The YAML preset file for one row of :data:`RECIPES`."""
+    head, task, fraction, mode = key
+    r = RECIPES[key]
+    source = {"cls": "run_lp.sh" if mode == "linear-probe" else "run_ft.sh", "seg": "Segmentation/run.sh",
+              "det": "Detection scripts"}[head]
+    lines = [f"# {task}, {fraction} % of the training labels, {mode} ({head} head): the authors' {source} row.",
+             f"head: {head}", f"dataset: {task}", f"fraction: {fraction}", f"mode: {mode}"]
+    for f in dataclasses.fields(Recipe):
+        value = getattr(r, f.name)
+        lines.append(f"{f.name}: {'null' if value is None else value}")
+    return "\n".join(lines) + "\n"
+
+
+def load_preset(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A preset YAML file -> (run keys: head/dataset/fraction/mode, recipe fields). Unknown keys are errors."""
+    try:
+        import yaml
+    except ImportError as e:
+        from ..errors import MissingDependencyError
+
+        raise MissingDependencyError("Reading --config files needs PyYAML: pip install 'ecamp[train]'.") from e
+    path = Path(path)
+    if not path.is_file():
+        raise EcampError(f"--config {path} does not exist; the presets are in configs/finetune/.")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise EcampError(f"--config {path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise EcampError(f"--config {path} must be a mapping of keys to values.")
+    unknown = sorted(set(data) - set(_FIELD_TYPES) - set(_RUN_KEYS))
+    if unknown:
+        raise EcampError(f"--config {path}: unknown keys {unknown}; known: {sorted({**_FIELD_TYPES, **_RUN_KEYS})}.")
+    for k, v in data.items():
+        kind, nullable = _FIELD_TYPES.get(k) or (_RUN_KEYS[k], False)
+        if v is None and nullable:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else kind):
+            raise EcampError(f"--config {path}: {k} must be {kind.__name__}{' or null' if nullable else ''}, "
+                             f"got {v!r}.")
+        if k in _CHOICES and v not in _CHOICES[k]:
+            raise EcampError(f"--config {path}: {k} must be one of {_CHOICES[k]}, got {v!r}.")
+    run = {k: data[k] for k in _RUN_KEYS if k in data}
+    values = {k: (float(v) if _FIELD_TYPES[k][0] is float else v) for k, v in data.items() if k in _FIELD_TYPES}
+    return run, values
