@@ -158,3 +158,34 @@ def test_finetune_from_a_preset_file(phantom_cls, tiny_folder, tmp_path):
     assert metrics["mode"] == "linear-probe" and metrics["steps"] == 6
     logged = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in logged] == [3, 6] and logged[0]["lr"] < 0.01
+
+
+def test_two_process_finetuning_gathers_the_whole_evaluation(phantom_cls, tiny_folder, tmp_path):
+    import os
+
+    from sklearn.metrics import roc_auc_score
+
+    from ecamp.train.downstream import ListDataset
+
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "ecamp.train", "finetune", "--dataset", "phantom", "--mode", "linear-probe",
+                          "--data-root", str(phantom_cls), "--output-dir", str(tmp_path / "ddp"), "--model",
+                          f"local-dir:{tiny_folder}", "--max-steps", "8", "--batch-size", "16", "--lr", "0.05",
+                          "--warmup", "1", "--eval-every", "4", "--num-workers", "0", "--no-progress"],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    assert len([ln for ln in out.stdout.splitlines() if ln.startswith("{")]) == 1  # rank 0 reports
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    # the best weights, scored on the whole test list in one process, give the number the two ranks gathered
+    probe = LinearProbe(ecamp.load(f"local-dir:{tiny_folder}"), 4)
+    best = torch.load(tmp_path / "ddp" / "best.pt", weights_only=True)
+    probe.load_state_dict(best["model"])
+    probe.eval()
+    rows = read_list_file(phantom_cls / "test_list.txt", TASKS["phantom"])
+    ds = ListDataset(phantom_cls, rows, ecamp.get_transform(probe.encoder))
+    with torch.no_grad():
+        logits = torch.cat([probe(x) for x, _ in torch.utils.data.DataLoader(ds, batch_size=64)]).numpy()
+    y = np.stack([r[1] for r in rows])
+    expected = np.mean([roc_auc_score(y[:, c], logits[:, c]) for c in range(4)])
+    assert metrics["test_auroc"] == pytest.approx(expected, abs=1e-6)
+    assert best["step"] == metrics["best_step"] and len(rows) == 80
