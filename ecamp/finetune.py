@@ -77,9 +77,12 @@ def multiscale_features(model: nn.Module, x: torch.Tensor, indices: Sequence[int
     idx = [indices] if isinstance(indices, int) else list(indices)
     if len(scales) != len(idx):
         raise EcampError(f"Give one scale per block index: {len(idx)} indices, {len(scales)} scales.")
-    maps = model.forward_intermediates(x, indices=idx, norm=norm, output_fmt="NCHW", intermediates_only=True)
+    unique = sorted(set(idx))  # timm returns each block once, in depth order
+    maps = model.forward_intermediates(x, indices=unique, norm=norm, output_fmt="NCHW", intermediates_only=True)
+    by_block = dict(zip(unique, maps, strict=True))
     out = []
-    for m, s in zip(maps, scales, strict=True):
+    for i, s in zip(idx, scales, strict=True):
+        m = by_block[i]
         if s > 1:
             m = F.interpolate(m, scale_factor=s, mode="bilinear", align_corners=False)
         elif s < 1:

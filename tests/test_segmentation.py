@@ -60,17 +60,19 @@ def test_loss_and_dice():
     assert mixed_loss(perfect, target) < mixed_loss(-perfect, target)
 
 
-def test_phantom_segmentation_beats_an_empty_prediction(tiny_folder, tmp_path):
+@pytest.mark.parametrize("decoder", ["authors", "pyramid"])
+def test_phantom_segmentation_beats_an_empty_prediction(tiny_folder, tmp_path, decoder):
     root = write_phantom_segmentation(tmp_path / "seg", 120, seed=2, size=64, finding="effusion", variation=0.0)
     out = subprocess.run([sys.executable, "-m", "ecamp.train", "finetune", "--dataset", "phantom-seg", "--head", "seg",
                           "--fraction", "100", "--data-root", str(root), "--output-dir", str(tmp_path / "run"),
                           "--model", f"local-dir:{tiny_folder}", "--max-steps", "80", "--lr", "3e-3",
-                          "--batch-size", "16", "--warmup", "5", "--num-workers", "0", "--no-progress"],
+                          "--batch-size", "16", "--warmup", "5", "--seg-decoder", decoder, "--num-workers", "0",
+                          "--no-progress"],
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     # every phantom shows an effusion, so an empty prediction scores 0
-    assert metrics["test_dice"] > 0.5, metrics
+    assert metrics["test_dice"] > 0.5 and metrics["decoder"] == decoder, metrics
 
 
 def test_encoder_stays_frozen(tiny_folder):

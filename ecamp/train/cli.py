@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--upstream-protocol", action="store_true",
                    help="reproduce the authors' evaluation protocol (selection on the test set where their lists "
                         "do it, their detection metric, SIIM masks not augmented) instead of the fixed one")
+    f.add_argument("--seg-decoder", choices=("authors", "pyramid"), default="authors",
+                   help="segmentation decoder: the authors' (one map, four up-sampling stages) or a feature pyramid "
+                        "over four blocks (forward_intermediates)")
     f.add_argument("--max-steps", type=int, default=None, help="cap the recipe's step count")
     f.add_argument("--lr", type=float, default=None)
     f.add_argument("--batch-size", type=int, default=None, help="global batch size (all processes together)")
@@ -89,7 +92,8 @@ def _finetune(args: argparse.Namespace) -> int:
     elif head == "seg":
         from .segmentation import finetune_segmentation
 
-        metrics = finetune_segmentation(dataset, fraction, args.data_root, args.output_dir, **common)
+        metrics = finetune_segmentation(dataset, fraction, args.data_root, args.output_dir,
+                                        decoder=args.seg_decoder, **common)
     else:
         from .downstream import finetune_classification
 

@@ -30,8 +30,9 @@ from ..fileio import write_csv
 from .data import DataError
 from .recipes import Recipe
 
-__all__ = ["rle_decode", "read_siim", "read_rsna_boxes", "read_mask_list", "SegmentationModel", "mixed_loss",
-           "dice_per_image", "finetune_segmentation", "convert_lists", "SEG_TASKS"]
+__all__ = ["rle_decode", "read_siim", "read_rsna_boxes", "read_mask_list", "SegmentationModel",
+           "PyramidSegmentationModel", "mixed_loss", "dice_per_image", "finetune_segmentation", "convert_lists",
+           "SEG_TASKS"]
 
 # task -> (number of outputs, list-file suffix)
 SEG_TASKS = {"siim": 1, "rsna": 1, "riga": 2, "phantom-seg": 1}
@@ -191,6 +192,42 @@ class SegmentationModel(nn.Module):
         return torch.cat([d(fmap) for d in self.decoders], dim=1)
 
 
+class PyramidSegmentationModel(nn.Module):
+    """Frozen ViT encoder + a trainable feature-pyramid decoder: four blocks spread over the depth, resampled to
+    strides 4, 8, 16 and 32 by :func:`ecamp.finetune.multiscale_features`, projected to ``channels``, merged
+    top-down (FPN), then one 3x3 convolution and a bilinear up-sampling to the input size per output. An option of
+    ours (``--seg-decoder pyramid``), not the authors' decoder."""
+
+    def __init__(self, encoder: nn.Module, outputs: int = 1, channels: int = 128):
+        super().__init__()
+        self.encoder = encoder
+        for p in self.encoder.parameters():
+            p.requires_grad_(False)
+        depth = len(encoder.blocks)
+        self.indices = [max(0, round(depth * k / 4) - 1) for k in range(1, 5)]
+        dim = encoder.num_features
+        self.lateral = nn.ModuleList([nn.Conv2d(dim, channels, 1) for _ in range(4)])
+        self.smooth = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels),
+                                    nn.ReLU(inplace=True))
+        self.out = nn.Conv2d(channels, outputs, 1)
+
+    def train(self, mode: bool = True) -> PyramidSegmentationModel:
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ..finetune import multiscale_features
+
+        with torch.no_grad():
+            maps = multiscale_features(self.encoder, x, indices=self.indices)
+        merged = None
+        for lateral, m in reversed(list(zip(self.lateral, maps, strict=True))):  # coarsest first
+            m = lateral(m)
+            merged = m if merged is None else m + F.interpolate(merged, size=m.shape[-2:], mode="nearest")
+        return F.interpolate(self.out(self.smooth(merged)), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
 def mixed_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 10.0, gamma: float = 2.0) -> torch.Tensor:
     """The authors' ``10 * focal - log(soft Dice)``; soft Dice is global over the batch."""
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
@@ -211,15 +248,16 @@ def dice_per_image(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def finetune_segmentation(task: str, fraction: int, data_root: str | Path, output_dir: str | Path, *,
                           model_name: str = "cxr-vit-b", lists: str | Path | None = None, recipe: Recipe | None = None,
-                          upstream_protocol: bool = False, decoder_channels: tuple[int, ...] = (512, 256, 128, 64),
-                          num_workers: int = 4, device: str | None = None, seed: int = 42,
-                          progress: bool = True) -> dict[str, Any]:
+                          upstream_protocol: bool = False, decoder: str = "authors",
+                          decoder_channels: tuple[int, ...] = (512, 256, 128, 64), num_workers: int = 4,
+                          device: str | None = None, seed: int = 42, progress: bool = True) -> dict[str, Any]:
     """Train the segmentation head on a frozen encoder; ``metrics.json`` gets validation and test Dice.
 
     Reads RIGA-style lists (``img_path,mask_path``; ``{train_list,train_list_1,train_list_10,val_list,
     test_list}.csv``) for ``riga`` and ``phantom-seg``. SIIM and RSNA ship in other formats (:func:`read_siim`,
     :func:`read_rsna_boxes`); convert them to mask images and such lists first (:func:`convert_lists`).
     ``recipe`` defaults to the authors' row (AdamW, weight decay 0.05, early stopping after 40 evaluations).
+    ``decoder="pyramid"`` swaps the authors' decoder for :class:`PyramidSegmentationModel`'s.
     """
     import ecamp
 
@@ -243,7 +281,12 @@ def finetune_segmentation(task: str, fraction: int, data_root: str | Path, outpu
     rows = {s: read_mask_list(lists / list_file_for(s, fraction, suffix=".csv")) for s in ("train", "val", "test")}
     encoder = ecamp.load(model_name)
     cfg = dict(encoder.pretrained_cfg)
-    model = SegmentationModel(encoder, outputs, decoder_channels)
+    if decoder == "authors":
+        model: nn.Module = SegmentationModel(encoder, outputs, decoder_channels)
+    elif decoder == "pyramid":
+        model = PyramidSegmentationModel(encoder, outputs)
+    else:
+        raise EcampError(f"--seg-decoder must be authors or pyramid, got {decoder!r}.")
     augment_mask = not (upstream_protocol and key == "siim")
     sets = {s: MaskDataset(Path(data_root), rows[s], cfg, outputs, train=s == "train", augment_mask=augment_mask)
             for s in rows}
@@ -263,7 +306,7 @@ def finetune_segmentation(task: str, fraction: int, data_root: str | Path, outpu
     summary = train_head(model, sets["train"], train_loss, lambda: run_eval("val"), r, rt, output_dir,
                          metric="dice", num_workers=num_workers, seed=seed, progress=progress,
                          desc=f"seg {key} {fraction}%")
-    metrics = {"task": key, "fraction": fraction, "model": model_name, "steps": r.steps,
+    metrics = {"task": key, "fraction": fraction, "model": model_name, "decoder": decoder, "steps": r.steps,
                "protocol": "upstream" if upstream_protocol else "fixed", **summary, "test_dice": run_eval("test")}
     write_metrics(rt, output_dir, metrics)
     return metrics
