@@ -189,3 +189,21 @@ def test_two_process_finetuning_gathers_the_whole_evaluation(phantom_cls, tiny_f
     expected = np.mean([roc_auc_score(y[:, c], logits[:, c]) for c in range(4)])
     assert metrics["test_auroc"] == pytest.approx(expected, abs=1e-6)
     assert best["step"] == metrics["best_step"] and len(rows) == 80
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_every_classification_reader(name, tmp_path):
+    task = TASKS[name]
+    if task.multilabel:  # the authors' lines: path, C labels, sometimes a trailing space
+        good = "img/a.png " + " ".join(["0"] * (task.num_classes - 1) + ["1"]) + " \n"
+        bad = "img/b.png " + " ".join(["0"] * (task.num_classes + 1)) + "\n"
+        expected = [0.0] * (task.num_classes - 1) + [1.0]
+    else:  # a class index, or C one-hot labels
+        good = f"img/a.png {task.num_classes - 1}\n"
+        bad = f"img/b.png {task.num_classes}\n"
+        expected = [float(task.num_classes - 1)]
+    (tmp_path / "l.txt").write_text(good + "\n")
+    assert [(p, y.tolist()) for p, y in read_list_file(tmp_path / "l.txt", task)] == [("img/a.png", expected)]
+    (tmp_path / "bad.txt").write_text(good + bad)
+    with pytest.raises(DataError, match="bad.txt:2"):
+        read_list_file(tmp_path / "bad.txt", task)

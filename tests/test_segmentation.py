@@ -111,3 +111,22 @@ def test_convert_the_authors_lists(tmp_path):
     (rsna / "test_list.csv").write_text('image_path,bbox\nimgs/x.png,"[[1, 1, 3, 2]]"\n')
     assert convert_lists("rsna", rsna, tmp_path / "out2", size=4) == {"test_list.csv": 1}
     assert np.asarray(Image.open(tmp_path / "out2" / "masks" / "x.png")).astype(bool).sum() == 2
+
+
+def test_riga_masks_give_disc_and_cup(tmp_path):
+    from PIL import Image
+
+    from ecamp.train.segmentation import MaskDataset
+
+    # RIGA-style label image: 0 background, 128 disc rim, 255 cup; the authors divide by 255, then disc = != 0
+    # and cup = == 1
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 128
+    mask[12:20, 12:20] = 255
+    Image.fromarray(mask).save(tmp_path / "m.tif")
+    Image.fromarray(np.full((32, 32), 128, np.uint8)).save(tmp_path / "i.png")
+    (tmp_path / "l.csv").write_text("img_path,mask_path\ni.png,m.tif\n")
+    cfg = {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.25] * 3}
+    x, y = MaskDataset(tmp_path, read_mask_list(tmp_path / "l.csv"), cfg, outputs=2, train=False)[0]
+    assert x.shape == (3, 32, 32) and y.shape == (2, 32, 32)
+    assert y[0].sum() == 16 * 16 and y[1].sum() == 8 * 8 and bool((y[1] <= y[0]).all())
