@@ -296,6 +296,30 @@ def test_sr_window_can_follow_the_crop_and_flip(phantom):
     assert differs > 0
 
 
+def test_flipped_films_can_swap_the_reports_sides(phantom):
+    from ecamp.text import ReportEncoder, load_tokenizer
+    from ecamp.train.data import swap_sides
+
+    assert swap_sides("Left effusion; right lung clear. LEFT. leftover bright") == \
+        "Right effusion; left lung clear. RIGHT. leftover bright"
+    tok = load_tokenizer(phantom / "tokenizer.json")
+    enc = ReportEncoder(tok, max_length=64)
+    plain = PretrainDataset(phantom, load_config(None, TINY), enc, seed=0)
+    swapping = PretrainDataset(phantom, load_config(None, TINY + ["data.hflip_swaps_sides=true"]), enc, seed=0)
+    left, right = tok.token_to_id("left"), tok.token_to_id("right")
+    swapped, with_sides = 0, 0
+    for i in range(len(plain)):
+        a, b = plain[i], swapping[i]
+        assert torch.equal(a["image"], b["image"])  # the same crop and flip either way
+        ids_a, ids_b = a["labels"].clone(), b["labels"].clone()
+        for ids in (ids_a, ids_b):  # the side words collapsed into one
+            ids[ids == right] = left
+        assert torch.equal(ids_a, ids_b)  # the texts differ in their side words only
+        with_sides += int(bool(((a["labels"] == left) | (a["labels"] == right)).any()))
+        swapped += int(not torch.equal(a["labels"], b["labels"]))
+    assert 0 < swapped < with_sides  # about half the films are flipped
+
+
 def test_demo_runs_end_to_end_quickly(tmp_path):
     """The demo's whole path (phantom, pre-training, export, load, probes) on a very small budget. Whether
     pre-training wins is checked at full budget by the slow test below and by `ecamp demo` itself."""

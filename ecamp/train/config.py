@@ -31,6 +31,7 @@ class DataConfig:
     mean: float = 0.4721
     std: float = 0.3037
     hflip: bool = True
+    hflip_swaps_sides: bool = False  # authors: a flipped film keeps its report's "left" and "right"
     default_window: str = "center"  # when a sample has no window label: "center" or "random"
     sr_window_follows_augmentation: bool = False  # authors: the window ignores the crop and flip
     max_bad_samples: float = 0.01  # skip unreadable images / empty reports up to this fraction (or count if >= 1)

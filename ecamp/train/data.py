@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ import torch
 from ..errors import EcampError
 
 __all__ = ["DataError", "PretrainDataset", "ResumableSampler", "collate_pretrain", "ffa_ir_to_csv",
-           "read_table", "map_window"]
+           "read_table", "map_window", "swap_sides"]
 
 AUTHORS_GRID, AUTHORS_WINDOW = 14, 12
 
@@ -173,6 +174,8 @@ class PretrainDataset(torch.utils.data.Dataset):
                 arr = np.clip(np.rint(arr * 255), 0, 255).astype(np.uint8)
             pil = Image.fromarray(arr)
             x, crop = self._augment(pil, int(torch_seed))
+            if crop[4] and self.data_cfg.hflip_swaps_sides:
+                report, context = swap_sides(report), swap_sides(context or "")
             text = self.encoder(report, context or None, rng)
         except EcampError as e:
             return {"error": str(e), "index": index}
@@ -183,6 +186,20 @@ class PretrainDataset(torch.utils.data.Dataset):
         out.update(image=x, sr_window=torch.tensor(window, dtype=torch.long), noise=noise,
                    index=torch.tensor(index))
         return out
+
+
+_SIDES = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+
+
+def swap_sides(text: str) -> str:
+    """Exchange the words "left" and "right" (keeping their case): the report of a horizontally flipped film."""
+
+    def swap(m: re.Match) -> str:
+        word = m.group(0)
+        other = "right" if word.lower() == "left" else "left"
+        return other.upper() if word.isupper() else other.capitalize() if word[0].isupper() else other
+
+    return _SIDES.sub(swap, text)
 
 
 def collate_pretrain(items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -83,6 +83,7 @@ class BoxDataset(torch.utils.data.Dataset):
         self.root, self.rows = root, rows
         self.size = int(cfg["input_size"][-1])
         self.mean, self.std = float(cfg["mean"][0]), float(cfg["std"][0])
+        self.policy = (cfg.get("ecamp") or {}).get("image_policy", "bits")  # how DICOM intensities are mapped
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -91,7 +92,7 @@ class BoxDataset(torch.utils.data.Dataset):
         from ..io import read_image
 
         name, boxes = self.rows[i]
-        img = read_image(self.root / name)
+        img = read_image(self.root / name, policy=self.policy)
         if img.ndim == 3:
             img = img.mean(-1)
         h, w = img.shape
@@ -340,6 +341,7 @@ def finetune_detection(task: str, fraction: int, data_root: str | Path, output_d
     neck expansion 8 or 4)."""
     import ecamp
 
+    from ..factory import resolve_model_cfg
     from .downstream import list_file_for
     from .finetune_loop import evaluate, setup_runtime, train_head, write_metrics
     from .recipes import recipe as authors_recipe
@@ -356,7 +358,8 @@ def finetune_detection(task: str, fraction: int, data_root: str | Path, output_d
     rows["test"] = read_box_list(lists / list_file_for(test_split, suffix=".csv"))
     encoder = ecamp.load(model_name)
     model = DetectionModel(encoder, 1, expansion, widths, head_width)
-    sets = {s: BoxDataset(Path(data_root), rows[s], dict(encoder.pretrained_cfg)) for s in rows}
+    cfg = resolve_model_cfg(encoder)  # the encoder's size, normalisation and image policy
+    sets = {s: BoxDataset(Path(data_root), rows[s], cfg) for s in rows}
     size = model.img_size
 
     def train_loss(net, batch, dev):

@@ -182,8 +182,9 @@ def make_case(rng: np.random.Generator, size: int = 256, p_finding: float = 0.35
 
 
 def write_phantom(out: str | os.PathLike, n: int, seed: int = 0, size: int = 256, progress: bool = False,
-                  variation: float = 1.0) -> Path:
-    """Write ``n`` phantom cases in the authors' MIMIC-CXR layout under ``out``; returns the folder."""
+                  variation: float = 1.0, p_finding: float = 0.35, force: tuple[str, ...] = ()) -> Path:
+    """Write ``n`` phantom cases in the authors' MIMIC-CXR layout under ``out``; returns the folder. Each finding
+    appears with probability ``p_finding``; those in ``force`` always do."""
     from PIL import Image
     from tqdm.auto import tqdm
 
@@ -196,7 +197,7 @@ def write_phantom(out: str | os.PathLike, n: int, seed: int = 0, size: int = 256
     rng = np.random.default_rng(seed)
     reports, windows, labels = [], [], []
     for i in tqdm(range(n), desc="phantom", disable=not progress):
-        case = make_case(rng, size, variation=variation)
+        case = make_case(rng, size, p_finding=p_finding, variation=variation, force=force)
         rel = f"images/p{seed:04d}_{i:06d}.png"
         Image.fromarray(case.image).save(root / rel)
         reports.append([rel, case.report, case.context])

@@ -135,7 +135,7 @@ class MaskDataset(torch.utils.data.Dataset):
         from ..io import read_image
 
         img_path, mask_path = self.rows[i]
-        img = read_image(self.root / img_path)
+        img = read_image(self.root / img_path, policy=(self.cfg.get("ecamp") or {}).get("image_policy", "bits"))
         if img.ndim == 3:
             img = img.mean(-1)
         mask = np.asarray(Image.open(self.root / mask_path))
@@ -261,6 +261,7 @@ def finetune_segmentation(task: str, fraction: int, data_root: str | Path, outpu
     """
     import ecamp
 
+    from ..factory import resolve_model_cfg
     from .downstream import list_file_for
     from .finetune_loop import evaluate, setup_runtime, train_head, write_metrics
     from .recipes import recipe as authors_recipe
@@ -280,7 +281,7 @@ def finetune_segmentation(task: str, fraction: int, data_root: str | Path, outpu
     rt = setup_runtime(device, seed)
     rows = {s: read_mask_list(lists / list_file_for(s, fraction, suffix=".csv")) for s in ("train", "val", "test")}
     encoder = ecamp.load(model_name)
-    cfg = dict(encoder.pretrained_cfg)
+    cfg = resolve_model_cfg(encoder)  # the encoder's size, normalisation and image policy
     if decoder == "authors":
         model: nn.Module = SegmentationModel(encoder, outputs, decoder_channels)
     elif decoder == "pyramid":
