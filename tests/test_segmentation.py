@@ -41,7 +41,7 @@ def test_siim_rle_and_csv(tmp_path):
 def test_rsna_boxes_and_mask_lists(tmp_path):
     (tmp_path / "rsna.csv").write_text('image_path,bbox\na.png,"[[10, 20, 30, 60]]"\nb.png,"[[0, 0, 0, 0]]"\n'
                                        'c.png,__import__("os")\n')
-    with pytest.raises(DataError, match="list literal"):
+    with pytest.raises(DataError, match="bbox is not a list"):
         read_rsna_boxes(tmp_path / "rsna.csv", size=64)
     (tmp_path / "rsna.csv").write_text('image_path,bbox\na.png,"[[10, 20, 30, 60]]"\nb.png,"[[0, 0, 0, 0]]"\n')
     rows = read_rsna_boxes(tmp_path / "rsna.csv", size=64)

@@ -232,26 +232,31 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PretrainRunConfig:
-    """A validated run config: the authors' defaults, then the YAML file, then ``key.sub=value`` overrides."""
+def read_yaml_mapping(path: str | Path, what: str = "Config file") -> dict[str, Any]:
+    """A YAML file holding a mapping (``{}`` when empty); :class:`ConfigError` for a missing or malformed file."""
     try:
         import yaml
     except ImportError as e:  # pragma: no cover
         from ..errors import MissingDependencyError
 
         raise MissingDependencyError("Training configs need PyYAML: pip install \"ecamp[train]\".") from e
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {p} does not exist.")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {p} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {p} must hold a mapping of keys to values.")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PretrainRunConfig:
+    """A validated run config: the authors' defaults, then the YAML file, then ``key.sub=value`` overrides."""
     cfg = PretrainRunConfig()
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"Config file {p} does not exist.")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p} is not valid YAML: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p} must hold a mapping of sections (model, text, data, optim, run).")
-        _apply(cfg, data, "")
+        _apply(cfg, read_yaml_mapping(path), "")
     for item in overrides or []:
         keys, value = _parse_override(item)
         nested: Any = value

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import EcampError
 from ..fileio import atomic_write
-from .loop import autocast, init_distributed
+from .loop import autocast, init_distributed, select_device
 from .recipes import Recipe
 
 __all__ = ["Runtime", "setup_runtime", "evaluate", "train_head", "warmup_cosine", "write_metrics"]
@@ -54,11 +54,7 @@ class Runtime:
 
 def setup_runtime(device: str | None = None, seed: int = 42) -> Runtime:
     rank, world, local_rank = init_distributed()
-    if device is None:
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
+    dev = select_device(device, local_rank)
     torch.manual_seed(seed)  # the same seed on every rank: heads start identical
     return Runtime(rank, world, dev)
 

@@ -85,6 +85,14 @@ def init_distributed() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def select_device(device: str | None, local_rank: int = 0) -> torch.device:
+    """``device``, else this process's GPU, else the CPU; a CUDA device becomes the current one (NCCL needs it)."""
+    dev = torch.device(device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return dev
+
+
 def _tokenizer(cfg: PretrainRunConfig, data_root: Path, out: Path, rank: int, world: int):
     from ..text import load_tokenizer, train_tokenizer
     from .data import read_table
@@ -153,11 +161,7 @@ def pretrain(cfg: PretrainRunConfig, data_root: str | Path, output_dir: str | Pa
     cfg.validate()
     data_root, out = Path(data_root), Path(output_dir)
     rank, world, local_rank = init_distributed()
-    if device is None:
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
+    dev = select_device(device, local_rank)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")

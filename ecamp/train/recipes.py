@@ -138,21 +138,10 @@ def preset_text(key: tuple[str, str, int, str]) -> str:
 
 def load_preset(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """A preset YAML file -> (run keys: head/dataset/fraction/mode, recipe fields). Unknown keys are errors."""
-    try:
-        import yaml
-    except ImportError as e:
-        from ..errors import MissingDependencyError
+    from .config import read_yaml_mapping
 
-        raise MissingDependencyError("Reading --config files needs PyYAML: pip install 'ecamp[train]'.") from e
     path = Path(path)
-    if not path.is_file():
-        raise EcampError(f"--config {path} does not exist; the presets are in configs/finetune/.")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise EcampError(f"--config {path} is not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise EcampError(f"--config {path} must be a mapping of keys to values.")
+    data = read_yaml_mapping(path, "--config")
     unknown = sorted(set(data) - set(_FIELD_TYPES) - set(_RUN_KEYS))
     if unknown:
         raise EcampError(f"--config {path}: unknown keys {unknown}; known: {sorted({**_FIELD_TYPES, **_RUN_KEYS})}.")

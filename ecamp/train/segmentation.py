@@ -13,7 +13,6 @@ nearest neighbour (their INTER_AREA made fractional labels, #46).
 
 from __future__ import annotations
 
-import ast
 import csv
 import math
 from collections import defaultdict
@@ -74,22 +73,16 @@ def read_siim(csv_path: str | Path) -> dict[str, list[str]]:
 
 
 def read_rsna_boxes(csv_path: str | Path, size: int = 1024) -> list[tuple[str, np.ndarray]]:
-    """``image_path, bbox`` rows, boxes as a literal ``[[x1, y1, x2, y2], ...]`` in 1024-px coordinates
-    (``[[0, 0, 0, 0]]`` for none) -> (path, uint8 0/1 mask with the boxes filled)."""
+    """``image_path, bbox`` rows (the detection lists, :func:`ecamp.train.detection.read_box_list`) -> (path, uint8
+    0/1 mask of ``size`` x ``size`` with the boxes filled), the authors' RSNA segmentation targets."""
+    from .detection import read_box_list
+
     rows = []
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if not {"image_path", "bbox"} <= set(reader.fieldnames or []):
-            raise DataError(f"{csv_path} lacks image_path/bbox columns; it has {reader.fieldnames}.")
-        for k, row in enumerate(reader, start=2):
-            try:
-                boxes = ast.literal_eval(row["bbox"])  # literals only: never eval
-            except (ValueError, SyntaxError) as e:
-                raise DataError(f"{csv_path}:{k}: bbox is not a list literal: {row['bbox'][:60]!r}") from e
-            mask = np.zeros((size, size), np.uint8)
-            for x1, y1, x2, y2 in boxes:
-                mask[int(y1):int(y2), int(x1):int(x2)] = 1
-            rows.append((row["image_path"], mask))
+    for name, boxes in read_box_list(csv_path):
+        mask = np.zeros((size, size), np.uint8)
+        for x1, y1, x2, y2 in boxes:
+            mask[int(y1):int(y2), int(x1):int(x2)] = 1
+        rows.append((name, mask))
     return rows
 
 
