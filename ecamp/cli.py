@@ -142,7 +142,10 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
         root = write_phantom_segmentation(args.out, args.n, seed=args.seed, size=args.size,
                                           progress=not args.no_progress)
     else:
-        raise EcampError(f"--kind {args.kind}: detection phantoms are not available yet.")
+        from .train.phantom import write_phantom_detection
+
+        root = write_phantom_detection(args.out, args.n, seed=args.seed, size=args.size,
+                                       progress=not args.no_progress)
     print(f"wrote {args.n} phantom cases to {root}")
     return 0
 
@@ -198,7 +201,8 @@ def _cmd_sr_windows(args: argparse.Namespace) -> int:
     from .train.sr_windows import compute_windows
 
     counts = compute_windows(args.checkpoint, args.data, args.out, reports_csv=args.reports_csv,
-                             batch_size=args.batch_size, device=args.device, progress=not args.no_progress)
+                             batch_size=args.batch_size, device=args.device, query=args.query,
+                             progress=not args.no_progress)
     print(f"{counts['attention']} windows from attention, {counts['no_entity']} reports without an entity "
           f"(left to data.default_window), written to {args.out}")
     return 0
@@ -264,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=256, help="image side in pixels")
     p.add_argument("--kind", choices=("pretrain", "classification", "segmentation", "detection"), default="pretrain",
-                   help="pretrain: the authors' MIMIC-CXR layout; classification: their list files")
+                   help="pretrain: the authors' MIMIC-CXR layout; classification, segmentation, detection: their "
+                        "downstream list files (effusion masks and boxes for the dense tasks)")
     p.add_argument("--no-progress", action="store_true")
 
     p = add("export", _cmd_export, "export a training checkpoint: encoder (timm format) and full pre-training model")
@@ -300,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reports-csv", default="mimic-cxr-2.0.0-entity-llm.csv")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default=None)
+    p.add_argument("--query", choices=("plain", "masked"), default="plain",
+                   help="entity positions hold the entity words (plain) or [MASK] (masked) when attention is read")
     p.add_argument("--no-progress", action="store_true")
 
     p = add("demo", _cmd_demo, "offline CPU demo: phantom data, pre-training, export, load, linear probes")

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 from ecamp.models.pretrain import ECAMPPretrainConfig, ECAMPPretrainModel
@@ -14,7 +15,7 @@ from ecamp.text import ReportEncoder, train_tokenizer
 from ecamp.train.config import load_config
 from ecamp.train.data import PretrainDataset
 from ecamp.train.phantom import write_phantom
-from ecamp.train.sr_windows import best_window
+from ecamp.train.sr_windows import best_window, compute_windows, entity_attention_maps
 
 
 def test_best_window_finds_the_peak_and_stays_in_range():
@@ -56,3 +57,38 @@ def test_windows_from_a_first_stage_model(tmp_path):
     ds = PretrainDataset(root, run, ReportEncoder(tok, max_length=32))
     assert ds.windows[0] is None and all(w is not None for w in ds.windows[1:])
     assert ds[0]["sr_window"].tolist() == [0, 0]  # centre of a 4x4 grid with a 3x3 window
+
+
+def test_masked_query_reads_the_attention_at_the_entity_positions_with_mask_tokens(tmp_path):
+    from ecamp.errors import EcampError
+
+    reports = ["Large left pleural effusion. No pneumothorax.", "The lungs are clear. Heart size is normal."]
+    tok = train_tokenizer(reports * 4, vocab_size=200, min_frequency=1)
+    cfg = ECAMPPretrainConfig.tiny(vocab_size=200, img_size=32, patch_size=8, sr_window=3, max_text_len=32)
+    torch.manual_seed(0)
+    model = ECAMPPretrainModel(cfg).eval()
+    enc = ReportEncoder(tok, max_length=32)
+    pairs = [enc.tokenize(r) for r in reports]
+    ids = torch.from_numpy(np.stack([p[0] for p in pairs]))
+    att = torch.from_numpy(np.stack([p[1] for p in pairs]))
+    tokens = torch.randn(2, cfg.grid**2, cfg.text_hidden_size)
+    seen = []
+    hook = model.text.embeddings.register_forward_hook(lambda m, a, kw, out: seen.append(kw["input_ids"].clone()),
+                                                       with_kwargs=True)
+    maps = {q: entity_attention_maps(model, enc, tokens, ids, att, query=q) for q in ("plain", "masked")}
+    hook.remove()
+    entity = torch.from_numpy(enc.is_entity)[ids] & (att > 0)
+    assert entity[0].sum() == 2 and not entity[1].any()  # effusion, pneumothorax; none in the normal report
+    assert torch.equal(seen[0], ids)
+    assert (seen[1][entity] == enc.mask_id).all() and torch.equal(seen[1][~entity], ids[~entity])
+    for m, has in maps.values():
+        assert m.shape == (2, cfg.grid, cfg.grid) and has.tolist() == [True, False]
+        # two entity rows of probabilities, each the max over heads: between 1 and the number of heads each
+        assert 2 - 1e-4 <= float(m[0].sum()) <= 2 * cfg.text_heads + 1e-4 and m[1].abs().sum() == 0
+    assert not torch.allclose(maps["plain"][0], maps["masked"][0])
+    assert model.text.context_fusion_layer.last_cross_attention is None
+    assert model.text.bert_config._attn_implementation == "sdpa"
+    with pytest.raises(EcampError, match="query"):
+        entity_attention_maps(model, enc, tokens, ids, att, query="gradient")
+    with pytest.raises(EcampError, match="query"):
+        compute_windows(tmp_path, tmp_path, tmp_path / "w.csv", query="gradient")

@@ -2,11 +2,28 @@
 
 The authors' windows (``label_i, label_j``: the top-left cell of a 12x12 window on the 14x14 patch grid) came from
 a script they did not publish. This is our reading of the method (dossier section 5): run a first-stage ECAMP model
-with every patch visible, in grid order; take the fusion layer's text-to-patch cross-attention probabilities at
-the report's entity tokens, the maximum over heads, summed over the entity tokens; and pick the window with the
-largest total attention. Windows are searched only among valid offsets, so a window outside the grid cannot occur.
-Reports without an entity get no window (empty labels), and the pre-training data then uses
-``data.default_window`` (the centre, or a random window drawn anew every epoch).
+with every patch visible, in grid order; feed the report (``[CLS]`` + report, no context) to the text side; take the
+fusion layer's text-to-patch cross-attention probabilities at the report's entity tokens, the maximum over heads,
+summed over the entity tokens; and pick the window with the largest total attention. Windows are searched only
+among valid offsets, so a window outside the grid cannot occur. Reports without an entity get no window (empty
+labels), and the pre-training data then uses ``data.default_window`` (the centre, or a random window drawn anew
+every epoch).
+
+``query`` chooses what the entity positions hold when the attention is read:
+
+* ``"plain"`` (default): the report as written, the entity words themselves (the reading above);
+* ``"masked"``: the entity tokens replaced by ``[MASK]``. In MLM training an entity must be predicted from the image
+  exactly when it is masked, so this is where image-grounded attention should live; it is still the attention
+  "from the report's entity tokens" (the same positions), only with the word hidden.
+
+Measured on held-out phantoms (``ecamp.train.phantom``, findings at known places), neither query localises the
+finding yet, because the small first stages trainable on a CPU do not read findings from the image at all: with
+the demo preset (1,240 steps) and with effusion-only phantoms, no flips and 25 % image masking (1,500 steps), a
+masked "left"/"right" or "large"/"small" is predicted at chance (0.47-0.53) with or without the image, the text
+logits barely move when the image changes, and windows point to the finding's side at chance (0.49-0.53, chance
+0.5). The maps separate findings vertically (effusion low, pneumothorax high), but that survives pairing each
+report with another film: a prior of the entity word, not image evidence. These windows are therefore "where this
+model's entity words attend"; their value depends on a first stage that has learnt to use the image.
 """
 
 from __future__ import annotations
@@ -22,7 +39,9 @@ from ..errors import EcampError
 from ..fileio import write_csv
 from .data import AUTHORS_GRID, AUTHORS_WINDOW, read_table
 
-__all__ = ["best_window", "compute_windows", "load_stage1"]
+__all__ = ["QUERIES", "best_window", "compute_windows", "entity_attention_maps", "load_stage1"]
+
+QUERIES = ("plain", "masked")
 
 
 def best_window(attention: np.ndarray, window: int) -> tuple[int, int]:
@@ -58,68 +77,92 @@ def load_stage1(source: str | Path) -> tuple[Any, Any]:
 
 
 @torch.no_grad()
+def entity_attention_maps(model: Any, enc: Any, image_tokens: torch.Tensor, input_ids: torch.Tensor,
+                          attention_mask: torch.Tensor, *, query: str = "plain"
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-attention maps ``[B, grid, grid]`` of the fusion layer from the entity tokens (max over heads, summed
+    over the entity positions) and a ``[B]`` bool of which reports have an entity (others get an all-zero map).
+
+    ``image_tokens`` are the projected patch tokens ``[B, grid*grid, text_hidden]`` in grid order (row-major);
+    ``enc`` is the :class:`ecamp.text.ReportEncoder` whose ``is_entity`` table and ``mask_id`` are used.
+    """
+    if query not in QUERIES:
+        raise EcampError(f"query must be one of {QUERIES}, got {query!r}.")
+    g = model.config.grid
+    fusion = model.text.context_fusion_layer
+    bert_config = model.text.bert_config
+    previous = bert_config._attn_implementation
+    bert_config._attn_implementation = "eager"  # only eager attention returns the probabilities
+    fusion.keep_attention = True
+    lut = torch.from_numpy(enc.is_entity).to(input_ids.device)
+    entity = lut[input_ids] & (attention_mask > 0)
+    ids = torch.where(entity, torch.full_like(input_ids, enc.mask_id), input_ids) if query == "masked" else input_ids
+    try:
+        model.text(ids, attention_mask, torch.zeros_like(ids), image_tokens, image_tokens.mean(1, keepdim=True))
+        probs = fusion.last_cross_attention.float().amax(dim=1)  # [B, T, patches]
+    finally:
+        fusion.keep_attention = False
+        fusion.last_cross_attention = None
+        bert_config._attn_implementation = previous
+    maps = (probs * entity[..., None].to(probs.dtype)).sum(1).reshape(-1, g, g)
+    return maps, entity.any(1)
+
+
+@torch.no_grad()
 def compute_windows(stage1: str | Path, data_root: str | Path, out_csv: str | Path, *,
                     reports_csv: str = "mimic-cxr-2.0.0-entity-llm.csv", batch_size: int = 16,
-                    device: str | None = None, progress: bool = True) -> dict[str, int]:
-    """Write ``img_path, label_i, label_j, source`` for every image of the reports CSV; returns counts."""
+                    device: str | None = None, query: str = "plain", progress: bool = True) -> dict[str, int]:
+    """Write ``img_path, label_i, label_j, source`` for every image of the reports CSV; returns counts.
+
+    ``query``: ``"plain"`` (the entity words) or ``"masked"`` (``[MASK]`` at the entity positions); module docstring.
+    """
     from PIL import Image
     from tqdm.auto import tqdm
 
     from ..io import read_image_native
     from ..text import ReportEncoder
 
+    if query not in QUERIES:
+        raise EcampError(f"query must be one of {QUERIES}, got {query!r}.")
     model, tokenizer = load_stage1(stage1)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(dev)
     cfg = model.config
-    fusion = model.text.context_fusion_layer
-    bert_config = model.text.bert_config
-    previous = bert_config._attn_implementation
-    bert_config._attn_implementation = "eager"  # only eager attention returns the probabilities
-    fusion.keep_attention = True
     enc = ReportEncoder(tokenizer, max_length=cfg.max_text_len)
     root = Path(data_root)
     rows = read_table(root / reports_csv, ["img_path", "report"])
     size = cfg.sr_img_size
     results: list[list[Any]] = []
     counts = {"images": len(rows), "attention": 0, "no_entity": 0}
-    try:
-        for start in tqdm(range(0, len(rows), batch_size), desc="sr-windows", disable=not progress):
-            chunk = rows[start:start + batch_size]
-            images, ids, masks = [], [], []
-            for r in chunk:
-                arr = read_image_native(root / r["img_path"], policy="bits")
-                if arr.dtype != np.uint8:
-                    arr = np.clip(np.rint(arr * 255), 0, 255).astype(np.uint8)
-                pil = Image.fromarray(arr).convert("L").resize((size, size), Image.BICUBIC)
-                images.append(torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0))
-                t, m = enc.tokenize(r["report"])
-                ids.append(torch.from_numpy(t))
-                masks.append(torch.from_numpy(m))
-            x = torch.stack(images)[:, None].expand(-1, 3, -1, -1)
-            x = ((x - 0.4721) / 0.3037).to(dev)
-            small = F.interpolate(x, size=(cfg.img_size, cfg.img_size), mode="bicubic", align_corners=False)
-            order = torch.arange(cfg.grid**2, dtype=torch.float32, device=dev).expand(x.shape[0], -1)
-            latent, _, _, _ = model.forward_encoder(small, 0.0, order)  # all patches, in grid order
-            tokens = model.bert_mlp(latent)[:, 1:]
-            input_ids, attn = torch.stack(ids).to(dev), torch.stack(masks).to(dev)
-            model.text(input_ids, attn, torch.zeros_like(input_ids), tokens, tokens.mean(1, keepdim=True))
-            probs = fusion.last_cross_attention.float().amax(dim=1)  # [B, T, patches]
-            for b, r in enumerate(chunk):
-                tids = input_ids[b].cpu().numpy()
-                entity = enc.is_entity[tids] & (attn[b].cpu().numpy() > 0)
-                if not entity.any():
-                    results.append([r["img_path"], "", "", "no-entity"])
-                    counts["no_entity"] += 1
-                    continue
-                amap = probs[b, torch.from_numpy(entity).to(dev)].sum(0).reshape(cfg.grid, cfg.grid).cpu().numpy()
-                top, left = best_window(amap, cfg.sr_window)
-                results.append([r["img_path"], _to_authors(top, cfg.grid, cfg.sr_window),
-                                _to_authors(left, cfg.grid, cfg.sr_window), "attention"])
-                counts["attention"] += 1
-    finally:
-        fusion.keep_attention = False
-        fusion.last_cross_attention = None
-        bert_config._attn_implementation = previous
+    for start in tqdm(range(0, len(rows), batch_size), desc="sr-windows", disable=not progress):
+        chunk = rows[start:start + batch_size]
+        images, ids, masks = [], [], []
+        for r in chunk:
+            arr = read_image_native(root / r["img_path"], policy="bits")
+            if arr.dtype != np.uint8:
+                arr = np.clip(np.rint(arr * 255), 0, 255).astype(np.uint8)
+            pil = Image.fromarray(arr).convert("L").resize((size, size), Image.BICUBIC)
+            images.append(torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0))
+            t, m = enc.tokenize(r["report"])
+            ids.append(torch.from_numpy(t))
+            masks.append(torch.from_numpy(m))
+        x = torch.stack(images)[:, None].expand(-1, 3, -1, -1)
+        x = ((x - 0.4721) / 0.3037).to(dev)
+        small = F.interpolate(x, size=(cfg.img_size, cfg.img_size), mode="bicubic", align_corners=False)
+        order = torch.arange(cfg.grid**2, dtype=torch.float32, device=dev).expand(x.shape[0], -1)
+        latent, _, _, _ = model.forward_encoder(small, 0.0, order)  # all patches, in grid order
+        tokens = model.bert_mlp(latent)[:, 1:]
+        input_ids, attn = torch.stack(ids).to(dev), torch.stack(masks).to(dev)
+        amaps, has_entity = entity_attention_maps(model, enc, tokens, input_ids, attn, query=query)
+        for b, r in enumerate(chunk):
+            if not has_entity[b]:
+                results.append([r["img_path"], "", "", "no-entity"])
+                counts["no_entity"] += 1
+                continue
+            amap = amaps[b].cpu().numpy()
+            top, left = best_window(amap, cfg.sr_window)
+            results.append([r["img_path"], _to_authors(top, cfg.grid, cfg.sr_window),
+                            _to_authors(left, cfg.grid, cfg.sr_window), "attention"])
+            counts["attention"] += 1
     write_csv(out_csv, ["img_path", "label_i", "label_j", "source"], results)
     return counts
