@@ -154,3 +154,12 @@ def test_finetune_det_cli_and_upstream_protocol(phantom_det, tiny_folder, tmp_pa
     finally:
         (phantom_det / "held.csv").rename(phantom_det / "test_list.csv")
     assert np.isfinite(fixed["test_map"])
+
+
+def test_anchor_matching_uses_the_authors_pixel_iou():
+    from ecamp.train.detection import _shape_iou
+
+    gt, anchors = torch.tensor([[2.0, 1.0]]), torch.tensor([[1.0, 1.0], [4.0, 2.0]])
+    # plain IoU: 1/2 and 2/8; the YOLOv3 code's +1 convention: (2*2)/(3*2) and (3*2)/(5*3)
+    assert torch.allclose(_shape_iou(gt, anchors, plus_one=False), torch.tensor([[0.5, 0.25]]))
+    assert torch.allclose(_shape_iou(gt, anchors), torch.tensor([[4 / 6, 6 / 15]]))

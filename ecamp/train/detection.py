@@ -9,7 +9,8 @@ nearest up-sampling and concatenation) predicts 3 anchors x (box, objectness, cl
 standard YOLOv3 anchors of a 416-px input scaled to the model's input size.
 
 Loss (:func:`yolo_loss`, the YOLOv3 loss the authors took from MGCA): per scale, each object is assigned to the
-cell of its centre and the best-fitting of that scale's anchors by shape IoU; x, y: BCE on sigmoid offsets,
+cell of its centre and the best-fitting of that scale's anchors by shape IoU (with that code's +1 pixel
+convention, in grid units); x, y: BCE on sigmoid offsets,
 w, h: MSE in log space, objectness BCE on the assigned anchors plus 0.5 x BCE on the others (anchors whose shape IoU
 with an object exceeds 0.5 are not counted as background), class BCE; weights 2.5 (x, y, w, h), 1, 1.
 
@@ -227,18 +228,21 @@ def _split(raw: torch.Tensor, num_classes: int) -> torch.Tensor:
     return raw.float().view(b, 3, 5 + num_classes, h, w).permute(0, 1, 3, 4, 2)  # [B, A, h, w, 5 + C]
 
 
-def _shape_iou(wh1: torch.Tensor, wh2: torch.Tensor) -> torch.Tensor:
-    """IoU of boxes sharing a centre, from their widths and heights: [N, 2] x [A, 2] -> [N, A]."""
-    inter = torch.minimum(wh1[:, None, 0], wh2[None, :, 0]) * torch.minimum(wh1[:, None, 1], wh2[None, :, 1])
-    return inter / (wh1[:, None].prod(-1) + wh2[None].prod(-1) - inter)
+def _shape_iou(wh1: torch.Tensor, wh2: torch.Tensor, plus_one: bool = True) -> torch.Tensor:
+    """IoU of boxes sharing a corner, from their widths and heights: [N, 2] x [A, 2] -> [N, A]. ``plus_one``: the
+    pixel convention of the YOLOv3 code the authors used (every side one longer), applied there in grid units."""
+    e = 1.0 if plus_one else 0.0
+    inter = (torch.minimum(wh1[:, None], wh2[None]) + e).prod(-1)
+    return inter / ((wh1[:, None] + e).prod(-1) + (wh2[None] + e).prod(-1) - inter + 1e-16)
 
 
 def yolo_loss(outputs: list[torch.Tensor], boxes: list[torch.Tensor], anchors: list, img_size: int,
               num_classes: int = 1, labels: list[torch.Tensor] | None = None, ignore_threshold: float = 0.5,
-              lambda_xy: float = 2.5, lambda_wh: float = 2.5, lambda_conf: float = 1.0,
-              lambda_cls: float = 1.0) -> torch.Tensor:
+              lambda_xy: float = 2.5, lambda_wh: float = 2.5, lambda_conf: float = 1.0, lambda_cls: float = 1.0,
+              anchor_iou_plus_one: bool = True) -> torch.Tensor:
     """The YOLOv3 loss summed over scales (module docstring); ``boxes`` per image are normalised x1, y1, x2, y2.
-    Means run over every anchor of every cell, as in the code the authors used."""
+    Means run over every anchor of every cell, as in the code the authors used. Anchor matching uses that code's
+    shape IoU with its +1 pixel convention in grid units; ``anchor_iou_plus_one=False`` gives the plain IoU."""
     total = outputs[0].new_zeros((), dtype=torch.float32)
     with torch.autocast(outputs[0].device.type, enabled=False):
         for raw, scale_anchors in zip(outputs, anchors, strict=True):
@@ -258,7 +262,7 @@ def yolo_loss(outputs: list[torch.Tensor], boxes: list[torch.Tensor], anchors: l
                 gx, gy = (bx[:, 0] + bx[:, 2]) / 2 * w, (bx[:, 1] + bx[:, 3]) / 2 * h
                 gw, gh = (bx[:, 2] - bx[:, 0]) * w, (bx[:, 3] - bx[:, 1]) * h
                 gi, gj = gx.long().clamp(0, w - 1), gy.long().clamp(0, h - 1)
-                ious = _shape_iou(torch.stack([gw, gh], 1), a_wh)  # [N, A]
+                ious = _shape_iou(torch.stack([gw, gh], 1), a_wh, anchor_iou_plus_one)  # [N, A]
                 for k in range(len(bx)):
                     noobj[b, ious[k] > ignore_threshold, gj[k], gi[k]] = 0
                 best = ious.argmax(1)
