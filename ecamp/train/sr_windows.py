@@ -23,7 +23,10 @@ masked "left"/"right" or "large"/"small" is predicted at chance (0.47-0.53) with
 logits barely move when the image changes, and windows point to the finding's side at chance (0.49-0.53, chance
 0.5). The maps separate findings vertically (effusion low, pneumothorax high), but that survives pairing each
 report with another film: a prior of the entity word, not image evidence. These windows are therefore "where this
-model's entity words attend"; their value depends on a first stage that has learnt to use the image.
+model's entity words attend"; their value depends on a first stage that has learnt to use the image. A first
+stage that does (one-sentence phantom reports, 400 steps: the masked side word is read from the image 75 % of the
+time) shows why the aggregation matters: single heads are strongly lateralised, but one attends to the finding
+and another to the opposite, normal lung (AUROCs 0.85 and 0.0 for the side), so the maximum over heads cancels out.
 """
 
 from __future__ import annotations
