@@ -17,16 +17,15 @@ every epoch).
   "from the report's entity tokens" (the same positions), only with the word hidden.
 
 Measured on held-out phantoms (``ecamp.train.phantom``, findings at known places), neither query localises the
-finding yet, because the small first stages trainable on a CPU do not read findings from the image at all: with
-the demo preset (1,240 steps) and with effusion-only phantoms, no flips and 25 % image masking (1,500 steps), a
-masked "left"/"right" or "large"/"small" is predicted at chance (0.47-0.53) with or without the image, the text
-logits barely move when the image changes, and windows point to the finding's side at chance (0.49-0.53, chance
-0.5). The maps separate findings vertically (effusion low, pneumothorax high), but that survives pairing each
-report with another film: a prior of the entity word, not image evidence. These windows are therefore "where this
-model's entity words attend"; their value depends on a first stage that has learnt to use the image. A first
-stage that does (one-sentence phantom reports, 400 steps: the masked side word is read from the image 75 % of the
-time) shows why the aggregation matters: single heads are strongly lateralised, but one attends to the finding
-and another to the opposite, normal lung (AUROCs 0.85 and 0.0 for the side), so the maximum over heads cancels out.
+finding yet: windows point to the finding's side at chance (0.46-0.53, chance 0.5). With full phantom reports the
+small first stages a CPU can train (the demo preset's 1,240 steps; 1,500 steps on effusion-only phantoms without
+flips) do not use the image for the side words, although their encoder carries the side (a linear probe on its
+tokens: 1.0): a masked "left"/"right" is predicted at chance with or without the image. With one-sentence reports a
+first stage does read the side (75 % vs 51 % with a blank image), and single heads are then strongly lateralised,
+but one attends to the finding and another to the opposite, normal lung (side AUROCs 0.85 and 0.0), so the maximum
+over heads cancels out. The vertical separation of findings in the maps (effusion low, pneumothorax high) survives
+pairing each report with another film: a prior of the entity word. These windows are therefore "where this model's
+entity words attend"; their value depends on the first stage.
 """
 
 from __future__ import annotations
