@@ -14,7 +14,7 @@ from torch import nn
 
 from .errors import EcampError
 
-__all__ = ["layer_decay_param_groups", "LinearProbe", "multiscale_features", "FeaturePyramid"]
+__all__ = ["layer_decay_param_groups", "FrozenEncoder", "LinearProbe", "multiscale_features", "FeaturePyramid"]
 
 
 def layer_decay_param_groups(model: nn.Module, lr: float, *, weight_decay: float = 0.05, layer_decay: float = 0.75,
@@ -34,15 +34,38 @@ def layer_decay_param_groups(model: nn.Module, lr: float, *, weight_decay: float
     return groups
 
 
-class LinearProbe(nn.Module):
-    """A true linear probe: the encoder is frozen and always in eval mode (no dropout or drop-path in the trunk),
-    only the linear head trains. ``forward`` returns logits; ``features`` the frozen pooled embedding."""
+class FrozenEncoder(nn.Module):
+    """Base for heads trained on a frozen encoder (linear probe, segmentation, detection): the encoder's parameters
+    never train and it never leaves eval mode (no dropout or drop-path), whatever ``train()`` is called with."""
 
-    def __init__(self, encoder: nn.Module, num_classes: int):
+    def __init__(self, encoder: nn.Module):
         super().__init__()
         self.encoder = encoder
         for p in self.encoder.parameters():
             p.requires_grad_(False)
+        self.encoder.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    @torch.no_grad()
+    def patch_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's patch tokens after its final norm, ``[B, N, C]`` (prefix tokens dropped)."""
+        return self.encoder.forward_features(x)[:, self.encoder.num_prefix_tokens:]
+
+    def token_map(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[B, N, C]`` tokens in grid order as a ``[B, C, h, w]`` map on the encoder's patch grid."""
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *self.encoder.patch_embed.grid_size)
+
+
+class LinearProbe(FrozenEncoder):
+    """A true linear probe: the encoder is frozen and always in eval mode (no dropout or drop-path in the trunk),
+    only the linear head trains. ``forward`` returns logits; ``features`` the frozen pooled embedding."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int):
+        super().__init__(encoder)
         dim = getattr(encoder, "num_features", None)
         if not dim:
             raise EcampError("LinearProbe needs an encoder with num_features (a timm model from ecamp.load).")
@@ -51,12 +74,6 @@ class LinearProbe(nn.Module):
         self.head = nn.Linear(dim, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=0.01)
         nn.init.zeros_(self.head.bias)
-        self.encoder.eval()
-
-    def train(self, mode: bool = True) -> LinearProbe:
-        super().train(mode)
-        self.encoder.eval()  # the trunk never leaves eval mode
-        return self
 
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import EcampError, MissingDependencyError
+from ..finetune import FrozenEncoder
 from .data import DataError
 from .recipes import Recipe
 
@@ -187,16 +188,13 @@ class YOLOv3Head(nn.Module):
         return [out0, out1, out2]
 
 
-class DetectionModel(nn.Module):
+class DetectionModel(FrozenEncoder):
     """Frozen ViT encoder + trainable ``det_head``, :class:`DetectionNeck` and :class:`YOLOv3Head` (the authors'
     ViTDetector). ``forward`` returns the three raw prediction maps, coarsest first."""
 
     def __init__(self, encoder: nn.Module, num_classes: int = 1, expansion: int = 8,
                  widths: tuple[int, int, int] = (512, 1024, 2048), head_width: int = 512):
-        super().__init__()
-        self.encoder = encoder
-        for p in self.encoder.parameters():
-            p.requires_grad_(False)
+        super().__init__(encoder)
         dim = encoder.num_features
         self.grid = tuple(encoder.patch_embed.grid_size)
         if self.grid[0] % 2 or self.grid[1] % 2:
@@ -210,17 +208,8 @@ class DetectionModel(nn.Module):
         self.neck = DetectionNeck(dim, widths, expansion)
         self.head = YOLOv3Head(widths, num_classes, head_width)
 
-    def train(self, mode: bool = True) -> DetectionModel:
-        super().train(mode)
-        self.encoder.eval()
-        return self
-
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        with torch.no_grad():
-            tokens = self.encoder.forward_features(x)[:, self.encoder.num_prefix_tokens:]
-        t = self.det_head(tokens)
-        fmap = t.transpose(1, 2).reshape(t.shape[0], t.shape[2], *self.grid)
-        return self.head(self.neck(fmap))
+        return self.head(self.neck(self.token_map(self.det_head(self.patch_tokens(x)))))
 
 
 def _split(raw: torch.Tensor, num_classes: int) -> torch.Tensor:

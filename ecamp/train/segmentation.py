@@ -26,6 +26,7 @@ from torch import nn
 
 from ..errors import EcampError
 from ..fileio import write_csv
+from ..finetune import FrozenEncoder, multiscale_features
 from .data import DataError
 from .recipes import Recipe
 
@@ -147,17 +148,13 @@ class MaskDataset(torch.utils.data.Dataset):
         return x, (y.as_subclass(torch.Tensor) > 0.5).float()
 
 
-class SegmentationModel(nn.Module):
+class SegmentationModel(FrozenEncoder):
     """Frozen ViT encoder + trainable token projection + ``outputs`` conv decoders (the authors' SegViT)."""
 
     def __init__(self, encoder: nn.Module, outputs: int = 1, channels: tuple[int, ...] = (512, 256, 128, 64)):
-        super().__init__()
-        self.encoder = encoder
-        for p in self.encoder.parameters():
-            p.requires_grad_(False)
+        super().__init__(encoder)
         dim = encoder.num_features
         self.seg_head = nn.Linear(dim, dim)
-        self.grid = encoder.patch_embed.grid_size
         stages = int(round(math.log2(encoder.patch_embed.patch_size[0])))
 
         def decoder() -> nn.Sequential:
@@ -172,30 +169,19 @@ class SegmentationModel(nn.Module):
 
         self.decoders = nn.ModuleList([decoder() for _ in range(outputs)])
 
-    def train(self, mode: bool = True) -> SegmentationModel:
-        super().train(mode)
-        self.encoder.eval()
-        return self
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            tokens = self.encoder.forward_features(x)[:, self.encoder.num_prefix_tokens:]
-        t = self.seg_head(tokens)
-        fmap = t.transpose(1, 2).reshape(t.shape[0], t.shape[2], *self.grid)
+        fmap = self.token_map(self.seg_head(self.patch_tokens(x)))
         return torch.cat([d(fmap) for d in self.decoders], dim=1)
 
 
-class PyramidSegmentationModel(nn.Module):
+class PyramidSegmentationModel(FrozenEncoder):
     """Frozen ViT encoder + a trainable feature-pyramid decoder: four blocks spread over the depth, resampled to
     strides 4, 8, 16 and 32 by :func:`ecamp.finetune.multiscale_features`, projected to ``channels``, merged
     top-down (FPN), then one 3x3 convolution and a bilinear up-sampling to the input size per output. An option of
     ours (``--seg-decoder pyramid``), not the authors' decoder."""
 
     def __init__(self, encoder: nn.Module, outputs: int = 1, channels: int = 128):
-        super().__init__()
-        self.encoder = encoder
-        for p in self.encoder.parameters():
-            p.requires_grad_(False)
+        super().__init__(encoder)
         depth = len(encoder.blocks)
         self.indices = [max(0, round(depth * k / 4) - 1) for k in range(1, 5)]
         dim = encoder.num_features
@@ -204,14 +190,7 @@ class PyramidSegmentationModel(nn.Module):
                                     nn.ReLU(inplace=True))
         self.out = nn.Conv2d(channels, outputs, 1)
 
-    def train(self, mode: bool = True) -> PyramidSegmentationModel:
-        super().train(mode)
-        self.encoder.eval()
-        return self
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ..finetune import multiscale_features
-
         with torch.no_grad():
             maps = multiscale_features(self.encoder, x, indices=self.indices)
         merged = None
