@@ -252,8 +252,8 @@ def yolo_loss(outputs: list[torch.Tensor], boxes: list[torch.Tensor], anchors: l
                 gw, gh = (bx[:, 2] - bx[:, 0]) * w, (bx[:, 3] - bx[:, 1]) * h
                 gi, gj = gx.long().clamp(0, w - 1), gy.long().clamp(0, h - 1)
                 ious = _shape_iou(torch.stack([gw, gh], 1), a_wh, anchor_iou_plus_one)  # [N, A]
-                for k in range(len(bx)):
-                    noobj[b, ious[k] > ignore_threshold, gj[k], gi[k]] = 0
+                obj, anchor = (ious > ignore_threshold).nonzero(as_tuple=True)  # well-fitting anchors: not background
+                noobj[b, anchor, gj[obj], gi[obj]] = 0
                 best = ious.argmax(1)
                 mask[b, best, gj, gi] = 1
                 tx[b, best, gj, gi] = gx - gi

@@ -90,6 +90,16 @@ def _optimizer(params: Sequence[nn.Parameter], r: Recipe) -> torch.optim.Optimiz
     raise EcampError(f"Unknown optimizer {r.optimizer!r}; use sgd or adamw.")
 
 
+def _endless(loader: torch.utils.data.DataLoader, sampler: torch.utils.data.Sampler):
+    """The loader's batches epoch after epoch (a distributed sampler reshuffles each epoch)."""
+    epoch = 0
+    while True:
+        if isinstance(sampler, torch.utils.data.DistributedSampler):
+            sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
 def train_head(model: nn.Module, train_set: torch.utils.data.Dataset,
                loss_fn: Callable[[nn.Module, Any, torch.device], torch.Tensor], validate: Callable[[], float],
                recipe: Recipe, rt: Runtime, output_dir: str | Path, *, metric: str, num_workers: int = 0,
@@ -133,53 +143,47 @@ def train_head(model: nn.Module, train_set: torch.utils.data.Dataset,
     scaler = torch.amp.GradScaler(rt.device.type, enabled=fp16)
     eval_every = recipe.eval_every or len(loader)
     log = open(out / "metrics.jsonl", "w", encoding="utf-8") if rt.main else None
-    best, best_state, best_step, bad, step, epoch = float("-inf"), None, 0, 0, 0, 0
+    best, best_state, best_step, bad, step = float("-inf"), None, 0, 0, 0
     losses: list[float] = []
     bar = tqdm(total=recipe.steps, desc=desc, disable=not progress or not rt.main)
     try:
-        while step < recipe.steps:
-            if isinstance(sampler, torch.utils.data.DistributedSampler):
-                sampler.set_epoch(epoch)
-            for batch in loader:
-                model.train()
-                with autocast(rt.device, recipe.precision):
-                    loss = loss_fn(net, batch, rt.device)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                scaler.step(opt)
-                scaler.update()
-                sched.step()  # after the optimizer (the authors' order was reversed, dossier #36)
-                step += 1
-                losses.append(float(loss.detach()))
-                bar.update(1)
-                if step >= recipe.start_eval and (step % eval_every == 0 or step == recipe.steps):
-                    val = validate()
-                    row = {"step": step, "loss": sum(losses) / len(losses), "lr": sched.get_last_lr()[0],
-                           f"val_{metric}": val}
-                    losses = []
-                    if val >= best:
-                        best, best_step, bad = val, step, 0
-                        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                        if rt.main:
-                            state = {"model": best_state, "step": step, f"val_{metric}": val}
-                            atomic_write(out / "best.pt", lambda p, s=state: torch.save(s, p))
-                    else:
-                        bad += 1
-                    if log:
-                        log.write(json.dumps(row) + "\n")
-                        log.flush()
-                    if recipe.patience and bad >= recipe.patience:
-                        logger.info("No better validation %s for %d evaluations: stopping at step %d.", metric,
-                                    bad, step)
-                        break
-                if step >= recipe.steps:
+        for batch in _endless(loader, sampler):
+            model.train()
+            with autocast(rt.device, recipe.precision):
+                loss = loss_fn(net, batch, rt.device)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()  # after the optimizer (the authors' order was reversed, dossier #36)
+            step += 1
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            # the last step always validates, so a budget shorter than start_eval still picks weights
+            if (step >= recipe.start_eval and step % eval_every == 0) or step == recipe.steps:
+                val = validate()
+                row = {"step": step, "loss": sum(losses) / len(losses), "lr": sched.get_last_lr()[0],
+                       f"val_{metric}": val}
+                losses = []
+                if val >= best:
+                    best, best_step, bad = val, step, 0
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    if rt.main:
+                        state = {"model": best_state, "step": step, f"val_{metric}": val}
+                        atomic_write(out / "best.pt", lambda p, s=state: torch.save(s, p))
+                else:
+                    bad += 1
+                if log:
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                if recipe.patience and bad >= recipe.patience:
+                    logger.info("No better validation %s for %d evaluations: stopping at step %d.", metric, bad,
+                                step)
                     break
-            else:
-                epoch += 1
-                continue
-            break  # early stop or step budget reached inside the epoch
+            if step >= recipe.steps:
+                break
     finally:
         bar.close()
         if log:
