@@ -22,7 +22,9 @@ The data set is written in the authors' MIMIC-CXR pre-training layout, so the re
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -181,25 +183,34 @@ def make_case(rng: np.random.Generator, size: int = 256, p_finding: float = 0.35
     return PhantomCase(image, labels, attrs, report, context, window, masks)
 
 
+def _films(root: Path, n: int, seed: int, prefix: str, make: Callable[[np.random.Generator], PhantomCase],
+           progress: bool) -> Iterator[tuple[str, PhantomCase]]:
+    """``n`` cases from one generator seeded with ``seed``, each film saved as ``images/<prefix><seed>_<i>.png``;
+    yields (relative path, case)."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in tqdm(range(n), desc="phantom", disable=not progress):
+        case = make(rng)
+        rel = f"images/{prefix}{seed:04d}_{i:06d}.png"
+        Image.fromarray(case.image).save(root / rel)
+        yield rel, case
+
+
 def write_phantom(out: str | os.PathLike, n: int, seed: int = 0, size: int = 256, progress: bool = False,
                   variation: float = 1.0, p_finding: float = 0.35, force: tuple[str, ...] = ()) -> Path:
     """Write ``n`` phantom cases in the authors' MIMIC-CXR layout under ``out``; returns the folder. Each finding
     appears with probability ``p_finding``; those in ``force`` always do."""
-    from PIL import Image
-    from tqdm.auto import tqdm
-
     from ..errors import EcampError
 
     if n < 1:
         raise EcampError(f"--n must be at least 1, got {n}.")
     root = Path(out)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
     reports, windows, labels = [], [], []
-    for i in tqdm(range(n), desc="phantom", disable=not progress):
-        case = make_case(rng, size, p_finding=p_finding, variation=variation, force=force)
-        rel = f"images/p{seed:04d}_{i:06d}.png"
-        Image.fromarray(case.image).save(root / rel)
+    make = partial(make_case, size=size, p_finding=p_finding, variation=variation, force=force)
+    for rel, case in _films(root, n, seed, "p", make, progress):
         reports.append([rel, case.report, case.context])
         windows.append([rel, *case.window])
         labels.append([rel, *[case.labels[f] for f in FINDINGS],
@@ -217,23 +228,15 @@ def write_phantom_classification(out: str | os.PathLike, n: int, seed: int = 0, 
     """Phantom films with the authors' classification list files (``train_list{,_1,_10}.txt``, ``val_list.txt``,
     ``test_list.txt``; labels effusion, nodule, cardiomegaly, pneumothorax) for ``ecamp train finetune --dataset
     phantom``."""
-    from PIL import Image
-    from tqdm.auto import tqdm
-
     from ..errors import EcampError
     from .downstream import write_splits
 
     if n < 10:
         raise EcampError(f"--n must be at least 10 for a train/val/test split, got {n}.")
     root = Path(out)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    items = []
-    for i in tqdm(range(n), desc="phantom", disable=not progress):
-        case = make_case(rng, size, variation=variation)
-        rel = f"images/c{seed:04d}_{i:06d}.png"
-        Image.fromarray(case.image).save(root / rel)
-        items.append((rel, [float(case.labels[f]) for f in FINDINGS]))
+    make = partial(make_case, size=size, variation=variation)
+    items = [(rel, [float(case.labels[f]) for f in FINDINGS]) for rel, case in _films(root, n, seed, "c", make,
+                                                                                      progress)]
     write_splits(items, root, seed=seed)
     return root
 
@@ -250,16 +253,13 @@ def write_phantom_segmentation(out: str | os.PathLike, n: int, seed: int = 0, si
     if finding not in ("effusion", "nodule", "pneumothorax"):
         raise EcampError(f"Segmentation phantoms exist for effusion, nodule and pneumothorax, not {finding!r}.")
     root = Path(out)
-    (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "masks").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
     rows = []
-    for i in range(n):
-        case = make_case(rng, size, p_finding=0.0, variation=variation, force=(finding,))
-        img, msk = f"images/s{seed:04d}_{i:06d}.png", f"masks/s{seed:04d}_{i:06d}.png"
-        Image.fromarray(case.image).save(root / img)
+    make = partial(make_case, size=size, p_finding=0.0, variation=variation, force=(finding,))
+    for rel, case in _films(root, n, seed, "s", make, progress):
+        msk = "masks/" + rel.split("/", 1)[1]
         Image.fromarray(case.masks[finding]).save(root / msk)
-        rows.append([img, msk])
+        rows.append([rel, msk])
     _write_split_csvs(root, ["img_path", "mask_path"], rows, seed)
     return root
 
@@ -284,9 +284,6 @@ def write_phantom_detection(out: str | os.PathLike, n: int, seed: int = 0, size:
     detection format: ``image_path,bbox`` lists (``train_list{,_1,_10}.csv``, ``val_list.csv``,
     ``test_list.csv``), boxes ``[[x1, y1, x2, y2]]`` in pixels, ``[[0, 0, 0, 0]]`` for films without it; the layout
     ``ecamp train finetune --dataset phantom-det --head det`` reads."""
-    from PIL import Image
-    from tqdm.auto import tqdm
-
     from ..errors import EcampError
 
     if finding not in ("effusion", "nodule", "pneumothorax"):
@@ -294,17 +291,16 @@ def write_phantom_detection(out: str | os.PathLike, n: int, seed: int = 0, size:
     if n < 10:
         raise EcampError(f"--n must be at least 10 for a train/val/test split, got {n}.")
     root = Path(out)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in tqdm(range(n), desc="phantom", disable=not progress):
+
+    def make(rng: np.random.Generator) -> PhantomCase:
         show = rng.random() < p_finding
-        case = make_case(rng, size, p_finding=0.0, variation=variation, force=(finding,) if show else ())
-        rel = f"images/d{seed:04d}_{i:06d}.png"
-        Image.fromarray(case.image).save(root / rel)
-        box = [0, 0, 0, 0]
-        if show and case.masks[finding].any():
-            ys, xs = np.nonzero(case.masks[finding])
+        return make_case(rng, size, p_finding=0.0, variation=variation, force=(finding,) if show else ())
+
+    rows = []
+    for rel, case in _films(root, n, seed, "d", make, progress):
+        box, mask = [0, 0, 0, 0], (case.masks or {}).get(finding)
+        if mask is not None and mask.any():
+            ys, xs = np.nonzero(mask)
             box = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
         rows.append([rel, str([box])])
     _write_split_csvs(root, ["image_path", "bbox"], rows, seed)
