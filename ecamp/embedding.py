@@ -24,18 +24,19 @@ from torch import nn
 
 from .errors import EcampError
 from .fileio import atomic_write
+from .io import DICOM_SUFFIXES, is_dicom
 
 __all__ = ["embed", "embed_files", "EmbedResult", "find_images", "IMAGE_SUFFIXES"]
 
 logger = logging.getLogger("ecamp")
 
-IMAGE_SUFFIXES = (".dcm", ".dicom", ".dic", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+IMAGE_SUFFIXES = (*DICOM_SUFFIXES, ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
 def _has_dicom_preamble(path: Path) -> bool:
     try:
         with open(path, "rb") as f:
-            return f.read(132)[128:132] == b"DICM"
+            return is_dicom(f.read(132))
     except OSError:
         return False
 
@@ -232,19 +233,20 @@ def embed_files(model: nn.Module, files: Sequence[str], out: str | os.PathLike, 
                 np.savez(f, rows=rows, failures=np.array(fail_json))
 
         atomic_write(done, write_chunk)
-    parts = [np.load(partial / f"chunk-{c:06d}.npz") for c in range(len(chunks))]
-    width = max(p["rows"].shape[1] for p in parts)
+    parts, failures = [], {}
+    for c in range(len(chunks)):  # each chunk read once, its file closed at once
+        with np.load(partial / f"chunk-{c:06d}.npz") as z:
+            parts.append(z["rows"])
+            failures.update(json.loads(str(z["failures"])))
+    width = max(r.shape[1] for r in parts)
     if width == 0:
         raise EcampError(f"None of the {len(files)} files could be read; see {partial} for the reasons.")
-    bad = [p["rows"].shape[1] for p in parts if p["rows"].shape[1] not in (0, width)]
+    bad = [r.shape[1] for r in parts if r.shape[1] not in (0, width)]
     if bad:
         raise EcampError(f"Chunks under {partial} have different widths {sorted(set(bad))} and {width}; "
                          f"remove the folder and run again.")
-    embeddings = np.concatenate([p["rows"] if p["rows"].shape[1] == width else
-                                 np.full((p["rows"].shape[0], width), np.nan, np.float32) for p in parts])
-    failures: dict[str, str] = {}
-    for p in parts:
-        failures.update(json.loads(str(p["failures"])))
+    embeddings = np.concatenate([r if r.shape[1] == width else np.full((r.shape[0], width), np.nan, np.float32)
+                                 for r in parts])
     if out.suffix == ".npy":
         def write_npy(p: Path) -> None:
             with open(p, "wb") as f:
