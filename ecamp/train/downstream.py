@@ -29,8 +29,8 @@ from ..errors import EcampError
 from .data import DataError
 from .recipes import Recipe
 
-__all__ = ["TASKS", "Task", "read_list_file", "list_file_for", "ListDataset", "write_splits", "select_validation",
-           "finetune_classification"]
+__all__ = ["TASKS", "Task", "read_list_file", "list_file_for", "ListDataset", "split_indices", "write_splits",
+           "select_validation", "finetune_classification"]
 
 logger = logging.getLogger("ecamp")
 
@@ -106,23 +106,26 @@ class ListDataset(torch.utils.data.Dataset):
         return self.transform(self.root / name), torch.from_numpy(y)
 
 
+def split_indices(n: int, seed: int, n_test: int, n_val: int) -> dict[str, np.ndarray]:
+    """A seeded permutation of ``n`` items cut into the authors' list stems: test, val, then train and its nested
+    10 % and 1 % subsets (the 1 % images are part of the 10 %)."""
+    order = np.random.default_rng(seed).permutation(n)
+    train = order[n_test + n_val:]
+    return {"test_list": order[:n_test], "val_list": order[n_test:n_test + n_val], "train_list": train,
+            "train_list_10": train[: max(1, len(train) // 10)], "train_list_1": train[: max(1, len(train) // 100)]}
+
+
 def write_splits(items: list[tuple[str, list[float]]], out_dir: str | Path, *, seed: int = 0, val: float = 0.1,
                  test: float = 0.2) -> dict[str, int]:
-    """Seeded split into the authors' list files: test and val first, then the train list and its 10 % and 1 %
-    subsets (nested: the 1 % images are part of the 10 %)."""
+    """Seeded split into the authors' list files (:func:`split_indices`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    order = np.random.default_rng(seed).permutation(len(items))
-    n_test, n_val = int(round(len(items) * test)), int(round(len(items) * val))
-    parts = {"test_list.txt": order[:n_test], "val_list.txt": order[n_test:n_test + n_val]}
-    train = order[n_test + n_val:]
-    parts["train_list.txt"] = train
-    parts["train_list_10.txt"] = train[: max(1, len(train) // 10)]
-    parts["train_list_1.txt"] = train[: max(1, len(train) // 100)]
-    for name, idx in parts.items():
+    n = len(items)
+    parts = split_indices(n, seed, int(round(n * test)), int(round(n * val)))
+    for stem, idx in parts.items():
         lines = [" ".join([items[i][0], *[f"{v:g}" for v in items[i][1]]]) for i in idx]
-        (out / name).write_text("\n".join(lines) + "\n")
-    return {k: len(v) for k, v in parts.items()}
+        (out / f"{stem}.txt").write_text("\n".join(lines) + "\n")
+    return {f"{stem}.txt": len(idx) for stem, idx in parts.items()}
 
 
 def select_validation(rows: dict[str, list], lists: Path, task_key: str, task: Task, *, upstream: bool,

@@ -266,15 +266,11 @@ def write_phantom_segmentation(out: str | os.PathLike, n: int, seed: int = 0, si
 
 def _write_split_csvs(root: Path, header: list[str], rows: list[list], seed: int) -> None:
     """Seeded test (20 %), validation (10 %) and train lists with nested 10 % and 1 % subsets, as CSV files."""
+    from .downstream import split_indices
+
     n = len(rows)
-    order = np.random.default_rng(seed).permutation(n)
-    n_test, n_val = max(1, n // 5), max(1, n // 10)
-    train = order[n_test + n_val:]
-    parts = {"test_list.csv": order[:n_test], "val_list.csv": order[n_test:n_test + n_val], "train_list.csv": train,
-             "train_list_10.csv": train[: max(1, len(train) // 10)],
-             "train_list_1.csv": train[: max(1, len(train) // 100)]}
-    for name, idx in parts.items():
-        write_csv(root / name, header, [rows[i] for i in idx])
+    for stem, idx in split_indices(n, seed, max(1, n // 5), max(1, n // 10)).items():
+        write_csv(root / f"{stem}.csv", header, [rows[i] for i in idx])
 
 
 def write_phantom_detection(out: str | os.PathLike, n: int, seed: int = 0, size: int = 256,

@@ -110,13 +110,20 @@ def _riga_targets(mask: np.ndarray) -> np.ndarray:
 
 
 class MaskDataset(torch.utils.data.Dataset):
-    """(image, target [K, S, S]) pairs; training applies one random flip/affine to image and mask together."""
+    """(image, target [K, S, S]) pairs; training applies one random affine to image and mask together."""
 
     def __init__(self, root: Path, rows: list[tuple[str, str]], cfg: dict, outputs: int, train: bool,
                  augment_mask: bool = True):
-        self.root, self.rows, self.cfg, self.outputs, self.train = root, rows, cfg, outputs, train
+        from torchvision.transforms import v2 as T
+
+        self.root, self.rows, self.outputs, self.train = root, rows, outputs, train
         self.augment_mask = augment_mask  # False: the authors' SIIM pipeline (image augmented alone, #44)
-        self.size = int(cfg["input_size"][-1])
+        size = int(cfg["input_size"][-1])
+        self.policy = (cfg.get("ecamp") or {}).get("image_policy", "bits")
+        self.mean, self.std = float(cfg["mean"][0]), float(cfg["std"][0])
+        self.resize = T.Resize((size, size), antialias=True)
+        self.affine = T.RandomAffine(degrees=10, scale=(0.9, 1.1))  # parameters drawn at each call
+        self.joint = T.Compose([self.affine, self.resize])
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -124,27 +131,24 @@ class MaskDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         from PIL import Image
         from torchvision import tv_tensors
-        from torchvision.transforms import v2 as T
 
         from ..io import read_image
 
         img_path, mask_path = self.rows[i]
-        img = read_image(self.root / img_path, policy=(self.cfg.get("ecamp") or {}).get("image_policy", "bits"))
+        img = read_image(self.root / img_path, policy=self.policy)
         if img.ndim == 3:
             img = img.mean(-1)
         mask = np.asarray(Image.open(self.root / mask_path))
         target = _riga_targets(mask) if self.outputs == 2 else (mask > 0).astype(np.float32)[None]
         x = tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(img))[None])
         y = tv_tensors.Mask(torch.from_numpy(target))
-        resize = T.Resize((self.size, self.size), antialias=True)
         if self.train and self.augment_mask:
-            x, y = T.Compose([T.RandomAffine(degrees=10, scale=(0.9, 1.1)), resize])(x, y)  # the mask moves too
+            x, y = self.joint(x, y)  # the mask moves with the image
         elif self.train:
-            x, y = resize(T.RandomAffine(degrees=10, scale=(0.9, 1.1))(x)), resize(y)
+            x, y = self.resize(self.affine(x)), self.resize(y)
         else:
-            x, y = resize(x, y)
-        mean, std = float(self.cfg["mean"][0]), float(self.cfg["std"][0])
-        x = ((x.as_subclass(torch.Tensor).expand(3, -1, -1) - mean) / std).float()
+            x, y = self.resize(x, y)
+        x = ((x.as_subclass(torch.Tensor).expand(3, -1, -1) - self.mean) / self.std).float()
         return x, (y.as_subclass(torch.Tensor) > 0.5).float()
 
 

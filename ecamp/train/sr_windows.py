@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from ..errors import EcampError
 from ..fileio import write_csv
+from .config import DataConfig
 from .data import AUTHORS_GRID, AUTHORS_WINDOW, read_table
 
 __all__ = ["QUERIES", "best_window", "compute_windows", "entity_attention_maps", "load_stage1"]
@@ -131,6 +132,7 @@ def compute_windows(stage1: str | Path, data_root: str | Path, out_csv: str | Pa
     model.to(dev)
     cfg = model.config
     enc = ReportEncoder(tokenizer, max_length=cfg.max_text_len)
+    data_cfg = DataConfig()  # the pre-training reader's intensity policy and normalisation
     root = Path(data_root)
     rows = read_table(root / reports_csv, ["img_path", "report"])
     size = cfg.sr_img_size
@@ -140,7 +142,7 @@ def compute_windows(stage1: str | Path, data_root: str | Path, out_csv: str | Pa
         chunk = rows[start:start + batch_size]
         images, ids, masks = [], [], []
         for r in chunk:
-            arr = read_image_native(root / r["img_path"], policy="bits")
+            arr = read_image_native(root / r["img_path"], policy=data_cfg.image_policy)
             if arr.dtype != np.uint8:
                 arr = np.clip(np.rint(arr * 255), 0, 255).astype(np.uint8)
             pil = Image.fromarray(arr).convert("L").resize((size, size), Image.BICUBIC)
@@ -149,7 +151,7 @@ def compute_windows(stage1: str | Path, data_root: str | Path, out_csv: str | Pa
             ids.append(torch.from_numpy(t))
             masks.append(torch.from_numpy(m))
         x = torch.stack(images)[:, None].expand(-1, 3, -1, -1)
-        x = ((x - 0.4721) / 0.3037).to(dev)
+        x = ((x - data_cfg.mean) / data_cfg.std).to(dev)
         small = F.interpolate(x, size=(cfg.img_size, cfg.img_size), mode="bicubic", align_corners=False)
         order = torch.arange(cfg.grid**2, dtype=torch.float32, device=dev).expand(x.shape[0], -1)
         latent, _, _, _ = model.forward_encoder(small, 0.0, order)  # all patches, in grid order
