@@ -258,7 +258,7 @@ def pretrain(cfg: PretrainRunConfig, data_root: str | Path, output_dir: str | Pa
                 collate_fn=collate_pretrain, drop_last=True, pin_memory=dev.type == "cuda",
                 generator=torch.Generator().manual_seed(seed * 1000 + epoch),
                 persistent_workers=False)
-            sums = torch.zeros(4, dtype=torch.float64)
+            sums = torch.zeros(4, dtype=torch.float64, device=dev)  # on the device: no sync per micro-batch
             micro_in_step = 0
             for batch in loader:
                 if epoch_pos >= steps_per_epoch * accum:
@@ -290,8 +290,8 @@ def pretrain(cfg: PretrainRunConfig, data_root: str | Path, output_dir: str | Pa
                         weight = 1.0 if usable else 0.0
                         scaler.scale(outs["loss"] * weight / accum).backward()
                     if usable:
-                        sums += torch.tensor([outs[k].item() for k in ("loss", "mim_loss", "sr_loss", "mlm_loss")],
-                                             dtype=torch.float64)
+                        sums += torch.stack([outs[k].detach().double() for k in ("loss", "mim_loss", "sr_loss",
+                                                                                  "mlm_loss")])
                 micro_in_step += 1
                 epoch_pos += 1
                 if not last_micro:
@@ -318,9 +318,9 @@ def pretrain(cfg: PretrainRunConfig, data_root: str | Path, output_dir: str | Pa
                 micro_in_step = 0
                 avg = sums / accum
                 if world > 1:  # on the device: an NCCL group has no CPU backend
-                    avg = avg.to(dev)
                     torch.distributed.all_reduce(avg)
-                    avg = avg.cpu() / world
+                    avg = avg / world
+                avg = avg.cpu()  # the one host copy per optimizer step
                 sums.zero_()
                 if rank == 0:
                     row = {"step": step, "epoch": round(epoch + epoch_pos / micro_per_epoch, 6),
