@@ -65,7 +65,7 @@ def _measure(size: str, device: str, precision: str, batch: int, steps: int) -> 
 
 def _data_rate(size: str, n: int = 64) -> float:
     from ecamp.text import ReportEncoder, train_tokenizer
-    from ecamp.train.data import PretrainDataset
+    from ecamp.train.pretrain.data import PretrainDataset
     from ecamp.train.demo import demo_config
     from ecamp.train.phantom import write_phantom
 

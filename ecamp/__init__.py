@@ -14,11 +14,11 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from .errors import EcampError
-
-__version__ = "0.1.0.dev0"
+from .version import __version__
 
 _LAZY = {
     "load": "factory",
+    "load_pretrain": "factory",
     "download": "factory",
     "get_pretrained_cfg": "factory",
     "list_models": "registry",
@@ -28,14 +28,14 @@ _LAZY = {
     "verify": "integrity",
     "embed": "embedding",
 }
-_SUBMODULES = ("errors", "registry", "hub", "factory", "io", "transforms", "fundus", "embedding", "integrity",
-               "models", "cli")
+_SUBMODULES = ("errors", "registry", "hub", "factory", "convert", "io", "transforms", "fundus", "embedding",
+               "finetune", "integrity", "models", "text", "fileio", "cli")
 
 __all__ = ["__version__", "EcampError", *_LAZY, *_SUBMODULES]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .embedding import embed  # noqa: F401
-    from .factory import download, get_pretrained_cfg, load  # noqa: F401
+    from .factory import download, get_pretrained_cfg, load, load_pretrain  # noqa: F401
     from .hub import save_pretrained  # noqa: F401
     from .integrity import verify  # noqa: F401
     from .registry import list_models, load_manifest  # noqa: F401

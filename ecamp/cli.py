@@ -1,4 +1,8 @@
-"""The ``ecamp`` command. It parses arguments and calls the library; nothing else lives here."""
+"""The ``ecamp`` command: parses arguments and calls the library; nothing else lives here.
+
+``ecamp train ...`` and ``ecamp demo`` hand over to :mod:`ecamp.train` inside their functions: the one place where
+the library reaches the training package, and only when those commands run.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,10 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from . import __version__
 from .errors import EcampError
+from .version import __version__
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "run_command"]
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -93,75 +97,36 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .hub import local_store_path, save_pretrained
-    from .models.pretrain import ECAMPPretrainConfig, ECAMPPretrainModel
-    from .registry import load_manifest
+    from .convert import convert
 
-    entry = load_manifest(args.manifest).resolve(args.name)
-    config = None
-    if args.config:
-        config = ECAMPPretrainConfig.from_dict(json.loads(open(args.config, encoding="utf-8").read()))
-    model = ECAMPPretrainModel.from_upstream(args.checkpoint, config=config)
-    out = args.out or local_store_path(entry.name)
-    if entry.kind == "pretrain":
-        block = dict(entry.ecamp, name=entry.name, provenance={"converted_from": str(args.checkpoint)})
-        result = model.save_pretrained(out, tokenizer=args.tokenizer, ecamp_cfg=block)
-        print(json.dumps({"out": str(out), "files": result["files"]}, indent=2))
-        return 0
-    if args.tokenizer:
-        raise EcampError("--tokenizer belongs to full pre-training models; an image encoder has no tokenizer.")
-    encoder = model.to_encoder(entry.ecamp.get("modality", "cxr"))
-    encoder.ecamp_cfg["provenance"] = {"converted_from": str(args.checkpoint),
-                                       "original_file": entry.provenance.get("original_file")}
-    manifest_entry = save_pretrained(encoder, out, name=entry.name, hf_repo=entry.hf_repo)
-    print(json.dumps({"out": str(out), "files": manifest_entry["files"]}, indent=2))
+    result = convert(args.checkpoint, args.name, out=args.out, config=args.config, tokenizer=args.tokenizer,
+                     manifest=args.manifest)
+    print(json.dumps(result, indent=2))
     if not args.out:
         print(f"ecamp.load({args.name!r}) now finds these weights offline.", file=sys.stderr)
     return 0
 
 
+def _train_main():
+    try:
+        from .train.cli import main
+    except ImportError as e:
+        from .errors import MissingDependencyError
+
+        raise MissingDependencyError(f"Training needs the train extra ({e.name} is missing): "
+                                     f"pip install \"ecamp[train]\"") from e
+    return main
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .train.cli import main as train_main  # the CLI is the one library file allowed to reach ecamp.train
-
-    return train_main(args.rest)
-
-
-def _cmd_phantom(args: argparse.Namespace) -> int:
-    from .train.phantom import write_phantom
-
-    if args.kind == "classification":
-        from .train.phantom import write_phantom_classification
-
-        root = write_phantom_classification(args.out, args.n, seed=args.seed, size=args.size,
-                                            progress=not args.no_progress)
-    elif args.kind == "pretrain":
-        root = write_phantom(args.out, args.n, seed=args.seed, size=args.size, progress=not args.no_progress)
-    elif args.kind == "segmentation":
-        from .train.phantom import write_phantom_segmentation
-
-        root = write_phantom_segmentation(args.out, args.n, seed=args.seed, size=args.size,
-                                          progress=not args.no_progress)
-    else:
-        from .train.phantom import write_phantom_detection
-
-        root = write_phantom_detection(args.out, args.n, seed=args.seed, size=args.size,
-                                       progress=not args.no_progress)
-    print(f"wrote {args.n} phantom cases to {root}")
-    return 0
-
-
-def _cmd_export(args: argparse.Namespace) -> int:
-    from .train.export import export_checkpoint
-
-    result = export_checkpoint(args.checkpoint, args.out, args.name, hf_repo=args.hf_repo, tokenizer=args.tokenizer,
-                               manifest=args.manifest)
-    print(json.dumps(result, indent=2))
-    return 0
+    rest = list(args.rest)
+    return _train_main()(rest[1:] if rest[:1] == ["--"] else rest)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     import tempfile
 
+    _train_main()  # a clear error without the train extra
     from .train.demo import run_demo
 
     out = args.out or tempfile.mkdtemp(prefix="ecamp-demo-")
@@ -173,52 +138,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_distill(args: argparse.Namespace) -> int:
-    from .train.distill import OpenAIBackend, TransformersBackend, distill, merge_context
-
-    if args.action == "merge":
-        if not (args.images and args.context and args.out):
-            raise EcampError("`ecamp distill merge` needs --images, --context and --out.")
-        counts = merge_context(args.images, args.context, args.out)
-        print(f"wrote {counts['rows']} rows ({counts['with_context']} with context) to {args.out}")
-        return 0
-    if not (args.reports and args.out and args.model):
-        raise EcampError("`ecamp distill` needs --reports, --out and --model.")
-    if args.backend == "openai":
-        if not args.base_url:
-            raise EcampError("--backend openai needs --base-url, e.g. http://localhost:8000/v1")
-        backend = OpenAIBackend(args.base_url, args.model, api_key_env=args.api_key_env, timeout=args.timeout)
-    else:
-        backend = TransformersBackend(args.model, batch_size=args.batch_size, device=args.device)
-    summary = distill(args.reports, args.out, backend, modality=args.modality, concurrency=args.concurrency,
-                      max_retries=args.max_retries, progress=not args.no_progress)
-    for line in summary.lines():
-        print(line)
-    return 1 if summary.failed else 0
-
-
-def _cmd_sr_windows(args: argparse.Namespace) -> int:
-    from .train.sr_windows import compute_windows
-
-    counts = compute_windows(args.checkpoint, args.data, args.out, reports_csv=args.reports_csv,
-                             batch_size=args.batch_size, device=args.device, query=args.query,
-                             progress=not args.no_progress)
-    print(f"{counts['attention']} windows from attention, {counts['no_entity']} reports without an entity "
-          f"(left to data.default_window), written to {args.out}")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ecamp", description="ECAMP pretrained medical image encoders.")
     parser.add_argument("--version", action="version", version=f"ecamp {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is loaded and downloaded")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, fn: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help: str, manifest: bool = True,
+            **kw: bool) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, **kw)
         p.set_defaults(func=fn)
-        p.add_argument("--manifest", default=None, help="another weights manifest (default: $ECAMP_MANIFEST or "
-                                                        "the packaged one)")
+        if manifest:
+            p.add_argument("--manifest", default=None, help="another weights manifest (default: $ECAMP_MANIFEST or "
+                                                            "the packaged one)")
         return p
 
     p = add("list", _cmd_list, "list the models of the manifest")
@@ -259,55 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--local-files-only", action="store_true", help="do not touch the network")
 
-    p = add("train", _cmd_train, "training: `ecamp train pretrain --config ... --data-root ... --output-dir ...`")
-    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of `python -m ecamp.train`")
-
-    p = add("phantom", _cmd_phantom, "write a synthetic chest-film data set in the authors' pre-training layout")
-    p.add_argument("--out", required=True)
-    p.add_argument("--n", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=256, help="image side in pixels")
-    p.add_argument("--kind", choices=("pretrain", "classification", "segmentation", "detection"), default="pretrain",
-                   help="pretrain: the authors' MIMIC-CXR layout; classification, segmentation, detection: their "
-                        "downstream list files (effusion masks and boxes for the dense tasks)")
-    p.add_argument("--no-progress", action="store_true")
-
-    p = add("export", _cmd_export, "export a training checkpoint: encoder (timm format) and full pre-training model")
-    p.add_argument("checkpoint", help="checkpoint-*.pt, or a run's output folder (its latest checkpoint)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--name", required=True, help="the encoder's manifest name, e.g. cxr-vit-b")
-    p.add_argument("--hf-repo", default=None, help="the Hub repo it will be published as (default: the manifest's)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the run's)")
-
-    p = add("distill", _cmd_distill, "entity-centred context for reports from an LLM (resumable); `merge` builds the "
-                                     "pre-training CSV")
-    p.add_argument("action", nargs="?", choices=("run", "merge"), default="run")
-    p.add_argument("--reports", help="CSV with study_id and report columns")
-    p.add_argument("--out", help="output: context JSONL (run) or pre-training CSV (merge)")
-    p.add_argument("--backend", choices=("openai", "transformers"), default="openai")
-    p.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://host:8000/v1 (vLLM, TGI, Ollama)")
-    p.add_argument("--model", help="model name on the server, or a local/Hub causal LM for --backend transformers")
-    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
-    p.add_argument("--concurrency", type=int, default=8, help="requests in flight (openai backend)")
-    p.add_argument("--max-retries", type=int, default=5)
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
-    p.add_argument("--batch-size", type=int, default=8, help="reports per generate() call (transformers backend)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--modality", choices=("cxr", "fundus"), default="cxr")
-    p.add_argument("--images", help="merge: CSV with study_id, img_path and report")
-    p.add_argument("--context", help="merge: the JSONL written by `ecamp distill`")
-    p.add_argument("--no-progress", action="store_true")
-
-    p = add("sr-windows", _cmd_sr_windows, "super-resolution windows from a first-stage model's entity attention")
-    p.add_argument("--checkpoint", required=True, help="exported pre-training folder, run folder or checkpoint")
-    p.add_argument("--data", required=True, help="data root with the reports CSV and images")
-    p.add_argument("--out", required=True, help="windows CSV (img_path, label_i, label_j, source)")
-    p.add_argument("--reports-csv", default="mimic-cxr-2.0.0-entity-llm.csv")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default=None)
-    p.add_argument("--query", choices=("plain", "masked"), default="plain",
-                   help="entity positions hold the entity words (plain) or [MASK] (masked) when attention is read")
-    p.add_argument("--no-progress", action="store_true")
+    # add_help=False: `ecamp train --help` is the training CLI's own help
+    p = add("train", _cmd_train, "training (the [train] extra): pretrain, finetune, export, distill, sr-windows, "
+                                 "phantom, presets; `ecamp train --help` for details", manifest=False, add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="a training command and its arguments")
 
     p = add("demo", _cmd_demo, "offline CPU demo: phantom data, pre-training, export, load, linear probes")
     p.add_argument("--out", default=None, help="working folder (default: a new temporary folder)")
@@ -319,14 +206,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    if argv[:1] == ["train"]:  # the training CLI parses its own arguments, --help included
+        argv = ["train", "--", *argv[1:]]
     args = parser.parse_args(argv)
+    return run_command(f"ecamp {args.command}", args, verbose=args.verbose)
+
+
+def run_command(prog: str, args: argparse.Namespace, *, verbose: bool) -> int:
+    """Run ``args.func(args)`` as a command: ecamp's errors become one line on stderr and exit status 2."""
     logging.basicConfig(format="%(message)s", level=logging.WARNING)
-    logging.getLogger("ecamp").setLevel(logging.INFO if args.verbose else logging.WARNING)
+    logging.getLogger("ecamp").setLevel(logging.INFO if verbose else logging.WARNING)
     try:
         return args.func(args)
     except EcampError as e:
-        print(f"ecamp {args.command}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

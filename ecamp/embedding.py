@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import EcampError
+from .errors import CheckpointError, DataError, EcampError, InvalidArgumentError
 from .fileio import atomic_write
 from .io import DICOM_SUFFIXES, is_dicom
 
@@ -66,7 +66,7 @@ def _collate(items):
     return items
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
+def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None or dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
@@ -88,7 +88,7 @@ def _batches(model: nn.Module, inputs: Sequence[Any], transform, batch_size: int
             out = np.zeros((0,), np.float32)
             if ok:
                 x = torch.stack([t for _, t in ok]).to(device, dtype=next(model.parameters()).dtype)
-                with torch.inference_mode(), _autocast(device, dtype):
+                with torch.inference_mode(), autocast(device, dtype):
                     out = model(x).float().cpu().numpy()
             yield [i for i, _ in ok], out, failures
             bar.update(len(items))
@@ -108,10 +108,10 @@ def embed(model: nn.Module, inputs: Sequence[Any], *, batch_size: int = 32, num_
     from .transforms import get_transform
 
     if batch_size < 1:
-        raise EcampError(f"batch_size must be positive, got {batch_size}.")
+        raise InvalidArgumentError(f"batch_size must be positive, got {batch_size}.")
     inputs = list(inputs)
     if not inputs:
-        raise EcampError("embed() got no inputs.")
+        raise InvalidArgumentError("embed() got no inputs.")
     transform = transform or get_transform(model)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(dev).eval()
@@ -125,8 +125,8 @@ def embed(model: nn.Module, inputs: Sequence[Any], *, batch_size: int = 32, num_
                 rows = np.full((len(inputs), out.shape[1]), np.nan, dtype=np.float32)
             rows[idx] = out
     if rows is None:
-        raise EcampError(f"None of the {len(inputs)} inputs could be read; first error: "
-                         f"{next(iter(failures.values()))}")
+        raise DataError(f"None of the {len(inputs)} inputs could be read; first error: "
+                        f"{next(iter(failures.values()))}")
     if failures:
         logger.warning("%d of %d inputs could not be read (NaN rows): %s", len(failures), len(inputs),
                        "; ".join(failures[i] for i in sorted(failures)[:10]))
@@ -190,10 +190,10 @@ def embed_files(model: nn.Module, files: Sequence[str], out: str | os.PathLike, 
     """
     out = Path(out)
     if out.suffix not in (".npy", ".safetensors"):
-        raise EcampError(f"Output {out} must end in .npy or .safetensors.")
+        raise InvalidArgumentError(f"Output {out} must end in .npy or .safetensors.", path=out)
     files = [str(f) for f in files]
     if not files:
-        raise EcampError("No input files (folders are searched for " + ", ".join(IMAGE_SUFFIXES) + ").")
+        raise InvalidArgumentError("No input files (folders are searched for " + ", ".join(IMAGE_SUFFIXES) + ").")
     from .transforms import get_transform
 
     transform = get_transform(model)
@@ -240,11 +240,11 @@ def embed_files(model: nn.Module, files: Sequence[str], out: str | os.PathLike, 
             failures.update(json.loads(str(z["failures"])))
     width = max(r.shape[1] for r in parts)
     if width == 0:
-        raise EcampError(f"None of the {len(files)} files could be read; see {partial} for the reasons.")
+        raise DataError(f"None of the {len(files)} files could be read; see {partial} for the reasons.", path=partial)
     bad = [r.shape[1] for r in parts if r.shape[1] not in (0, width)]
     if bad:
-        raise EcampError(f"Chunks under {partial} have different widths {sorted(set(bad))} and {width}; "
-                         f"remove the folder and run again.")
+        raise CheckpointError(f"Chunks under {partial} have different widths {sorted(set(bad))} and {width}; "
+                              f"remove the folder and run again.", path=partial)
     embeddings = np.concatenate([r if r.shape[1] == width else np.full((r.shape[0], width), np.nan, np.float32)
                                  for r in parts])
     if out.suffix == ".npy":

@@ -1,14 +1,23 @@
 """Exceptions raised by ecamp.
 
 Every error derives from :class:`EcampError` and its message names the input that caused it and the next step to
-take. Subclasses also derive from the matching builtin (``KeyError``, ``FileNotFoundError``, ``ValueError``...) so
-code that catches the builtin keeps working.
+take. Every class also derives from the matching builtin (``KeyError``, ``FileNotFoundError``, ``ValueError``...),
+so code that catches the builtin keeps working; the base is never raised bare. Where an error is about a file or a
+Hub repository it carries it as ``.path`` / ``.repo_id`` (``None`` otherwise), as ``huggingface_hub``'s errors do.
 """
 
 from __future__ import annotations
 
 __all__ = [
     "EcampError",
+    "InvalidArgumentError",
+    "ConfigError",
+    "DataError",
+    "BatchError",
+    "ReportError",
+    "DistillError",
+    "CheckpointError",
+    "TokenizerError",
     "UnknownModelError",
     "ManifestError",
     "WeightsNotPublishedError",
@@ -30,10 +39,54 @@ __all__ = [
 
 
 class EcampError(Exception):
-    """Base class of all ecamp errors."""
+    """Base class of all ecamp errors (catch it to catch them all; raise one of the subclasses)."""
+
+    def __init__(self, message: str = "", *, path: object = None, repo_id: str | None = None):
+        super().__init__(message)
+        self.path = None if path is None else str(path)
+        self.repo_id = repo_id
+
+    def __reduce__(self):  # keep .path / .repo_id through pickling (DataLoader workers, multiprocessing)
+        return _rebuild, (type(self), str(self), self.path, self.repo_id)
 
     def __str__(self) -> str:  # KeyError would otherwise repr() the message
         return str(self.args[0]) if self.args else ""
+
+
+def _rebuild(cls: type, message: str, path: str | None, repo_id: str | None) -> EcampError:
+    return cls(message, path=path, repo_id=repo_id)
+
+
+class InvalidArgumentError(EcampError, ValueError):
+    """A function or command argument has an impossible value (the message names the argument and what fits)."""
+
+
+class ConfigError(EcampError, ValueError):
+    """A config file, preset or override is malformed: unknown key, wrong type, impossible value."""
+
+
+class DataError(EcampError, ValueError):
+    """A data set (list file, reports CSV, image folder) cannot be used as given."""
+
+
+class BatchError(EcampError, ValueError):
+    """A training batch has missing keys, wrong shapes or out-of-range values."""
+
+
+class ReportError(EcampError, ValueError):
+    """A report cannot be encoded (empty, or no entity where one is required)."""
+
+
+class DistillError(EcampError, RuntimeError):
+    """An LLM backend failed for a report after its retries, or answered outside the contract."""
+
+
+class CheckpointError(EcampError, OSError):
+    """A training checkpoint is missing, unreadable or of another format."""
+
+
+class TokenizerError(EcampError, ValueError):
+    """A tokenizer file cannot be parsed, or a tokenizer lacks the special tokens the report encoder needs."""
 
 
 class UnknownModelError(EcampError, KeyError):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,17 +21,18 @@ import torch
 from torch import nn
 
 from .errors import (
-    EcampError,
+    InvalidArgumentError,
     InvalidWeightsFileError,
     ModelFolderError,
     NotAnEncoderError,
     RemoteFileNotFoundError,
+    UnknownModelError,
     WeightsNotPublishedError,
 )
 from .hub import download_entry, hub_download, local_store_path, split_hub_spec, verify_lfs_blob
 from .registry import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, ManifestLike, ModelEntry, load_manifest
 
-__all__ = ["load", "get_pretrained_cfg", "download", "resolve_model_cfg"]
+__all__ = ["load", "load_pretrain", "get_pretrained_cfg", "download", "resolve_files", "resolve_model_cfg"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -49,12 +51,13 @@ class _Source:
 
 def _resolve(name: str, revision: str | None, manifest: ManifestLike) -> _Source:
     if not isinstance(name, str) or not name.strip():
-        raise EcampError(f"Model name must be a non-empty string, got {name!r}; `ecamp list` shows the names.")
+        raise UnknownModelError(f"Model name must be a non-empty string, got {name!r}; `ecamp list` shows the names.")
     name = name.strip()
     if name.startswith(HF_HUB_PREFIX):
         repo, rev = split_hub_spec(name[len(HF_HUB_PREFIX):])
         if rev and revision and rev != revision:
-            raise EcampError(f"{name!r} pins revision {rev!r} but revision={revision!r} was also given; use one.")
+            raise InvalidArgumentError(f"{name!r} pins revision {rev!r} but revision={revision!r} was also given; "
+                                       f"use one.")
         return _Source("hf-hub", name, repo=repo, revision=rev or revision)
     if name.startswith(LOCAL_DIR_PREFIX):
         folder = Path(name[len(LOCAL_DIR_PREFIX):]).expanduser()
@@ -68,20 +71,11 @@ def _read_config(path: Path, label: str) -> dict[str, Any]:
     try:
         config = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidWeightsFileError(f"{path} ({label}) is not a readable config.json: {e}") from e
+        raise InvalidWeightsFileError(f"{path} ({label}) is not a readable config.json: {e}", path=path) from e
     if not isinstance(config, dict) or "architecture" not in config:
         raise InvalidWeightsFileError(f"{path} ({label}) has no 'architecture' field; it is not a timm-format "
-                                      f"config.json.")
+                                      f"config.json.", path=path)
     return config
-
-
-def _folder_files(folder: Path, label: str, need_weights: bool) -> tuple[Path, Path | None]:
-    cfg, weights = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-    missing = [p.name for p in ((cfg, weights) if need_weights else (cfg,)) if not p.is_file()]
-    if missing:
-        raise ModelFolderError(f"{folder} ({label}) lacks {', '.join(missing)}. A model folder holds config.json "
-                               f"and model.safetensors, as written by ecamp.save_pretrained(model, folder).")
-    return cfg, (weights if need_weights else None)
 
 
 def _unpublished_error(entry: ModelEntry) -> WeightsNotPublishedError:
@@ -89,52 +83,85 @@ def _unpublished_error(entry: ModelEntry) -> WeightsNotPublishedError:
     prov = entry.provenance
     origin = prov.get("original_file") or "the authors' checkpoint"
     where = f" ({prov['original_url']})" if prov.get("original_url") else ""
+    keep_tok = " (add --tokenizer mimic_wordpiece.json to keep their tokenizer)" if entry.kind == "pretrain" else ""
+    fallback = " pretrained=False builds the architecture without weights." if entry.kind == "encoder" else ""
     return WeightsNotPublishedError(
         f"The weights of {alias!r} ({entry.name}) are not published on the Hub yet (planned repo "
         f"{entry.hf_repo}). Download the authors' release {origin}{where} and convert it once with "
-        f"`ecamp convert {origin} --name {alias}`; ecamp.load({alias!r}) then finds it offline in the local store "
-        f"{local_store_path(entry.name)}. pretrained=False builds the architecture without weights."
-    )
+        f"`ecamp convert {origin} --name {alias}`{keep_tok}; it is then found offline in the local store "
+        f"{local_store_path(entry.name)}.{fallback}", repo_id=entry.hf_repo, path=local_store_path(entry.name))
 
 
-def _fetch(src: _Source, *, pretrained: bool, cache_dir: PathLike | None, local_files_only: bool,
-           force_download: bool = False) -> tuple[dict[str, Any], Path | None]:
-    """Config (parsed) and weights path (None unless ``pretrained``) for a resolved source."""
+def _wrong_kind(src: _Source, kind: str) -> NotAnEncoderError:
+    short = src.label.split(" ")[0]
+    if kind == "encoder":
+        return NotAnEncoderError(f"{src.label} is a full pre-training model (encoder, decoder, text model); "
+                                 f"ecamp.load builds image encoders. Load it with ecamp.load_pretrain({short!r}), "
+                                 f"or use the matching encoder name (`ecamp list`) for features and fine-tuning.")
+    return NotAnEncoderError(f"{src.label} is an image encoder; load it with ecamp.load({short!r}).")
+
+
+def resolve_files(name: str, files: Sequence[str], *, kind: str = "encoder", optional: Sequence[str] = (),
+                  revision: str | None = None, cache_dir: PathLike | None = None, local_files_only: bool = False,
+                  force_download: bool = False, manifest: ManifestLike = None) -> tuple[_Source, dict[str, Path]]:
+    """The one resolver: any model name -> local, verified paths of ``files`` (plus those of ``optional`` that
+    exist). Manifest files are sha256-checked against the manifest, ``hf-hub:`` LFS files against the Hub's own
+    sha256; ``local-dir:`` folders and the local store are read as they are."""
+    src = _resolve(name, revision, manifest)
+    if src.kind == "manifest":
+        assert src.entry is not None
+        if src.entry.kind != kind:
+            raise _wrong_kind(src, kind)
+        if not src.entry.published:
+            store = local_store_path(src.entry.name)
+            if not (store / CONFIG_NAME).is_file():
+                raise _unpublished_error(src.entry)
+            src = _Source("local-dir", src.label, entry=src.entry, folder=store)
     if src.kind == "local-dir":
         assert src.folder is not None
-        cfg_path, weights = _folder_files(src.folder, src.label, pretrained)
-        return _read_config(cfg_path, src.label), weights
+        missing = [f for f in files if not (src.folder / f).is_file()]
+        if missing:
+            raise ModelFolderError(f"{src.folder} ({src.label}) lacks {', '.join(missing)}. A model folder holds "
+                                   f"config.json and model.safetensors, as written by ecamp.save_pretrained(model, "
+                                   f"folder).", path=src.folder)
+        paths = {f: src.folder / f for f in (*files, *optional) if (src.folder / f).is_file()}
+        return src, paths
     if src.kind == "hf-hub":
         assert src.repo is not None
-        cfg_path = hub_download(src.repo, CONFIG_NAME, revision=src.revision, cache_dir=cache_dir,
-                                local_files_only=local_files_only, force_download=force_download)
-        weights = None
-        if pretrained:
-            weights = hub_download(src.repo, WEIGHTS_NAME, revision=src.revision, cache_dir=cache_dir,
-                                   local_files_only=local_files_only, force_download=force_download)
-            verify_lfs_blob(weights)
-        return _read_config(cfg_path, src.label), weights
+        paths = {}
+        for f in (*files, *optional):
+            try:
+                paths[f] = hub_download(src.repo, f, revision=src.revision, cache_dir=cache_dir,
+                                        local_files_only=local_files_only, force_download=force_download)
+            except RemoteFileNotFoundError:
+                if f in files:
+                    raise
+                continue
+            if f.endswith(".safetensors"):
+                verify_lfs_blob(paths[f])
+        return src, paths
     entry = src.entry
     assert entry is not None
-    if entry.kind != "encoder":
-        raise NotAnEncoderError(f"{src.label} is a full pre-training model (encoder, decoder, text model); "
-                                f"ecamp.load builds image encoders. Load it with "
-                                f"ecamp.models.ECAMPPretrainModel.from_pretrained({src.label.split(' ')[0]!r}), or "
-                                f"use the matching encoder name (`ecamp list`) for features and fine-tuning.")
-    if entry.published:
-        wanted = [CONFIG_NAME, WEIGHTS_NAME] if pretrained else [CONFIG_NAME]
-        paths = download_entry(entry, revision=src.revision, cache_dir=cache_dir, local_files_only=local_files_only,
-                               force_download=force_download, files=wanted)
-        return _read_config(paths[CONFIG_NAME], src.label), paths[WEIGHTS_NAME] if pretrained else None
-    store = local_store_path(entry.name)
-    if (store / CONFIG_NAME).is_file():
-        cfg_path, weights = _folder_files(store, f"{src.label}, local store", pretrained)
-        return _read_config(cfg_path, src.label), weights
-    if pretrained:
-        raise _unpublished_error(entry)
-    return {"architecture": entry.architecture, "num_classes": entry.pretrained_cfg.get("num_classes", 0),
-            "model_args": dict(entry.model_args), "pretrained_cfg": dict(entry.pretrained_cfg),
-            "ecamp": dict(entry.ecamp)}, None
+    listed = {f.path for f in entry.files}
+    paths = download_entry(entry, revision=src.revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                           force_download=force_download, files=[*files, *(f for f in optional if f in listed)])
+    return src, paths
+
+
+def _fetch(src_name: str, *, pretrained: bool, revision: str | None, cache_dir: PathLike | None,
+           local_files_only: bool, manifest: ManifestLike) -> tuple[_Source, dict[str, Any], Path | None]:
+    """Source, parsed config and weights path (None unless ``pretrained``) of an image encoder."""
+    src = _resolve(src_name, revision, manifest)
+    if not pretrained and src.kind == "manifest" and src.entry is not None and src.entry.kind == "encoder" \
+            and not src.entry.published and not (local_store_path(src.entry.name) / CONFIG_NAME).is_file():
+        entry = src.entry  # the architecture alone needs no weights: build it from the manifest
+        return src, {"architecture": entry.architecture, "num_classes": entry.pretrained_cfg.get("num_classes", 0),
+                     "model_args": dict(entry.model_args), "pretrained_cfg": dict(entry.pretrained_cfg),
+                     "ecamp": dict(entry.ecamp)}, None
+    wanted = [CONFIG_NAME, WEIGHTS_NAME] if pretrained else [CONFIG_NAME]
+    src, paths = resolve_files(src_name, wanted, revision=revision, cache_dir=cache_dir,
+                               local_files_only=local_files_only, manifest=manifest)
+    return src, _read_config(paths[CONFIG_NAME], src.label), paths.get(WEIGHTS_NAME) if pretrained else None
 
 
 def _ecamp_block(config: dict[str, Any], src: _Source) -> dict[str, Any]:
@@ -185,15 +212,15 @@ def load(
 
     from .models.encoder import build_encoder, load_encoder_state_dict
 
-    src = _resolve(name, revision, manifest)
-    config, weights = _fetch(src, pretrained=pretrained, cache_dir=cache_dir, local_files_only=local_files_only)
+    src, config, weights = _fetch(name, pretrained=pretrained, revision=revision, cache_dir=cache_dir,
+                                  local_files_only=local_files_only, manifest=manifest)
     model = build_encoder(config, num_classes=num_classes, global_pool=global_pool, **timm_kwargs)
     if weights is not None:
         try:
             state_dict = load_file(str(weights), device="cpu")
         except (SafetensorError, OSError, ValueError) as e:
             raise InvalidWeightsFileError(f"{weights} ({src.label}) is not a readable safetensors file: {e}. "
-                                          f"Re-fetch or re-export it.") from e
+                                          f"Re-fetch or re-export it.", path=weights) from e
         load_encoder_state_dict(model, state_dict, source=src.label)
     model.ecamp_cfg = _ecamp_block(config, src)
     model.eval()
@@ -204,28 +231,38 @@ def load(
 
 def download(name: str, *, revision: str | None = None, cache_dir: PathLike | None = None,
              force_download: bool = False, manifest: ManifestLike = None) -> dict[str, Path]:
-    """Fetch (and for manifest names verify) every file of a model into the Hub cache; returns the local paths."""
+    """Fetch (and verify) every file of a model into the Hub cache; returns the local paths."""
     src = _resolve(name, revision, manifest)
     if src.kind == "local-dir":
-        raise EcampError(f"{name!r} is a local folder; there is nothing to download.")
-    if src.kind == "hf-hub":
-        assert src.repo is not None
-        paths = {}
-        for fname in (CONFIG_NAME, WEIGHTS_NAME, "README.md"):
-            try:
-                paths[fname] = hub_download(src.repo, fname, revision=src.revision, cache_dir=cache_dir,
-                                            force_download=force_download)
-            except RemoteFileNotFoundError:
-                if fname == "README.md":  # a model card is optional
-                    continue
-                raise
-        verify_lfs_blob(paths[WEIGHTS_NAME])
-        return paths
-    entry = src.entry
-    assert entry is not None
-    if not entry.published:
-        raise _unpublished_error(entry)
-    return download_entry(entry, revision=revision, cache_dir=cache_dir, force_download=force_download)
+        raise InvalidArgumentError(f"{name!r} is a local folder; there is nothing to download.")
+    if src.kind == "manifest":
+        assert src.entry is not None
+        if not src.entry.published:
+            raise _unpublished_error(src.entry)
+        files, optional = [f.path for f in src.entry.files], []
+        kind = src.entry.kind
+    else:
+        files, optional, kind = [CONFIG_NAME, WEIGHTS_NAME], ["README.md", "tokenizer.json"], "encoder"
+    return resolve_files(name, files, kind=kind, optional=optional, revision=revision, cache_dir=cache_dir,
+                         force_download=force_download, manifest=manifest)[1]
+
+
+def load_pretrain(name: str, *, revision: str | None = None, cache_dir: PathLike | None = None,
+                  local_files_only: bool = False, manifest: ManifestLike = None):
+    """Load a full :class:`~ecamp.models.ECAMPPretrainModel` (encoder, decoder, SR head, text model) from a folder
+    written by its ``save_pretrained``: a path, ``local-dir:``, ``hf-hub:org/repo[@rev]`` or a manifest name
+    (``cxr-ecamp-b-pretrain``). Needs the ``train`` extra (transformers)."""
+    from .models.pretrain import ECAMPPretrainModel
+
+    if Path(str(name)).expanduser().is_dir():
+        name = LOCAL_DIR_PREFIX + str(name)
+    src, paths = resolve_files(str(name), [CONFIG_NAME, WEIGHTS_NAME], kind="pretrain", optional=["tokenizer.json"],
+                               revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                               manifest=manifest)
+    model = ECAMPPretrainModel.from_folder(paths[CONFIG_NAME].parent, config_path=paths[CONFIG_NAME],
+                                           weights_path=paths[WEIGHTS_NAME])
+    model.tokenizer_path = paths.get("tokenizer.json")
+    return model
 
 
 def get_pretrained_cfg(name: str, *, revision: str | None = None, cache_dir: PathLike | None = None,
@@ -236,7 +273,8 @@ def get_pretrained_cfg(name: str, *, revision: str | None = None, cache_dir: Pat
     if src.kind == "manifest":
         assert src.entry is not None
         return src.entry.full_pretrained_cfg()
-    config, _ = _fetch(src, pretrained=False, cache_dir=cache_dir, local_files_only=local_files_only)
+    src, config, _ = _fetch(name, pretrained=False, revision=revision, cache_dir=cache_dir,
+                            local_files_only=local_files_only, manifest=manifest)
     cfg = dict(config.get("pretrained_cfg") or {})
     cfg.setdefault("architecture", config["architecture"])
     cfg["num_classes"] = config.get("num_classes", cfg.get("num_classes"))
@@ -248,7 +286,7 @@ def resolve_model_cfg(model: nn.Module) -> dict[str, Any]:
     """The same dict as :func:`get_pretrained_cfg`, read off a loaded model (any timm model works)."""
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     if not cfg:
-        raise EcampError(f"{type(model).__name__} has no pretrained_cfg; pass a model name or a timm model to "
-                         f"get_transform.")
+        raise InvalidArgumentError(f"{type(model).__name__} has no pretrained_cfg; pass a model name or a timm "
+                                   f"model to get_transform.")
     cfg["ecamp"] = dict(getattr(model, "ecamp_cfg", None) or {})
     return cfg

@@ -1,14 +1,23 @@
-"""Atomic file writes: write a temporary file beside the target, fsync it, rename it into place."""
+"""Files: atomic writes (a temporary file beside the target, fsynced, renamed into place) and sha256."""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "write_csv"]
+__all__ = ["atomic_write", "write_csv", "sha256_file"]
+
+
+def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def atomic_write(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import EcampError
+from .errors import InvalidArgumentError
 
 __all__ = ["layer_decay_param_groups", "FrozenEncoder", "LinearProbe", "multiscale_features", "FeaturePyramid"]
 
@@ -68,7 +68,7 @@ class LinearProbe(FrozenEncoder):
         super().__init__(encoder)
         dim = getattr(encoder, "num_features", None)
         if not dim:
-            raise EcampError("LinearProbe needs an encoder with num_features (a timm model from ecamp.load).")
+            raise InvalidArgumentError("LinearProbe needs an encoder with num_features (a timm model from ecamp.load).")
         if getattr(encoder, "num_classes", 0):
             encoder.reset_classifier(0)
         self.head = nn.Linear(dim, num_classes)
@@ -93,7 +93,7 @@ def multiscale_features(model: nn.Module, x: torch.Tensor, indices: Sequence[int
     """
     idx = [indices] if isinstance(indices, int) else list(indices)
     if len(scales) != len(idx):
-        raise EcampError(f"Give one scale per block index: {len(idx)} indices, {len(scales)} scales.")
+        raise InvalidArgumentError(f"Give one scale per block index: {len(idx)} indices, {len(scales)} scales.")
     unique = sorted(set(idx))  # timm returns each block once, in depth order
     maps = model.forward_intermediates(x, indices=unique, norm=norm, output_fmt="NCHW", intermediates_only=True)
     by_block = dict(zip(unique, maps, strict=True))

@@ -11,7 +11,6 @@ the Hub yet, e.g. converted from the authors' release; ``ecamp.load(name)`` look
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import re
@@ -20,13 +19,14 @@ from pathlib import Path
 
 from .errors import (
     ChecksumMismatchError,
-    EcampError,
     HubConnectionError,
+    InvalidArgumentError,
     NotCachedError,
     RemoteFileNotFoundError,
     RepoNotFoundError,
     RevisionNotFoundError,
 )
+from .fileio import sha256_file
 from .registry import ModelEntry
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "download_entry",
     "verify_entry",
     "verify_files",
+    "file_problem",
     "verify_lfs_blob",
     "split_hub_spec",
     "save_pretrained",
@@ -60,14 +61,6 @@ def local_store_path(name: str) -> Path:
     return ecamp_home() / "local" / name
 
 
-def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def split_hub_spec(spec: str) -> tuple[str, str | None]:
     """``"org/repo@rev"`` -> ``("org/repo", "rev")``; like timm's ``hf-hub:`` parsing."""
     repo, sep, rev = spec.partition("@")
@@ -88,34 +81,35 @@ def _hub_errors(repo_id: str, filename: str, revision: str | None, fetch_hint: s
     try:
         yield
     except hf_errors.HFValidationError as e:
-        raise RepoNotFoundError(f"{repo_id!r} is not a valid Hub repo id ({e}); write 'org/name'.") from e
+        err = RepoNotFoundError(f"{repo_id!r} is not a valid Hub repo id ({e}); write 'org/name'.", repo_id=repo_id)
+        raise err from e
     except hf_errors.LocalEntryNotFoundError as e:
         why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE
                else "local_files_only=True was asked or the Hub could not be reached")
         raise NotCachedError(
             f"{filename} of {repo_id}@{rev} is not in the Hugging Face cache ({constants.HF_HUB_CACHE} unless "
             f"cache_dir/HF_HOME say otherwise) and {why}. Fetch it once while online: `{fetch_hint}` "
-            f"(set HF_ENDPOINT to use a mirror)."
-        ) from e
+            f"(set HF_ENDPOINT to use a mirror).", repo_id=repo_id) from e
     except hf_errors.GatedRepoError as e:
         raise RepoNotFoundError(f"{repo_id} is gated: accept its terms on the Hub, then `hf auth login` "
-                                f"(or set HF_TOKEN) and retry.") from e
+                                f"(or set HF_TOKEN) and retry.", repo_id=repo_id) from e
     except hf_errors.RepositoryNotFoundError as e:
         raise RepoNotFoundError(f"Hub repo {repo_id!r} does not exist at {_endpoint()} (or is private: log in "
                                 f"with `hf auth login` or set HF_TOKEN). Check the name; `ecamp list` shows "
-                                f"the known models.") from e
+                                f"the known models.", repo_id=repo_id) from e
     except hf_errors.RevisionNotFoundError as e:
         raise RevisionNotFoundError(f"Hub repo {repo_id!r} has no revision {rev!r} (branch, tag or commit). "
-                                    f"Omit revision= to use the pinned/default one.") from e
+                                    f"Omit revision= to use the pinned/default one.", repo_id=repo_id) from e
     except hf_errors.EntryNotFoundError as e:
         raise RemoteFileNotFoundError(f"Hub repo {repo_id!r} at revision {rev!r} has no file {filename!r}; it "
-                                      f"is not a timm-format ecamp repo (config.json + model.safetensors).") from e
+                                      f"is not a timm-format ecamp repo (config.json + model.safetensors).",
+                                      repo_id=repo_id) from e
     except hf_errors.OfflineModeIsEnabled as e:
         raise NotCachedError(f"{repo_id}@{rev} needs the Hub but HF_HUB_OFFLINE is set. Fetch it once while "
-                             f"online: `{fetch_hint}`.") from e
+                             f"online: `{fetch_hint}`.", repo_id=repo_id) from e
     except hf_errors.HfHubHTTPError as e:
         raise HubConnectionError(f"The Hub at {_endpoint()} failed on {filename} of {repo_id}@{rev}: {e}. "
-                                 f"Retry, or set HF_ENDPOINT to a mirror.") from e
+                                 f"Retry, or set HF_ENDPOINT to a mirror.", repo_id=repo_id) from e
 
 
 def _endpoint() -> str:
@@ -130,7 +124,7 @@ def hub_download(repo_id: str, filename: str, *, revision: str | None = None,
     """Download (or find in the cache) one file of a Hub repo, with ecamp's errors."""
     from huggingface_hub import hf_hub_download
 
-    from . import __version__
+    from .version import __version__
 
     hint = fetch_hint or f"ecamp download hf-hub:{repo_id}" + (f"@{revision}" if revision else "")
     with _hub_errors(repo_id, filename, revision, hint):
@@ -170,19 +164,29 @@ def verify_entry(entry: ModelEntry, paths: dict[str, Path]) -> None:
                                           f"--force")
 
 
+def file_problem(path: str | os.PathLike, sha256: str | None, size: int | None) -> str | None:
+    """Why ``path`` does not match the expected size and sha256, or None when it does (the one hash check)."""
+    if sha256 is None:
+        return "no sha256 is recorded for it"
+    actual_size = os.path.getsize(path)
+    if size is not None and actual_size != size:
+        return f"size {actual_size} (expected {size})"
+    actual = sha256_file(path)
+    return None if actual == sha256 else f"sha256 {actual}, expected {sha256}"
+
+
 def verify_files(paths: dict[str, Path], expected: dict[str, tuple[str | None, int | None]], refetch: str) -> None:
     for name, path in paths.items():
         sha, size = expected[name]
+        problem = file_problem(path, sha, size)
+        if problem is None:
+            continue
         if sha is None:
-            raise EcampError(f"No sha256 is recorded for {name}; refusing to load unverified weights.")
-        actual_size = os.path.getsize(path)
-        actual = sha256_file(path) if actual_size == size else None
-        if actual != sha:
-            got = f"size {actual_size} (expected {size})" if actual is None else f"sha256 {actual}"
-            raise ChecksumMismatchError(
-                f"{path} ({name}) is corrupt or was tampered with: {got}, expected sha256 {sha}. It was not "
-                f"loaded. Re-fetch it with `{refetch}`, or delete it from the cache and retry."
-            )
+            raise ChecksumMismatchError(f"No sha256 is recorded for {name}; refusing to load unverified weights.",
+                                        path=path)
+        raise ChecksumMismatchError(
+            f"{path} ({name}) is corrupt or was tampered with: {problem}, expected sha256 {sha}. It was not "
+            f"loaded. Re-fetch it with `{refetch}`, or delete it from the cache and retry.", path=path)
 
 
 def verify_lfs_blob(path: Path) -> bool:
@@ -193,7 +197,8 @@ def verify_lfs_blob(path: Path) -> bool:
     actual = sha256_file(real)
     if actual != real.name:
         raise ChecksumMismatchError(f"{path} is corrupt or was tampered with: sha256 {actual}, but the Hub's LFS "
-                                    f"sha256 is {real.name}. Re-fetch it with force_download=True (CLI: --force).")
+                                    f"sha256 is {real.name}. Re-fetch it with force_download=True (CLI: --force).",
+                                    path=path)
     return True
 
 
@@ -228,14 +233,15 @@ def _check_rebuild(model, architecture: str, args: dict) -> None:
         with torch.device("meta"):
             probe = timm.create_model(architecture, pretrained=False, num_classes=model.num_classes, **args)
     except Exception as e:  # noqa: BLE001 - any build failure means the config is unusable
-        raise EcampError(f"timm cannot rebuild {architecture} from model_args {args}: {e}. Pass model_args= to "
-                         f"save_pretrained.") from e
+        raise InvalidArgumentError(f"timm cannot rebuild {architecture} from model_args {args}: {e}. Pass "
+                                   f"model_args= to save_pretrained.") from e
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
     if want != got:
         diff = sorted(set(want) ^ set(got)) or sorted(k for k in want if want[k] != got[k])
-        raise EcampError(f"timm.create_model({architecture!r}, **{args}) does not rebuild this model (differs in "
-                         f"{diff[:5]}); pass the constructor arguments as model_args= to save_pretrained.")
+        raise InvalidArgumentError(f"timm.create_model({architecture!r}, **{args}) does not rebuild this model "
+                                   f"(differs in {diff[:5]}); pass the constructor arguments as model_args= to "
+                                   f"save_pretrained.")
 
 
 def _model_card(config: dict, name: str | None, hf_repo: str | None) -> str:
@@ -304,8 +310,8 @@ def save_pretrained(model, out_dir: str | os.PathLike, *, name: str | None = Non
     pcfg = dict(getattr(model, "pretrained_cfg", None) or {})
     architecture = pcfg.get("architecture")
     if not architecture:
-        raise EcampError(f"{type(model).__name__} has no pretrained_cfg['architecture']; save_pretrained writes "
-                         f"timm models built by ecamp.load or timm.create_model.")
+        raise InvalidArgumentError(f"{type(model).__name__} has no pretrained_cfg['architecture']; save_pretrained "
+                                   f"writes timm models built by ecamp.load or timm.create_model.")
     args = _model_args_for_export(model, model_args)
     _check_rebuild(model, architecture, args)
     block = {k: v for k, v in dict(getattr(model, "ecamp_cfg", None) or {}).items() if k != "source"}

@@ -6,8 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ChecksumMismatchError, EcampError, NotCachedError
-from .hub import hub_download, sha256_file, verify_lfs_blob
+from .errors import ChecksumMismatchError, ManifestError, NotCachedError
+from .hub import file_problem, hub_download, split_hub_spec, verify_lfs_blob
 from .registry import HF_HUB_PREFIX, ManifestLike, ModelEntry, load_manifest
 
 __all__ = ["verify", "VerifyResult"]
@@ -37,12 +37,9 @@ def _verify_entry(entry: ModelEntry, cache_dir: str | os.PathLike | None) -> lis
         except NotCachedError:
             results.append(VerifyResult(entry.name, f.path, "not-cached"))
             continue
-        actual = sha256_file(path)
-        if actual == f.sha256 and os.path.getsize(path) == f.size:
-            results.append(VerifyResult(entry.name, f.path, "ok", path))
-        else:
-            results.append(VerifyResult(entry.name, f.path, "mismatch", path,
-                                        f"sha256 {actual}, expected {f.sha256}"))
+        problem = file_problem(path, f.sha256, f.size)
+        results.append(VerifyResult(entry.name, f.path, "ok" if problem is None else "mismatch", path,
+                                    problem or ""))
     return results
 
 
@@ -54,8 +51,6 @@ def verify(name: str | None = None, *, cache_dir: str | os.PathLike | None = Non
     files that are not cached are reported as ``not-cached``.
     """
     if name is not None and name.startswith(HF_HUB_PREFIX):
-        from .hub import split_hub_spec
-
         repo, rev = split_hub_spec(name[len(HF_HUB_PREFIX):])
         try:
             path = hub_download(repo, "model.safetensors", revision=rev, cache_dir=cache_dir, local_files_only=True)
@@ -73,5 +68,5 @@ def verify(name: str | None = None, *, cache_dir: str | os.PathLike | None = Non
     for entry in man.models.values():
         results.extend(_verify_entry(entry, cache_dir))
     if not results:
-        raise EcampError(f"Manifest {man.source} lists no models.")
+        raise ManifestError(f"Manifest {man.source} lists no models.", path=man.source)
     return results

@@ -54,6 +54,16 @@ def _describe(src: Any) -> str:
     return getattr(src, "name", None) or f"<{type(src).__name__}>"
 
 
+def _source_path(src: Any) -> str | None:
+    """The file an image source is: a path, or a file object's ``name``; ``None`` for bytes and anonymous streams."""
+    if isinstance(src, (str, os.PathLike)):
+        return str(src)
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return None
+    name = getattr(src, "name", None)
+    return name if isinstance(name, str) else None
+
+
 def _open(src: ImageSource) -> tuple[str, bytes]:
     """Name and content of a path, a byte string or a binary file object; refuses what cannot be an image file."""
     name = _describe(src)
@@ -62,24 +72,24 @@ def _open(src: ImageSource) -> tuple[str, bytes]:
         try:
             st = path.stat()
         except OSError as e:
-            raise ImageReadError(f"{name}: cannot open ({e.strerror or e}).") from e
+            raise ImageReadError(f"{name}: cannot open ({e.strerror or e}).", path=path) from e
         if not stat.S_ISREG(st.st_mode):  # directories, FIFOs, devices: reading could hang or mean nothing
-            raise ImageReadError(f"{name}: not a regular file.")
+            raise ImageReadError(f"{name}: not a regular file.", path=path)
         try:
             data = path.read_bytes()
         except OSError as e:
-            raise ImageReadError(f"{name}: cannot read ({e.strerror or e}).") from e
+            raise ImageReadError(f"{name}: cannot read ({e.strerror or e}).", path=path) from e
     elif isinstance(src, (bytes, bytearray, memoryview)):
         data = bytes(src)
     elif hasattr(src, "read"):
         data = src.read()
         if not isinstance(data, bytes):
-            raise ImageReadError(f"{name}: file object must be opened in binary mode.")
+            raise ImageReadError(f"{name}: file object must be opened in binary mode.", path=_source_path(src))
     else:
         raise InvalidImageError(f"Cannot read an image from a {type(src).__name__}; pass a path, bytes or a binary "
                                 f"file object.")
     if not data:
-        raise ImageReadError(f"{name}: empty file.")
+        raise ImageReadError(f"{name}: empty file.", path=_source_path(src))
     return name, data
 
 
@@ -420,10 +430,15 @@ def read_image_native(src: ImageSource, *, policy: str = "bits", frame: int | No
     _check_policy(policy)
     name, data = _open(src)
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
-    if is_dicom(data, name):
-        with warnings.catch_warnings():
-            # pydicom warns about header values it can read past (e.g. malformed IS strings); the reader
-            # validates what it uses and raises ImageReadError where it matters.
-            warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
-            return _read_dicom(name, data, policy, frame, limit)
-    return _read_pil(name, data, policy, frame, limit)
+    try:
+        if is_dicom(data, name):
+            with warnings.catch_warnings():
+                # pydicom warns about header values it can read past (e.g. malformed IS strings); the reader
+                # validates what it uses and raises ImageReadError where it matters.
+                warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
+                return _read_dicom(name, data, policy, frame, limit)
+        return _read_pil(name, data, policy, frame, limit)
+    except InvalidImageError as e:  # (ImageReadError too) the decoders know the display name; the file goes here
+        if e.path is None:
+            e.path = _source_path(src)
+        raise

@@ -1,9 +1,10 @@
 """The weights manifest: schema, loading, names and aliases.
 
 The manifest (``weights_manifest.json``, shipped inside the package) lists every published or planned set of
-weights. Its schema is enforced by :func:`parse_manifest`, which turns the JSON into frozen dataclasses and raises
-:class:`~ecamp.errors.ManifestError` naming the offending entry and field. The schema is documented in
-``docs/manifest.md``.
+weights. Its schema is enforced by :func:`parse_manifest`, which turns the JSON into frozen dataclasses through
+:mod:`ecamp.schema` (types, unknown and missing fields), then checks what types cannot say (hashes, pinned
+revisions, unique aliases), and raises :class:`~ecamp.errors.ManifestError` naming the offending entry and
+field. The schema is documented in ``docs/manifest.md``.
 
 A different manifest (a private registry or a mirror) can be named with the ``ECAMP_MANIFEST`` environment variable
 or the ``manifest=`` argument of the public functions; it is validated the same way.
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from .errors import ManifestError, UnknownModelError
+from .schema import from_mapping
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -72,7 +74,7 @@ class ModelEntry:
 
     name: str
     aliases: tuple[str, ...]
-    kind: str
+    kind: str = field(metadata={"choices": KINDS})
     description: str
     architecture: str
     model_args: Mapping[str, Any]
@@ -137,132 +139,165 @@ class Manifest:
 ManifestLike = Union[Manifest, str, os.PathLike, None]
 
 
+def _source(source: str) -> str:
+    return f"Invalid weights manifest {source} (schema: docs/manifest.md)"
+
+
 def _err(source: str, where: str, msg: str) -> ManifestError:
-    return ManifestError(f"Invalid weights manifest {source}: {where}: {msg}. See docs/manifest.md for the schema.")
+    return ManifestError(f"{_source(source)}: {where}: {msg}.", path=None if source.startswith("<") else source)
 
 
-def _require(obj: Mapping[str, Any], keys: dict[str, type | tuple[type, ...]], source: str, where: str,
-             optional: dict[str, type | tuple[type, ...]] | None = None) -> None:
-    optional = optional or {}
-    if not isinstance(obj, dict):
-        raise _err(source, where, f"expected an object, got {type(obj).__name__}")
-    unknown = set(obj) - set(keys) - set(optional)
-    if unknown:
-        raise _err(source, where, f"unknown field(s) {sorted(unknown)}")
-    for key in keys:
-        if key not in obj:
-            raise _err(source, where, f"missing field {key!r}")
-    for key, typ in {**keys, **optional}.items():
-        if key in obj and not isinstance(obj[key], typ):
-            # bool is an int subclass; never accept it where a number is meant
-            raise _err(source, f"{where}.{key}", f"expected {_typename(typ)}, got {type(obj[key]).__name__}")
-        types = typ if isinstance(typ, tuple) else (typ,)
-        if key in obj and isinstance(obj[key], bool) and bool not in types and (int in types or float in types):
-            raise _err(source, f"{where}.{key}", "expected a number, got a boolean")
+def _schema(cls: type, data: Any, source: str, where: str) -> Any:
+    """``data`` as a ``cls`` instance, through :mod:`ecamp.schema` (types, unknown and missing fields)."""
+    return from_mapping(cls, data, error=ManifestError, source=_source(source), where=where, noun="field",
+                        path=None if source.startswith("<") else source)
 
 
-def _typename(typ: type | tuple[type, ...]) -> str:
-    if isinstance(typ, tuple):
-        return " or ".join("null" if t is type(None) else t.__name__ for t in typ)
-    return typ.__name__
+# Blocks of an entry that are stored as plain mappings: these dataclasses only validate them.
+@dataclass(frozen=True)
+class _Top:
+    schema_version: int
+    models: dict[str, Any]
 
 
-def _check_pretrained_cfg(cfg: dict, source: str, where: str) -> None:
-    _require(cfg, {"input_size": list, "mean": list, "std": list, "interpolation": str,
-                   "crop_pct": (int, float), "crop_mode": str, "num_classes": int}, source, where,
-             optional={k: object for k in ("first_conv", "classifier", "license", "paper_ids", "paper_name",
-                                           "origin_url", "hf_hub_id", "notes", "description", "fixed_input_size",
-                                           "pool_size", "test_input_size", "architecture")})
-    if len(cfg["input_size"]) != 3 or not all(isinstance(v, int) and v > 0 for v in cfg["input_size"]):
-        raise _err(source, f"{where}.input_size", "expected [channels, height, width] of positive integers")
-    for key in ("mean", "std"):
-        vals = cfg[key]
-        if len(vals) != cfg["input_size"][0] or not all(isinstance(v, (int, float)) for v in vals):
-            raise _err(source, f"{where}.{key}", "expected one number per input channel")
-    if not all(v > 0 for v in cfg["std"]):
-        raise _err(source, f"{where}.std", "standard deviations must be positive")
-    if cfg["interpolation"] not in INTERPOLATIONS:
-        raise _err(source, f"{where}.interpolation", f"expected one of {INTERPOLATIONS}")
-    if not 0 < cfg["crop_pct"] <= 1:
-        raise _err(source, f"{where}.crop_pct", "expected 0 < crop_pct <= 1")
+@dataclass(frozen=True)
+class _PretrainedCfg:
+    """timm's pretrained_cfg: the keys timm and ecamp read are typed; timm's descriptive ones are optional."""
+
+    input_size: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = field(metadata={"choices": INTERPOLATIONS})
+    crop_pct: float
+    crop_mode: str
+    num_classes: int
+    first_conv: Any = None
+    classifier: Any = None
+    license: Any = None
+    paper_ids: Any = None
+    paper_name: Any = None
+    origin_url: Any = None
+    hf_hub_id: Any = None
+    notes: Any = None
+    description: Any = None
+    fixed_input_size: Any = None
+    pool_size: Any = None
+    test_input_size: Any = None
+    architecture: Any = None
+
+
+@dataclass(frozen=True)
+class _EcampBlock:
+    modality: str = field(metadata={"choices": MODALITIES})
+    image_policy: str = field(metadata={"choices": IMAGE_POLICIES})
+    grayscale: bool = False
+    fov_crop: bool = False
+    notes: str = ""
+
+
+@dataclass(frozen=True)
+class _Paper:
+    title: str
+    doi: str
+    arxiv: str = ""
+    venue: str = ""
+    year: int = 0
+
+
+@dataclass(frozen=True)
+class _Provenance:
+    paper: _Paper
+    original_file: str | None
+    original_url: str | None
+    conversion: str
+    code: str = ""
+    code_commit: str = ""
+    notes: str = ""
+
+
+@dataclass(frozen=True)
+class _Training:
+    recipe: str | None
+    data: str
+    notes: str = ""
+
+
+@dataclass(frozen=True)
+class _Metric:
+    """A reported number; it is only ever copied from a cited ``source``."""
+
+    task: str
+    metric: str
+    value: float
+    source: str
+    split: str = ""
+    fraction: float = 0.0
+    notes: str = ""
 
 
 def _parse_entry(name: str, raw: Any, source: str) -> ModelEntry:
     where = f"models[{name!r}]"
     if not _NAME_RE.match(name):
         raise _err(source, where, "names are lower-case letters, digits, '.', '_' and '-'")
-    _require(raw, {
-        "aliases": list, "kind": str, "description": str, "architecture": str, "model_args": dict,
-        "hf_repo": str, "revision": (str, type(None)), "published": bool, "files": list,
-        "pretrained_cfg": dict, "ecamp": dict, "license": str, "license_note": str, "provenance": dict,
-        "training": dict, "metrics": list,
-    }, source, where)
-    if raw["kind"] not in KINDS:
-        raise _err(source, f"{where}.kind", f"expected one of {KINDS}")
-    if not _REPO_RE.match(raw["hf_repo"]):
+    if isinstance(raw, Mapping) and "name" in raw:
+        raise _err(source, where, "unknown field 'name' (an entry's name is its key)")
+    entry = _schema(ModelEntry, {**raw, "name": name} if isinstance(raw, Mapping) else raw, source, where)
+    if not _REPO_RE.match(entry.hf_repo):
         raise _err(source, f"{where}.hf_repo", "expected 'org/name'")
-    for alias in raw["aliases"]:
-        if not isinstance(alias, str) or not _NAME_RE.match(alias):
+    for alias in entry.aliases:
+        if not _NAME_RE.match(alias):
             raise _err(source, f"{where}.aliases", f"bad alias {alias!r}")
-    files = []
-    for i, f in enumerate(raw["files"]):
-        fw = f"{where}.files[{i}]"
-        _require(f, {"path": str, "sha256": (str, type(None)), "size": (int, type(None))}, source, fw)
-        if f["sha256"] is not None and not _SHA256_RE.match(f["sha256"]):
-            raise _err(source, f"{fw}.sha256", "expected 64 lower-case hex digits")
-        if f["size"] is not None and (isinstance(f["size"], bool) or f["size"] < 0):
-            raise _err(source, f"{fw}.size", "expected a non-negative integer")
-        files.append(FileEntry(f["path"], f["sha256"], f["size"]))
-    paths = [f.path for f in files]
+    for i, f in enumerate(entry.files):
+        if f.sha256 is not None and not _SHA256_RE.match(f.sha256):
+            raise _err(source, f"{where}.files[{i}].sha256", "expected 64 lower-case hex digits")
+        if f.size is not None and f.size < 0:
+            raise _err(source, f"{where}.files[{i}].size", "expected a non-negative integer")
+    paths = [f.path for f in entry.files]
     if len(set(paths)) != len(paths):
         raise _err(source, f"{where}.files", "duplicate paths")
-    if raw["kind"] == "encoder":
+    if entry.kind == "encoder":
         missing = [p for p in ENCODER_FILES if p not in paths]
         if missing:
             raise _err(source, f"{where}.files", f"an encoder repo needs {list(ENCODER_FILES)}; missing {missing}")
-        _check_pretrained_cfg(raw["pretrained_cfg"], source, f"{where}.pretrained_cfg")
-    if raw["published"]:
-        if raw["revision"] is None or not _COMMIT_RE.match(raw["revision"]):
+        _check_pretrained_cfg(_schema(_PretrainedCfg, entry.pretrained_cfg, source, f"{where}.pretrained_cfg"),
+                              source, f"{where}.pretrained_cfg")
+    if entry.published:
+        if entry.revision is None or not _COMMIT_RE.match(entry.revision):
             raise _err(source, f"{where}.revision", "a published entry pins a 40-hex commit")
-        unhashed = [f.path for f in files if f.sha256 is None or f.size is None]
+        unhashed = [f.path for f in entry.files if f.sha256 is None or f.size is None]
         if unhashed:
             raise _err(source, f"{where}.files", f"a published entry needs sha256 and size for {unhashed}")
-    ecamp_block = raw["ecamp"]
-    _require(ecamp_block, {"modality": str, "image_policy": str}, source, f"{where}.ecamp",
-             optional={"grayscale": bool, "fov_crop": bool, "notes": str})
-    if ecamp_block["image_policy"] not in IMAGE_POLICIES:
-        raise _err(source, f"{where}.ecamp.image_policy", f"expected one of {IMAGE_POLICIES}")
-    if ecamp_block["modality"] not in MODALITIES:
-        raise _err(source, f"{where}.ecamp.modality", f"expected one of {MODALITIES}")
-    _require(raw["provenance"], {"paper": dict, "original_file": (str, type(None)),
-                                 "original_url": (str, type(None)), "conversion": str}, source,
-             f"{where}.provenance", optional={"code": str, "code_commit": str, "notes": str})
-    _require(raw["provenance"]["paper"], {"title": str, "doi": str}, source, f"{where}.provenance.paper",
-             optional={"arxiv": str, "venue": str, "year": int})
-    _require(raw["training"], {"recipe": (str, type(None)), "data": str}, source, f"{where}.training",
-             optional={"notes": str})
-    for i, m in enumerate(raw["metrics"]):
-        # A reported number is only ever copied from a cited source.
-        _require(m, {"task": str, "metric": str, "value": (int, float), "source": str}, source,
-                 f"{where}.metrics[{i}]", optional={"split": str, "fraction": (int, float), "notes": str})
-    return ModelEntry(
-        name=name, aliases=tuple(a.lower() for a in raw["aliases"]), kind=raw["kind"],
-        description=raw["description"], architecture=raw["architecture"], model_args=dict(raw["model_args"]),
-        hf_repo=raw["hf_repo"], revision=raw["revision"], published=raw["published"], files=tuple(files),
-        pretrained_cfg=dict(raw["pretrained_cfg"]), ecamp=dict(ecamp_block), license=raw["license"],
-        license_note=raw["license_note"], provenance=dict(raw["provenance"]), training=dict(raw["training"]),
-        metrics=tuple(dict(m) for m in raw["metrics"]),
-    )
+    _schema(_EcampBlock, entry.ecamp, source, f"{where}.ecamp")
+    _schema(_Provenance, entry.provenance, source, f"{where}.provenance")
+    _schema(_Training, entry.training, source, f"{where}.training")
+    for i, m in enumerate(entry.metrics):
+        _schema(_Metric, m, source, f"{where}.metrics[{i}]")
+    return entry
+
+
+def _check_pretrained_cfg(cfg: _PretrainedCfg, source: str, where: str) -> None:
+    if not all(v > 0 for v in cfg.input_size):
+        raise _err(source, f"{where}.input_size", "expected [channels, height, width] of positive integers")
+    for key in ("mean", "std"):
+        if len(getattr(cfg, key)) != cfg.input_size[0]:
+            raise _err(source, f"{where}.{key}", "expected one number per input channel")
+    if not all(v > 0 for v in cfg.std):
+        raise _err(source, f"{where}.std", "standard deviations must be positive")
+    if not 0 < cfg.crop_pct <= 1:
+        raise _err(source, f"{where}.crop_pct", "expected 0 < crop_pct <= 1")
 
 
 def parse_manifest(data: Any, source: str = "<memory>") -> Manifest:
     """Validate a decoded manifest and return it as a :class:`Manifest`."""
-    _require(data, {"schema_version": int, "models": dict}, source, "top level",
-             optional={"$comment": str})
-    if data["schema_version"] != SCHEMA_VERSION:
+    if isinstance(data, Mapping) and "$comment" in data:  # free text, as in JSON Schema
+        if not isinstance(data["$comment"], str):
+            raise _err(source, "$comment", "expected a string")
+        data = {k: v for k, v in data.items() if k != "$comment"}
+    top = _schema(_Top, data, source, "")
+    if top.schema_version != SCHEMA_VERSION:
         raise _err(source, "schema_version", f"this ecamp reads version {SCHEMA_VERSION}, "
-                   f"got {data['schema_version']} (upgrade ecamp?)")
-    models = {name: _parse_entry(name, raw, source) for name, raw in data["models"].items()}
+                   f"got {top.schema_version} (upgrade ecamp?)")
+    models = {name: _parse_entry(name, raw, source) for name, raw in top.models.items()}
     aliases: dict[str, str] = {}
     for entry in models.values():
         for alias in entry.aliases:
@@ -281,7 +316,7 @@ def _read(path: Path) -> Manifest:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
-            raise ManifestError(f"Weights manifest {path} is not valid JSON: {e}") from None
+            raise ManifestError(f"Weights manifest {path} is not valid JSON: {e}", path=path) from None
         _CACHE[key] = parse_manifest(data, source=str(path))
     return _CACHE[key]
 
@@ -298,7 +333,7 @@ def load_manifest(manifest: ManifestLike = None) -> Manifest:
     if not p.is_file():
         origin = "the manifest= argument" if manifest is not None else f"${MANIFEST_ENV}"
         raise ManifestError(f"Weights manifest {p} (from {origin}) does not exist; fix the path or unset it "
-                            f"to use the packaged manifest.")
+                            f"to use the packaged manifest.", path=p)
     return _read(p)
 
 

@@ -16,35 +16,40 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import EcampError, InvalidImageError
+from .errors import ConfigError, InvalidArgumentError, InvalidImageError
 from .fundus import fov_crop
 
-__all__ = ["EcampTransform", "get_transform", "to_pil"]
+__all__ = ["EcampTransform", "JointTransform", "get_transform", "to_pil", "read_grey", "to_uint8",
+           "normalize_grey"]
 
 # ITU-R 601-2 luma, the weights PIL's convert("L") uses; for float colour input.
 _LUMA = (0.299, 0.587, 0.114)
 _INTERP = {"nearest": "NEAREST", "bilinear": "BILINEAR", "bicubic": "BICUBIC"}
+# timm's eval crop modes: "center" (resize the shorter side, centre crop: the authors' pipeline) and "squash"
+_CROP_MODES = ("center", "squash")
 
 
-def _check_float(arr: np.ndarray, what: str) -> np.ndarray:
+def _check_float(arr: np.ndarray, what: str, path: str | None = None) -> np.ndarray:
     arr = arr.astype(np.float32, copy=False)
     if not np.isfinite(arr).all():
-        raise InvalidImageError(f"{what} contains NaN or infinite values; clean it before preprocessing.")
+        raise InvalidImageError(f"{what} contains NaN or infinite values; clean it before preprocessing.", path=path)
     lo, hi = float(arr.min()), float(arr.max())
     if lo < -1e-6 or hi > 1 + 1e-6:
         raise InvalidImageError(f"{what} is float with values in [{lo:.4g}, {hi:.4g}]; float images must be "
-                                f"scaled to [0, 1] (uint8 and uint16 arrays are scaled automatically).")
+                                f"scaled to [0, 1] (uint8 and uint16 arrays are scaled automatically).", path=path)
     return np.clip(arr, 0.0, 1.0)
 
 
-def _from_array(arr: np.ndarray, what: str, policy: str = "bits") -> Image.Image | torch.Tensor:
+def _from_array(arr: np.ndarray, what: str, policy: str = "bits", path: str | None = None
+                ) -> Image.Image | torch.Tensor:
+    """``path``: the file the array was read from, if any (for the errors' ``.path``)."""
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
         raise InvalidImageError(f"{what} has shape {arr.shape}; expected [H, W], [H, W, 1], [H, W, 3] or "
-                                f"[H, W, 4] (batches go in a list or a 4-D array).")
+                                f"[H, W, 4] (batches go in a list or a 4-D array).", path=path)
     if min(arr.shape[:2]) < 1:
-        raise InvalidImageError(f"{what} is empty (shape {arr.shape}).")
+        raise InvalidImageError(f"{what} is empty (shape {arr.shape}).", path=path)
     if arr.dtype == np.uint8:
         if arr.ndim == 3 and arr.shape[2] == 4:
             return Image.fromarray(np.ascontiguousarray(arr), "RGBA").convert("RGB")
@@ -53,12 +58,12 @@ def _from_array(arr: np.ndarray, what: str, policy: str = "bits") -> Image.Image
         if arr.ndim == 2:  # deep grey data: the same intensity policy as for a 16-bit file
             from .io import apply_policy_to_grey
 
-            return _from_array(apply_policy_to_grey(arr, policy), what)
+            return _from_array(apply_policy_to_grey(arr, policy), what, path=path)
         arr = arr.astype(np.float32) / 65535.0
     elif arr.dtype.kind == "f":
-        arr = _check_float(arr, what)
+        arr = _check_float(arr, what, path)
     else:
-        raise InvalidImageError(f"{what} has dtype {arr.dtype}; use uint8, uint16 or float in [0, 1].")
+        raise InvalidImageError(f"{what} has dtype {arr.dtype}; use uint8, uint16 or float in [0, 1].", path=path)
     if arr.ndim == 3:
         arr = arr[:, :, :3]
         return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
@@ -78,10 +83,11 @@ def to_pil(image: Any, what: str = "image", *, policy: str = "bits", fov: bool =
     input a float ``[3, H, W]`` tensor in [0, 1]. ``fov`` crops a fundus photograph to its field of view first.
     """
     if _is_file_source(image):
-        from .io import read_image_native
+        from .io import _source_path, read_image_native
 
         arr = read_image_native(image, policy=policy, frame=frame)
-        return _from_array(fov_crop(arr) if fov else arr, what if what != "image" else str(image)[:200])
+        return _from_array(fov_crop(arr) if fov else arr, what if what != "image" else str(image)[:200],
+                           path=_source_path(image))
     if fov:
         arr = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) and image.mode not in
                          ("L", "RGB", "I;16", "I", "F") else image)
@@ -155,16 +161,22 @@ class EcampTransform:
         from .io import POLICIES
 
         if self.policy not in POLICIES:
-            raise EcampError(f"Unknown image policy {self.policy!r}; use one of {POLICIES}.")
+            raise ConfigError(f"Unknown image policy {self.policy!r}; use one of {POLICIES}.")
         h, w = _size2(cfg.get("input_size", (3, 224, 224)))
         interp_name = cfg.get("interpolation", "bilinear")
         if interp_name not in _INTERP:
-            raise EcampError(f"Unknown interpolation {interp_name!r}; use one of {sorted(_INTERP)}.")
+            raise ConfigError(f"Unknown interpolation {interp_name!r}; use one of {sorted(_INTERP)}.")
         interp = getattr(InterpolationMode, _INTERP[interp_name])
         crop_pct = float(cfg.get("crop_pct", 1.0))
+        crop_mode = cfg.get("crop_mode", "center")
+        if crop_mode not in _CROP_MODES:
+            raise ConfigError(f"Unknown crop_mode {crop_mode!r}; ecamp's transforms support {_CROP_MODES}.")
         if train:
             # The authors' fine-tuning augmentation: torchvision defaults (scale 0.08-1, bilinear).
             geometry = [T.RandomResizedCrop((h, w), antialias=True), T.RandomHorizontalFlip()]
+        elif crop_mode == "squash":  # timm's squash: the whole image resized to the input size, no crop
+            geometry = [T.Resize((math.floor(h / crop_pct), math.floor(w / crop_pct)), interpolation=interp,
+                                 antialias=True), T.CenterCrop((h, w))]
         else:
             short = math.floor(min(h, w) / crop_pct) if h == w else tuple(math.floor(s / crop_pct) for s in (h, w))
             geometry = [T.Resize(short, interpolation=interp, antialias=True), T.CenterCrop((h, w))]
@@ -187,8 +199,11 @@ class EcampTransform:
         if x.shape[0] == 1 and self.out_channels == 3:
             x = x.expand(3, -1, -1)
         elif x.shape[0] != self.out_channels:
+            from .io import _source_path
+
+            path = _source_path(image) if _is_file_source(image) else None
             raise InvalidImageError(f"{what} has {x.shape[0]} channels after conversion but the model expects "
-                                    f"{self.out_channels}.")
+                                    f"{self.out_channels}.", path=path)
         return ((x - self.mean) / self.std).contiguous()
 
     def __call__(self, images: Any) -> torch.Tensor:
@@ -216,7 +231,7 @@ def get_transform(name_or_model: Any, *, train: bool = False, **overrides: Any) 
     """The preprocessing for a model name, a loaded model or a cfg dict.
 
     ``overrides`` replace cfg fields: ``input_size``/``img_size``, ``mean``, ``std``, ``interpolation``,
-    ``crop_pct``, and the ecamp settings ``grayscale``, ``image_policy``.
+    ``crop_pct``, ``crop_mode`` (``center`` or ``squash``), and the ecamp settings ``grayscale``, ``image_policy``.
     """
     from .factory import get_pretrained_cfg, resolve_model_cfg
 
@@ -227,8 +242,8 @@ def get_transform(name_or_model: Any, *, train: bool = False, **overrides: Any) 
     elif isinstance(name_or_model, torch.nn.Module):
         cfg = resolve_model_cfg(name_or_model)
     else:
-        raise EcampError(f"get_transform takes a model name, a model or a cfg dict, not "
-                         f"{type(name_or_model).__name__}.")
+        raise InvalidArgumentError(f"get_transform takes a model name, a model or a cfg dict, not "
+                                   f"{type(name_or_model).__name__}.")
     cfg = dict(cfg)
     block = dict(cfg.get("ecamp") or {})
     for key in ("grayscale", "image_policy", "fov_crop"):
@@ -237,9 +252,66 @@ def get_transform(name_or_model: Any, *, train: bool = False, **overrides: Any) 
     if "img_size" in overrides:
         size = _size2(overrides.pop("img_size"))
         overrides["input_size"] = (cfg.get("input_size", (3,))[0], *size)
-    unknown = set(overrides) - {"input_size", "mean", "std", "interpolation", "crop_pct"}
+    unknown = set(overrides) - {"input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode"}
     if unknown:
-        raise EcampError(f"Unknown transform override(s) {sorted(unknown)}.")
+        raise InvalidArgumentError(f"Unknown transform override(s) {sorted(unknown)}.")
     cfg.update(overrides)
     cfg["ecamp"] = block
     return EcampTransform(cfg, train=train)
+
+
+# -- the grey-film path shared by training readers ------------------------------------------------------------------
+def to_uint8(arr: np.ndarray) -> np.ndarray:
+    """A :func:`ecamp.io.read_image_native` result at 8 bits, as the authors' pre-training read MIMIC-CXR-JPG:
+    uint8 stays, [0, 1] floats are rounded."""
+    if arr.dtype != np.uint8:
+        arr = np.clip(np.rint(arr * 255), 0, 255).astype(np.uint8)
+    return arr
+
+
+def read_grey(source: Any, policy: str = "bits") -> torch.Tensor:
+    """A file as a grey float32 ``[1, H, W]`` tensor in [0, 1] at full depth (colour: the mean of the channels)."""
+    from .io import read_image
+
+    arr = read_image(source, policy=policy)
+    if arr.ndim == 3:
+        arr = arr.mean(-1)
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None]
+
+
+def normalize_grey(x: torch.Tensor, mean: float, std: float, channels: int = 3) -> torch.Tensor:
+    """``[1, H, W]`` grey in [0, 1] -> ``[channels, H, W]`` normalised with one mean and std (grey weights)."""
+    return ((x.as_subclass(torch.Tensor).expand(channels, -1, -1) - mean) / std).float().contiguous()
+
+
+class JointTransform:
+    """A grey film and its target (a ``tv_tensors.Mask`` or ``tv_tensors.BoundingBoxes``) through one geometry.
+
+    The image is read at full depth with the cfg's intensity policy (:func:`read_grey`), resized to the cfg's input
+    size together with the target, optionally augmented by ``augment`` (a torchvision v2 transform drawn once per
+    call and applied to both, or to the image alone with ``augment_target=False``), and normalised with the cfg's
+    grey mean and std. ``antialias=False`` resizes as plain bilinear interpolation (``F.interpolate``).
+    """
+
+    def __init__(self, cfg: dict[str, Any], *, augment: Any = None, augment_target: bool = True,
+                 antialias: bool = True):
+        from torchvision.transforms import v2 as T
+
+        size = _size2(cfg.get("input_size", (3, 224, 224)))
+        self.policy = (cfg.get("ecamp") or {}).get("image_policy", "bits")
+        self.mean, self.std = float(cfg["mean"][0]), float(cfg["std"][0])
+        self.channels = int(cfg.get("input_size", (3,))[0])
+        self.resize = T.Resize(size, antialias=antialias)
+        self.augment, self.augment_target = augment, augment_target
+        self.joint = T.Compose([augment, self.resize]) if augment is not None else self.resize
+
+    def __call__(self, source: Any, target: Any) -> tuple[torch.Tensor, Any]:
+        from torchvision import tv_tensors
+
+        x = source if isinstance(source, torch.Tensor) else read_grey(source, self.policy)
+        x = tv_tensors.Image(x)
+        if self.augment is not None and not self.augment_target:
+            x, target = self.resize(self.augment(x)), self.resize(target)
+        else:
+            x, target = self.joint(x, target)
+        return normalize_grey(x, self.mean, self.std, self.channels), target

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import ecamp
-from ecamp.train.data import DataError
-from ecamp.train.detection import (
+from ecamp.train.pretrain.data import DataError
+from ecamp.train.downstream.detection import (
     DetectionModel,
     decode,
     finetune_detection,
@@ -24,7 +24,7 @@ from ecamp.train.detection import (
     yolo_loss,
 )
 from ecamp.train.phantom import write_phantom_detection
-from ecamp.train.recipes import recipe
+from ecamp.train.downstream.recipes import recipe
 
 
 def test_box_lists_in_the_authors_format(tmp_path):
@@ -157,7 +157,7 @@ def test_finetune_det_cli_and_upstream_protocol(phantom_det, tiny_folder, tmp_pa
 
 
 def test_anchor_matching_uses_the_authors_pixel_iou():
-    from ecamp.train.detection import _shape_iou
+    from ecamp.train.downstream.detection import _shape_iou
 
     gt, anchors = torch.tensor([[2.0, 1.0]]), torch.tensor([[1.0, 1.0], [4.0, 2.0]])
     # plain IoU: 1/2 and 2/8; the YOLOv3 code's +1 convention: (2*2)/(3*2) and (3*2)/(5*3)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ecamp.train.distill import (
+from ecamp.train.pretrain.distill import (
     PROMPT_VERSION,
     DistillError,
     OpenAIBackend,
@@ -164,7 +164,7 @@ def test_kill_mid_run_then_resume_loses_and_repeats_nothing(tmp_path):
     try:
         reports = _reports(tmp_path / "r.csv", [(f"s{i:02d}", f"s{i:02d} small left effusion") for i in range(30)])
         out = tmp_path / "c.jsonl"
-        cmd = [sys.executable, "-m", "ecamp", "distill", "--reports", str(reports), "--out", str(out),
+        cmd = [sys.executable, "-m", "ecamp", "train", "distill", "--reports", str(reports), "--out", str(out),
                "--backend", "openai", "--base-url", server.url, "--model", "fake", "--concurrency", "2",
                "--no-progress"]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -203,7 +203,7 @@ def test_transformers_backend_with_a_tiny_random_model(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    from ecamp.train.distill import TransformersBackend
+    from ecamp.train.pretrain.distill import TransformersBackend
 
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -14,10 +14,10 @@ import torch
 import ecamp
 from ecamp.errors import EcampError
 from ecamp.finetune import FeaturePyramid, LinearProbe, layer_decay_param_groups, multiscale_features
-from ecamp.train.data import DataError
-from ecamp.train.downstream import TASKS, list_file_for, read_list_file, write_splits
+from ecamp.train.pretrain.data import DataError
+from ecamp.train.downstream.classification import TASKS, list_file_for, read_list_file, write_splits
 from ecamp.train.phantom import write_phantom_classification
-from ecamp.train.recipes import RECIPES, load_preset, preset_text, recipe
+from ecamp.train.downstream.recipes import RECIPES, load_preset, preset_text, recipe
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -64,7 +64,7 @@ def test_finetune_on_phantom_beats_chance(phantom_cls, tiny_folder, tmp_path):
 
 
 def test_linear_probe_leaves_the_trunk_unchanged(phantom_cls, tiny_folder, tmp_path):
-    from ecamp.train.downstream import finetune_classification
+    from ecamp.train.downstream.classification import finetune_classification
 
     probe = LinearProbe(ecamp.load(f"local-dir:{tiny_folder}", drop_path_rate=0.5), 4)
     before = {k: v.clone() for k, v in probe.encoder.state_dict().items()}
@@ -104,7 +104,7 @@ def test_dense_features_and_layer_decay(tiny_folder):
 
 
 def test_model_selection_stays_off_the_test_set(tmp_path):
-    from ecamp.train.downstream import select_validation
+    from ecamp.train.downstream.classification import select_validation
 
     task = TASKS["chexpert"]
     lines = [f"img{i}.png 1 0 0 0 1" for i in range(40)]
@@ -165,7 +165,7 @@ def test_two_process_finetuning_gathers_the_whole_evaluation(phantom_cls, tiny_f
 
     from sklearn.metrics import roc_auc_score
 
-    from ecamp.train.downstream import ListDataset
+    from ecamp.train.downstream.classification import ListDataset
 
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "-m", "ecamp.train", "finetune", "--dataset", "phantom", "--mode", "linear-probe",

@@ -13,7 +13,14 @@ import torch.nn.functional as F
 
 import ecamp
 from ecamp.errors import InvalidWeightsFileError, WeightsMismatchError
-from ecamp.models.pretrain import BatchError, ECAMPPretrainConfig, ECAMPPretrainModel, sincos_pos_embed_2d
+from ecamp.convert import encoder_for
+from ecamp.models.pretrain import (
+    BatchError,
+    ECAMPPretrainConfig,
+    ECAMPPretrainModel,
+    read_upstream_checkpoint,
+    sincos_pos_embed_2d,
+)
 
 B, L = 2, 24
 
@@ -156,7 +163,7 @@ def test_bad_batches_are_refused(tiny):
 
 
 def test_exported_encoder_gives_identical_features(tiny, tmp_path):
-    enc = tiny.to_encoder("cxr")
+    enc = encoder_for(tiny, "cxr-vit-b")
     ecamp.save_pretrained(enc, tmp_path / "enc")
     loaded = ecamp.load(f"local-dir:{tmp_path / 'enc'}")
     x = torch.randn(2, 3, tiny.config.img_size, tiny.config.img_size)
@@ -235,10 +242,10 @@ def test_checkpoints_are_never_unpickled_freely(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"model": {}, "extra": Payload()}, path)
     with pytest.raises(InvalidWeightsFileError, match="weights_only"):
-        ECAMPPretrainModel.read_upstream_checkpoint(path)
+        read_upstream_checkpoint(path)
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(InvalidWeightsFileError):
-        ECAMPPretrainModel.read_upstream_checkpoint(tmp_path / "junk.pth")
+        read_upstream_checkpoint(tmp_path / "junk.pth")
 
 
 def test_convert_cli_fills_the_local_store(tiny, tmp_path):
@@ -289,12 +296,12 @@ def test_full_model_folder_round_trip_and_store(tiny, tmp_path):
     tok = train_tokenizer(["small left pleural effusion.", "no pneumothorax."] * 5, vocab_size=60, min_frequency=1)
     files = tiny.save_pretrained(tmp_path / "full", tokenizer=tok)["files"]
     assert [f["path"] for f in files] == ["config.json", "model.safetensors", "tokenizer.json"]
-    again = ECAMPPretrainModel.from_pretrained(tmp_path / "full").eval()
+    again = ecamp.load_pretrain(tmp_path / "full").eval()
     batch, noise = _batch(tiny.config), _noise(tiny.config)
     assert torch.equal(again(batch, noise=noise)["loss"], tiny(batch, noise=noise)["loss"])
     with pytest.raises(WeightsNotPublishedError, match="ecamp convert"):
-        ECAMPPretrainModel.from_pretrained("cxr-ecamp-b-pretrain")
-    # `ecamp convert ... --name cxr-ecamp-b-pretrain` fills the store that from_pretrained(name) reads
+        ecamp.load_pretrain("cxr-ecamp-b-pretrain")
+    # `ecamp convert ... --name cxr-ecamp-b-pretrain` fills the store that load_pretrain(name) reads
     path = tmp_path / "ckpt.pth"
     torch.save({"model": _authors_layout(tiny)}, path)
     (tmp_path / "tiny.json").write_text(json.dumps(tiny.config.to_dict()))
@@ -305,7 +312,7 @@ def test_full_model_folder_round_trip_and_store(tiny, tmp_path):
                               "--config", str(tmp_path / "tiny.json"), "--tokenizer", str(tmp_path / "tok.json")],
                              capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr
-        stored = ECAMPPretrainModel.from_pretrained("cxr-ecamp-b-pretrain").eval()
+        stored = ecamp.load_pretrain("cxr-ecamp-b-pretrain").eval()
         assert torch.equal(stored(batch, noise=noise)["loss"], tiny(batch, noise=noise)["loss"])
         assert (store / "tokenizer.json").is_file() and stored.ecamp_cfg["modality"] == "cxr"
     finally:

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import ecamp
-from ecamp.train.data import DataError
+from ecamp.train.pretrain.data import DataError
 from ecamp.train.phantom import write_phantom_segmentation
-from ecamp.train.segmentation import (
+from ecamp.train.downstream.segmentation import (
     SegmentationModel,
     dice_per_image,
     mixed_loss,
@@ -94,7 +94,7 @@ def test_encoder_stays_frozen(tiny_folder):
 def test_convert_the_authors_lists(tmp_path):
     from PIL import Image
 
-    from ecamp.train.segmentation import convert_lists
+    from ecamp.train.downstream.segmentation import convert_lists
 
     src = tmp_path / "siim"
     src.mkdir()
@@ -116,7 +116,7 @@ def test_convert_the_authors_lists(tmp_path):
 def test_riga_masks_give_disc_and_cup(tmp_path):
     from PIL import Image
 
-    from ecamp.train.segmentation import MaskDataset
+    from ecamp.train.downstream.segmentation import MaskDataset
 
     # RIGA-style label image: 0 background, 128 disc rim, 255 cup; the authors divide by 255, then disc = != 0
     # and cup = == 1

@@ -12,10 +12,10 @@ import torch
 
 from ecamp.models.pretrain import ECAMPPretrainConfig, ECAMPPretrainModel
 from ecamp.text import ReportEncoder, train_tokenizer
-from ecamp.train.config import load_config
-from ecamp.train.data import PretrainDataset
+from ecamp.train.pretrain.config import load_config
+from ecamp.train.pretrain.data import PretrainDataset
 from ecamp.train.phantom import write_phantom
-from ecamp.train.sr_windows import best_window, compute_windows, entity_attention_maps
+from ecamp.train.pretrain.sr_windows import best_window, compute_windows, entity_attention_maps
 
 
 def test_best_window_finds_the_peak_and_stays_in_range():
@@ -41,7 +41,7 @@ def test_windows_from_a_first_stage_model(tmp_path):
     cfg = ECAMPPretrainConfig.tiny(vocab_size=200, img_size=32, patch_size=8, sr_window=3, max_text_len=32)
     torch.manual_seed(0)
     ECAMPPretrainModel(cfg).save_pretrained(tmp_path / "stage1", tokenizer=tok)
-    out = subprocess.run([sys.executable, "-m", "ecamp", "sr-windows", "--checkpoint", str(tmp_path / "stage1"),
+    out = subprocess.run([sys.executable, "-m", "ecamp", "train", "sr-windows", "--checkpoint", str(tmp_path / "stage1"),
                           "--data", str(root), "--out", str(tmp_path / "w.csv"), "--no-progress"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr

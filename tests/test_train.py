@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import ecamp
-from ecamp.train.config import ConfigError, load_config
-from ecamp.train.data import DataError, PretrainDataset, ResumableSampler, map_window
+from ecamp.train.pretrain.config import ConfigError, load_config
+from ecamp.train.pretrain.data import DataError, PretrainDataset, ResumableSampler, map_window
 from ecamp.train.phantom import write_phantom
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ def test_config_errors(overrides, message):
 
 
 def test_schedule_follows_the_authors():
-    from ecamp.train.loop import lr_at
+    from ecamp.train.pretrain.loop import lr_at
 
     cfg = load_config(ROOT / "configs/pretrain/mimic_cxr.yaml")
     assert lr_at(0, cfg) == 0 and lr_at(20, cfg) == pytest.approx(0.75e-4)
@@ -173,7 +173,7 @@ def test_two_process_ddp_matches_one_process(phantom, tmp_path):
                           "-m", "ecamp.train", *common, "--output-dir", str(tmp_path / "two"), "optim.batch_size=4"],
                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert ddp.returncode == 0, ddp.stderr
-    from ecamp.train.loop import load_checkpoint
+    from ecamp.train.pretrain.loop import load_checkpoint
 
     one = load_checkpoint(tmp_path / "one" / "checkpoint-00000003.pt")
     two = load_checkpoint(tmp_path / "two" / "checkpoint-00000003.pt")
@@ -197,8 +197,8 @@ def test_ddp_ranks_hold_identical_parameters(phantom, tmp_path):
     script = tmp_path / "check.py"
     script.write_text(
         "import sys, torch, torch.distributed as dist\n"
-        "from ecamp.train.config import load_config\n"
-        "from ecamp.train import loop\n"
+        "from ecamp.train.pretrain.config import load_config\n"
+        "from ecamp.train.pretrain import loop\n"
         "holder = {}\n"
         "real = loop._save\n"
         "def save(out, model, *a, **k):\n"
@@ -212,6 +212,7 @@ def test_ddp_ranks_hold_identical_parameters(phantom, tmp_path):
         "dist.all_gather(got, flat)\n"
         "assert all(torch.equal(got[0], g) for g in got), 'ranks differ'\n"
         f"open({str(tmp_path)!r} + f'/rank{{dist.get_rank()}}.ok', 'w').write('identical')\n"
+        "dist.destroy_process_group()\n"
     )
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           str(script)], capture_output=True, text=True, timeout=600,
@@ -221,7 +222,7 @@ def test_ddp_ranks_hold_identical_parameters(phantom, tmp_path):
 
 
 def test_overfits_one_batch(phantom, tmp_path):
-    from ecamp.train.loop import pretrain
+    from ecamp.train.pretrain.loop import pretrain
 
     cfg = load_config(None, TINY + ["optim.batch_size=8", "optim.accum_iter=1", "optim.epochs=80",
                                     "optim.warmup_epochs=0", "optim.schedule_epochs=80", "optim.lr=3e-3",
@@ -245,18 +246,18 @@ def test_overfits_one_batch(phantom, tmp_path):
 
 def test_export_then_load(phantom, tmp_path):
     from ecamp.models.pretrain import ECAMPPretrainModel
-    from ecamp.train.loop import pretrain
+    from ecamp.train.pretrain.loop import pretrain
 
     cfg = load_config(None, TINY)
     summary = pretrain(cfg, phantom, tmp_path / "run", max_steps=2, progress=False)
-    out = subprocess.run([sys.executable, "-m", "ecamp", "export", str(tmp_path / "run"), "--out",
+    out = subprocess.run([sys.executable, "-m", "ecamp", "train", "export", str(tmp_path / "run"), "--out",
                           str(tmp_path / "exp"), "--name", "cxr-vit-b"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     entry = json.loads(out.stdout)
     assert {f["path"] for f in entry["encoder"]["files"]} == {"config.json", "model.safetensors", "README.md"}
     assert {f["path"] for f in entry["pretrain"]["files"]} == {"config.json", "model.safetensors", "tokenizer.json"}
     enc = ecamp.load(f"local-dir:{tmp_path / 'exp' / 'encoder'}")
-    full = ECAMPPretrainModel.from_pretrained(tmp_path / "exp" / "pretrain")
+    full = ecamp.load_pretrain(tmp_path / "exp" / "pretrain")
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(enc.forward_features(x), full.encoder.forward_features(x))
@@ -264,7 +265,7 @@ def test_export_then_load(phantom, tmp_path):
 
 
 def test_ffa_ir_converter(tmp_path):
-    from ecamp.train.data import ffa_ir_to_csv
+    from ecamp.train.pretrain.data import ffa_ir_to_csv
 
     ann = {"train": {"case1": {"Image_path": ["c1/1.jpg", "c1/2.jpg"], "En_Report": "Fluorescein leakage."},
                      "case2": {"Image_path": ["c2/1.jpg"], "En_Report": ""}},
@@ -285,7 +286,7 @@ def test_sr_window_can_follow_the_crop_and_flip(phantom):
     fixed = PretrainDataset(phantom, load_config(None, TINY), enc, seed=0)
     moving = PretrainDataset(phantom, load_config(None, TINY + ["data.sr_window_follows_augmentation=true"]), enc,
                              seed=0)
-    from ecamp.train.data import map_window
+    from ecamp.train.pretrain.data import map_window
 
     differs = 0
     for i in range(len(fixed)):
@@ -298,7 +299,7 @@ def test_sr_window_can_follow_the_crop_and_flip(phantom):
 
 def test_flipped_films_can_swap_the_reports_sides(phantom):
     from ecamp.text import ReportEncoder, load_tokenizer
-    from ecamp.train.data import swap_sides
+    from ecamp.train.pretrain.data import swap_sides
 
     assert swap_sides("Left effusion; right lung clear. LEFT. leftover bright") == \
         "Right effusion; left lung clear. RIGHT. leftover bright"
@@ -360,7 +361,7 @@ def test_more_config_errors(overrides, message):
 
 def test_refuses_a_used_output_folder_and_clamps_the_schedule(phantom, tmp_path):
     from ecamp.errors import EcampError
-    from ecamp.train.loop import lr_at, pretrain
+    from ecamp.train.pretrain.loop import lr_at, pretrain
 
     cfg = load_config(None, TINY)
     pretrain(cfg, phantom, tmp_path / "run", max_steps=2, progress=False)

@@ -125,3 +125,18 @@ def test_in_memory_16bit_follows_the_weights_policy(tmp_path):
     assert torch.equal(tf(ramp16), from_path)
     assert torch.equal(tf(Image.open(tmp_path / "x16.png")), from_path)
     assert not torch.allclose(ecamp.get_transform("cxr-vit-b", image_policy="bits")(ramp16), from_path)
+
+
+def test_crop_mode_is_honoured():
+    from ecamp.errors import ConfigError
+
+    wide = np.zeros((32, 64), np.uint8)
+    wide[:, :8] = 255  # a bright band at the left edge: a centre crop cuts it away, squash keeps it
+    cfg = {"input_size": (3, 16, 16), "mean": (0.0,) * 3, "std": (1.0,) * 3, "crop_pct": 1.0,
+           "ecamp": {"grayscale": True}}
+    centre = ecamp.get_transform(dict(cfg, crop_mode="center"))(wide)
+    squash = ecamp.get_transform(dict(cfg, crop_mode="squash"))(wide)
+    assert centre.shape == squash.shape == (3, 16, 16)
+    assert centre[0, :, 0].max() < 0.01 and squash[0, :, 0].min() > 0.99
+    with pytest.raises(ConfigError, match="crop_mode"):
+        ecamp.get_transform(dict(cfg, crop_mode="border"))

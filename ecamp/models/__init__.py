@@ -1,4 +1,4 @@
-"""Model construction: timm image encoders and the ECAMP pre-training model."""
+"""Model construction: timm image encoders, downstream heads and the ECAMP pre-training model."""
 
 from __future__ import annotations
 
@@ -7,10 +7,15 @@ from typing import Any
 
 from .encoder import LoadReport, build_encoder, load_encoder_state_dict
 
-__all__ = ["build_encoder", "load_encoder_state_dict", "LoadReport", "ECAMPPretrainModel", "ECAMPPretrainConfig"]
+_LAZY = {"ECAMPPretrainModel": "pretrain", "ECAMPPretrainConfig": "pretrain", "SegmentationModel": "heads",
+         "PyramidSegmentationModel": "heads", "DetectionModel": "heads", "heads": None, "pretrain": None,
+         "encoder": None}
+
+__all__ = ["build_encoder", "load_encoder_state_dict", "LoadReport", *_LAZY]
 
 
-def __getattr__(name: str) -> Any:  # the pre-training model pulls in transformers: import it on first use
-    if name in ("ECAMPPretrainModel", "ECAMPPretrainConfig"):
-        return getattr(importlib.import_module(".pretrain", __name__), name)
-    raise AttributeError(name)
+def __getattr__(name: str) -> Any:  # import the heavier modules on first use
+    if name not in _LAZY:
+        raise AttributeError(f"module 'ecamp.models' has no attribute {name!r}")
+    module = importlib.import_module(f".{_LAZY[name] or name}", __name__)
+    return module if _LAZY[name] is None else getattr(module, name)

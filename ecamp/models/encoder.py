@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import EcampError, WeightsMismatchError
+from ..errors import ConfigError, InvalidArgumentError, WeightsMismatchError
 
 __all__ = ["build_encoder", "load_encoder_state_dict", "LoadReport"]
 
@@ -29,8 +29,8 @@ def build_encoder(config: Mapping[str, Any], *, num_classes: int | None = None, 
 
     arch = config.get("architecture")
     if not arch or not timm.is_model(arch):
-        raise EcampError(f"config.json names architecture {arch!r}, which this timm ({timm.__version__}) does not "
-                         f"know; upgrade timm or fix the config.")
+        raise ConfigError(f"config.json names architecture {arch!r}, which this timm ({timm.__version__}) does not "
+                          f"know; upgrade timm or fix the config.")
     kwargs: dict[str, Any] = dict(config.get("model_args") or {})
     kwargs.update(timm_kwargs)
     pretrained_cfg = dict(config.get("pretrained_cfg") or {})
@@ -43,7 +43,7 @@ def build_encoder(config: Mapping[str, Any], *, num_classes: int | None = None, 
     try:
         return timm.create_model(arch, pretrained=False, pretrained_cfg=pretrained_cfg, **kwargs)
     except TypeError as e:
-        raise EcampError(f"timm could not build {arch} with arguments {sorted(kwargs)}: {e}") from e
+        raise InvalidArgumentError(f"timm could not build {arch} with arguments {sorted(kwargs)}: {e}") from e
 
 
 @dataclass

@@ -25,14 +25,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import EcampError, InvalidWeightsFileError, WeightsMismatchError
+from ..errors import BatchError, ConfigError, InvalidWeightsFileError, WeightsMismatchError
+from .text_model import TextModel
 
 __all__ = ["ECAMPPretrainConfig", "ECAMPPretrainModel", "random_masking", "sincos_pos_embed_2d", "BatchError",
-           "upstream_to_ecamp_key"]
+           "upstream_to_ecamp_key", "read_upstream_checkpoint", "encoder_config", "ENCODER_ARCHITECTURE",
+           "ENCODER_KEYS"]
 
-
-class BatchError(EcampError, ValueError):
-    """A training batch has missing keys, wrong shapes or out-of-range values."""
+# The timm architecture the encoder is built as; non-default sizes travel in ``model_args`` (as timm's Hub
+# configs do), so exported folders rebuild with ``timm.create_model``.
+ENCODER_ARCHITECTURE = "vit_base_patch16_224"
 
 
 @dataclass
@@ -105,22 +107,22 @@ class ECAMPPretrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - names
         if unknown:
-            raise EcampError(f"Unknown ECAMPPretrainConfig field(s) {sorted(unknown)}.")
+            raise ConfigError(f"Unknown ECAMPPretrainConfig field(s) {sorted(unknown)}.")
         return cls(**dict(data))
 
     def validate(self) -> None:
         if self.img_size % self.patch_size:
-            raise EcampError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}.")
+            raise ConfigError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}.")
         if not 0 < self.sr_window <= self.grid:
-            raise EcampError(f"sr_window {self.sr_window} must be in 1..{self.grid} (the patch grid).")
+            raise ConfigError(f"sr_window {self.sr_window} must be in 1..{self.grid} (the patch grid).")
         if not 0 <= self.mask_ratio < 1:
-            raise EcampError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}.")
+            raise ConfigError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}.")
 
 
 def sincos_pos_embed_2d(dim: int, grid: int, cls_token: bool = True) -> torch.Tensor:
     """MAE's fixed 2-D sine-cosine position embedding, ``[1, grid*grid (+1), dim]``, zero row for the CLS token."""
     if dim % 4:
-        raise EcampError(f"sin-cos position embeddings need a dimension divisible by 4, got {dim}.")
+        raise ConfigError(f"sin-cos position embeddings need a dimension divisible by 4, got {dim}.")
 
     def one_d(d: int, pos: np.ndarray) -> np.ndarray:
         omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
@@ -171,81 +173,6 @@ class SuperResolutionHead(nn.Module):
         return F.relu(out) if self.final_relu else out
 
 
-def _bert_config(cfg: ECAMPPretrainConfig):
-    from transformers import BertConfig
-
-    bc = BertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.text_hidden_size,
-                    num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
-                    intermediate_size=cfg.text_intermediate_size, hidden_act="gelu",
-                    hidden_dropout_prob=cfg.text_dropout, attention_probs_dropout_prob=cfg.text_dropout,
-                    max_position_embeddings=cfg.max_text_len, type_vocab_size=2, layer_norm_eps=1e-12,
-                    pad_token_id=0, position_embedding_type="absolute")
-    bc._attn_implementation = "sdpa"
-    return bc
-
-
-class ContextFusionLayer(nn.Module):
-    """The authors' fusion layer, once before BERT: text self-attention, cross-attention from text to the visible
-    image tokens plus the projected pooled-image token (local and global context), output projection, FFN."""
-
-    def __init__(self, bert_config):
-        super().__init__()
-        from transformers.models.bert.modeling_bert import (
-            BertAttention,
-            BertCrossAttention,
-            BertIntermediate,
-            BertOutput,
-            BertSelfOutput,
-        )
-
-        hidden = bert_config.hidden_size
-        self.attention = BertAttention(bert_config)
-        self.cross_self_attention = BertCrossAttention(bert_config)
-        self.gap_mlp = nn.Linear(hidden, hidden)
-        self.out_layer = BertSelfOutput(bert_config)
-        self.intermediate = BertIntermediate(bert_config)
-        self.output = BertOutput(bert_config)
-        # `ecamp sr-windows` sets this to keep the text-to-image attention probabilities [B, heads, T, patches]
-        self.keep_attention = False
-        self.last_cross_attention: torch.Tensor | None = None
-
-    def forward(self, hidden: torch.Tensor, attn_mask: torch.Tensor, image_tokens: torch.Tensor,
-                gap_token: torch.Tensor) -> torch.Tensor:
-        attended, _ = self.attention(hidden, attn_mask)
-        context, weights = self.cross_self_attention(attended, encoder_hidden_states=image_tokens,
-                                                     attention_mask=None)
-        if self.keep_attention:
-            self.last_cross_attention = weights
-        context = context + self.gap_mlp(gap_token)
-        fused = self.out_layer(context, attended)
-        return self.output(self.intermediate(fused), fused)
-
-
-class TextModel(nn.Module):
-    """BERT embeddings -> context fusion -> BERT encoder layers -> MLM head (no pooler: it was unused)."""
-
-    def __init__(self, cfg: ECAMPPretrainConfig):
-        super().__init__()
-        from transformers.models.bert.modeling_bert import BertEmbeddings, BertEncoder, BertOnlyMLMHead
-
-        self.bert_config = _bert_config(cfg)
-        self.embeddings = BertEmbeddings(self.bert_config)
-        self.context_fusion_layer = ContextFusionLayer(self.bert_config)
-        self.encoder = BertEncoder(self.bert_config)
-        self.cls = BertOnlyMLMHead(self.bert_config)
-        # One output bias, as in BERT (the head's decoder bias and its `bias` are the same parameter).
-        self.cls.predictions.decoder.bias = self.cls.predictions.bias
-        if cfg.tie_word_embeddings:
-            self.cls.predictions.decoder.weight = self.embeddings.word_embeddings.weight
-
-    def forward(self, input_ids, attention_mask, token_type_ids, image_tokens, gap_token) -> torch.Tensor:
-        hidden = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
-        additive = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
-        hidden = self.context_fusion_layer(hidden, additive, image_tokens, gap_token)
-        hidden = self.encoder(hidden, attention_mask=additive).last_hidden_state
-        return self.cls(hidden)
-
-
 # Upstream checkpoint key prefixes (dossier section 8) -> this module's names.
 _UPSTREAM_PREFIXES = (
     ("bert_encoder.model.bert.cross_attn_layer.", "text.context_fusion_layer."),
@@ -254,7 +181,7 @@ _UPSTREAM_PREFIXES = (
     ("bert_encoder.model.bert.encoder.", "text.encoder."),
     ("bert_encoder.model.cls.", "text.cls."),
 )
-_ENCODER_KEYS = re.compile(r"^(patch_embed\.|cls_token$|pos_embed$|blocks\.|norm\.)")
+ENCODER_KEYS = re.compile(r"^(patch_embed\.|cls_token$|pos_embed$|blocks\.|norm\.)")
 # Upstream keys with no counterpart here: the unused pooler and a non-persistent buffer of old transformers.
 _UPSTREAM_UNUSED = re.compile(r"^bert_encoder\.model\.bert\.pooler\.|\.position_ids$|\.token_type_ids$")
 
@@ -263,7 +190,7 @@ def upstream_to_ecamp_key(key: str) -> str | None:
     """Map one key of the authors' state dict to this model's name; None for keys with no counterpart."""
     if _UPSTREAM_UNUSED.search(key):
         return None
-    if _ENCODER_KEYS.match(key):
+    if ENCODER_KEYS.match(key):
         return "encoder." + key
     for old, new in _UPSTREAM_PREFIXES:
         if key.startswith(old):
@@ -287,9 +214,7 @@ class ECAMPPretrainModel(nn.Module):
         cfg.validate()
         self.config = cfg
         norm = partial(nn.LayerNorm, eps=1e-6)
-        self.encoder = timm.create_model(
-            "vit_base_patch16_224", pretrained=False, num_classes=0, global_pool="avg", fc_norm=False,
-            **self._encoder_args(cfg))
+        self.encoder = timm.create_model(ENCODER_ARCHITECTURE, pretrained=False, **_encoder_args(cfg))
         self.encoder.pos_embed.requires_grad_(False)
         num_patches = cfg.grid**2
         self.decoder_embed = nn.Linear(cfg.embed_dim, cfg.decoder_embed_dim)
@@ -305,11 +230,6 @@ class ECAMPPretrainModel(nn.Module):
         self.bert_mlp = nn.Linear(cfg.embed_dim, cfg.text_hidden_size)
         self.text = TextModel(cfg)
         self._init_weights()
-
-    @staticmethod
-    def _encoder_args(cfg: ECAMPPretrainConfig) -> dict[str, Any]:
-        return dict(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=cfg.embed_dim,
-                    depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio)
 
     # -- initialisation (the authors' MAE-style init, applied to the whole model) -------------------------------
     def _init_weights(self) -> None:
@@ -454,23 +374,16 @@ class ECAMPPretrainModel(nn.Module):
                 "mlm_loss": mlm_loss.detach(), "logits": logits, "mask": mask, "reconstruction": recon, "sr": sr}
 
     # -- encoder export -----------------------------------------------------------------------------------------
-    def to_encoder(self, modality: str = "cxr") -> nn.Module:
+    def to_encoder(self, pretrained_cfg: Mapping[str, Any], ecamp_cfg: Mapping[str, Any]) -> nn.Module:
         """A stand-alone timm ``VisionTransformer`` with this model's encoder weights, ready for
-        ``ecamp.save_pretrained``: pooled embedding = mean of the normed patch tokens, downstream preprocessing
-        cfg of the published encoders (0.4722/0.3028), trainable position embedding (as downstream code has it)."""
-        import timm
+        ``ecamp.save_pretrained``: pooled embedding = mean of the normed patch tokens, trainable position embedding
+        (as downstream code has it). The caller gives the preprocessing cfg the export carries
+        (:func:`ecamp.convert.encoder_cfgs` reads it from the manifest)."""
+        from ..models.encoder import build_encoder
 
-        from ..registry import resolve_name
-
-        entry = resolve_name("cxr-vit-b" if modality == "cxr" else "fundus-vit-b")
-        pcfg = {k: v for k, v in entry.pretrained_cfg.items() if k not in ("hf_hub_id",)}
-        pcfg["input_size"] = [self.config.in_chans, self.config.img_size, self.config.img_size]
-        enc = timm.create_model("vit_base_patch16_224", pretrained=False, pretrained_cfg=pcfg, num_classes=0,
-                                global_pool="avg", fc_norm=False, **self._encoder_args(self.config))
+        enc = build_encoder(encoder_config(self.config, pretrained_cfg))
         enc.load_state_dict(self.encoder.state_dict(), strict=True)
-        enc.pos_embed.requires_grad_(True)
-        enc.ecamp_cfg = dict(entry.ecamp)
-        enc.ecamp_cfg["provenance"] = {"source": "ECAMPPretrainModel.to_encoder"}
+        enc.ecamp_cfg = dict(ecamp_cfg)
         return enc.eval()
 
     # -- ecamp's own folder format -------------------------------------------------------------------------------
@@ -482,8 +395,7 @@ class ECAMPPretrainModel(nn.Module):
 
         from safetensors.torch import save_model
 
-        from ..fileio import atomic_write
-        from ..hub import sha256_file
+        from ..fileio import atomic_write, sha256_file
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -503,56 +415,34 @@ class ECAMPPretrainModel(nn.Module):
         return {"files": files}
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, *, revision: str | None = None, cache_dir: Any = None,
-                        local_files_only: bool = False, manifest: Any = None) -> ECAMPPretrainModel:
-        """Load a folder written by :meth:`save_pretrained`: a path, ``local-dir:``, ``hf-hub:org/repo[@rev]`` or a
-        manifest name (``cxr-ecamp-b-pretrain``; sha256-verified when published, else read from the local store)."""
+    def from_folder(cls, folder: str | Path, *, config_path: str | Path | None = None,
+                    weights_path: str | Path | None = None) -> ECAMPPretrainModel:
+        """Read a folder written by :meth:`save_pretrained` (``ecamp.load_pretrain`` resolves names and Hub repos
+        to such a folder and verifies it)."""
         import json
 
         from safetensors.torch import load_model
 
-        folder = _pretrain_folder(str(name_or_path), revision, cache_dir, local_files_only, manifest)
+        folder = Path(folder)
+        config_path = Path(config_path or folder / "config.json")
+        weights_path = Path(weights_path or folder / "model.safetensors")
         try:
-            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+            config = json.loads(config_path.read_text(encoding="utf-8"))
             cfg = ECAMPPretrainConfig.from_dict(config["ecamp_pretrain_config"])
-        except (OSError, ValueError, KeyError) as e:
-            raise InvalidWeightsFileError(f"{folder}/config.json is not an ECAMP pre-training config: {e}") from e
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise InvalidWeightsFileError(f"{config_path} is not an ECAMP pre-training config: {e}",
+                                          path=config_path) from e
         model = cls(cfg)
         try:
-            missing, unexpected = load_model(model, str(folder / "model.safetensors"), strict=False)
+            missing, unexpected = load_model(model, str(weights_path), strict=False)
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-            raise InvalidWeightsFileError(f"{folder}/model.safetensors cannot be loaded: {e}") from e
+            raise InvalidWeightsFileError(f"{weights_path} cannot be loaded: {e}", path=weights_path) from e
         if missing or unexpected:
-            raise WeightsMismatchError(f"{folder}/model.safetensors does not fit its config.json: missing "
-                                       f"{sorted(missing)[:6]}, unexpected {sorted(unexpected)[:6]}.")
+            raise WeightsMismatchError(f"{weights_path} does not fit its config.json: missing {sorted(missing)[:6]}, "
+                                       f"unexpected {sorted(unexpected)[:6]}.", path=weights_path)
         model.ecamp_cfg = dict(config.get("ecamp") or {})
         model.source_folder = folder
         return model
-
-    # -- the authors' checkpoints -------------------------------------------------------------------------------
-    @staticmethod
-    def read_upstream_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-        """The state dict of an authors'-format ``.pth``, read with ``torch.load(weights_only=True)`` (no arbitrary
-        unpickling; the ``args`` Namespace the authors store is the only extra class allowed)."""
-        path = Path(path)
-        if not path.is_file():
-            raise InvalidWeightsFileError(f"{path} does not exist or is not a file.")
-        try:
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError...
-            raise InvalidWeightsFileError(f"{path} is not a readable PyTorch checkpoint (read with "
-                                          f"weights_only=True, so arbitrary pickles are refused): {e}") from e
-        return ECAMPPretrainModel._unwrap(obj, str(path))
-
-    @staticmethod
-    def _unwrap(obj: Any, source: str) -> dict[str, torch.Tensor]:
-        if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
-            obj = obj["model"]
-        if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-            raise InvalidWeightsFileError(f"{source} holds no state dict (expected {{'model': state_dict}} or a "
-                                          f"state dict).")
-        return dict(obj)
 
     @classmethod
     def from_upstream(cls, path_or_state_dict: str | Path | Mapping[str, torch.Tensor],
@@ -562,10 +452,10 @@ class ECAMPPretrainModel(nn.Module):
         is dropped; anything else missing or unexpected raises :class:`WeightsMismatchError`."""
         if isinstance(path_or_state_dict, (str, Path)):
             source = str(path_or_state_dict)
-            state = cls.read_upstream_checkpoint(path_or_state_dict)
+            state = read_upstream_checkpoint(path_or_state_dict)
         else:
             source = "state dict"
-            state = cls._unwrap(path_or_state_dict, source)
+            state = _unwrap(path_or_state_dict, source)
         model = cls(config or ECAMPPretrainConfig())
         mapped: dict[str, torch.Tensor] = {}
         for key, value in state.items():
@@ -610,36 +500,39 @@ def _diff_config(cfg: ECAMPPretrainConfig) -> str:
     return ", ".join(f"{k}={v}" for k, v in diff.items()) or "default"
 
 
-def _pretrain_folder(name: str, revision: str | None, cache_dir: Any, local_files_only: bool, manifest: Any) -> Path:
-    """Local folder holding a pre-training model, fetching (and verifying) it from the Hub where needed."""
-    from ..errors import ModelFolderError, NotAnEncoderError, WeightsNotPublishedError
-    from ..hub import download_entry, hub_download, local_store_path, split_hub_spec
-    from ..registry import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, load_manifest
+def _encoder_args(cfg: ECAMPPretrainConfig) -> dict[str, Any]:
+    """timm ``VisionTransformer`` arguments of the encoder: the sizes, mean pooling after the final norm."""
+    return dict(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=cfg.embed_dim,
+                depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, num_classes=0,
+                global_pool="avg", fc_norm=False)
 
-    if name.startswith(LOCAL_DIR_PREFIX) or Path(name).is_dir():
-        folder = Path(name[len(LOCAL_DIR_PREFIX):] if name.startswith(LOCAL_DIR_PREFIX) else name).expanduser()
-    elif name.startswith(HF_HUB_PREFIX):
-        repo, rev = split_hub_spec(name[len(HF_HUB_PREFIX):])
-        paths = {f: hub_download(repo, f, revision=rev or revision, cache_dir=cache_dir,
-                                 local_files_only=local_files_only) for f in ("config.json", "model.safetensors")}
-        folder = paths["config.json"].parent
-    else:
-        entry = load_manifest(manifest).resolve(name)
-        if entry.kind != "pretrain":
-            raise NotAnEncoderError(f"{name} is an image encoder; load it with ecamp.load({name!r}).")
-        if entry.published:
-            paths = download_entry(entry, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
-            folder = paths["config.json"].parent
-        else:
-            folder = local_store_path(entry.name)
-            if not (folder / "config.json").is_file():
-                orig = entry.provenance.get("original_file") or "the authors' checkpoint"
-                raise WeightsNotPublishedError(
-                    f"{name} ({entry.name}) is not published on the Hub yet. Convert the authors' release once with "
-                    f"`ecamp convert {orig} --name {entry.aliases[0] if entry.aliases else entry.name}` "
-                    f"(add --tokenizer mimic_wordpiece.json to keep their tokenizer); it is then read from "
-                    f"{folder}.")
-    for f in ("config.json", "model.safetensors"):
-        if not (folder / f).is_file():
-            raise ModelFolderError(f"{folder} lacks {f}; write it with ECAMPPretrainModel.save_pretrained.")
-    return folder
+
+def encoder_config(cfg: ECAMPPretrainConfig, pretrained_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The timm-format ``config.json`` of this architecture's stand-alone encoder."""
+    args = _encoder_args(cfg)
+    return {"architecture": ENCODER_ARCHITECTURE, "num_classes": args.pop("num_classes"), "model_args": args,
+            "pretrained_cfg": dict(pretrained_cfg)}
+
+
+def read_upstream_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict of an authors'-format ``.pth``, read with ``torch.load(weights_only=True)`` (no arbitrary
+    unpickling; the ``args`` Namespace the authors store is the only extra class allowed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidWeightsFileError(f"{path} does not exist or is not a file.")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError...
+        raise InvalidWeightsFileError(f"{path} is not a readable PyTorch checkpoint (read with "
+                                      f"weights_only=True, so arbitrary pickles are refused): {e}") from e
+    return _unwrap(obj, str(path))
+
+
+def _unwrap(obj: Any, source: str) -> dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
+        obj = obj["model"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise InvalidWeightsFileError(f"{source} holds no state dict (expected {{'model': state_dict}} or a "
+                                      f"state dict).")
+    return dict(obj)

@@ -19,20 +19,17 @@ The work per report is vectorised with numpy (linear in L). Randomness comes onl
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from ..errors import EcampError
+from ..errors import ConfigError, InvalidArgumentError, ReportError, TokenizerError
 from .entities import ENTITIES, TEMPLATES
 
 __all__ = ["MaskingConfig", "ReportEncoder", "ReportError", "insert_context", "mask_tokens", "template_weights"]
-
-
-class ReportError(EcampError, ValueError):
-    """A report (or its context) cannot be encoded: empty, not text."""
 
 
 @dataclass(frozen=True)
@@ -155,7 +152,7 @@ class ReportEncoder:
         self.config = cfg
         self.max_length = int(max_length)
         if self.max_length < 8:
-            raise EcampError(f"max_length must be at least 8, got {max_length}.")
+            raise InvalidArgumentError(f"max_length must be at least 8, got {max_length}.")
         tok = load_tokenizer(tokenizer)
         # Configure truncation and padding once, on a private copy (the caller's tokenizer is left alone).
         from tokenizers import Tokenizer
@@ -167,7 +164,8 @@ class ReportEncoder:
         ids = {t: self.tokenizer.token_to_id(t) for t in ("[PAD]", "[CLS]", "[MASK]", ".")}
         missing = [t for t, i in ids.items() if i is None]
         if missing:
-            raise EcampError(f"Tokenizer lacks {missing}; train it with ecamp.text.train_tokenizer.")
+            raise TokenizerError(f"Tokenizer lacks {missing}; train it with ecamp.text.train_tokenizer.",
+                                 path=tokenizer if isinstance(tokenizer, (str, os.PathLike)) else None)
         self.pad_id, self.cls_id, self.mask_id, self.dot_id = ids["[PAD]"], ids["[CLS]"], ids["[MASK]"], ids["."]
         size = self.tokenizer.get_vocab_size()
         self.is_continuation = np.zeros(size, dtype=bool)
@@ -184,7 +182,7 @@ class ReportEncoder:
             if None not in tids:
                 self.templates.append(np.array(tids, dtype=np.int64))
         if len({t[0] for t in self.templates}) > 1:
-            raise EcampError("Templates must share their first token (the scan is keyed on it).")
+            raise ConfigError("Templates must share their first token (the scan is keyed on it).")
 
     def tokenize(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         enc = self.tokenizer.encode("[CLS] " + text)

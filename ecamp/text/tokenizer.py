@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ..errors import EcampError, MissingDependencyError
+from ..errors import InvalidArgumentError, MissingDependencyError, TokenizerError
 
 __all__ = ["SPECIAL_TOKENS", "train_tokenizer", "load_tokenizer"]
 
@@ -18,7 +18,7 @@ SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[MASK]", "[SEP]")
 def _tokenizers():
     try:
         import tokenizers
-    except ImportError as e:  # pragma: no cover - transformers depends on it
+    except ImportError as e:
         raise MissingDependencyError("The text pipeline needs `tokenizers`: pip install \"ecamp[train]\".") from e
     return tokenizers
 
@@ -44,7 +44,7 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 30000, min_freque
     tok.train_from_iterator(texts, trainer)
     for i, t in enumerate(SPECIAL_TOKENS):
         if tok.token_to_id(t) != i:
-            raise EcampError(f"Trained tokenizer put {t} at id {tok.token_to_id(t)}, expected {i}.")
+            raise TokenizerError(f"Trained tokenizer put {t} at id {tok.token_to_id(t)}, expected {i}.")
     return tok
 
 
@@ -55,8 +55,8 @@ def load_tokenizer(source: str | os.PathLike | Any) -> Any:
         return source
     path = Path(source)
     if not path.is_file():
-        raise EcampError(f"Tokenizer file {path} does not exist.")
+        raise InvalidArgumentError(f"Tokenizer file {path} does not exist.", path=path)
     try:
         return tk.Tokenizer.from_file(str(path))
     except Exception as e:  # noqa: BLE001 - tokenizers raises a generic Exception on bad JSON
-        raise EcampError(f"{path} is not a tokenizers JSON file: {e}") from e
+        raise TokenizerError(f"{path} is not a tokenizers JSON file: {e}", path=path) from e

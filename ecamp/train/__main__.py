@@ -1,3 +1,3 @@
-from .cli import main
+from ecamp.train.cli import main
 
 raise SystemExit(main())

@@ -1,25 +1,147 @@
-"""``python -m ecamp.train pretrain|finetune ...`` (also ``ecamp train ...``): argument parsing only."""
+"""``ecamp train <command>`` (also ``python -m ecamp.train``): the training commands; argument parsing only."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
-import sys
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from ..errors import EcampError
-from .recipes import HEADS, MODES
+from ecamp.cli import run_command
+from ecamp.errors import InvalidArgumentError
+from ecamp.train.downstream.recipes import HEADS, MODES
 
 __all__ = ["main", "build_parser"]
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from ecamp.train.presets import preset_path
+    from ecamp.train.pretrain.config import load_config
+    from ecamp.train.pretrain.loop import pretrain
+
+    cfg = load_config(preset_path(args.config, "pretrain") if args.config else None, args.overrides)
+    resume = args.resume_from or (True if args.resume else None)
+    summary = pretrain(cfg, args.data_root, args.output_dir, max_steps=args.max_steps, resume=resume,
+                       device=args.device, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary))
+    return 0
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    from ecamp.train.presets import list_presets
+
+    for kind, names in list_presets(args.kind).items():
+        print(f"{kind}:")
+        for name in names:
+            print(f"  {name}")
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from ecamp.train.downstream.recipes import load_preset, recipe
+    from ecamp.train.presets import preset_path
+
+    preset_run, preset_values = load_preset(preset_path(args.config, "finetune")) if args.config else ({}, {})
+    head = args.head or preset_run.get("head", "cls")
+    dataset = args.dataset or preset_run.get("dataset")
+    if not dataset:
+        raise InvalidArgumentError("Pass --dataset NAME (or a --config preset that names one).")
+    fraction = args.fraction or preset_run.get("fraction", 100)
+    mode = args.mode or preset_run.get("mode", "finetune")
+    r = recipe(head, dataset.lower(), fraction, mode).replace(**preset_values)
+    r = r.replace(lr=args.lr, batch_size=args.batch_size, warmup=args.warmup, eval_every=args.eval_every,
+                  patience=args.patience, precision=args.precision,
+                  steps=min(r.steps, args.max_steps) if args.max_steps else None)
+    common = dict(model_name=args.model, lists=args.lists, recipe=r, upstream_protocol=args.upstream_protocol,
+                  num_workers=args.num_workers, device=args.device, seed=args.seed, progress=not args.no_progress)
+    if head == "det":
+        from ecamp.train.downstream.detection import finetune_detection
+
+        metrics = finetune_detection(dataset, fraction, args.data_root, args.output_dir, **common)
+    elif head == "seg":
+        from ecamp.train.downstream.segmentation import finetune_segmentation
+
+        metrics = finetune_segmentation(dataset, fraction, args.data_root, args.output_dir,
+                                        decoder=args.seg_decoder, **common)
+    else:
+        from ecamp.train.downstream.classification import finetune_classification
+
+        metrics = finetune_classification(dataset, fraction, args.data_root, args.output_dir, mode=mode, **common)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: v for k, v in metrics.items() if k != "test_per_class"}))
+    return 0
+
+
+def _cmd_phantom(args: argparse.Namespace) -> int:
+    from ecamp.train import phantom
+
+    writer = {"pretrain": phantom.write_phantom, "classification": phantom.write_phantom_classification,
+              "segmentation": phantom.write_phantom_segmentation, "detection": phantom.write_phantom_detection}
+    root = writer[args.kind](args.out, args.n, seed=args.seed, size=args.size, progress=not args.no_progress)
+    print(f"wrote {args.n} phantom cases to {root}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from ecamp.train.pretrain.export import export_checkpoint
+
+    result = export_checkpoint(args.checkpoint, args.out, args.name, hf_repo=args.hf_repo, tokenizer=args.tokenizer,
+                               manifest=args.manifest)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from ecamp.train.pretrain.distill import OpenAIBackend, TransformersBackend, distill, merge_context
+
+    if args.action == "merge":
+        if not (args.images and args.context and args.out):
+            raise InvalidArgumentError("`ecamp train distill merge` needs --images, --context and --out.")
+        counts = merge_context(args.images, args.context, args.out)
+        print(f"wrote {counts['rows']} rows ({counts['with_context']} with context) to {args.out}")
+        return 0
+    if not (args.reports and args.out and args.model):
+        raise InvalidArgumentError("`ecamp train distill` needs --reports, --out and --model.")
+    if args.backend == "openai":
+        if not args.base_url:
+            raise InvalidArgumentError("--backend openai needs --base-url, e.g. http://localhost:8000/v1")
+        backend = OpenAIBackend(args.base_url, args.model, api_key_env=args.api_key_env, timeout=args.timeout)
+    else:
+        backend = TransformersBackend(args.model, batch_size=args.batch_size, device=args.device)
+    summary = distill(args.reports, args.out, backend, modality=args.modality, concurrency=args.concurrency,
+                      max_retries=args.max_retries, progress=not args.no_progress)
+    for line in summary.lines():
+        print(line)
+    return 1 if summary.failed else 0
+
+
+def _cmd_sr_windows(args: argparse.Namespace) -> int:
+    from ecamp.train.pretrain.sr_windows import compute_windows
+
+    counts = compute_windows(args.checkpoint, args.data, args.out, reports_csv=args.reports_csv,
+                             batch_size=args.batch_size, device=args.device, query=args.query,
+                             progress=not args.no_progress)
+    print(f"{counts['attention']} windows from attention, {counts['no_entity']} reports without an entity "
+          f"(left to data.default_window), written to {args.out}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ecamp train", description="ECAMP training.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help: str, **kw: Any) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=kw.pop("description", help), **kw)
+        p.set_defaults(func=fn)
+        return p
+
     p = sub.add_parser("pretrain", help="pre-train an ECAMP model (run under torchrun for several processes)",
                        description="Pre-train an ECAMP model. Under torchrun every process runs this command.")
-    p.add_argument("--config", default=None, help="YAML preset (e.g. configs/pretrain/mimic_cxr.yaml)")
+    p.set_defaults(func=_cmd_pretrain)
+    p.add_argument("--config", default=None, help="preset name (mimic_cxr, ffa_ir, phantom_tiny: `ecamp train "
+                                                  "presets`) or a YAML file")
     p.add_argument("--data-root", required=True, help="folder with the reports CSV, windows CSV and images")
     p.add_argument("--output-dir", required=True, help="checkpoints, metrics.jsonl, tokenizer and config go here")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
@@ -31,9 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("finetune", help="fine-tune or linear-probe an encoder on a downstream task",
                        description="Downstream classification, segmentation and detection with the authors' list "
-                                   "files and hyper-parameters (configs/finetune/ has a preset per row of their "
-                                   "tables). Under torchrun every process runs this command.")
-    f.add_argument("--config", default=None, help="preset YAML (configs/finetune/*.yaml); flags override it")
+                                   "files and hyper-parameters (`ecamp train presets` lists a preset per row of "
+                                   "their tables). Under torchrun every process runs this command.")
+    f.set_defaults(func=_finetune)
+    f.add_argument("--config", default=None, help="preset name (e.g. cls_chexpert_10_linear-probe) or a YAML "
+                                                  "file; flags override it")
     f.add_argument("--dataset", default=None, help="cls: chestx-ray14, chexpert, rsna, covidx, aptos-2019, "
                                                    "odir-5k, mured, phantom; seg: siim, rsna, riga, phantom-seg; "
                                                    "det: rsna, phantom-det")
@@ -64,43 +188,59 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--device", default=None)
     f.add_argument("--seed", type=int, default=42)
     f.add_argument("--no-progress", action="store_true")
+
+    p = add("presets", _cmd_presets, "list the presets shipped with ecamp (pass a name to --config)")
+    p.add_argument("kind", nargs="?", choices=("pretrain", "finetune"), default=None)
+
+    p = add("export", _cmd_export, "export a training checkpoint: encoder (timm format) and full pre-training model")
+    p.add_argument("checkpoint", help="checkpoint-*.pt, or a run's output folder (its latest checkpoint)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--name", required=True, help="the encoder's manifest name, e.g. cxr-vit-b")
+    p.add_argument("--hf-repo", default=None, help="the Hub repo it will be published as (default: the manifest's)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the run's)")
+    p.add_argument("--manifest", default=None, help="another weights manifest")
+
+    p = add("distill", _cmd_distill, "entity-centred context for reports from an LLM (resumable); `merge` builds "
+                                     "the pre-training CSV")
+    p.add_argument("action", nargs="?", choices=("run", "merge"), default="run")
+    p.add_argument("--reports", help="CSV with study_id and report columns")
+    p.add_argument("--out", help="output: context JSONL (run) or pre-training CSV (merge)")
+    p.add_argument("--backend", choices=("openai", "transformers"), default="openai")
+    p.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://host:8000/v1 (vLLM, TGI, Ollama)")
+    p.add_argument("--model", help="model name on the server, or a local/Hub causal LM for --backend transformers")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight (openai backend)")
+    p.add_argument("--max-retries", type=int, default=5)
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    p.add_argument("--batch-size", type=int, default=8, help="reports per generate() call (transformers backend)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--modality", choices=("cxr", "fundus"), default="cxr")
+    p.add_argument("--images", help="merge: CSV with study_id, img_path and report")
+    p.add_argument("--context", help="merge: the JSONL written by `ecamp train distill`")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = add("sr-windows", _cmd_sr_windows, "super-resolution windows from a first-stage model's entity attention")
+    p.add_argument("--checkpoint", required=True, help="exported pre-training folder, run folder or checkpoint")
+    p.add_argument("--data", required=True, help="data root with the reports CSV and images")
+    p.add_argument("--out", required=True, help="windows CSV (img_path, label_i, label_j, source)")
+    p.add_argument("--reports-csv", default="mimic-cxr-2.0.0-entity-llm.csv")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default=None)
+    p.add_argument("--query", choices=("plain", "masked"), default="plain",
+                   help="entity positions hold the entity words (plain) or [MASK] (masked) when attention is read")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = add("phantom", _cmd_phantom, "write a synthetic chest-film data set (pre-training or downstream layout)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=256, help="image side in pixels")
+    p.add_argument("--kind", choices=("pretrain", "classification", "segmentation", "detection"), default="pretrain",
+                   help="pretrain: the authors' MIMIC-CXR layout; classification, segmentation, detection: their "
+                        "downstream list files (effusion masks and boxes for the dense tasks)")
+    p.add_argument("--no-progress", action="store_true")
     return parser
 
-
-def _finetune(args: argparse.Namespace) -> int:
-    import os
-
-    from .recipes import load_preset, recipe
-
-    preset_run, preset_values = load_preset(args.config) if args.config else ({}, {})
-    head = args.head or preset_run.get("head", "cls")
-    dataset = args.dataset or preset_run.get("dataset")
-    if not dataset:
-        raise EcampError("Pass --dataset NAME (or a --config preset that names one).")
-    fraction = args.fraction or preset_run.get("fraction", 100)
-    mode = args.mode or preset_run.get("mode", "finetune")
-    r = recipe(head, dataset.lower(), fraction, mode).replace(**preset_values)
-    r = r.replace(lr=args.lr, batch_size=args.batch_size, warmup=args.warmup, eval_every=args.eval_every,
-                  patience=args.patience, precision=args.precision,
-                  steps=min(r.steps, args.max_steps) if args.max_steps else None)
-    common = dict(model_name=args.model, lists=args.lists, recipe=r, upstream_protocol=args.upstream_protocol,
-                  num_workers=args.num_workers, device=args.device, seed=args.seed, progress=not args.no_progress)
-    if head == "det":
-        from .detection import finetune_detection
-
-        metrics = finetune_detection(dataset, fraction, args.data_root, args.output_dir, **common)
-    elif head == "seg":
-        from .segmentation import finetune_segmentation
-
-        metrics = finetune_segmentation(dataset, fraction, args.data_root, args.output_dir,
-                                        decoder=args.seg_decoder, **common)
-    else:
-        from .downstream import finetune_classification
-
-        metrics = finetune_classification(dataset, fraction, args.data_root, args.output_dir, mode=mode, **common)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({k: v for k, v in metrics.items() if k != "test_per_class"}))
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -110,29 +250,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     stray = [x for x in extra if x.startswith("-") or "=" not in x or args.command != "pretrain"]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
-    args.overrides = list(getattr(args, "overrides", [])) + extra
-    logging.basicConfig(format="%(message)s", level=logging.WARNING)
-    logging.getLogger("ecamp").setLevel(logging.INFO)
+    if args.command == "pretrain":
+        args.overrides = list(args.overrides) + extra
     try:
-        if args.command == "finetune":
-            return _finetune(args)
-        from .config import load_config
-        from .loop import pretrain
-
-        cfg = load_config(args.config, args.overrides)
-        resume = args.resume_from or (True if args.resume else None)
-        summary = pretrain(cfg, args.data_root, args.output_dir, max_steps=args.max_steps, resume=resume,
-                           device=args.device, progress=not args.no_progress)
-        import os
-
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(json.dumps(summary))
-        return 0
-    except EcampError as e:
-        print(f"ecamp train {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return run_command(f"ecamp train {args.command}", args, verbose=True)
     finally:
-        import torch
+        from ecamp.train.common.distributed import destroy_process_group
 
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        destroy_process_group()

@@ -6,15 +6,14 @@ phantom findings, next to the same probes on a randomly initialised encoder of t
 
 from __future__ import annotations
 
-import csv
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..models.pretrain import ECAMPPretrainConfig
-from .config import DataConfig, OptimConfig, PretrainRunConfig, RunConfig
+from ecamp.models.pretrain import ECAMPPretrainConfig
+from ecamp.train.pretrain.config import DataConfig, OptimConfig, PretrainRunConfig, RunConfig
 
 __all__ = ["demo_config", "run_demo"]
 
@@ -34,17 +33,16 @@ def demo_config() -> PretrainRunConfig:
 
 
 def _labels(folder: Path) -> tuple[list[str], dict[str, np.ndarray]]:
-    from .phantom import FINDINGS
+    from ecamp.train.common.lists import read_table
+    from ecamp.train.phantom import FINDINGS
 
-    with open(folder / "labels.csv", newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_table(folder / "labels.csv", ["img_path", *FINDINGS])
     return [str(folder / r["img_path"]) for r in rows], {k: np.array([int(r[k]) for r in rows]) for k in FINDINGS}
 
 
 def _probe(model, files, labels, progress: bool) -> dict[str, float]:
     import ecamp
-
-    from .probe import linear_probe_auroc
+    from ecamp.train.downstream.probe import linear_probe_auroc
 
     emb = ecamp.embed(model, files, batch_size=64, progress=progress)
     half = len(files) // 2
@@ -54,11 +52,11 @@ def _probe(model, files, labels, progress: bool) -> dict[str, float]:
 def run_demo(out: str | Path, *, n_pretrain: int = 2000, n_probe: int = 600, max_steps: int | None = None,
              seed: int = 0, progress: bool = True, echo=print) -> dict[str, Any]:
     import ecamp
-
-    from ..models.pretrain import ECAMPPretrainModel
-    from .export import export_checkpoint
-    from .loop import pretrain
-    from .phantom import write_phantom
+    from ecamp.convert import encoder_for
+    from ecamp.models.pretrain import ECAMPPretrainModel
+    from ecamp.train.phantom import write_phantom
+    from ecamp.train.pretrain.export import export_checkpoint
+    from ecamp.train.pretrain.loop import pretrain
 
     out = Path(out)
     t0 = time.time()
@@ -74,7 +72,7 @@ def run_demo(out: str | Path, *, n_pretrain: int = 2000, n_probe: int = 600, max
     export_checkpoint(summary["checkpoint"], out / "export", "cxr-vit-b")
     echo("4/5 loading it back with ecamp.load('local-dir:...')")
     model = ecamp.load(f"local-dir:{out / 'export' / 'encoder'}")
-    random_model = ECAMPPretrainModel(cfg.model).to_encoder("cxr")
+    random_model = encoder_for(ECAMPPretrainModel(cfg.model), "cxr-vit-b")
     files, labels = _labels(out / "probe-data")
     echo(f"5/5 linear probes (logistic regression on frozen embeddings; {len(files) // 2} train / "
          f"{len(files) - len(files) // 2} test images)")

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..fileio import write_csv
+from ecamp.fileio import write_csv
+from ecamp.train.pretrain.windows import AUTHORS_GRID, AUTHORS_WINDOW, window_around
 
 __all__ = ["FINDINGS", "PhantomCase", "make_case", "write_phantom", "write_phantom_classification",
            "write_phantom_segmentation", "write_phantom_detection"]
@@ -65,11 +66,6 @@ class PhantomCase:
 
 def _ellipse(yy, xx, cy, cx, ry, rx):
     return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2
-
-
-def _window_for(cy: float, cx: float, size: int) -> tuple[int, int]:
-    # top-left cell of a 12x12 window on the 14x14 grid that centres the point as far as possible (0..2)
-    return (int(np.clip(round(cy / size * 14 - 6), 0, 2)), int(np.clip(round(cx / size * 14 - 6), 0, 2)))
 
 
 def make_case(rng: np.random.Generator, size: int = 256, p_finding: float = 0.35, variation: float = 1.0,
@@ -179,7 +175,7 @@ def make_case(rng: np.random.Generator, size: int = 256, p_finding: float = 0.35
     pil = pil.filter(ImageFilter.GaussianBlur(s / 256 * vary(0.8, 2.2)))
     arr = np.asarray(pil).astype(np.float32) + rng.normal(0, vary(3, 10), (s, s))
     image = np.clip(arr, 0, 255).astype(np.uint8)
-    window = _window_for(*focus, s) if focus else (1, 1)
+    window = window_around(focus[0] / s, focus[1] / s, AUTHORS_GRID, AUTHORS_WINDOW) if focus else (1, 1)
     return PhantomCase(image, labels, attrs, report, context, window, masks)
 
 
@@ -203,10 +199,10 @@ def write_phantom(out: str | os.PathLike, n: int, seed: int = 0, size: int = 256
                   variation: float = 1.0, p_finding: float = 0.35, force: tuple[str, ...] = ()) -> Path:
     """Write ``n`` phantom cases in the authors' MIMIC-CXR layout under ``out``; returns the folder. Each finding
     appears with probability ``p_finding``; those in ``force`` always do."""
-    from ..errors import EcampError
+    from ecamp.errors import InvalidArgumentError
 
     if n < 1:
-        raise EcampError(f"--n must be at least 1, got {n}.")
+        raise InvalidArgumentError(f"--n must be at least 1, got {n}.")
     root = Path(out)
     reports, windows, labels = [], [], []
     make = partial(make_case, size=size, p_finding=p_finding, variation=variation, force=force)
@@ -228,11 +224,11 @@ def write_phantom_classification(out: str | os.PathLike, n: int, seed: int = 0, 
     """Phantom films with the authors' classification list files (``train_list{,_1,_10}.txt``, ``val_list.txt``,
     ``test_list.txt``; labels effusion, nodule, cardiomegaly, pneumothorax) for ``ecamp train finetune --dataset
     phantom``."""
-    from ..errors import EcampError
-    from .downstream import write_splits
+    from ecamp.errors import InvalidArgumentError
+    from ecamp.train.downstream.classification import write_splits
 
     if n < 10:
-        raise EcampError(f"--n must be at least 10 for a train/val/test split, got {n}.")
+        raise InvalidArgumentError(f"--n must be at least 10 for a train/val/test split, got {n}.")
     root = Path(out)
     make = partial(make_case, size=size, variation=variation)
     items = [(rel, [float(case.labels[f]) for f in FINDINGS]) for rel, case in _films(root, n, seed, "c", make,
@@ -248,10 +244,11 @@ def write_phantom_segmentation(out: str | os.PathLike, n: int, seed: int = 0, si
     ``ecamp train finetune --dataset phantom-seg --head seg`` reads."""
     from PIL import Image
 
-    from ..errors import EcampError
+    from ecamp.errors import InvalidArgumentError
 
     if finding not in ("effusion", "nodule", "pneumothorax"):
-        raise EcampError(f"Segmentation phantoms exist for effusion, nodule and pneumothorax, not {finding!r}.")
+        raise InvalidArgumentError(f"Segmentation phantoms exist for effusion, nodule and pneumothorax, not "
+                                   f"{finding!r}.")
     root = Path(out)
     (root / "masks").mkdir(parents=True, exist_ok=True)
     rows = []
@@ -266,7 +263,7 @@ def write_phantom_segmentation(out: str | os.PathLike, n: int, seed: int = 0, si
 
 def _write_split_csvs(root: Path, header: list[str], rows: list[list], seed: int) -> None:
     """Seeded test (20 %), validation (10 %) and train lists with nested 10 % and 1 % subsets, as CSV files."""
-    from .downstream import split_indices
+    from ecamp.train.downstream.classification import split_indices
 
     n = len(rows)
     for stem, idx in split_indices(n, seed, max(1, n // 5), max(1, n // 10)).items():
@@ -280,12 +277,12 @@ def write_phantom_detection(out: str | os.PathLike, n: int, seed: int = 0, size:
     detection format: ``image_path,bbox`` lists (``train_list{,_1,_10}.csv``, ``val_list.csv``,
     ``test_list.csv``), boxes ``[[x1, y1, x2, y2]]`` in pixels, ``[[0, 0, 0, 0]]`` for films without it; the layout
     ``ecamp train finetune --dataset phantom-det --head det`` reads."""
-    from ..errors import EcampError
+    from ecamp.errors import InvalidArgumentError
 
     if finding not in ("effusion", "nodule", "pneumothorax"):
-        raise EcampError(f"Detection phantoms exist for effusion, nodule and pneumothorax, not {finding!r}.")
+        raise InvalidArgumentError(f"Detection phantoms exist for effusion, nodule and pneumothorax, not {finding!r}.")
     if n < 10:
-        raise EcampError(f"--n must be at least 10 for a train/val/test split, got {n}.")
+        raise InvalidArgumentError(f"--n must be at least 10 for a train/val/test split, got {n}.")
     root = Path(out)
 
     def make(rng: np.random.Generator) -> PhantomCase:

@@ -30,6 +30,7 @@ entity words attend"; their value depends on the first stage.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +38,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import EcampError
-from ..fileio import write_csv
-from .config import DataConfig
-from .data import AUTHORS_GRID, AUTHORS_WINDOW, read_table
+from ecamp.errors import CheckpointError, InvalidArgumentError
+from ecamp.fileio import write_csv
+from ecamp.train.common.lists import LAYOUT_HINT, read_table
+from ecamp.train.pretrain.config import DataConfig
+from ecamp.train.pretrain.data import read_film
+from ecamp.train.pretrain.windows import to_authors
+
+# the reader settings an exported pre-training folder keeps (its ecamp block "data") for computing windows
+_READER_FIELDS = ("image_policy", "image_root", "mean", "std")
 
 __all__ = ["QUERIES", "best_window", "compute_windows", "entity_attention_maps", "load_stage1"]
 
@@ -57,26 +63,25 @@ def best_window(attention: np.ndarray, window: int) -> tuple[int, int]:
     return int(top), int(left)
 
 
-def _to_authors(offset: int, grid: int, window: int) -> int:
-    span = grid - window
-    return int(round(offset * (AUTHORS_GRID - AUTHORS_WINDOW) / span)) if span else 0
-
-
-def load_stage1(source: str | Path) -> tuple[Any, Any]:
-    """The model and tokenizer of an exported pre-training folder or of a training run / checkpoint."""
-    from ..models.pretrain import ECAMPPretrainModel
-    from ..text import load_tokenizer
-    from .export import model_from_checkpoint
+def load_stage1(source: str | Path) -> tuple[Any, Any, DataConfig]:
+    """The model, tokenizer and data config (how its images were read) of an exported pre-training folder or of a
+    training run / checkpoint. A folder exported without its data config reads images with the defaults."""
+    from ecamp.models.pretrain import ECAMPPretrainModel
+    from ecamp.text import load_tokenizer
+    from ecamp.train.pretrain.export import model_from_checkpoint
 
     path = Path(source)
     if path.is_dir() and (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-        model, folder = ECAMPPretrainModel.from_pretrained(path), path
+        model, folder = ECAMPPretrainModel.from_folder(path), path
+        saved = (model.ecamp_cfg or {}).get("data") or {}
+        data = dataclasses.replace(DataConfig(), **{k: saved[k] for k in _READER_FIELDS if k in saved})
     else:
-        model, _, ckpt = model_from_checkpoint(path)
-        folder = ckpt.parent
+        model, run_cfg, ckpt = model_from_checkpoint(path)
+        folder, data = ckpt.parent, run_cfg.data
     if not (folder / "tokenizer.json").is_file():
-        raise EcampError(f"{folder} has no tokenizer.json; the first-stage model's tokenizer is needed.")
-    return model.eval(), load_tokenizer(folder / "tokenizer.json")
+        raise CheckpointError(f"{folder} has no tokenizer.json; the first-stage model's tokenizer is needed.",
+                              path=folder)
+    return model.eval(), load_tokenizer(folder / "tokenizer.json"), data
 
 
 @torch.no_grad()
@@ -90,7 +95,7 @@ def entity_attention_maps(model: Any, enc: Any, image_tokens: torch.Tensor, inpu
     ``enc`` is the :class:`ecamp.text.ReportEncoder` whose ``is_entity`` table and ``mask_id`` are used.
     """
     if query not in QUERIES:
-        raise EcampError(f"query must be one of {QUERIES}, got {query!r}.")
+        raise InvalidArgumentError(f"query must be one of {QUERIES}, got {query!r}.")
     g = model.config.grid
     fusion = model.text.context_fusion_layer
     bert_config = model.text.bert_config
@@ -119,22 +124,19 @@ def compute_windows(stage1: str | Path, data_root: str | Path, out_csv: str | Pa
 
     ``query``: ``"plain"`` (the entity words) or ``"masked"`` (``[MASK]`` at the entity positions); module docstring.
     """
-    from PIL import Image
     from tqdm.auto import tqdm
 
-    from ..io import read_image_native
-    from ..text import ReportEncoder
+    from ecamp.text import ReportEncoder
 
     if query not in QUERIES:
-        raise EcampError(f"query must be one of {QUERIES}, got {query!r}.")
-    model, tokenizer = load_stage1(stage1)
+        raise InvalidArgumentError(f"query must be one of {QUERIES}, got {query!r}.")
+    model, tokenizer, data_cfg = load_stage1(stage1)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(dev)
     cfg = model.config
     enc = ReportEncoder(tokenizer, max_length=cfg.max_text_len)
-    data_cfg = DataConfig()  # the pre-training reader's intensity policy and normalisation
     root = Path(data_root)
-    rows = read_table(root / reports_csv, ["img_path", "report"])
+    rows = read_table(root / reports_csv, ["img_path", "report"], missing_hint=LAYOUT_HINT)
     size = cfg.sr_img_size
     results: list[list[Any]] = []
     counts = {"images": len(rows), "attention": 0, "no_entity": 0}
@@ -142,16 +144,12 @@ def compute_windows(stage1: str | Path, data_root: str | Path, out_csv: str | Pa
         chunk = rows[start:start + batch_size]
         images, ids, masks = [], [], []
         for r in chunk:
-            arr = read_image_native(root / r["img_path"], policy=data_cfg.image_policy)
-            if arr.dtype != np.uint8:
-                arr = np.clip(np.rint(arr * 255), 0, 255).astype(np.uint8)
-            pil = Image.fromarray(arr).convert("L").resize((size, size), Image.BICUBIC)
-            images.append(torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0))
+            # the pre-training reader (intensity policy, image_root, normalisation), without augmentation
+            images.append(read_film(root / data_cfg.image_root / r["img_path"], data_cfg, size))
             t, m = enc.tokenize(r["report"])
             ids.append(torch.from_numpy(t))
             masks.append(torch.from_numpy(m))
-        x = torch.stack(images)[:, None].expand(-1, 3, -1, -1)
-        x = ((x - data_cfg.mean) / data_cfg.std).to(dev)
+        x = torch.stack(images).to(dev)
         small = F.interpolate(x, size=(cfg.img_size, cfg.img_size), mode="bicubic", align_corners=False)
         order = torch.arange(cfg.grid**2, dtype=torch.float32, device=dev).expand(x.shape[0], -1)
         latent, _, _, _ = model.forward_encoder(small, 0.0, order)  # all patches, in grid order
@@ -165,8 +163,7 @@ def compute_windows(stage1: str | Path, data_root: str | Path, out_csv: str | Pa
                 continue
             amap = amaps[b].cpu().numpy()
             top, left = best_window(amap, cfg.sr_window)
-            results.append([r["img_path"], _to_authors(top, cfg.grid, cfg.sr_window),
-                            _to_authors(left, cfg.grid, cfg.sr_window), "attention"])
+            results.append([r["img_path"], *to_authors((top, left), cfg.grid, cfg.sr_window), "attention"])
             counts["attention"] += 1
     write_csv(out_csv, ["img_path", "label_i", "label_j", "source"], results)
     return counts

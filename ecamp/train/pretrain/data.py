@@ -15,7 +15,6 @@ a resumed run sees exactly the samples the interrupted one would have.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import re
@@ -26,37 +25,38 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import EcampError
+from ecamp.errors import DataError, EcampError
+from ecamp.fileio import write_csv
+from ecamp.train.common.lists import LAYOUT_HINT, read_table
+from ecamp.train.pretrain.windows import AUTHORS_GRID, AUTHORS_WINDOW, map_window, window_around
 
 __all__ = ["DataError", "PretrainDataset", "ResumableSampler", "collate_pretrain", "ffa_ir_to_csv",
            "read_table", "map_window", "swap_sides"]
 
-AUTHORS_GRID, AUTHORS_WINDOW = 14, 12
 
 
-class DataError(EcampError, ValueError):
-    """A data file is missing, lacks columns, or too many samples cannot be read."""
+def film_tensor(image: Any, d: Any) -> torch.Tensor:
+    """An 8-bit PIL film (after any geometry) -> grey ``[3, H, W]`` normalised with the data config's mean/std."""
+    from torchvision.transforms.v2 import functional as F
+
+    from ecamp.transforms import normalize_grey
+
+    if image.mode != "L":
+        image = image.convert("L")
+    return normalize_grey(F.to_dtype(F.to_image(image), torch.float32, scale=True), d.mean, d.std)
 
 
-def read_table(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
-    if not path.is_file():
-        raise DataError(f"{path} does not exist; the pre-training layout is described in docs and "
-                        f"`ecamp phantom` writes an example.")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in required if c not in (reader.fieldnames or [])]
-        if missing:
-            raise DataError(f"{path} lacks column(s) {missing}; it has {reader.fieldnames}.")
-        rows = list(reader)
-    if not rows:
-        raise DataError(f"{path} has no rows.")
-    return rows
+def read_film(path: str | Path, d: Any, size: int) -> torch.Tensor:
+    """The pre-training reader without augmentation: a file at ``size`` x ``size`` (bicubic), grey, normalised."""
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
 
+    from ecamp.io import read_image_native
+    from ecamp.transforms import to_uint8
 
-def map_window(offset: Sequence[int], grid: int, window: int) -> tuple[int, int]:
-    """A window offset in the authors' convention (12 of 14 cells, offsets 0..2) on another grid/window size."""
-    span = grid - window
-    return tuple(int(round(o * span / (AUTHORS_GRID - AUTHORS_WINDOW))) if span else 0 for o in offset)
+    pil = Image.fromarray(to_uint8(read_image_native(path, policy=d.image_policy)))
+    return film_tensor(F.resize(pil, [size, size], interpolation=InterpolationMode.BICUBIC, antialias=True), d)
 
 
 def _sample_seed(seed: int, epoch: int, index: int) -> np.random.SeedSequence:
@@ -67,7 +67,7 @@ class PretrainDataset(torch.utils.data.Dataset):
     """Samples for :class:`ecamp.models.ECAMPPretrainModel`; unreadable samples come back as ``{"error": ...}``."""
 
     def __init__(self, data_root: str | Path, cfg: Any, encoder: Any, *, seed: int = 0):
-        from ..models.pretrain import ECAMPPretrainConfig
+        from ecamp.models.pretrain import ECAMPPretrainConfig
 
         self.root = Path(data_root)
         self.cfg = cfg
@@ -76,31 +76,35 @@ class PretrainDataset(torch.utils.data.Dataset):
         self.encoder = encoder
         self.seed = seed
         self.epoch = 0
-        rows = read_table(self.root / self.data_cfg.reports_csv, ["img_path", "report", "llm_output"])
+        rows = read_table(self.root / self.data_cfg.reports_csv, ["img_path", "report", "llm_output"],
+                          missing_hint=LAYOUT_HINT)
         self.items = [(r["img_path"], r["report"], r["llm_output"]) for r in rows]
         self.windows: list[tuple[int, int] | None] = [None] * len(rows)
         if self.data_cfg.windows_csv:
             wpath = self.root / self.data_cfg.windows_csv
-            wrows = read_table(wpath, ["label_i", "label_j"])
+            wrows = read_table(wpath, ["label_i", "label_j"], missing_hint=LAYOUT_HINT)
             if "img_path" in wrows[0]:
                 by_path = {r["img_path"]: r for r in wrows}
                 missing = [p for p, _, _ in self.items if p not in by_path]
                 if missing:
-                    raise DataError(f"{wpath} has no window for {len(missing)} image(s), e.g. {missing[0]}.")
+                    raise DataError(f"{wpath} has no window for {len(missing)} image(s), e.g. {missing[0]}.",
+                                    path=wpath)
                 wrows = [by_path[p] for p, _, _ in self.items]
             elif len(wrows) != len(rows):
                 raise DataError(f"{wpath} has {len(wrows)} rows but {self.data_cfg.reports_csv} has {len(rows)}; "
-                                f"without an img_path column they are matched by row and must be equally long.")
+                                f"without an img_path column they are matched by row and must be equally long.",
+                                path=wpath)
             for k, r in enumerate(wrows):
                 if not (r["label_i"] or "").strip() and not (r["label_j"] or "").strip():
                     continue  # no window (no entity): data.default_window decides, per epoch if "random"
                 try:
                     li, lj = int(r["label_i"]), int(r["label_j"])
                 except ValueError as e:
-                    raise DataError(f"{wpath} row {k + 2}: window labels must be integers ({e}).") from e
+                    raise DataError(f"{wpath} row {k + 2}: window labels must be integers ({e}).",
+                                    path=wpath) from e
                 if not (0 <= li <= AUTHORS_GRID - AUTHORS_WINDOW and 0 <= lj <= AUTHORS_GRID - AUTHORS_WINDOW):
                     raise DataError(f"{wpath} row {k + 2}: window ({li}, {lj}) is outside 0..2; a 12x12 window "
-                                    f"must fit the 14x14 grid.")
+                                    f"must fit the 14x14 grid.", path=wpath)
                 self.windows[k] = (li, lj)
         from torchvision.transforms import InterpolationMode
 
@@ -129,11 +133,7 @@ class PretrainDataset(torch.utils.data.Dataset):
             flipped = bool(d.hflip and torch.rand(1) < 0.5)
         if flipped:
             image = F.horizontal_flip(image)
-        if image.mode != "L":
-            image = image.convert("L")
-        x = F.to_dtype(F.to_image(image), torch.float32, scale=True).expand(3, -1, -1)
-        x = (x - d.mean) / d.std
-        return x.contiguous(), (top, left, h, w, flipped)
+        return film_tensor(image, d), (top, left, h, w, flipped)
 
     def _window(self, index: int, rng: np.random.Generator, crop, orig_hw) -> tuple[int, int]:
         cfg, d = self.model_cfg, self.data_cfg
@@ -155,13 +155,13 @@ class PretrainDataset(torch.utils.data.Dataset):
         nx = (cx - left) / w
         if flipped:
             nx = 1 - nx
-        clamp = lambda v: int(min(max(round(v * g - win / 2), 0), g - win))  # noqa: E731
-        return clamp(ny), clamp(nx)
+        return window_around(ny, nx, g, win)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         from PIL import Image
 
-        from ..io import read_image_native
+        from ecamp.io import read_image_native
+        from ecamp.transforms import to_uint8
 
         path, report, context = self.items[index]
         full = self.root / self.data_cfg.image_root / path
@@ -170,9 +170,7 @@ class PretrainDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng(np_seed)
         try:
             arr = read_image_native(full, policy=self.data_cfg.image_policy)
-            if arr.dtype != np.uint8:
-                arr = np.clip(np.rint(arr * 255), 0, 255).astype(np.uint8)
-            pil = Image.fromarray(arr)
+            pil = Image.fromarray(to_uint8(arr))
             x, crop = self._augment(pil, int(torch_seed))
             if crop[4] and self.data_cfg.hflip_swaps_sides:
                 report, context = swap_sides(report), swap_sides(context or "")
@@ -253,7 +251,7 @@ def ffa_ir_to_csv(annotation_json: str | Path, out_csv: str | Path, splits: Sequ
     rows = []
     for split in splits:
         if split not in data:
-            raise DataError(f"{annotation_json} has no split {split!r}; it has {sorted(data)}.")
+            raise DataError(f"{annotation_json} has no split {split!r}; it has {sorted(data)}.", path=annotation_json)
         for case in data[split].values():
             images = case.get("Image_path") or case.get("image_path") or []
             report = case.get("En_Report") or case.get("en_report") or case.get("Report") or ""
@@ -261,9 +259,7 @@ def ffa_ir_to_csv(annotation_json: str | Path, out_csv: str | Path, splits: Sequ
                 continue
             rows.extend([img, str(report).strip(), ""] for img in images)
     if not rows:
-        raise DataError(f"{annotation_json}: no case with images and an English report in {list(splits)}.")
-    with open(out_csv, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["img_path", "report", "llm_output"])
-        w.writerows(rows)
+        raise DataError(f"{annotation_json}: no case with images and an English report in {list(splits)}.",
+                        path=annotation_json)
+    write_csv(out_csv, ["img_path", "report", "llm_output"], rows)  # atomically: no half-written CSV
     return len(rows)

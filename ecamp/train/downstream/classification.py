@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import EcampError
-from .data import DataError
-from .recipes import Recipe
+from ecamp.errors import DataError, InvalidArgumentError
+from ecamp.train.common.lists import read_label_list
+from ecamp.train.downstream.recipes import Recipe
 
 __all__ = ["TASKS", "Task", "read_list_file", "list_file_for", "ListDataset", "split_indices", "write_splits",
            "select_validation", "finetune_classification"]
@@ -57,41 +57,18 @@ def list_file_for(split: str, fraction: int = 100, suffix: str = ".txt") -> str:
     """The authors' list-file name: ``train_list{,_1,_10}``, ``val_list`` or ``test_list`` plus ``suffix``."""
     if split == "train":
         if fraction not in (1, 10, 100):
-            raise EcampError(f"--fraction must be 1, 10 or 100, got {fraction}.")
+            raise InvalidArgumentError(f"--fraction must be 1, 10 or 100, got {fraction}.")
         return ("train_list" if fraction == 100 else f"train_list_{fraction}") + suffix
     if split not in ("val", "test"):
-        raise EcampError(f"Unknown split {split!r}.")
+        raise InvalidArgumentError(f"Unknown split {split!r}.")
     return f"{split}_list{suffix}"
 
 
 def read_list_file(path: str | Path, task: Task) -> list[tuple[str, np.ndarray]]:
     """Rows of an authors'-format list file: (relative path, float labels [C] or class index [1])."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"List file {path} does not exist; download the authors' lists (their repository, "
-                        f"datasets/<task>/) or write your own with ecamp.train.downstream.write_splits.")
-    rows = []
-    for k, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        parts = line.split()
-        if not parts:
-            continue
-        name, labels = parts[0], parts[1:]
-        try:
-            values = np.array([float(v) for v in labels], dtype=np.float32)
-        except ValueError as e:
-            raise DataError(f"{path}:{k}: labels must be numbers: {line!r}") from e
-        if task.multilabel:
-            if len(values) != task.num_classes:
-                raise DataError(f"{path}:{k}: expected {task.num_classes} labels, got {len(values)}: {line!r}")
-        elif len(values) == task.num_classes and task.num_classes > 1:
-            values = np.array([float(np.argmax(values))], dtype=np.float32)
-        elif len(values) != 1 or not 0 <= values[0] < task.num_classes:
-            raise DataError(f"{path}:{k}: expected a class index in 0..{task.num_classes - 1} or "
-                            f"{task.num_classes} one-hot labels: {line!r}")
-        rows.append((name, values))
-    if not rows:
-        raise DataError(f"List file {path} is empty.")
-    return rows
+    return read_label_list(path, task.num_classes, task.multilabel, missing_hint=(
+        "download the authors' lists (their repository, datasets/<task>/) or write your own with "
+        "ecamp.train.downstream.classification.write_splits"))
 
 
 class ListDataset(torch.utils.data.Dataset):
@@ -143,7 +120,7 @@ def select_validation(rows: dict[str, list], lists: Path, task_key: str, task: T
     train = rows["train"]
     if len(train) < 2:
         raise DataError("val_list equals test_list and the training list is too small to hold out a validation "
-                        "set; pass --upstream-protocol to select on the test set knowingly.")
+                        "set; pass --upstream-protocol to select on the test set knowingly.", path=lists)
     order = np.random.default_rng(seed).permutation(len(train))
     n_val = max(1, len(train) // 10)
     logger.warning("val_list equals test_list: validating on a seeded %d of the %d training images instead.",
@@ -171,19 +148,19 @@ def finetune_classification(task_name: str, fraction: int, data_root: str | Path
                             device: str | None = None, seed: int = 42, progress: bool = True) -> dict[str, Any]:
     """Fine-tune (or linear-probe) an encoder on a classification task; writes ``metrics.json`` in
     ``output_dir`` with the validation and test metric by name. ``recipe`` defaults to the authors' row
-    (:func:`ecamp.train.recipes.recipe`): SGD momentum 0.9, linear warm-up then cosine, gradient clipping at 1.0,
-    validation every epoch, best checkpoint by the validation metric, early stopping after 20 evaluations."""
+    (:func:`ecamp.train.downstream.recipes.recipe`): SGD momentum 0.9, linear warm-up then cosine, gradient
+    clipping at 1.0, validation every epoch, best checkpoint by the validation metric, early stopping after 20
+    evaluations."""
     import ecamp
-
-    from ..finetune import LinearProbe
-    from .finetune_loop import evaluate, setup_runtime, train_head, write_metrics
-    from .recipes import recipe as authors_recipe
+    from ecamp.finetune import LinearProbe
+    from ecamp.train.downstream.loop import evaluate, setup_runtime, train_head, write_metrics
+    from ecamp.train.downstream.recipes import recipe as authors_recipe
 
     key = task_name.lower()
     if key not in TASKS:
-        raise EcampError(f"Unknown task {task_name!r}; known: {sorted(TASKS)}.")
+        raise InvalidArgumentError(f"Unknown task {task_name!r}; known: {sorted(TASKS)}.")
     if mode not in ("finetune", "linear-probe"):
-        raise EcampError(f"--mode must be finetune or linear-probe, got {mode!r}.")
+        raise InvalidArgumentError(f"--mode must be finetune or linear-probe, got {mode!r}.")
     task = TASKS[key]
     r = recipe or authors_recipe("cls", key, fraction, mode)
     rt = setup_runtime(device, seed)

@@ -16,7 +16,6 @@ is dropped on resume) and never writes a study twice.
 
 from __future__ import annotations
 
-import csv
 import http.client
 import json
 import logging
@@ -33,9 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import EcampError
-from ..fileio import write_csv
-from ..text.entities import ENTITIES
+from ecamp.errors import DistillError
+from ecamp.fileio import write_csv
+from ecamp.text.entities import ENTITIES
+from ecamp.train.common.lists import read_table
 
 __all__ = ["PROMPT_VERSION", "PROMPTS", "DistillError", "OpenAIBackend", "TransformersBackend", "build_messages",
            "validate_context", "find_entities", "distill", "merge_context", "DistillSummary"]
@@ -55,10 +55,6 @@ PROMPTS = {
         "angiography (location, leakage or filling pattern). Do not add findings that are not listed, do not repeat "
         "the report, and do not give a diagnosis or advice."),
 }
-
-
-class DistillError(EcampError, RuntimeError):
-    """The LLM backend or the inputs make the run impossible (bad CSV, authentication, unknown model...)."""
 
 
 def find_entities(text: str, entities: Iterable[str] = ENTITIES) -> list[str]:
@@ -215,25 +211,18 @@ class DistillSummary:
 
 
 def _read_reports(path: Path) -> list[tuple[str, str]]:
-    if not path.is_file():
-        raise DistillError(f"{path} does not exist.")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in ("study_id", "report") if c not in (reader.fieldnames or [])]
-        if missing:
-            raise DistillError(f"{path} lacks column(s) {missing}; it has {reader.fieldnames}.")
-        seen: dict[str, str] = {}
-        rows = []
-        for k, r in enumerate(reader):
-            sid, rep = (r["study_id"] or "").strip(), r["report"] or ""
-            if not sid:
-                raise DistillError(f"{path} row {k + 2} has no study_id.")
-            if sid in seen:
-                if seen[sid] != rep:
-                    raise DistillError(f"{path}: study {sid} appears twice with different reports.")
-                continue
-            seen[sid] = rep
-            rows.append((sid, rep))
+    seen: dict[str, str] = {}
+    rows = []
+    for k, r in enumerate(read_table(path, ["study_id", "report"], error=DistillError, allow_empty=True)):
+        sid, rep = (r["study_id"] or "").strip(), r["report"] or ""
+        if not sid:
+            raise DistillError(f"{path} row {k + 2} has no study_id.", path=path)
+        if sid in seen:
+            if seen[sid] != rep:
+                raise DistillError(f"{path}: study {sid} appears twice with different reports.", path=path)
+            continue
+        seen[sid] = rep
+        rows.append((sid, rep))
     return rows
 
 
@@ -353,12 +342,7 @@ def merge_context(images_csv: str | Path, context_jsonl: str | Path, out_csv: st
             obj = json.loads(line)
             if obj.get("prompt_version") == prompt_version:
                 contexts[str(obj["study_id"])] = obj["context"]
-    with open(images_csv, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in ("study_id", "img_path", "report") if c not in (reader.fieldnames or [])]
-        if missing:
-            raise DistillError(f"{images_csv} lacks column(s) {missing}; it has {reader.fieldnames}.")
-        rows = list(reader)
+    rows = read_table(images_csv, ["study_id", "img_path", "report"], error=DistillError, allow_empty=True)
     out_rows = [[r["img_path"], r["report"], contexts.get(str(r["study_id"]).strip(), "")] for r in rows]
     write_csv(out_csv, ["img_path", "report", "llm_output"], out_rows)
     return {"rows": len(rows), "with_context": sum(1 for r in out_rows if r[2])}

@@ -13,11 +13,12 @@ and the phantom data sets) use the ChestX-ray14, SIIM or RSNA row of the same pe
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import EcampError
+from ecamp.errors import ConfigError, InvalidArgumentError
+from ecamp.schema import values as schema_values
 
 __all__ = ["Recipe", "RECIPES", "recipe", "load_preset", "preset_text", "HEADS", "MODES"]
 
@@ -31,14 +32,16 @@ class Recipe:
     lr: float
     warmup: int
     batch_size: int
-    optimizer: str = "sgd"  # "sgd" (momentum 0.9) or "adamw" (betas 0.9, 0.999)
+    # "sgd" (momentum 0.9) or "adamw" (betas 0.9, 0.999)
+    optimizer: str = field(default="sgd", metadata={"choices": ("sgd", "adamw")})
     weight_decay: float = 0.0
     patience: int = 20  # evaluations without improvement before stopping; 0 disables early stopping
     eval_every: int | None = None  # optimizer steps between evaluations; None: once per epoch, as the authors
     start_eval: int = 0  # no evaluation before this step (the detection script's start_eval)
     eval_batch_size: int = 256
     expansion: int | None = None  # detection neck bottleneck expansion
-    precision: str = "fp32"  # fp32, bf16 or fp16 (the authors trained in apex fp16 O2)
+    # fp32, bf16 or fp16 (the authors trained in apex fp16 O2)
+    precision: str = field(default="fp32", metadata={"choices": ("fp32", "bf16", "fp16")})
 
     def replace(self, **changes: Any) -> Recipe:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -103,23 +106,26 @@ _FALLBACK = {"cls": "chestx-ray14", "seg": "siim", "det": "rsna"}
 def recipe(head: str, task: str, fraction: int, mode: str = "finetune") -> Recipe:
     """The authors' row for this run, or the fallback row of the same head and percentage (module docstring)."""
     if head not in HEADS:
-        raise EcampError(f"--head must be one of {HEADS}, got {head!r}.")
+        raise InvalidArgumentError(f"--head must be one of {HEADS}, got {head!r}.")
     if fraction not in (1, 10, 100):
-        raise EcampError(f"--fraction must be 1, 10 or 100, got {fraction}.")
+        raise InvalidArgumentError(f"--fraction must be 1, 10 or 100, got {fraction}.")
     if head != "cls" and mode != "finetune":
-        raise EcampError(f"--mode {mode} exists for classification only; dense heads always train on a frozen "
-                         f"encoder.")
+        raise InvalidArgumentError(f"--mode {mode} exists for classification only; dense heads always train on a "
+                                   f"frozen encoder.")
     return RECIPES.get((head, task, fraction, mode)) or RECIPES[(head, _FALLBACK[head], fraction, mode)]
 
 
-_RUN_KEYS = {"head": str, "dataset": str, "fraction": int, "mode": str}
-# recipe field -> (type, may be null)
-_FIELD_TYPES = {"steps": (int, False), "lr": (float, False), "warmup": (int, False), "batch_size": (int, False),
-                "optimizer": (str, False), "weight_decay": (float, False), "patience": (int, False),
-                "eval_every": (int, True), "start_eval": (int, False), "eval_batch_size": (int, False),
-                "expansion": (int, True), "precision": (str, False)}
-_CHOICES = {"optimizer": ("sgd", "adamw"), "precision": ("fp32", "bf16", "fp16"), "head": HEADS, "mode": MODES,
-            "fraction": (1, 10, 100)}
+@dataclass(frozen=True)
+class _Preset(Recipe):
+    """The keys of a preset file: the run (head, dataset, fraction, mode) and any :class:`Recipe` field."""
+
+    head: str = field(default="cls", metadata={"choices": HEADS})
+    dataset: str = ""
+    fraction: int = field(default=100, metadata={"choices": (1, 10, 100)})
+    mode: str = field(default="finetune", metadata={"choices": MODES})
+
+
+_RUN_KEYS = ("head", "dataset", "fraction", "mode")
 
 
 def preset_text(key: tuple[str, str, int, str]) -> str:
@@ -138,22 +144,10 @@ def preset_text(key: tuple[str, str, int, str]) -> str:
 
 def load_preset(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """A preset YAML file -> (run keys: head/dataset/fraction/mode, recipe fields). Unknown keys are errors."""
-    from .config import read_yaml_mapping
+    from ecamp.train.pretrain.config import read_yaml_mapping
 
     path = Path(path)
-    data = read_yaml_mapping(path, "--config")
-    unknown = sorted(set(data) - set(_FIELD_TYPES) - set(_RUN_KEYS))
-    if unknown:
-        raise EcampError(f"--config {path}: unknown keys {unknown}; known: {sorted({**_FIELD_TYPES, **_RUN_KEYS})}.")
-    for k, v in data.items():
-        kind, nullable = _FIELD_TYPES.get(k) or (_RUN_KEYS[k], False)
-        if v is None and nullable:
-            continue
-        if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else kind):
-            raise EcampError(f"--config {path}: {k} must be {kind.__name__}{' or null' if nullable else ''}, "
-                             f"got {v!r}.")
-        if k in _CHOICES and v not in _CHOICES[k]:
-            raise EcampError(f"--config {path}: {k} must be one of {_CHOICES[k]}, got {v!r}.")
+    data = schema_values(_Preset, read_yaml_mapping(path, "--config"), error=ConfigError, source=f"--config {path}",
+                         path=path)
     run = {k: data[k] for k in _RUN_KEYS if k in data}
-    values = {k: (float(v) if _FIELD_TYPES[k][0] is float else v) for k, v in data.items() if k in _FIELD_TYPES}
-    return run, values
+    return run, {k: v for k, v in data.items() if k not in _RUN_KEYS}

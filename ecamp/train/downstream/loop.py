@@ -18,45 +18,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import EcampError
-from ..fileio import atomic_write
-from .loop import autocast, init_distributed, select_device
-from .recipes import Recipe
+from ecamp.errors import DataError, InvalidArgumentError
+from ecamp.fileio import atomic_write
+from ecamp.train.common.checkpoint import save_checkpoint
+from ecamp.train.common.distributed import Runtime, gather_objects, wrap_ddp
+from ecamp.train.common.distributed import setup_runtime as _setup
+from ecamp.train.common.metrics import MetricsLog
+from ecamp.train.common.precision import autocast, grad_scaler
+from ecamp.train.common.schedule import warmup_cosine_factor
+from ecamp.train.downstream.recipes import Recipe
 
-__all__ = ["Runtime", "setup_runtime", "evaluate", "train_head", "warmup_cosine", "write_metrics"]
+__all__ = ["Runtime", "setup_runtime", "evaluate", "train_head", "write_metrics"]
 
 logger = logging.getLogger("ecamp")
 
 
-def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
-    """LambdaLR factor: linear warm-up over ``warmup`` steps, then a cosine to 0 at ``total``, clamped there (the
-    authors' schedule rose again past the end, dossier #35)."""
-    import math
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-    return factor
-
-
-class Runtime:
-    """Where this process runs: rank, world size and device."""
-
-    def __init__(self, rank: int, world: int, device: torch.device):
-        self.rank, self.world, self.device = rank, world, device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
 def setup_runtime(device: str | None = None, seed: int = 42) -> Runtime:
-    rank, world, local_rank = init_distributed()
-    dev = select_device(device, local_rank)
+    rt = _setup(device)
     torch.manual_seed(seed)  # the same seed on every rank: heads start identical
-    return Runtime(rank, world, dev)
+    return rt
 
 
 @torch.no_grad()
@@ -75,11 +55,7 @@ def evaluate(model: nn.Module, dataset: torch.utils.data.Dataset, predict: Calla
     outputs: list = []
     for batch in loader:
         outputs.extend(predict(model, batch))
-    if rt.world > 1:
-        gathered: list[list | None] = [None] * rt.world
-        torch.distributed.all_gather_object(gathered, outputs)
-        outputs = [o for part in gathered for o in (part or [])]
-    return score(outputs)
+    return score([o for part in gather_objects(outputs, rt) for o in (part or [])])
 
 
 def _optimizer(params: Sequence[nn.Parameter], r: Recipe) -> torch.optim.Optimizer:
@@ -87,7 +63,7 @@ def _optimizer(params: Sequence[nn.Parameter], r: Recipe) -> torch.optim.Optimiz
         return torch.optim.SGD(params, lr=r.lr, momentum=0.9, weight_decay=r.weight_decay)
     if r.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=r.lr, betas=(0.9, 0.999), weight_decay=r.weight_decay)
-    raise EcampError(f"Unknown optimizer {r.optimizer!r}; use sgd or adamw.")
+    raise InvalidArgumentError(f"Unknown optimizer {r.optimizer!r}; use sgd or adamw.")
 
 
 def _endless(loader: torch.utils.data.DataLoader, sampler: torch.utils.data.Sampler):
@@ -117,15 +93,14 @@ def train_head(model: nn.Module, train_set: torch.utils.data.Dataset,
         out.mkdir(parents=True, exist_ok=True)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise EcampError("The model has no trainable parameters.")
+        raise InvalidArgumentError("The model has no trainable parameters.")
     model.to(rt.device)
-    net: nn.Module = model
-    if rt.world > 1:
-        if recipe.batch_size % rt.world:
-            raise EcampError(f"The global batch size {recipe.batch_size} is not divisible by the {rt.world} "
-                             f"processes; pass --batch-size.")
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda"
-                                                  else None)
+    if recipe.batch_size % rt.world:
+        raise InvalidArgumentError(f"The global batch size {recipe.batch_size} is not divisible by the {rt.world} "
+                                   f"processes; pass --batch-size.")
+    net = wrap_ddp(model, rt)
+    logger.info("Global batch %d (%d per process x %d processes)", recipe.batch_size, recipe.batch_size // rt.world,
+                rt.world)
     per_rank = max(1, recipe.batch_size // rt.world)
     drop_last = len(train_set) >= recipe.batch_size
     if rt.world > 1:
@@ -136,13 +111,12 @@ def train_head(model: nn.Module, train_set: torch.utils.data.Dataset,
     loader = torch.utils.data.DataLoader(train_set, batch_size=per_rank, sampler=sampler, drop_last=drop_last,
                                          num_workers=num_workers, collate_fn=collate_fn)
     if len(loader) == 0:
-        raise EcampError(f"The training split has {len(train_set)} samples: too few for {rt.world} processes.")
+        raise DataError(f"The training split has {len(train_set)} samples: too few for {rt.world} processes.")
     opt = _optimizer(params, recipe)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(recipe.warmup, recipe.steps))
-    fp16 = recipe.precision == "fp16" and rt.device.type == "cuda"
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=fp16)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine_factor(recipe.warmup, recipe.steps))
+    scaler = grad_scaler(rt.device, recipe.precision)
     eval_every = recipe.eval_every or len(loader)
-    log = open(out / "metrics.jsonl", "w", encoding="utf-8") if rt.main else None
+    log = MetricsLog(out, enabled=rt.main, fresh=True)
     best, best_state, best_step, bad, step = float("-inf"), None, 0, 0, 0
     losses: list[float] = []
     bar = tqdm(total=recipe.steps, desc=desc, disable=not progress or not rt.main)
@@ -171,13 +145,10 @@ def train_head(model: nn.Module, train_set: torch.utils.data.Dataset,
                     best, best_step, bad = val, step, 0
                     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                     if rt.main:
-                        state = {"model": best_state, "step": step, f"val_{metric}": val}
-                        atomic_write(out / "best.pt", lambda p, s=state: torch.save(s, p))
+                        save_checkpoint(out / "best.pt", {"model": best_state, "step": step, f"val_{metric}": val})
                 else:
                     bad += 1
-                if log:
-                    log.write(json.dumps(row) + "\n")
-                    log.flush()
+                log.log(row)
                 if recipe.patience and bad >= recipe.patience:
                     logger.info("No better validation %s for %d evaluations: stopping at step %d.", metric, bad,
                                 step)
@@ -186,8 +157,7 @@ def train_head(model: nn.Module, train_set: torch.utils.data.Dataset,
                 break
     finally:
         bar.close()
-        if log:
-            log.close()
+        log.close()
     if best_state is not None:
         model.load_state_dict(best_state)
     return {"steps_run": step, f"val_{metric}": best, "best_step": best_step,

@@ -13,8 +13,6 @@ nearest neighbour (their INTER_AREA made fractional labels, #46).
 
 from __future__ import annotations
 
-import csv
-import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -24,15 +22,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import EcampError
-from ..fileio import write_csv
-from ..finetune import FrozenEncoder, multiscale_features
-from .data import DataError
-from .recipes import Recipe
+from ecamp.errors import DataError, InvalidArgumentError
+from ecamp.fileio import write_csv
+from ecamp.models.heads import PyramidSegmentationModel, SegmentationModel
+from ecamp.train.common.lists import read_table
+from ecamp.train.downstream.recipes import Recipe
 
 __all__ = ["rle_decode", "read_siim", "read_rsna_boxes", "read_mask_list", "SegmentationModel",
            "PyramidSegmentationModel", "mixed_loss", "dice_per_image", "finetune_segmentation", "convert_lists",
-           "SEG_TASKS"]
+           "SEG_TASKS"]  # the models are re-exported from ecamp.models.heads
 
 # task -> (number of outputs, list-file suffix)
 SEG_TASKS = {"siim": 1, "rsna": 1, "riga": 2, "phantom-seg": 1}
@@ -62,21 +60,16 @@ def rle_decode(rle: str, height: int = 1024, width: int = 1024) -> np.ndarray:
 def read_siim(csv_path: str | Path) -> dict[str, list[str]]:
     """``ImageId, EncodedPixels`` rows (several per image) -> {ImageId: [rle, ...]}."""
     out: dict[str, list[str]] = defaultdict(list)
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, skipinitialspace=True)
-        cols = [c.strip() for c in reader.fieldnames or []]
-        if "ImageId" not in cols or "EncodedPixels" not in cols:
-            raise DataError(f"{csv_path} lacks ImageId/EncodedPixels columns; it has {reader.fieldnames}.")
-        for row in reader:
-            row = {k.strip(): v for k, v in row.items()}
-            out[row["ImageId"].strip()].append(row["EncodedPixels"].strip())
+    for row in read_table(csv_path, ["ImageId", "EncodedPixels"], strip=True):
+        out[row["ImageId"]].append(row["EncodedPixels"])
     return dict(out)
 
 
 def read_rsna_boxes(csv_path: str | Path, size: int = 1024) -> list[tuple[str, np.ndarray]]:
-    """``image_path, bbox`` rows (the detection lists, :func:`ecamp.train.detection.read_box_list`) -> (path, uint8
-    0/1 mask of ``size`` x ``size`` with the boxes filled), the authors' RSNA segmentation targets."""
-    from .detection import read_box_list
+    """``image_path, bbox`` rows (the detection lists, read by
+    :func:`ecamp.train.downstream.detection.read_box_list`) -> (path, uint8 0/1 mask of ``size`` x ``size``
+    with the boxes filled), the authors' RSNA segmentation targets."""
+    from ecamp.train.downstream.detection import read_box_list
 
     rows = []
     for name, boxes in read_box_list(csv_path):
@@ -89,17 +82,7 @@ def read_rsna_boxes(csv_path: str | Path, size: int = 1024) -> list[tuple[str, n
 
 def read_mask_list(csv_path: str | Path) -> list[tuple[str, str]]:
     """RIGA-style (and phantom) lists: ``img_path, mask_path``."""
-    path = Path(csv_path)
-    if not path.is_file():
-        raise DataError(f"List file {path} does not exist.")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if not {"img_path", "mask_path"} <= set(reader.fieldnames or []):
-            raise DataError(f"{path} lacks img_path/mask_path columns; it has {reader.fieldnames}.")
-        rows = [(r["img_path"], r["mask_path"]) for r in reader]
-    if not rows:
-        raise DataError(f"List file {path} is empty.")
-    return rows
+    return [(r["img_path"], r["mask_path"]) for r in read_table(csv_path, ["img_path", "mask_path"])]
 
 
 def _riga_targets(mask: np.ndarray) -> np.ndarray:
@@ -110,20 +93,19 @@ def _riga_targets(mask: np.ndarray) -> np.ndarray:
 
 
 class MaskDataset(torch.utils.data.Dataset):
-    """(image, target [K, S, S]) pairs; training applies one random affine to image and mask together."""
+    """(image, target [K, S, S]) pairs through the library's :class:`~ecamp.transforms.JointTransform`; training
+    draws one random affine for image and mask together."""
 
     def __init__(self, root: Path, rows: list[tuple[str, str]], cfg: dict, outputs: int, train: bool,
                  augment_mask: bool = True):
         from torchvision.transforms import v2 as T
 
+        from ecamp.transforms import JointTransform
+
         self.root, self.rows, self.outputs, self.train = root, rows, outputs, train
-        self.augment_mask = augment_mask  # False: the authors' SIIM pipeline (image augmented alone, #44)
-        size = int(cfg["input_size"][-1])
-        self.policy = (cfg.get("ecamp") or {}).get("image_policy", "bits")
-        self.mean, self.std = float(cfg["mean"][0]), float(cfg["std"][0])
-        self.resize = T.Resize((size, size), antialias=True)
-        self.affine = T.RandomAffine(degrees=10, scale=(0.9, 1.1))  # parameters drawn at each call
-        self.joint = T.Compose([self.affine, self.resize])
+        # augment_mask=False: the authors' SIIM pipeline (image augmented alone, #44)
+        affine = T.RandomAffine(degrees=10, scale=(0.9, 1.1)) if train else None  # drawn at each call
+        self.transform = JointTransform(cfg, augment=affine, augment_target=augment_mask)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -132,76 +114,11 @@ class MaskDataset(torch.utils.data.Dataset):
         from PIL import Image
         from torchvision import tv_tensors
 
-        from ..io import read_image
-
         img_path, mask_path = self.rows[i]
-        img = read_image(self.root / img_path, policy=self.policy)
-        if img.ndim == 3:
-            img = img.mean(-1)
         mask = np.asarray(Image.open(self.root / mask_path))
         target = _riga_targets(mask) if self.outputs == 2 else (mask > 0).astype(np.float32)[None]
-        x = tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(img))[None])
-        y = tv_tensors.Mask(torch.from_numpy(target))
-        if self.train and self.augment_mask:
-            x, y = self.joint(x, y)  # the mask moves with the image
-        elif self.train:
-            x, y = self.resize(self.affine(x)), self.resize(y)
-        else:
-            x, y = self.resize(x, y)
-        x = ((x.as_subclass(torch.Tensor).expand(3, -1, -1) - self.mean) / self.std).float()
+        x, y = self.transform(self.root / img_path, tv_tensors.Mask(torch.from_numpy(target)))
         return x, (y.as_subclass(torch.Tensor) > 0.5).float()
-
-
-class SegmentationModel(FrozenEncoder):
-    """Frozen ViT encoder + trainable token projection + ``outputs`` conv decoders (the authors' SegViT)."""
-
-    def __init__(self, encoder: nn.Module, outputs: int = 1, channels: tuple[int, ...] = (512, 256, 128, 64)):
-        super().__init__(encoder)
-        dim = encoder.num_features
-        self.seg_head = nn.Linear(dim, dim)
-        stages = int(round(math.log2(encoder.patch_embed.patch_size[0])))
-
-        def decoder() -> nn.Sequential:
-            layers, c_in = [], dim
-            for k in range(stages):
-                c_out = channels[min(k, len(channels) - 1)]
-                layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
-                           nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)]
-                c_in = c_out
-            layers.append(nn.Conv2d(c_in, 1, 3, padding=1))
-            return nn.Sequential(*layers)
-
-        self.decoders = nn.ModuleList([decoder() for _ in range(outputs)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fmap = self.token_map(self.seg_head(self.patch_tokens(x)))
-        return torch.cat([d(fmap) for d in self.decoders], dim=1)
-
-
-class PyramidSegmentationModel(FrozenEncoder):
-    """Frozen ViT encoder + a trainable feature-pyramid decoder: four blocks spread over the depth, resampled to
-    strides 4, 8, 16 and 32 by :func:`ecamp.finetune.multiscale_features`, projected to ``channels``, merged
-    top-down (FPN), then one 3x3 convolution and a bilinear up-sampling to the input size per output. An option of
-    ours (``--seg-decoder pyramid``), not the authors' decoder."""
-
-    def __init__(self, encoder: nn.Module, outputs: int = 1, channels: int = 128):
-        super().__init__(encoder)
-        depth = len(encoder.blocks)
-        self.indices = [max(0, round(depth * k / 4) - 1) for k in range(1, 5)]
-        dim = encoder.num_features
-        self.lateral = nn.ModuleList([nn.Conv2d(dim, channels, 1) for _ in range(4)])
-        self.smooth = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels),
-                                    nn.ReLU(inplace=True))
-        self.out = nn.Conv2d(channels, outputs, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            maps = multiscale_features(self.encoder, x, indices=self.indices)
-        merged = None
-        for lateral, m in reversed(list(zip(self.lateral, maps, strict=True))):  # coarsest first
-            m = lateral(m)
-            merged = m if merged is None else m + F.interpolate(merged, size=m.shape[-2:], mode="nearest")
-        return F.interpolate(self.out(self.smooth(merged)), size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
 def mixed_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 10.0, gamma: float = 2.0) -> torch.Tensor:
@@ -236,22 +153,21 @@ def finetune_segmentation(task: str, fraction: int, data_root: str | Path, outpu
     ``decoder="pyramid"`` swaps the authors' decoder for :class:`PyramidSegmentationModel`'s.
     """
     import ecamp
-
-    from ..factory import resolve_model_cfg
-    from .downstream import list_file_for
-    from .finetune_loop import evaluate, setup_runtime, train_head, write_metrics
-    from .recipes import recipe as authors_recipe
+    from ecamp.factory import resolve_model_cfg
+    from ecamp.train.downstream.classification import list_file_for
+    from ecamp.train.downstream.loop import evaluate, setup_runtime, train_head, write_metrics
+    from ecamp.train.downstream.recipes import recipe as authors_recipe
 
     key = task.lower()
     if key not in SEG_TASKS:
-        raise EcampError(f"Unknown segmentation task {task!r}; known: {sorted(SEG_TASKS)}.")
+        raise InvalidArgumentError(f"Unknown segmentation task {task!r}; known: {sorted(SEG_TASKS)}.")
     lists = Path(lists or data_root)
     if key in ("siim", "rsna"):
         val_list = lists / list_file_for("val", suffix=".csv")
         if not val_list.is_file() or "mask_path" not in val_list.read_text(encoding="utf-8").split("\n", 1)[0]:
-            raise EcampError(f"{task}: convert the authors' {key.upper()} list CSVs once with "
-                             f"ecamp.train.segmentation.convert_lists({key!r}, LISTS_DIR, OUT_DIR) and pass "
-                             f"--lists OUT_DIR.")
+            raise DataError(f"{task}: convert the authors' {key.upper()} list CSVs once with "
+                           f"ecamp.train.downstream.segmentation.convert_lists({key!r}, LISTS_DIR, OUT_DIR) and pass "
+                           f"--lists OUT_DIR.", path=val_list)
     outputs = SEG_TASKS[key]
     r = recipe or authors_recipe("seg", key, fraction)
     rt = setup_runtime(device, seed)
@@ -263,7 +179,7 @@ def finetune_segmentation(task: str, fraction: int, data_root: str | Path, outpu
     elif decoder == "pyramid":
         model = PyramidSegmentationModel(encoder, outputs)
     else:
-        raise EcampError(f"--seg-decoder must be authors or pyramid, got {decoder!r}.")
+        raise InvalidArgumentError(f"--seg-decoder must be authors or pyramid, got {decoder!r}.")
     augment_mask = not (upstream_protocol and key == "siim")
     sets = {s: MaskDataset(Path(data_root), rows[s], cfg, outputs, train=s == "train", augment_mask=augment_mask)
             for s in rows}
@@ -299,7 +215,7 @@ def convert_lists(task: str, lists_dir: str | Path, out_dir: str | Path, *,
 
     key = task.lower()
     if key not in ("siim", "rsna"):
-        raise EcampError(f"convert_lists handles siim and rsna, not {task!r}.")
+        raise InvalidArgumentError(f"convert_lists handles siim and rsna, not {task!r}.")
     src, out = Path(lists_dir), Path(out_dir)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     counts = {}

@@ -1,21 +1,22 @@
-"""Pre-training run configuration: YAML presets plus ``key=value`` overrides, validated field by field."""
+"""Pre-training run configuration: YAML presets plus ``key=value`` overrides, validated field by field by
+:mod:`ecamp.schema` (types and keys), then by :meth:`PretrainRunConfig.validate` (ranges and consistency)."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import EcampError
-from ..models.pretrain import ECAMPPretrainConfig
-from ..text.report import MaskingConfig
+from ecamp.errors import ConfigError, EcampError
+from ecamp.models.pretrain import ECAMPPretrainConfig
+from ecamp.schema import from_mapping, update
+from ecamp.text.report import MaskingConfig
 
 __all__ = ["ConfigError", "DataConfig", "OptimConfig", "RunConfig", "PretrainRunConfig", "load_config"]
-
-
-class ConfigError(EcampError, ValueError):
-    """A training config file or override is malformed: unknown key, wrong type, impossible value."""
 
 
 @dataclass
@@ -67,56 +68,38 @@ class RunConfig:
 @dataclass
 class PretrainRunConfig:
     model: ECAMPPretrainConfig = field(default_factory=ECAMPPretrainConfig)
-    text: dict[str, Any] = field(default_factory=dict)  # MaskingConfig fields
+    text: MaskingConfig = field(default_factory=MaskingConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
-    def masking(self) -> MaskingConfig:
-        """The ``text`` section as a :class:`MaskingConfig`, each field type- and range-checked."""
-        import typing
+    def __post_init__(self) -> None:
+        if isinstance(self.text, Mapping):  # PretrainRunConfig(text={...}): MaskingConfig fields by name
+            self.text = from_mapping(MaskingConfig, self.text, source="PretrainRunConfig", where="text")
 
-        hints = typing.get_type_hints(MaskingConfig)
-        names = {f.name for f in dataclasses.fields(MaskingConfig)}
-        values = {}
-        for key, value in self.text.items():
-            if key not in names:
-                raise ConfigError(f"Unknown config key 'text.{key}'; known: {sorted(names)}.")
-            if key == "entities":
-                if not isinstance(value, (list, tuple)) or not all(isinstance(e, str) for e in value):
-                    raise ConfigError("text.entities must be a list of words.")
-                values[key] = tuple(value)
-                continue
-            if key == "templates":
-                if not isinstance(value, (list, tuple)) or not all(isinstance(t, (list, tuple)) for t in value):
-                    raise ConfigError("text.templates must be a list of word lists.")
-                values[key] = tuple(tuple(t) for t in value)
-                continue
-            values[key] = _coerce(value, hints[key], f"text.{key}")
-        cfg = dataclasses.replace(MaskingConfig(), **values)
-        for key in ("mask_prob", "mask_prob_no_entity", "entity_mask_prob", "context_prob", "template_weight"):
-            if not 0 <= getattr(cfg, key) <= 1:
-                raise ConfigError(f"text.{key} must be in [0, 1], got {getattr(cfg, key)}.")
-        if cfg.num_descriptors < 0:
-            raise ConfigError("text.num_descriptors must be >= 0.")
-        return cfg
+    def masking(self) -> MaskingConfig:
+        """The ``text`` section (the report encoder's masking and weighting settings)."""
+        return self.text
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
-        if not isinstance(self.text, dict):
-            raise ConfigError("The text section must be a mapping of MaskingConfig fields.")
-        m = self.model
+        """Ranges and cross-field rules (the types are checked when the config is read)."""
+        m, t = self.model, self.text
         if m.patch_size < 1 or m.img_size < 1:
             raise ConfigError("model.img_size and model.patch_size must be positive.")
         try:
             m.validate()
-            self.masking()
         except ConfigError:
             raise
         except (EcampError, TypeError) as e:
             raise ConfigError(str(e)) from e
+        for key in ("mask_prob", "mask_prob_no_entity", "entity_mask_prob", "context_prob", "template_weight"):
+            if not 0 <= getattr(t, key) <= 1:
+                raise ConfigError(f"text.{key} must be in [0, 1], got {getattr(t, key)}.")
+        if t.num_descriptors < 0:
+            raise ConfigError("text.num_descriptors must be >= 0.")
         o, r, d = self.optim, self.run, self.data
         checks = [
             (m.embed_dim % m.num_heads == 0, "model.embed_dim must be divisible by model.num_heads"),
@@ -143,93 +126,53 @@ class PretrainRunConfig:
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(f"Invalid config: {msg}.")
-        from ..registry import IMAGE_POLICIES
+        from ecamp.registry import IMAGE_POLICIES
 
         if d.image_policy not in IMAGE_POLICIES:
             raise ConfigError(f"data.image_policy must be one of {IMAGE_POLICIES}.")
 
 
-def _coerce(value: Any, typ: Any, where: str) -> Any:
-    """Check (and for tuples, convert) a YAML value against a dataclass field type."""
-    import typing
-
-    origin = typing.get_origin(typ)
-    args = typing.get_args(typ)
-    if typ is Any:
-        return value
-    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>") or \
-            type(typ).__name__ == "UnionType":
-        if value is None and type(None) in args:
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, where)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{where}: {value!r} does not fit {typ}.")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}.")
-        return tuple(_coerce(v, a, where) for v, a in zip(value, args, strict=True))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}.")
-        return dict(value)
-    if typ is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as text
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}.")
-        return float(value)
-    if typ is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}.")
-        return value
-    if typ is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}.")
-        return value
-    if typ is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected text, got {value!r}.")
-        return value
-    return value
+def _apply(cfg: PretrainRunConfig, data: Any, where: str = "", *, source: str = "config",
+           path: object = None) -> None:
+    """Apply a mapping of sections (a YAML file, a checkpoint's ``cfg.to_dict()``) onto ``cfg`` in place;
+    :class:`ConfigError` naming ``source`` for unknown keys and wrong types."""
+    new = update(cfg, data, error=ConfigError, source=source, where=where, path=path)
+    for f in dataclasses.fields(cfg):
+        setattr(cfg, f.name, getattr(new, f.name))
 
 
-def _apply(obj: Any, updates: dict[str, Any], where: str) -> None:
-    import typing
+@functools.cache
+def _loader() -> type:
+    import yaml
 
-    hints = typing.get_type_hints(type(obj))
-    names = {f.name for f in dataclasses.fields(obj)}
-    for key, value in updates.items():
-        path = f"{where}.{key}" if where else key
-        if key not in names:
-            raise ConfigError(f"Unknown config key {path!r}; known: {sorted(names)}.")
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{path}: expected a mapping.")
-            _apply(current, value, path)
-        else:
-            setattr(obj, key, _coerce(value, hints[key], path))
+    class Loader(yaml.SafeLoader):
+        """YAML 1.1 reads ``1e-4`` (no dot) as text; read it as the number a config means."""
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+        r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+0123456789."))
+    return Loader
 
 
-def _parse_override(item: str) -> tuple[list[str], Any]:
+def _parse_override(item: str) -> dict[str, Any]:
+    """``key.sub=value`` as the nested mapping ``{"key": {"sub": value}}`` (the value read as YAML)."""
     import yaml
 
     if "=" not in item:
         raise ConfigError(f"Override {item!r} must look like key.sub=value.")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw)
+        value = yaml.load(raw, Loader=_loader())
     except yaml.YAMLError as e:
         raise ConfigError(f"Override {item!r}: {e}") from e
-    return key.strip().split("."), value
+    keys = key.strip().split(".")
+    if len(keys) == 1 and keys[0] in {f.name for f in dataclasses.fields(PretrainRunConfig)} \
+            and not isinstance(value, Mapping):
+        example = dataclasses.fields(getattr(PretrainRunConfig(), keys[0]))[0].name
+        raise ConfigError(f"Override {item!r}: {keys[0]} is a section; set its fields one by one, e.g. "
+                          f"{keys[0]}.{example}=...")
+    for k in reversed(keys):
+        value = {k: value}
+    return value
 
 
 def read_yaml_mapping(path: str | Path, what: str = "Config file") -> dict[str, Any]:
@@ -237,18 +180,18 @@ def read_yaml_mapping(path: str | Path, what: str = "Config file") -> dict[str, 
     try:
         import yaml
     except ImportError as e:  # pragma: no cover
-        from ..errors import MissingDependencyError
+        from ecamp.errors import MissingDependencyError
 
         raise MissingDependencyError("Training configs need PyYAML: pip install \"ecamp[train]\".") from e
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"{what} {p} does not exist.")
+        raise ConfigError(f"{what} {p} does not exist.", path=p)
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_loader()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{what} {p} is not valid YAML: {e}") from e
+        raise ConfigError(f"{what} {p} is not valid YAML: {e}", path=p) from e
     if not isinstance(data, dict):
-        raise ConfigError(f"{what} {p} must hold a mapping of keys to values.")
+        raise ConfigError(f"{what} {p} must hold a mapping of keys to values.", path=p)
     return data
 
 
@@ -256,17 +199,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """A validated run config: the authors' defaults, then the YAML file, then ``key.sub=value`` overrides."""
     cfg = PretrainRunConfig()
     if path is not None:
-        _apply(cfg, read_yaml_mapping(path), "")
+        _apply(cfg, read_yaml_mapping(path), source=f"Config file {path}", path=path)
     for item in overrides or []:
-        keys, value = _parse_override(item)
-        nested: Any = value
-        for k in reversed(keys[1:]):
-            nested = {k: nested}
-        if keys[0] == "text":
-            if not isinstance(nested, dict):
-                raise ConfigError(f"Override {item!r}: set text fields one by one, e.g. text.mask_prob=0.7.")
-            cfg.text.update(nested)
-            continue
-        _apply(cfg, {keys[0]: nested}, "")
+        _apply(cfg, _parse_override(item), source=f"Override {item!r}")
     cfg.validate()
     return cfg

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import MissingDependencyError
+from ecamp.errors import MissingDependencyError
 
 __all__ = ["linear_probe_auroc"]
 

@@ -27,194 +27,84 @@ a Python literal ``[[x1, y1, x2, y2], ...]`` in the image's pixel coordinates, `
 from __future__ import annotations
 
 import ast
-import csv
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ..errors import EcampError, MissingDependencyError
-from ..finetune import FrozenEncoder
-from .data import DataError
-from .recipes import Recipe
+from ecamp.errors import DataError, InvalidArgumentError, MissingDependencyError
+from ecamp.models.heads import (  # noqa: F401 - the heads are part of this task's API
+    YOLOV3_ANCHORS,
+    Bottleneck,
+    DetectionModel,
+    DetectionNeck,
+    YOLOv3Head,
+    decode,
+    postprocess,
+    split_predictions,
+)
+from ecamp.train.common.lists import read_table
+from ecamp.train.downstream.recipes import Recipe
 
 __all__ = ["DET_TASKS", "YOLOV3_ANCHORS", "read_box_list", "BoxDataset", "collate_boxes", "Bottleneck",
            "DetectionNeck", "YOLOv3Head", "DetectionModel", "yolo_loss", "decode", "postprocess",
            "mean_average_precision", "finetune_detection"]
 
 DET_TASKS = ("rsna", "phantom-det")
-# YOLOv3's anchors (w, h) for a 416-px input, coarsest scale first
-YOLOV3_ANCHORS = (((116, 90), (156, 198), (373, 326)), ((30, 61), (62, 45), (59, 119)), ((10, 13), (16, 30), (33, 23)))
 MAP_IOU_THRESHOLDS = tuple(round(0.40 + 0.05 * k, 2) for k in range(8))
 
 
 def read_box_list(csv_path: str | Path) -> list[tuple[str, np.ndarray]]:
     """``image_path,bbox`` rows -> (path, float32 [N, 4] boxes x1, y1, x2, y2 in pixels; [0, 4] for none)."""
     path = Path(csv_path)
-    if not path.is_file():
-        raise DataError(f"List file {path} does not exist; the authors' RSNA detection lists are CSV files with "
-                        f"image_path,bbox columns.")
+    table = read_table(path, ["image_path", "bbox"], missing_hint="the authors' RSNA detection lists are CSV files "
+                                                                  "with image_path,bbox columns")
     rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if not {"image_path", "bbox"} <= set(reader.fieldnames or []):
-            raise DataError(f"{path} lacks image_path/bbox columns; it has {reader.fieldnames}.")
-        for k, row in enumerate(reader, start=2):
-            try:
-                boxes = np.array(ast.literal_eval(row["bbox"]), dtype=np.float32)  # literals only: never eval
-            except (ValueError, SyntaxError, TypeError) as e:
-                raise DataError(f"{path}:{k}: bbox is not a list of [x1, y1, x2, y2]: {row['bbox'][:60]!r}") from e
-            boxes = boxes.reshape(-1, 4) if boxes.size % 4 == 0 and boxes.ndim <= 2 else None
-            if boxes is None:
-                raise DataError(f"{path}:{k}: bbox is not a list of [x1, y1, x2, y2]: {row['bbox'][:60]!r}")
-            boxes = boxes[(boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])]  # [[0,0,0,0]]: no box
-            rows.append((row["image_path"], boxes))
-    if not rows:
-        raise DataError(f"List file {path} is empty.")
+    for k, row in enumerate(table, start=2):
+        try:
+            boxes = np.array(ast.literal_eval(row["bbox"]), dtype=np.float32)  # literals only: never eval
+        except (ValueError, SyntaxError, TypeError) as e:
+            raise DataError(f"{path}:{k}: bbox is not a list of [x1, y1, x2, y2]: {row['bbox'][:60]!r}",
+                            path=path) from e
+        boxes = boxes.reshape(-1, 4) if boxes.size % 4 == 0 and boxes.ndim <= 2 else None
+        if boxes is None:
+            raise DataError(f"{path}:{k}: bbox is not a list of [x1, y1, x2, y2]: {row['bbox'][:60]!r}", path=path)
+        boxes = boxes[(boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])]  # [[0,0,0,0]]: no box
+        rows.append((row["image_path"], boxes))
     return rows
 
 
 class BoxDataset(torch.utils.data.Dataset):
-    """(image [3, S, S], boxes [N, 4] normalised to 0..1) pairs; images resized to S, no augmentation (as the
-    authors)."""
+    """(image [3, S, S], boxes [N, 4] normalised to 0..1) pairs; images and boxes resized to S together by the
+    library's :class:`~ecamp.transforms.JointTransform` (plain bilinear, no augmentation, as the authors)."""
 
     def __init__(self, root: Path, rows: list[tuple[str, np.ndarray]], cfg: dict):
+        from ecamp.transforms import JointTransform
+
         self.root, self.rows = root, rows
         self.size = int(cfg["input_size"][-1])
-        self.mean, self.std = float(cfg["mean"][0]), float(cfg["std"][0])
-        self.policy = (cfg.get("ecamp") or {}).get("image_policy", "bits")  # how DICOM intensities are mapped
+        self.transform = JointTransform(cfg, antialias=False)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int):
-        from ..io import read_image
+        from torchvision import tv_tensors
+
+        from ecamp.transforms import read_grey
 
         name, boxes = self.rows[i]
-        img = read_image(self.root / name, policy=self.policy)
-        if img.ndim == 3:
-            img = img.mean(-1)
-        h, w = img.shape
-        x = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None, None]
-        x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)[0]
-        x = ((x.expand(3, -1, -1) - self.mean) / self.std).contiguous()
-        scale = np.array([w, h, w, h], dtype=np.float32)
-        return x, torch.from_numpy(np.clip(boxes / scale, 0.0, 1.0))  # a new array: the rows stay as read (#43)
+        x = read_grey(self.root / name, self.transform.policy)
+        # a new tensor: the rows stay as read (#43)
+        target = tv_tensors.BoundingBoxes(torch.from_numpy(boxes.copy()), format="XYXY", canvas_size=x.shape[-2:])
+        x, target = self.transform(x, target)
+        return x, (target.as_subclass(torch.Tensor) / self.size).clamp(0.0, 1.0)
 
 
 def collate_boxes(batch: list) -> tuple[torch.Tensor, list[torch.Tensor]]:
     return torch.stack([x for x, _ in batch]), [b for _, b in batch]
-
-
-class Bottleneck(nn.Module):
-    """ResNet bottleneck (1x1 reduce by ``expansion``, 3x3, 1x1 restore, BatchNorm) with an identity shortcut."""
-
-    def __init__(self, channels: int, expansion: int):
-        super().__init__()
-        mid = max(1, channels // expansion)
-        self.body = nn.Sequential(
-            nn.Conv2d(channels, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
-            nn.Conv2d(mid, mid, 3, padding=1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
-            nn.Conv2d(mid, channels, 1, bias=False), nn.BatchNorm2d(channels))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(x + self.body(x))
-
-
-class DetectionNeck(nn.Module):
-    """One ViT map at stride 16 -> maps at strides 8, 16 and 32 with ``widths`` channels (the authors' 512, 1024,
-    2048)."""
-
-    def __init__(self, dim: int, widths: tuple[int, int, int] = (512, 1024, 2048), expansion: int = 8):
-        super().__init__()
-        self.widths = widths
-        self.fine = nn.Sequential(nn.Conv2d(dim, widths[0], 1),
-                                  nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
-                                  Bottleneck(widths[0], expansion))
-        self.middle = nn.Sequential(nn.Conv2d(dim, widths[1], 1), Bottleneck(widths[1], expansion))
-        self.coarse = nn.Sequential(nn.Conv2d(dim, widths[2], 1, stride=2, bias=False),
-                                    Bottleneck(widths[2], expansion))
-
-    def forward(self, fmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.fine(fmap), self.middle(fmap), self.coarse(fmap)
-
-
-def _cbl(c_in: int, c_out: int, k: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, k, padding=(k - 1) // 2, bias=False), nn.BatchNorm2d(c_out),
-                         nn.LeakyReLU(0.1))
-
-
-class _Stack(nn.Module):
-    """Five CBLs alternating 1x1 (``narrow``) and 3x3 (``wide``), a sixth 3x3 CBL and the output convolution; the
-    fifth CBL's output also feeds the next, finer scale."""
-
-    def __init__(self, c_in: int, narrow: int, wide: int, out: int):
-        super().__init__()
-        self.trunk = nn.Sequential(_cbl(c_in, narrow, 1), _cbl(narrow, wide, 3), _cbl(wide, narrow, 1),
-                                   _cbl(narrow, wide, 3), _cbl(wide, narrow, 1))
-        self.out = nn.Sequential(_cbl(narrow, wide, 3), nn.Conv2d(wide, out, 1))
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        branch = self.trunk(x)
-        return self.out(branch), branch
-
-
-class YOLOv3Head(nn.Module):
-    """YOLOv3's detection head over three maps (fine, middle, coarse); returns raw predictions coarsest first,
-    each [B, anchors * (5 + classes), h, w]. ``width`` is the narrow width of the coarsest stack (YOLOv3: 512)."""
-
-    def __init__(self, in_channels: tuple[int, int, int], num_classes: int = 1, width: int = 512,
-                 anchors_per_scale: int = 3):
-        super().__init__()
-        out = anchors_per_scale * (5 + num_classes)
-        fine, middle, coarse = in_channels
-        w0, w1, w2 = width, width // 2, width // 4
-        self.coarse = _Stack(coarse, w0, 2 * w0, out)
-        self.lateral1 = _cbl(w0, w1, 1)
-        self.middle = _Stack(middle + w1, w1, 2 * w1, out)
-        self.lateral2 = _cbl(w1, w2, 1)
-        self.fine = _Stack(fine + w2, w2, 2 * w2, out)
-
-    def forward(self, maps: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> list[torch.Tensor]:
-        fine, middle, coarse = maps
-        out0, branch = self.coarse(coarse)
-        x = F.interpolate(self.lateral1(branch), scale_factor=2, mode="nearest")
-        out1, branch = self.middle(torch.cat([x, middle], 1))
-        x = F.interpolate(self.lateral2(branch), scale_factor=2, mode="nearest")
-        out2, _ = self.fine(torch.cat([x, fine], 1))
-        return [out0, out1, out2]
-
-
-class DetectionModel(FrozenEncoder):
-    """Frozen ViT encoder + trainable ``det_head``, :class:`DetectionNeck` and :class:`YOLOv3Head` (the authors'
-    ViTDetector). ``forward`` returns the three raw prediction maps, coarsest first."""
-
-    def __init__(self, encoder: nn.Module, num_classes: int = 1, expansion: int = 8,
-                 widths: tuple[int, int, int] = (512, 1024, 2048), head_width: int = 512):
-        super().__init__(encoder)
-        dim = encoder.num_features
-        self.grid = tuple(encoder.patch_embed.grid_size)
-        if self.grid[0] % 2 or self.grid[1] % 2:
-            raise EcampError(f"Detection needs an even patch grid for its stride-32 map; this encoder has "
-                             f"{self.grid}.")
-        self.img_size = int(encoder.patch_embed.img_size[0])
-        self.num_classes = num_classes
-        self.anchors = [[(w * self.img_size / 416, h * self.img_size / 416) for w, h in scale]
-                        for scale in YOLOV3_ANCHORS]
-        self.det_head = nn.Linear(dim, dim)
-        self.neck = DetectionNeck(dim, widths, expansion)
-        self.head = YOLOv3Head(widths, num_classes, head_width)
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.head(self.neck(self.token_map(self.det_head(self.patch_tokens(x)))))
-
-
-def _split(raw: torch.Tensor, num_classes: int) -> torch.Tensor:
-    b, _, h, w = raw.shape
-    return raw.float().view(b, 3, 5 + num_classes, h, w).permute(0, 1, 3, 4, 2)  # [B, A, h, w, 5 + C]
 
 
 def _shape_iou(wh1: torch.Tensor, wh2: torch.Tensor, plus_one: bool = True) -> torch.Tensor:
@@ -235,7 +125,7 @@ def yolo_loss(outputs: list[torch.Tensor], boxes: list[torch.Tensor], anchors: l
     total = outputs[0].new_zeros((), dtype=torch.float32)
     with torch.autocast(outputs[0].device.type, enabled=False):
         for raw, scale_anchors in zip(outputs, anchors, strict=True):
-            p = _split(raw, num_classes)
+            p = split_predictions(raw, num_classes)
             bsz, n_a, h, w, _ = p.shape
             stride_w, stride_h = img_size / w, img_size / h
             a_wh = torch.tensor(scale_anchors, dtype=torch.float32, device=p.device) / torch.tensor(
@@ -275,36 +165,6 @@ def yolo_loss(outputs: list[torch.Tensor], boxes: list[torch.Tensor], anchors: l
     return total
 
 
-def decode(outputs: list[torch.Tensor], anchors: list, img_size: int, num_classes: int = 1) -> torch.Tensor:
-    """Raw maps -> [B, boxes, 5 + C]: centre x, y, width, height in input pixels, objectness, class scores."""
-    rows = []
-    for raw, scale_anchors in zip(outputs, anchors, strict=True):
-        p = _split(raw, num_classes)
-        bsz, n_a, h, w, _ = p.shape
-        gy, gx = torch.meshgrid(torch.arange(h, device=p.device), torch.arange(w, device=p.device), indexing="ij")
-        a = torch.tensor(scale_anchors, dtype=torch.float32, device=p.device).view(1, n_a, 1, 1, 2)
-        xy = (torch.sigmoid(p[..., :2]) + torch.stack([gx, gy], -1)) * torch.tensor([img_size / w, img_size / h],
-                                                                                      device=p.device)
-        wh = torch.exp(p[..., 2:4]) * a
-        rows.append(torch.cat([xy, wh, torch.sigmoid(p[..., 4:])], -1).reshape(bsz, -1, 5 + num_classes))
-    return torch.cat(rows, 1)
-
-
-def postprocess(decoded: torch.Tensor, conf_threshold: float = 0.5, iou_threshold: float = 0.5) -> list[dict]:
-    """Objectness threshold, then NMS per class -> per image {"boxes" x1, y1, x2, y2, "scores", "labels"}."""
-    from torchvision.ops import batched_nms, box_convert
-
-    results = []
-    for det in decoded:
-        keep = det[:, 4] >= conf_threshold
-        det = det[keep]
-        boxes = box_convert(det[:, :4], "cxcywh", "xyxy")
-        scores, labels = det[:, 4], det[:, 5:].argmax(1)
-        idx = batched_nms(boxes, scores, labels, iou_threshold)
-        results.append({"boxes": boxes[idx], "scores": scores[idx], "labels": labels[idx]})
-    return results
-
-
 def mean_average_precision(preds: list[dict], targets: list[dict], *, upstream: bool = False) -> float:
     """torchmetrics mAP over IoU 0.40-0.75 (the reported ``map``). ``upstream``: only images with a ground-truth
     box and at least one prediction count, as in the authors' evaluation (#42)."""
@@ -333,15 +193,14 @@ def finetune_detection(task: str, fraction: int, data_root: str | Path, output_d
     ``recipe`` defaults to the authors' row (AdamW 5e-4, weight decay 0.05, early stopping after 20 evaluations,
     neck expansion 8 or 4)."""
     import ecamp
-
-    from ..factory import resolve_model_cfg
-    from .downstream import list_file_for
-    from .finetune_loop import evaluate, setup_runtime, train_head, write_metrics
-    from .recipes import recipe as authors_recipe
+    from ecamp.factory import resolve_model_cfg
+    from ecamp.train.downstream.classification import list_file_for
+    from ecamp.train.downstream.loop import evaluate, setup_runtime, train_head, write_metrics
+    from ecamp.train.downstream.recipes import recipe as authors_recipe
 
     key = task.lower()
     if key not in DET_TASKS:
-        raise EcampError(f"Unknown detection task {task!r}; known: {list(DET_TASKS)}.")
+        raise InvalidArgumentError(f"Unknown detection task {task!r}; known: {list(DET_TASKS)}.")
     r = recipe or authors_recipe("det", key, fraction)
     expansion = r.expansion or (4 if fraction == 100 else 8)
     rt = setup_runtime(device, seed)

@@ -1,0 +1,59 @@
+"""Export a training checkpoint to the folders ``ecamp.load`` and ``ecamp.load_pretrain`` read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ecamp.errors import CheckpointError
+
+__all__ = ["export_checkpoint", "model_from_checkpoint"]
+
+
+def model_from_checkpoint(checkpoint: str | Path):
+    """The :class:`ECAMPPretrainModel` and run config stored in an ecamp training checkpoint (or a run folder's
+    latest one)."""
+    from ecamp.models.pretrain import ECAMPPretrainModel
+    from ecamp.train.common.checkpoint import latest_checkpoint, load_checkpoint
+    from ecamp.train.pretrain.config import PretrainRunConfig, _apply
+    from ecamp.train.pretrain.loop import CHECKPOINT_FORMAT
+
+    path = Path(checkpoint)
+    if path.is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise CheckpointError(f"{path} holds no checkpoint-*.pt file.", path=path)
+        path = found
+    ckpt = load_checkpoint(path)
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not an ecamp training checkpoint; the authors' .pth files go through "
+                              f"`ecamp convert`.", path=path)
+    cfg = PretrainRunConfig()
+    _apply(cfg, json.loads(ckpt["config"]), "")
+    model = ECAMPPretrainModel(cfg.model)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), cfg, path
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, name: str, *, hf_repo: str | None = None,
+                      tokenizer: str | Path | None = None, manifest: Any = None) -> dict[str, Any]:
+    """Write ``<out>/encoder`` (timm format) and ``<out>/pretrain`` (model, config, tokenizer) from a checkpoint;
+    returns both manifest entries with sha256 and size. ``name`` is the encoder's manifest name or alias (e.g.
+    ``cxr-vit-b``), which decides the modality and the preprocessing cfg."""
+    from ecamp.convert import encoder_for, export_encoder
+    from ecamp.registry import load_manifest
+
+    entry = load_manifest(manifest).resolve(name)
+    model, cfg, path = model_from_checkpoint(checkpoint)
+    encoder = encoder_for(model, name, manifest)
+    tok = tokenizer or (path.parent / "tokenizer.json" if (path.parent / "tokenizer.json").is_file() else None)
+    out = Path(out)
+    repo = hf_repo or entry.hf_repo
+    enc_entry = export_encoder(encoder, entry, out / "encoder", hf_repo=repo,
+                               provenance={"checkpoint": str(path), "training_config": cfg.to_dict()})
+    block = dict(entry.ecamp, name=entry.name.replace("vit_base_patch16_224", "ecamp_vit_base_patch16"),
+                 data=cfg.to_dict()["data"])  # how the run read its images (sr-windows reads them the same way)
+    full = model.save_pretrained(out / "pretrain", tokenizer=tok, ecamp_cfg=block)
+    return {"encoder": {"name": entry.name, "hf_repo": repo, "files": enc_entry["files"]},
+            "pretrain": {"files": full["files"], "tokenizer": str(tok) if tok else None}}
