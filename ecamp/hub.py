@@ -215,12 +215,13 @@ def _model_args_for_export(model, extra: dict | None) -> dict:
     args = {k: v for k, v in dict(getattr(model, "_model_args", None) or {}).items()
             if k not in ("pretrained_cfg", "pretrained_cfg_overlay", "device", "dtype", "pretrained_model_args",
                          "cache_dir") and not k.endswith("drop_rate")}
-    args.pop("num_classes", None)
     if hasattr(model, "global_pool") and isinstance(model.global_pool, str):
         args["global_pool"] = model.global_pool
     if hasattr(model, "fc_norm"):
         args["fc_norm"] = not isinstance(model.fc_norm, nn.Identity)
     args.update(extra or {})
+    # num_classes lives at the top of config.json; repeated here, transformers' TimmWrapper passes it twice
+    args.pop("num_classes", None)
     return args
 
 

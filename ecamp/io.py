@@ -33,7 +33,6 @@ from typing import Any, BinaryIO, Union
 import numpy as np
 
 from .errors import ImageReadError, InvalidImageError, MissingDecoderError
-from .registry import IMAGE_POLICIES as POLICIES  # one list for the manifest and the reader
 
 __all__ = ["read_image", "read_image_native", "POLICIES", "DEFAULT_MAX_PIXELS", "equalize_hist", "is_dicom",
            "apply_policy_to_grey"]
@@ -43,6 +42,8 @@ logger = logging.getLogger("ecamp")
 # Guard against decompression bombs: about 11585 x 11585 pixels, 7x the largest radiographs in common use.
 DEFAULT_MAX_PIXELS = int(os.environ.get("ECAMP_MAX_IMAGE_PIXELS", 2**27))
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
+# How files become intensities (module docstring); the manifest's image_policy is one of these.
+POLICIES = ("bits", "minmax", "voi", "mimic-cxr-jpg")
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from .errors import ManifestError, UnknownModelError
+from .io import POLICIES
 from .schema import from_mapping
 
 __all__ = [
@@ -54,7 +55,7 @@ _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 KINDS = ("encoder", "pretrain")
 MODALITIES = ("cxr", "fundus")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
-IMAGE_POLICIES = ("bits", "minmax", "voi", "mimic-cxr-jpg")  # as ecamp.io.POLICIES (io imports numpy; this must not)
+IMAGE_POLICIES = POLICIES  # the reader's list: a manifest names one of them
 # Files an encoder repo must hold: timm reads exactly these two.
 ENCODER_FILES = ("config.json", "model.safetensors")
 

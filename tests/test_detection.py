@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import ecamp
-from ecamp.train.pretrain.data import DataError
 from ecamp.train.downstream.detection import (
     DetectionModel,
     decode,
@@ -23,8 +22,9 @@ from ecamp.train.downstream.detection import (
     read_box_list,
     yolo_loss,
 )
-from ecamp.train.phantom import write_phantom_detection
 from ecamp.train.downstream.recipes import recipe
+from ecamp.train.phantom import write_phantom_detection
+from ecamp.train.pretrain.data import DataError
 
 
 def test_box_lists_in_the_authors_format(tmp_path):
@@ -41,7 +41,7 @@ def test_box_lists_in_the_authors_format(tmp_path):
     with pytest.raises(DataError, match="evil.csv:2"):
         read_box_list(tmp_path / "evil.csv")
     (tmp_path / "cols.csv").write_text("path,boxes\na.png,[]\n")
-    with pytest.raises(DataError, match="image_path/bbox"):
+    with pytest.raises(DataError, match=r"lacks column\(s\) \[.image_path., .bbox.\]"):
         read_box_list(tmp_path / "cols.csv")
     with pytest.raises(DataError, match="does not exist"):
         read_box_list(tmp_path / "missing.csv")

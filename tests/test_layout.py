@@ -305,3 +305,34 @@ def test_wheel_package_data_covers_the_presets():
     assert "transformers" not in core and "tokenizers" not in core, core
     train = " ".join(data["project"]["optional-dependencies"]["train"])
     assert "transformers" in train and "tokenizers" in train, train
+
+
+def test_submodules_are_attributes_and_version_matches_pyproject():
+    import tomllib
+
+    code = ("import ecamp; print(ecamp.finetune.FrozenEncoder.__name__, ecamp.text.ReportEncoder.__name__, "
+            "ecamp.convert.convert.__name__, ecamp.load_pretrain.__name__)")
+    sub = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert sub.returncode == 0, sub.stderr
+    assert sub.stdout.split() == ["FrozenEncoder", "ReportEncoder", "convert", "load_pretrain"]
+    project = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]
+    assert project["version"] == ecamp.__version__
+
+
+def test_every_error_is_also_a_builtin_and_the_base_is_never_raised_bare():
+    import inspect
+
+    import ecamp.errors as errors
+
+    for name in errors.__all__:
+        cls = getattr(errors, name)
+        if cls is errors.EcampError:
+            continue
+        builtin = [b for b in inspect.getmro(cls) if b.__module__ == "builtins" and b not in (Exception, BaseException,
+                                                                                              object)]
+        assert builtin, f"{name} derives from no builtin error"
+        err = cls("message", path="/some/file", repo_id="org/repo")
+        assert (err.path, err.repo_id, str(err)) == ("/some/file", "org/repo", "message")
+    bare = [f"{p.relative_to(PACKAGE.parent)}:{n}" for p in PACKAGE.rglob("*.py")
+            for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if "raise EcampError(" in line]
+    assert not bare, bare

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import ecamp
-from ecamp.errors import InvalidWeightsFileError, WeightsMismatchError
 from ecamp.convert import encoder_for
+from ecamp.errors import InvalidWeightsFileError, WeightsMismatchError
 from ecamp.models.pretrain import (
     BatchError,
     ECAMPPretrainConfig,

@@ -11,8 +11,6 @@ import pytest
 import torch
 
 import ecamp
-from ecamp.train.pretrain.data import DataError
-from ecamp.train.phantom import write_phantom_segmentation
 from ecamp.train.downstream.segmentation import (
     SegmentationModel,
     dice_per_image,
@@ -22,6 +20,8 @@ from ecamp.train.downstream.segmentation import (
     read_siim,
     rle_decode,
 )
+from ecamp.train.phantom import write_phantom_segmentation
+from ecamp.train.pretrain.data import DataError
 
 
 def test_siim_rle_and_csv(tmp_path):
@@ -46,7 +46,7 @@ def test_rsna_boxes_and_mask_lists(tmp_path):
     (tmp_path / "rsna.csv").write_text('image_path,bbox\na.png,"[[10, 20, 30, 60]]"\nb.png,"[[0, 0, 0, 0]]"\n')
     rows = read_rsna_boxes(tmp_path / "rsna.csv", size=64)
     assert rows[0][1].sum() == 20 * 40 and rows[0][1][20, 10] == 1 and rows[1][1].sum() == 0
-    with pytest.raises(DataError, match="img_path/mask_path"):
+    with pytest.raises(DataError, match=r"lacks column\(s\) \[.img_path., .mask_path.\]"):
         (tmp_path / "l.csv").write_text("image,mask\nx,y\n")
         read_mask_list(tmp_path / "l.csv")
 

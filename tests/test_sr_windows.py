@@ -12,9 +12,9 @@ import torch
 
 from ecamp.models.pretrain import ECAMPPretrainConfig, ECAMPPretrainModel
 from ecamp.text import ReportEncoder, train_tokenizer
+from ecamp.train.phantom import write_phantom
 from ecamp.train.pretrain.config import load_config
 from ecamp.train.pretrain.data import PretrainDataset
-from ecamp.train.phantom import write_phantom
 from ecamp.train.pretrain.sr_windows import best_window, compute_windows, entity_attention_maps
 
 
@@ -41,8 +41,9 @@ def test_windows_from_a_first_stage_model(tmp_path):
     cfg = ECAMPPretrainConfig.tiny(vocab_size=200, img_size=32, patch_size=8, sr_window=3, max_text_len=32)
     torch.manual_seed(0)
     ECAMPPretrainModel(cfg).save_pretrained(tmp_path / "stage1", tokenizer=tok)
-    out = subprocess.run([sys.executable, "-m", "ecamp", "train", "sr-windows", "--checkpoint", str(tmp_path / "stage1"),
-                          "--data", str(root), "--out", str(tmp_path / "w.csv"), "--no-progress"],
+    out = subprocess.run([sys.executable, "-m", "ecamp", "train", "sr-windows", "--checkpoint",
+                          str(tmp_path / "stage1"), "--data", str(root), "--out", str(tmp_path / "w.csv"),
+                          "--no-progress"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "11 windows from attention, 1 reports without an entity" in out.stdout

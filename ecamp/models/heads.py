@@ -1,8 +1,8 @@
 """Downstream heads on a frozen ECAMP encoder: segmentation (the authors' SegViT decoder and a feature pyramid)
 and detection (the authors' ViTDetector: three-scale neck and YOLOv3 head), with YOLO decoding and NMS.
 
-These are what a fine-tuned model needs at inference; their losses, data and training loop live in
-``ecamp.train.downstream``.
+These are what a fine-tuned model needs at inference; their losses, data and training loop live in the training
+package (``downstream``).
 """
 
 from __future__ import annotations

@@ -390,7 +390,8 @@ class ECAMPPretrainModel(nn.Module):
     def save_pretrained(self, out_dir: str | Path, *, tokenizer: Any = None, ecamp_cfg: Mapping[str, Any] | None = None
                         ) -> dict[str, Any]:
         """Write ``config.json`` (architecture ``ecamp_pretrain`` and the config), ``model.safetensors`` and, if
-        given, ``tokenizer.json``; each file atomically. Returns the files with sha256 and size."""
+        given, ``tokenizer.json``; each file atomically. Returns its manifest entry (name, architecture, files with
+        sha256 and size, the ``ecamp`` block), shaped as :func:`ecamp.save_pretrained`'s."""
         import json
 
         from safetensors.torch import save_model
@@ -412,7 +413,10 @@ class ECAMPPretrainModel(nn.Module):
         for name, write in writers:
             atomic_write(out / name, write)
             files.append({"path": name, "sha256": sha256_file(out / name), "size": (out / name).stat().st_size})
-        return {"files": files}
+        block = config["ecamp"]
+        # the same shape as ecamp.save_pretrained's manifest entry
+        return {"name": block.get("name"), "hf_repo": block.get("hf_repo"), "architecture": "ecamp_pretrain",
+                "files": files, "ecamp": block}
 
     @classmethod
     def from_folder(cls, folder: str | Path, *, config_path: str | Path | None = None,

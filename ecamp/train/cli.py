@@ -129,6 +129,7 @@ def _cmd_sr_windows(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # long but flat: one declaration per option, read top to bottom like --help
     parser = argparse.ArgumentParser(prog="ecamp train", description="ECAMP training.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -19,13 +19,12 @@ __all__ = ["demo_config", "run_demo"]
 
 
 def demo_config() -> PretrainRunConfig:
-    """The phantom preset (also ``configs/pretrain/phantom_tiny.yaml``): a small model on 256-px phantoms."""
+    """The phantom preset (also shipped as preset ``phantom_tiny``): a small model on 256-px phantoms."""
     return PretrainRunConfig(
         model=ECAMPPretrainConfig(img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3,
                                   decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=2, sr_window=6,
                                   vocab_size=512, text_hidden_size=64, text_layers=2, text_heads=2,
                                   text_intermediate_size=128, max_text_len=64),
-        text={},
         data=DataConfig(crop_scale=(0.5, 1.0)),
         optim=OptimConfig(lr=1.5e-3, batch_size=32, accum_iter=1, epochs=20, warmup_epochs=2, schedule_epochs=20),
         run=RunConfig(seed=0, num_workers=0, precision="fp32", save_every=10_000, keep_last=1),

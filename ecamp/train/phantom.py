@@ -72,6 +72,8 @@ def make_case(rng: np.random.Generator, size: int = 256, p_finding: float = 0.35
               force: tuple[str, ...] = ()) -> PhantomCase:
     """One phantom. ``variation`` scales the differences between patients and exposures (1: the default spread,
     0: every film alike apart from its findings); the random draws are the same whatever its value."""
+    # one function on purpose: the seeded draws happen in this order, and the written files are promised
+    # byte-identical across versions
     s = size
 
     def vary(lo: float, hi: float) -> float:

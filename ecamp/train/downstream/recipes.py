@@ -3,8 +3,9 @@
 One :class:`Recipe` per (head, task, label percentage, mode) row of the authors' scripts: ``run_ft.sh`` and
 ``run_lp.sh`` for classification (SGD, momentum 0.9, no weight decay, early stopping after 20 evaluations),
 the segmentation ``run.sh`` (AdamW, weight decay 0.05, patience 40) and the detection script (AdamW 5e-4, weight
-decay 0.05, patience 20, neck expansion 8 for 1/10 % and 4 for 100 %). ``configs/finetune/*.yaml`` holds the same
-rows as files (``ecamp train finetune --config FILE``); a test keeps the two in agreement.
+decay 0.05, patience 20, neck expansion 8 for 1/10 % and 4 for 100 %). The presets shipped in
+``ecamp/train/presets/finetune/`` hold the same rows as files (``ecamp train finetune --config NAME``); a test keeps
+the two in agreement.
 
 Tasks without a row of their own (the fundus classification tasks, for which the authors published no settings,
 and the phantom data sets) use the ChestX-ray14, SIIM or RSNA row of the same percentage: our choice.

@@ -126,7 +126,7 @@ class PretrainRunConfig:
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(f"Invalid config: {msg}.")
-        from ecamp.registry import IMAGE_POLICIES
+        from ecamp.io import POLICIES as IMAGE_POLICIES
 
         if d.image_policy not in IMAGE_POLICIES:
             raise ConfigError(f"data.image_policy must be one of {IMAGE_POLICIES}.")

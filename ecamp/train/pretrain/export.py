@@ -30,7 +30,7 @@ def model_from_checkpoint(checkpoint: str | Path):
         raise CheckpointError(f"{path} is not an ecamp training checkpoint; the authors' .pth files go through "
                               f"`ecamp convert`.", path=path)
     cfg = PretrainRunConfig()
-    _apply(cfg, json.loads(ckpt["config"]), "")
+    _apply(cfg, json.loads(ckpt["config"]), source=f"checkpoint {path}", path=path)
     model = ECAMPPretrainModel(cfg.model)
     model.load_state_dict(ckpt["model"])
     return model.eval(), cfg, path
