@@ -220,8 +220,7 @@ def _model_args_for_export(model, extra: dict | None) -> dict:
     if hasattr(model, "fc_norm"):
         args["fc_norm"] = not isinstance(model.fc_norm, nn.Identity)
     args.update(extra or {})
-    # num_classes lives at the top of config.json; repeated here, transformers' TimmWrapper passes it twice
-    args.pop("num_classes", None)
+    args.pop("num_classes", None)  # set by timm from the model itself
     return args
 
 
@@ -294,8 +293,12 @@ def _model_card(config: dict, name: str | None, hf_repo: str | None) -> str:
 
 
 def save_pretrained(model, out_dir: str | os.PathLike, *, name: str | None = None, hf_repo: str | None = None,
-                    ecamp_cfg: dict | None = None, model_args: dict | None = None) -> dict:
+                    ecamp_cfg: dict | None = None, model_args: dict | None = None,
+                    label_names: Sequence[str] | None = None) -> dict:
     """Write ``model`` as a timm-format folder and return its manifest entry (files with sha256 and size).
+
+    ``label_names`` (one per output of a classifier; default: the model's ``pretrained_cfg["label_names"]``) go into
+    ``config.json`` as timm and transformers read them (``id2label`` of ``AutoModelForImageClassification``).
 
     The folder holds ``config.json`` (``architecture``, ``num_classes``, ``num_features``, ``global_pool``,
     ``model_args``, ``pretrained_cfg`` and an ``ecamp`` block), ``model.safetensors`` and a model card
@@ -314,6 +317,10 @@ def save_pretrained(model, out_dir: str | os.PathLike, *, name: str | None = Non
         raise InvalidArgumentError(f"{type(model).__name__} has no pretrained_cfg['architecture']; save_pretrained "
                                    f"writes timm models built by ecamp.load or timm.create_model.")
     args = _model_args_for_export(model, model_args)
+    labels = list(label_names if label_names is not None else pcfg.get("label_names") or [])
+    if labels and len(labels) != getattr(model, "num_classes", len(labels)):
+        raise InvalidArgumentError(f"{len(labels)} label names for a model with {model.num_classes} outputs; give "
+                                   f"one name per class.")
     _check_rebuild(model, architecture, args)
     block = {k: v for k, v in dict(getattr(model, "ecamp_cfg", None) or {}).items() if k != "source"}
     block.update(ecamp_cfg or {})
@@ -323,11 +330,17 @@ def save_pretrained(model, out_dir: str | os.PathLike, *, name: str | None = Non
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        save_for_hf(model, str(tmp), model_config={"ecamp": block}, model_args=args, safe_serialization=True)
+        model_config: dict = {"ecamp": block}
+        if labels:
+            model_config["label_names"] = labels
+        save_for_hf(model, str(tmp), model_config=model_config, model_args=args, safe_serialization=True)
         config = json.loads((tmp / "config.json").read_text())
+        # num_classes stays at the config's root only: transformers' TimmWrapper passes model_args and
+        # num_classes to timm.create_model side by side, so a copy in model_args breaks AutoModel
+        config.get("model_args", {}).pop("num_classes", None)
         if hf_repo:
             config["pretrained_cfg"]["hf_hub_id"] = hf_repo
-            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "README.md").write_text(_model_card(config, name, hf_repo), encoding="utf-8")
         files = []
         for fname in ("config.json", "model.safetensors", "README.md"):
