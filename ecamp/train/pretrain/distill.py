@@ -16,7 +16,6 @@ is dropped on resume) and never writes a study twice.
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import os
@@ -24,15 +23,13 @@ import random
 import re
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ecamp.errors import DistillError
+from ecamp.errors import DistillError, MissingDependencyError
 from ecamp.fileio import write_csv
 from ecamp.text.entities import ENTITIES
 from ecamp.train.common.lists import read_table
@@ -101,7 +98,12 @@ class _Rejected(Exception):
 
 @dataclass
 class OpenAIBackend:
-    """POST ``{base_url}/chat/completions``; ``api_key`` defaults to ``$OPENAI_API_KEY`` (unset for local servers)."""
+    """Chat completions through the ``openai`` client (any OpenAI-compatible server: vLLM, TGI, llama.cpp, Ollama,
+    hosted endpoints); ``api_key`` defaults to ``$OPENAI_API_KEY`` (unset for local servers).
+
+    The client's own retries are off: :func:`distill` retries rate limits (honouring ``Retry-After``), server
+    errors, timeouts, dropped connections and malformed answers with capped back-off, and counts them per report.
+    """
 
     base_url: str
     model: str
@@ -112,42 +114,51 @@ class OpenAIBackend:
     max_tokens: int = 400
     name: str = field(init=False, default="openai")
 
+    def __post_init__(self) -> None:
+        try:
+            import openai
+        except ImportError as e:
+            raise MissingDependencyError("--backend openai needs the openai client: pip install \"ecamp[train]\"") \
+                from e
+        key = self.api_key if self.api_key is not None else os.environ.get(self.api_key_env)
+        # without a key (local servers) no Authorization header is sent, never another variable's key: the client
+        # would read $OPENAI_API_KEY itself, so it gets a placeholder and the header is dropped
+        self._headers = {} if key else {"Authorization": openai.Omit()}
+        self._client = openai.OpenAI(base_url=self.base_url.rstrip("/"), api_key=key or "unused",
+                                     timeout=self.timeout, max_retries=0)
+        self._openai = openai
+
     @property
     def model_id(self) -> str:
         return self.model
 
     def complete(self, messages: list[dict[str, str]]) -> str:
-        url = self.base_url.rstrip("/") + "/chat/completions"
-        body = json.dumps({"model": self.model, "messages": messages, "temperature": self.temperature,
-                           "max_tokens": self.max_tokens}).encode()
-        headers = {"Content-Type": "application/json"}
-        key = self.api_key if self.api_key is not None else os.environ.get(self.api_key_env)
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+        openai, url = self._openai, self.base_url.rstrip("/") + "/chat/completions"
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as e:
-            detail = e.read()[:300].decode("utf-8", "replace")
-            if e.code == 429 or e.code >= 500:
-                retry_after = e.headers.get("Retry-After")
-                wait_s = float(retry_after) if retry_after and retry_after.replace(".", "", 1).isdigit() else None
-                raise _Retryable(f"HTTP {e.code}: {detail}", wait_s) from e
-            if e.code in (401, 403):
-                raise DistillError(f"{url} refused the credentials (HTTP {e.code}); set OPENAI_API_KEY or "
-                                   f"--api-key-env.") from e
-            if e.code == 404:
-                raise DistillError(f"{url} answered 404: wrong --base-url (it should end in /v1) or unknown model "
-                                   f"{self.model!r}: {detail}") from e
-            raise _Rejected(f"HTTP {e.code}: {detail}") from e
-        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, http.client.HTTPException) as e:
+            raw = self._client.chat.completions.with_raw_response.create(
+                model=self.model, messages=messages, temperature=self.temperature, max_tokens=self.max_tokens,
+                extra_headers=self._headers)
+            text = raw.http_response.text
+        except (openai.RateLimitError, openai.InternalServerError) as e:
+            retry_after = e.response.headers.get("retry-after")
+            wait_s = float(retry_after) if retry_after and retry_after.replace(".", "", 1).isdigit() else None
+            raise _Retryable(f"HTTP {e.status_code}: {e.response.text[:300]}", wait_s) from e
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
+            raise DistillError(f"{url} refused the credentials (HTTP {e.status_code}); set OPENAI_API_KEY or "
+                               f"--api-key-env.") from e
+        except openai.NotFoundError as e:
+            raise DistillError(f"{url} answered 404: wrong --base-url (it should end in /v1) or unknown model "
+                               f"{self.model!r}: {e.response.text[:300]}") from e
+        except openai.APIStatusError as e:
+            if e.status_code >= 500:
+                raise _Retryable(f"HTTP {e.status_code}: {e.response.text[:300]}") from e
+            raise _Rejected(f"HTTP {e.status_code}: {e.response.text[:300]}") from e
+        except openai.APIConnectionError as e:  # timeouts included (APITimeoutError)
             raise _Retryable(f"{type(e).__name__}: {e}") from e
-        try:
-            data = json.loads(raw)
-            return data["choices"][0]["message"]["content"]
+        try:  # parsed here, so a malformed answer is retried rather than raised from inside the client
+            return json.loads(text)["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError) as e:
-            raise _Retryable(f"malformed response: {raw[:200]!r}") from e
+            raise _Retryable(f"malformed response: {text[:200]!r}") from e
 
 
 @dataclass
