@@ -74,16 +74,40 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _cmd_embed(args: argparse.Namespace) -> int:
     import torch
 
-    from .embedding import embed_files, find_images
+    from .distributed import destroy_process_group, init_distributed, select_device
+    from .embedding import embed_files, find_images, parse_shard
     from .factory import load
 
+    shard = parse_shard(args.shard)
     files = find_images(args.paths)
-    model = load(args.model, cache_dir=args.cache_dir, local_files_only=args.local_files_only,
-                 manifest=args.manifest)
-    dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    result = embed_files(model, files, args.out, model_name=args.model, batch_size=args.batch_size,
-                         num_workers=args.num_workers, device=args.device, dtype=dtype,
-                         progress=not args.no_progress, chunk_size=args.chunk_size, resume=not args.no_resume)
+    try:
+        rank, world, local_rank = init_distributed()
+        model = load(args.model, cache_dir=args.cache_dir, local_files_only=args.local_files_only,
+                     manifest=args.manifest)
+        dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+        result = embed_files(model, files, args.out, model_name=args.model, batch_size=args.batch_size,
+                             num_workers=args.num_workers, device=select_device(args.device, local_rank),
+                             dtype=dtype, progress=not args.no_progress and rank == 0, chunk_size=args.chunk_size,
+                             resume=not args.no_resume, shard=shard)
+    finally:
+        destroy_process_group()
+    if not result.complete:
+        if rank == 0:
+            print(f"shard {shard[0]}/{shard[1]}: {result.chunks_done} chunk(s) done under {args.out}.partial; "
+                  f"when every shard is done: ecamp embed merge --out {args.out}")
+        return 0
+    return _report_embedding(result)
+
+
+def _cmd_embed_merge(args: argparse.Namespace) -> int:
+    from .embedding import merge_embeddings
+
+    result = merge_embeddings(args.out)
+    return _report_embedding(result)
+
+
+def _report_embedding(result) -> int:
+    files = result.files
     n_bad = len(result.failures)
     print(f"embedded {len(files) - n_bad} of {len(files)} files -> {result.out}"
           + (f" (resumed {result.resumed_chunks} finished chunk(s))" if result.resumed_chunks else ""))
@@ -182,7 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output file, .npy (plus .files.txt) or .safetensors")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes for decoding")
-    p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cpu)")
+    p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: this process's GPU when there is "
+                                                  "one, else the CPU)")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="embed part I of N (0-based; job arrays without torchrun), then `ecamp embed merge`")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="autocast dtype for the model")
     p.add_argument("--chunk-size", type=int, default=1024, help="images per saved chunk (the resume granularity)")
@@ -190,6 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--local-files-only", action="store_true", help="do not touch the network")
+
+    # `ecamp embed merge --out FILE` (main() routes it here): join what `--shard I/N` runs left
+    p = add("embed-merge", _cmd_embed_merge, "join the chunks of `ecamp embed --shard I/N` runs into one output",
+            manifest=False)
+    p.add_argument("--out", required=True, help="the --out the shards were given")
 
     # add_help=False: `ecamp train --help` is the training CLI's own help
     p = add("train", _cmd_train, "training (the [train] extra): pretrain, finetune, export, distill, sr-windows, "
@@ -210,8 +242,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     if argv[:1] == ["train"]:  # the training CLI parses its own arguments, --help included
         argv = ["train", "--", *argv[1:]]
+    elif argv[:2] == ["embed", "merge"]:
+        argv = ["embed-merge", *argv[2:]]
     args = parser.parse_args(argv)
-    return run_command(f"ecamp {args.command}", args, verbose=args.verbose)
+    prog = "ecamp embed merge" if args.command == "embed-merge" else f"ecamp {args.command}"
+    return run_command(prog, args, verbose=args.verbose)
 
 
 def run_command(prog: str, args: argparse.Namespace, *, verbose: bool) -> int:

@@ -26,7 +26,8 @@ from .errors import CheckpointError, DataError, EcampError, InvalidArgumentError
 from .fileio import atomic_write
 from .io import DICOM_SUFFIXES, is_dicom
 
-__all__ = ["embed", "embed_files", "EmbedResult", "find_images", "IMAGE_SUFFIXES"]
+__all__ = ["embed", "embed_files", "merge_embeddings", "parse_shard", "EmbedResult", "find_images", "IMAGE_SUFFIXES",
+           "autocast"]
 
 logger = logging.getLogger("ecamp")
 
@@ -75,12 +76,12 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 def _batches(model: nn.Module, inputs: Sequence[Any], transform, batch_size: int, num_workers: int,
              device: torch.device, dtype: torch.dtype | None, progress: bool, desc: str):
     """Yield ``(indices, embeddings [b, D] float32 numpy, failures {index: message})`` in input order."""
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     loader = torch.utils.data.DataLoader(_Images(inputs, transform), batch_size=batch_size, shuffle=False,
                                          num_workers=num_workers, collate_fn=_collate,
                                          persistent_workers=False)
-    bar = tqdm(total=len(inputs), desc=desc, unit="img", disable=not progress)
+    bar = progress_bar(total=len(inputs), desc=desc, unit="img", disable=not progress)
     try:
         for items in loader:
             ok = [(i, x) for i, x, err in items if x is not None]
@@ -152,10 +153,15 @@ def find_images(paths: Sequence[str | os.PathLike], suffixes: Sequence[str] = IM
 
 @dataclass
 class EmbedResult:
+    """``out`` is written when ``complete``; a shard that finished its part leaves its chunks for
+    :func:`merge_embeddings`."""
+
     out: Path
     files: list[str]
     failures: dict[str, str] = field(default_factory=dict)
     resumed_chunks: int = 0
+    complete: bool = True
+    chunks_done: int = 0
 
 
 def _run_key(model: nn.Module, transform: Any, files: Sequence[str], model_name: str, chunk_size: int,
@@ -177,55 +183,110 @@ def _run_key(model: nn.Module, transform: Any, files: Sequence[str], model_name:
     return h.hexdigest()[:24]
 
 
+def _partial(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+def _chunk_path(partial: Path, c: int) -> Path:
+    return partial / f"chunk-{c:06d}.npz"
+
+
+def parse_shard(spec: str | None) -> tuple[int, int]:
+    """``"I/N"`` (0-based ``I``) -> ``(I, N)``; None -> ``(0, 1)``."""
+    if not spec:
+        return 0, 1
+    try:
+        i, n = (int(v) for v in str(spec).split("/"))
+    except ValueError:
+        raise InvalidArgumentError(f"--shard must look like I/N (e.g. 0/4), got {spec!r}.") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise InvalidArgumentError(f"--shard {spec}: I must be in 0..N-1.")
+    return i, n
+
+
+def _prepare(partial: Path, key: str, files: list[str], chunk_size: int, model_name: str, *, resume: bool,
+             shared: bool) -> None:
+    """Make ``partial`` hold this run's state. A run alone (``shared=False``) starts over when the folder holds
+    another run's chunks; a shard or rank never deletes what other processes may be writing."""
+    state_path = partial / "state.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else None
+    if state is not None and (state.get("key") != key or not resume):
+        if shared:
+            raise CheckpointError(f"{partial} holds chunks of another embedding run (other files, weights or "
+                                  f"settings); finish that run, or delete the folder and start every shard again.",
+                                  path=partial)
+        shutil.rmtree(partial)
+        state = None
+    if state is None:
+        if partial.exists() and not shared:  # left by an interrupted start: nothing in it can be trusted
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True, exist_ok=True)
+        atomic_write(partial / "files.json", lambda p: p.write_text(json.dumps(files)))
+        atomic_write(state_path, lambda p: p.write_text(json.dumps({"key": key, "n": len(files),
+                                                                    "chunk_size": chunk_size, "model": model_name})))
+
+
+def _embed_chunk(model, files: list[str], transform, batch_size: int, num_workers: int, dev, dtype,
+                 progress: bool, desc: str) -> tuple[np.ndarray, dict[int, str]]:
+    rows = None
+    failed: dict[int, str] = {}
+    for idx, emb, fails in _batches(model, files, transform, batch_size, num_workers, dev, dtype, progress, desc):
+        failed.update(fails)
+        if len(idx):
+            if rows is None:
+                rows = np.full((len(files), emb.shape[1]), np.nan, dtype=np.float32)
+            rows[idx] = emb
+    if rows is None:  # nothing readable in this chunk: width 0, padded to the real width at the end
+        rows = np.full((len(files), 0), np.nan, dtype=np.float32)
+    return rows, failed
+
+
 def embed_files(model: nn.Module, files: Sequence[str], out: str | os.PathLike, *, model_name: str = "",
                 batch_size: int = 32, num_workers: int = 0, device: str | torch.device | None = None,
                 dtype: torch.dtype | None = None, progress: bool = True, chunk_size: int = 1024,
-                resume: bool = True) -> EmbedResult:
+                resume: bool = True, shard: tuple[int, int] = (0, 1)) -> EmbedResult:
     """Embed ``files`` into ``out`` (``.npy`` or ``.safetensors``), resumable and order-stable.
 
     Row i is file i (NaN for unreadable files). ``.npy`` output gets ``<out>.files.txt`` beside it (one path per
     row) and ``<out>.failed.json``; ``.safetensors`` output holds the tensor ``embeddings`` and the file list and
     failures in its metadata. Work is saved in chunks under ``<out>.partial/``: an interrupted run started again
     with the same files continues after the last finished chunk.
+
+    Under torchrun every rank embeds every ``world``-th chunk and rank 0 writes the output once all are done;
+    ``shard=(I, N)`` does part ``I`` of ``N`` of that work (job arrays without torchrun) and leaves the chunks for
+    :func:`merge_embeddings`. The result is identical to a single process's.
     """
+    from .distributed import init_distributed
+    from .transforms import get_transform
+
     out = Path(out)
     if out.suffix not in (".npy", ".safetensors"):
         raise InvalidArgumentError(f"Output {out} must end in .npy or .safetensors.", path=out)
     files = [str(f) for f in files]
     if not files:
         raise InvalidArgumentError("No input files (folders are searched for " + ", ".join(IMAGE_SUFFIXES) + ").")
-    from .transforms import get_transform
-
+    rank, world, _ = init_distributed()
+    part, parts = shard[0] * world + rank, shard[1] * world
     transform = get_transform(model)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(dev).eval()
     key = _run_key(model, transform, files, model_name, chunk_size, dtype)
-    partial = out.with_name(out.name + ".partial")
-    state_path = partial / "state.json"
-    if partial.exists() and (not resume or not state_path.is_file() or
-                             json.loads(state_path.read_text()).get("key") != key):
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True, exist_ok=True)
-    if not state_path.is_file():
-        atomic_write(state_path, lambda p: p.write_text(json.dumps({"key": key, "n": len(files)})))
+    partial = _partial(out)
+    if rank == 0:  # one process per shard decides about the folder; the others wait for it
+        _prepare(partial, key, files, chunk_size, model_name, resume=resume, shared=shard[1] > 1)
+    if world > 1:
+        torch.distributed.barrier()  # rank 0 has (re)made the folder
     chunks = [(s, min(s + chunk_size, len(files))) for s in range(0, len(files), chunk_size)]
+    mine = [c for c in range(len(chunks)) if c % parts == part]
     resumed = 0
-    for c, (s, e) in enumerate(chunks):
-        done = partial / f"chunk-{c:06d}.npz"
+    for c in mine:
+        done = _chunk_path(partial, c)
         if done.is_file():
             resumed += 1
             continue
-        rows = None
-        failed: dict[int, str] = {}
-        for idx, emb, fails in _batches(model, files[s:e], transform, batch_size, num_workers, dev, dtype,
-                                        progress, f"embed {c + 1}/{len(chunks)}"):
-            failed.update(fails)
-            if len(idx):
-                if rows is None:
-                    rows = np.full((e - s, emb.shape[1]), np.nan, dtype=np.float32)
-                rows[idx] = emb
-        if rows is None:  # nothing readable in this chunk: width 0, padded to the real width at the end
-            rows = np.full((e - s, 0), np.nan, dtype=np.float32)
+        s, e = chunks[c]
+        rows, failed = _embed_chunk(model, files[s:e], transform, batch_size, num_workers, dev, dtype, progress,
+                                    f"embed {c + 1}/{len(chunks)}")
         fail_json = json.dumps({files[s + i]: m for i, m in failed.items()})
 
         def write_chunk(p: Path, rows=rows, fail_json=fail_json) -> None:
@@ -233,9 +294,38 @@ def embed_files(model: nn.Module, files: Sequence[str], out: str | os.PathLike, 
                 np.savez(f, rows=rows, failures=np.array(fail_json))
 
         atomic_write(done, write_chunk)
+    if world > 1:
+        torch.distributed.barrier()  # every rank's chunks are written
+    if shard[1] > 1 or rank != 0:
+        return EmbedResult(out=out, files=files, resumed_chunks=resumed, complete=False, chunks_done=len(mine))
+    failures = _assemble(partial, out, files, len(chunks), model_name)
+    return EmbedResult(out=out, files=files, failures=failures, resumed_chunks=resumed, chunks_done=len(mine))
+
+
+def merge_embeddings(out: str | os.PathLike) -> EmbedResult:
+    """Join the chunks that ``--shard`` runs left under ``<out>.partial/`` into ``out``, once every shard is done."""
+    out = Path(out)
+    partial = _partial(out)
+    if not (partial / "state.json").is_file() or not (partial / "files.json").is_file():
+        raise DataError(f"{partial} holds no embedding run; run `ecamp embed ... --out {out} --shard I/N` first.",
+                        path=partial)
+    state = json.loads((partial / "state.json").read_text())
+    files = json.loads((partial / "files.json").read_text())
+    n_chunks = -(-state["n"] // state["chunk_size"])
+    missing = [c for c in range(n_chunks) if not _chunk_path(partial, c).is_file()]
+    if missing:
+        raise DataError(f"{partial}: {len(missing)} of {n_chunks} chunks are not done yet (first: "
+                        f"{missing[:8]}); run the shards that own them (chunk c belongs to shard c % N), then "
+                        f"merge again.", path=partial)
+    failures = _assemble(partial, out, files, n_chunks, state.get("model", ""))
+    return EmbedResult(out=out, files=files, failures=failures)
+
+
+def _assemble(partial: Path, out: Path, files: list[str], n_chunks: int, model_name: str) -> dict[str, str]:
+    """Write ``out`` (and its sidecars) from the finished chunks, then remove ``partial``; returns the failures."""
     parts, failures = [], {}
-    for c in range(len(chunks)):  # each chunk read once, its file closed at once
-        with np.load(partial / f"chunk-{c:06d}.npz") as z:
+    for c in range(n_chunks):  # each chunk read once, its file closed at once
+        with np.load(_chunk_path(partial, c)) as z:
             parts.append(z["rows"])
             failures.update(json.loads(str(z["failures"])))
     width = max(r.shape[1] for r in parts)
@@ -262,4 +352,4 @@ def embed_files(model: nn.Module, files: Sequence[str], out: str | os.PathLike, 
         meta = {"files": json.dumps(files), "failed": json.dumps(failures), "model": model_name}
         atomic_write(out, lambda p: save_file({"embeddings": embeddings}, str(p), metadata=meta))
     shutil.rmtree(partial, ignore_errors=True)
-    return EmbedResult(out=out, files=files, failures=failures, resumed_chunks=resumed)
+    return failures

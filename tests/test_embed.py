@@ -175,3 +175,59 @@ def test_find_images_picks_dicom_without_suffix(tmp_path, images):
     (tmp_path / "README").write_text("not an image")
     Image.open(images[0]).save(tmp_path / "a.png")
     assert find_images([tmp_path]) == [str(tmp_path / "IM000001"), str(tmp_path / "a.png")]
+
+
+def _cli(*args, env=None, torchrun: int = 0):
+    import os
+
+    base = [sys.executable, "-m", "ecamp"] if not torchrun else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(torchrun), "-m",
+         "ecamp"]
+    return subprocess.run([*base, *map(str, args)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def test_two_processes_and_shards_give_the_single_process_result(tiny_folder, images, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    inputs = [*images[:3], bad, *images[3:]]  # 9 files, chunks of 2: 5 chunks, one unreadable file
+    common = ["--model", f"local-dir:{tiny_folder}", "--chunk-size", "2", "--batch-size", "2", "--no-progress"]
+    one = _cli("embed", *inputs, "--out", tmp_path / "one.npy", *common)
+    assert one.returncode == 0, one.stderr
+    ref = np.load(tmp_path / "one.npy")
+    ref_files = (tmp_path / "one.npy.files.txt").read_text()
+    two = _cli("embed", *inputs, "--out", tmp_path / "two.npy", *common, torchrun=2)
+    assert two.returncode == 0, two.stderr
+    assert np.array_equal(np.load(tmp_path / "two.npy"), ref, equal_nan=True)
+    assert (tmp_path / "two.npy.files.txt").read_text() == ref_files
+    assert json.loads((tmp_path / "two.npy.failed.json").read_text()).keys() == {str(bad)}
+    # job-array shards: each does its part, merging before all are done says what is missing
+    first = _cli("embed", *inputs, "--out", tmp_path / "sh.npy", *common, "--shard", "0/2")
+    assert first.returncode == 0 and "embed merge" in first.stdout, first.stderr
+    assert not (tmp_path / "sh.npy").exists()
+    early = _cli("embed", "merge", "--out", tmp_path / "sh.npy")
+    assert early.returncode == 2 and "2 of 5 chunks are not done" in early.stderr
+    second = _cli("embed", *inputs, "--out", tmp_path / "sh.npy", *common, "--shard", "1/2")
+    assert second.returncode == 0, second.stderr
+    merged = _cli("embed", "merge", "--out", tmp_path / "sh.npy")
+    assert merged.returncode == 0, merged.stderr
+    assert np.array_equal(np.load(tmp_path / "sh.npy"), ref, equal_nan=True)
+    assert (tmp_path / "sh.npy.files.txt").read_text() == ref_files
+    # a rank whose chunks are done (here by an earlier shard run) does not redo them
+    again = _cli("embed", *inputs, "--out", tmp_path / "re.npy", *common, "--shard", "0/2")
+    assert again.returncode == 0, again.stderr
+    done = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "re.npy.partial").glob("chunk-*.npz")}
+    assert sorted(done) == ["chunk-000000.npz", "chunk-000002.npz", "chunk-000004.npz"]
+    resumed = _cli("embed", *inputs, "--out", tmp_path / "re.npy", *common, torchrun=2)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed 3 finished chunk(s)" in resumed.stdout
+    assert np.array_equal(np.load(tmp_path / "re.npy"), ref, equal_nan=True)
+
+
+def test_progress_is_plain_lines_when_not_a_terminal(tiny_folder, images, tmp_path):
+    out = _cli("embed", *images, "--out", tmp_path / "e.npy", "--model", f"local-dir:{tiny_folder}",
+               "--batch-size", "2", env={"ECAMP_PROGRESS_INTERVAL": "0"})
+    assert out.returncode == 0, out.stderr
+    lines = [ln for ln in out.stderr.splitlines() if ln.startswith("embed 1/1:")]
+    assert "\r" not in out.stderr and len(lines) >= 4
+    assert lines[-1].startswith(f"embed 1/1: {len(images)}/{len(images)} img (100 %)")

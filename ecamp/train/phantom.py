@@ -186,11 +186,12 @@ def _films(root: Path, n: int, seed: int, prefix: str, make: Callable[[np.random
     """``n`` cases from one generator seeded with ``seed``, each film saved as ``images/<prefix><seed>_<i>.png``;
     yields (relative path, case)."""
     from PIL import Image
-    from tqdm.auto import tqdm
+
+    from ecamp.progress import progress_bar
 
     (root / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    for i in tqdm(range(n), desc="phantom", disable=not progress):
+    for i in progress_bar(range(n), desc="phantom", unit="film", disable=not progress):
         case = make(rng)
         rel = f"images/{prefix}{seed:04d}_{i:06d}.png"
         Image.fromarray(case.image).save(root / rel)

@@ -260,7 +260,7 @@ def distill(reports_csv: str | Path, out_jsonl: str | Path, backend: Any, *, mod
             progress: bool = True, min_chars: int = 20, max_chars: int = 2000, new_entity_tolerance: int = 1,
             sleep: Callable[[float], None] = time.sleep) -> DistillSummary:
     """Distil context for every report of ``reports_csv`` (``study_id``, ``report``) into ``out_jsonl``."""
-    from tqdm.auto import tqdm
+    from ecamp.progress import progress_bar
 
     rows = _read_reports(Path(reports_csv))
     out = Path(out_jsonl)
@@ -270,7 +270,7 @@ def distill(reports_csv: str | Path, out_jsonl: str | Path, backend: Any, *, mod
     summary = DistillSummary(total=len(rows), skipped_done=len(rows) - len(todo))
     model_id = str(getattr(backend, "model_id", "") or "")
     lock = threading.Lock()
-    bar = tqdm(total=len(todo), desc="distill", unit="report", disable=not progress)
+    bar = progress_bar(total=len(todo), desc="distill", unit="report", disable=not progress)
     f = open(out, "a", encoding="utf-8")
 
     def write(sid: str, report: str, context: str) -> None:

@@ -124,8 +124,7 @@ def compute_windows(stage1: str | Path, data_root: str | Path, out_csv: str | Pa
 
     ``query``: ``"plain"`` (the entity words) or ``"masked"`` (``[MASK]`` at the entity positions); module docstring.
     """
-    from tqdm.auto import tqdm
-
+    from ecamp.progress import progress_bar
     from ecamp.text import ReportEncoder
 
     if query not in QUERIES:
@@ -140,7 +139,8 @@ def compute_windows(stage1: str | Path, data_root: str | Path, out_csv: str | Pa
     size = cfg.sr_img_size
     results: list[list[Any]] = []
     counts = {"images": len(rows), "attention": 0, "no_entity": 0}
-    for start in tqdm(range(0, len(rows), batch_size), desc="sr-windows", disable=not progress):
+    for start in progress_bar(range(0, len(rows), batch_size), desc="sr-windows", unit="batch",
+                              disable=not progress):
         chunk = rows[start:start + batch_size]
         images, ids, masks = [], [], []
         for r in chunk:
