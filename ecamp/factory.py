@@ -149,19 +149,22 @@ def resolve_files(name: str, files: Sequence[str], *, kind: str = "encoder", opt
 
 
 def _fetch(src_name: str, *, pretrained: bool, revision: str | None, cache_dir: PathLike | None,
-           local_files_only: bool, manifest: ManifestLike) -> tuple[_Source, dict[str, Any], Path | None]:
-    """Source, parsed config and weights path (None unless ``pretrained``) of an image encoder."""
+           local_files_only: bool, manifest: ManifestLike
+           ) -> tuple[_Source, dict[str, Any], Path | None, Path | None]:
+    """Source, parsed config, weights path (None unless ``pretrained``) and config path (None for a manifest
+    entry's architecture) of an image encoder."""
     src = _resolve(src_name, revision, manifest)
     if not pretrained and src.kind == "manifest" and src.entry is not None and src.entry.kind == "encoder" \
             and not src.entry.published and not (local_store_path(src.entry.name) / CONFIG_NAME).is_file():
         entry = src.entry  # the architecture alone needs no weights: build it from the manifest
         return src, {"architecture": entry.architecture, "num_classes": entry.pretrained_cfg.get("num_classes", 0),
                      "model_args": dict(entry.model_args), "pretrained_cfg": dict(entry.pretrained_cfg),
-                     "ecamp": dict(entry.ecamp)}, None
+                     "ecamp": dict(entry.ecamp)}, None, None
     wanted = [CONFIG_NAME, WEIGHTS_NAME] if pretrained else [CONFIG_NAME]
     src, paths = resolve_files(src_name, wanted, revision=revision, cache_dir=cache_dir,
                                local_files_only=local_files_only, manifest=manifest)
-    return src, _read_config(paths[CONFIG_NAME], src.label), paths.get(WEIGHTS_NAME) if pretrained else None
+    weights = paths.get(WEIGHTS_NAME) if pretrained else None
+    return src, _read_config(paths[CONFIG_NAME], src.label), weights, paths[CONFIG_NAME]
 
 
 def _ecamp_block(config: dict[str, Any], src: _Source) -> dict[str, Any]:
@@ -210,10 +213,13 @@ def load(
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .models.encoder import build_encoder, load_encoder_state_dict
+    from .models.encoder import build_encoder, check_encoder_config, load_encoder_state_dict
 
-    src, config, weights = _fetch(name, pretrained=pretrained, revision=revision, cache_dir=cache_dir,
-                                  local_files_only=local_files_only, manifest=manifest)
+    src, config, weights, config_path = _fetch(name, pretrained=pretrained, revision=revision, cache_dir=cache_dir,
+                                               local_files_only=local_files_only, manifest=manifest)
+    # a hostile or broken config.json is refused here, before build_encoder allocates what it asks for
+    check_encoder_config(config, overrides={**timm_kwargs, "num_classes": num_classes}, weights=weights,
+                         config_file=config_path or f"the manifest entry of {src.label}", label=src.label)
     model = build_encoder(config, num_classes=num_classes, global_pool=global_pool, **timm_kwargs)
     if weights is not None:
         try:
@@ -223,6 +229,8 @@ def load(
                                           f"Re-fetch or re-export it.", path=weights) from e
         load_encoder_state_dict(model, state_dict, source=src.label)
     model.ecamp_cfg = _ecamp_block(config, src)
+    if config.get("label_names") and (num_classes is None or num_classes == config.get("num_classes")):
+        model.pretrained_cfg["label_names"] = list(config["label_names"])  # as timm's hf-hub loader keeps them
     model.eval()
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
@@ -273,8 +281,8 @@ def get_pretrained_cfg(name: str, *, revision: str | None = None, cache_dir: Pat
     if src.kind == "manifest":
         assert src.entry is not None
         return src.entry.full_pretrained_cfg()
-    src, config, _ = _fetch(name, pretrained=False, revision=revision, cache_dir=cache_dir,
-                            local_files_only=local_files_only, manifest=manifest)
+    src, config, _, _ = _fetch(name, pretrained=False, revision=revision, cache_dir=cache_dir,
+                               local_files_only=local_files_only, manifest=manifest)
     cfg = dict(config.get("pretrained_cfg") or {})
     cfg.setdefault("architecture", config["architecture"])
     cfg["num_classes"] = config.get("num_classes", cfg.get("num_classes"))

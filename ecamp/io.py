@@ -103,35 +103,98 @@ def equalize_hist(img: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray
     """Histogram equalisation of a uint8 image with OpenCV's ``equalizeHist`` mapping.
 
     ``lut[v] = round((cdf[v] - cdf[v_min]) * 255 / (n - cdf[v_min]))``; pixels outside ``mask`` do not count.
+    Histogram and mapping run in Pillow's C loops (a 256-entry table), several times faster than numpy's
+    ``bincount`` and fancy indexing on a full-size film.
     """
-    values = img[mask] if mask is not None else img.ravel()
-    hist = np.bincount(values.ravel(), minlength=256)
+    from PIL import Image
+
+    img = np.asarray(img)
+    if img.dtype != np.uint8:
+        raise InvalidImageError(f"equalize_hist takes a uint8 image, not {img.dtype}; scale it to 8 bits first.")
+    if img.size == 0:
+        return img.copy()
+    im = Image.fromarray(np.ascontiguousarray(img.reshape(-1, img.shape[-1]) if img.ndim >= 2 else img[None]))
+    hist = np.asarray(im.histogram(None if mask is None else Image.fromarray(
+        np.ascontiguousarray(np.broadcast_to(mask, img.shape).reshape(im.size[::-1]), dtype=np.uint8))))
+    lut = _equalize_lut(hist)
+    if lut is None:  # constant image: OpenCV leaves it unchanged
+        return img.copy()
+    return _gather(lut, img)
+
+
+def _equalize_lut(hist: np.ndarray) -> np.ndarray | None:
+    """OpenCV's ``equalizeHist`` table for a 256-bin histogram; ``None`` when the image is constant (or empty)."""
     total = int(hist.sum())
     nonzero = np.flatnonzero(hist)
-    if total == 0 or hist[nonzero[0]] == total:  # constant image: OpenCV leaves it unchanged
-        return img.copy()
+    if total == 0 or hist[nonzero[0]] == total:
+        return None
     first = int(hist[nonzero[0]])
     cdf = np.cumsum(hist)
     lut = np.clip(np.rint((cdf - first) * (255.0 / (total - first))), 0, 255).astype(np.uint8)
     lut[: nonzero[0]] = 0
-    return lut[img]
+    return lut
 
 
-def _to_unit_8bit(values: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
-    """Min-max to uint8 [0, 255] (rounded), over the valid pixels."""
-    v = values[valid] if valid is not None else values
-    lo, hi = float(v.min()), float(v.max())
+def _to_unit_8bit(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Min-max from [lo, hi] to uint8 [0, 255] (rounded)."""
     if hi <= lo:
         return np.zeros(values.shape, dtype=np.uint8)
-    return np.clip(np.rint((values - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
+    with np.errstate(invalid="ignore"):  # table entries for values no pixel has may be non-finite
+        return np.clip(np.rint((values - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
 
 
-def _minmax(values: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
-    v = values[valid] if valid is not None else values
-    lo, hi = float(v.min()), float(v.max())
+def _minmax(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
     if hi <= lo:
         return np.zeros(values.shape, dtype=np.float32)
     return np.clip((values - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def _extremes(values: np.ndarray, valid: np.ndarray | None = None) -> tuple[float, float]:
+    v = values[valid] if valid is not None else values
+    return float(v.min()), float(v.max())
+
+
+# Integer pixels of at most 16 bits go through a look-up table over every value their dtype can hold: the intensity
+# policy is computed once per possible value with the same float64 expressions as per pixel (so the result is
+# bit-identical), and one gather maps the image. On a 2k x 2k film this replaces several full-size float64 passes.
+_LUT_INDEX = {np.dtype(np.uint8): np.uint8, np.dtype(np.int8): np.uint8, np.dtype(np.uint16): np.uint16,
+              np.dtype(np.int16): np.uint16}
+
+
+def _lut_index(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(index, domain)``: ``arr`` viewed as unsigned table indices and the stored value each index stands for;
+    ``None`` for dtypes the table does not cover (32-bit, float)."""
+    unsigned = _LUT_INDEX.get(arr.dtype)
+    if unsigned is None:
+        return None
+    return arr.view(unsigned), np.arange(2 ** (8 * arr.dtype.itemsize), dtype=unsigned).view(arr.dtype)
+
+
+def _gather(table: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``table[index]`` in blocks of about 32k pixels: numpy converts indices to intp before a gather, and doing it a
+    block at a time keeps that copy in cache (about 1.5x faster than one ``take`` on a full-size film)."""
+    out = np.empty(index.shape, table.dtype)
+    flat_in, flat_out = index.reshape(-1), out.reshape(-1)
+    step = 1 << 15
+    for start in range(0, flat_in.size, step):
+        np.take(table, flat_in[start:start + step], out=flat_out[start:start + step])
+    return out
+
+
+def _table_extremes(arr: np.ndarray, index: np.ndarray, table: np.ndarray,
+                    valid: np.ndarray | None) -> tuple[float, float]:
+    """Min and max of ``table[index]`` over the (valid) pixels without mapping the image: from the stored range
+    when the table is monotone there (any rescale is), else from the values that occur."""
+    sel = arr if valid is None else arr[valid]
+    lo, hi = int(sel.min()), int(sel.max())
+    span = table[np.arange(lo, hi + 1).astype(arr.dtype).view(index.dtype)]
+    if np.isfinite(span).all():
+        step = np.diff(span)
+        if (step >= 0).all() or (step <= 0).all():
+            return float(min(span[0], span[-1])), float(max(span[0], span[-1]))
+    sel_index = index if valid is None else index[valid]
+    occurring = table[np.bincount(sel_index.ravel(), minlength=table.size) > 0]
+    return float(occurring.min()), float(occurring.max())
 
 
 def _check_policy(policy: str) -> None:
@@ -265,40 +328,49 @@ def _decode_dicom(ds: Any, name: str, policy: str, frame: int | None, max_pixels
     valid = None if pad is None else ~pad
     if valid is not None and not valid.any():
         raise ImageReadError(f"{name}: every pixel is padding (PixelPaddingValue).")
-    values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
-    if not np.isfinite(values).all():
+    lut = _lut_index(arr)
+    if lut is not None:  # the policy is computed on a table over the stored values, then one gather (see above)
+        index, domain = lut
+        values = np.asarray(apply_modality_lut(domain, ds), dtype=np.float64)
+        lo, hi = _table_extremes(arr, index, values, valid)
+    else:
+        values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+        lo, hi = _extremes(values, valid) if np.isfinite(values).all() else (np.nan, np.nan)
+    if not (np.isfinite(lo) and np.isfinite(hi)):
         raise ImageReadError(f"{name}: pixel values are not finite.")
+
+    def per_pixel(table: np.ndarray) -> np.ndarray:
+        return _gather(table, index) if lut is not None else table
+
     invert = photometric == "MONOCHROME1"
     if policy == "mimic-cxr-jpg":
-        u8 = _to_unit_8bit(values, valid)
+        u8 = _to_unit_8bit(values, lo, hi)
         if invert:
             u8 = 255 - u8
-        out8 = equalize_hist(u8, valid)
+        out8 = equalize_hist(per_pixel(u8), valid)
         if pad is not None:
             out8[pad] = 0
         return out8
     elif policy == "minmax":
-        out = _minmax(values, valid)
-        out = 1.0 - out if invert else out
+        out = _minmax(values, lo, hi)
     elif policy == "voi":
         if "VOILUTSequence" not in ds and "WindowCenter" not in ds:
             raise InvalidImageError(f"{name}: policy 'voi' needs a VOI LUT or WindowCenter/WindowWidth, and the "
                                     f"file has neither; use policy 'minmax' or 'bits'.")
-        lo, hi = _bits_range(ds)
-        ends = np.asarray(apply_modality_lut(np.array([lo, hi]).astype(arr.dtype), ds), dtype=np.float64)
+        b_lo, b_hi = _bits_range(ds)
+        ends = np.asarray(apply_modality_lut(np.array([b_lo, b_hi]).astype(arr.dtype), ds), dtype=np.float64)
         y = np.asarray(apply_voi_lut(values, ds), dtype=np.float64)
         y_ends = np.asarray(apply_voi_lut(ends, ds), dtype=np.float64)
         y_lo, y_hi = float(y_ends.min()), float(y_ends.max())
         out = np.zeros(values.shape, np.float32) if y_hi <= y_lo else \
             np.clip((y - y_lo) / (y_hi - y_lo), 0, 1).astype(np.float32)
-        out = 1.0 - out if invert else out
     else:  # "bits"
-        lo, hi = _bits_range(ds)
-        ends = np.asarray(apply_modality_lut(np.array([lo, hi]).astype(arr.dtype), ds), dtype=np.float64)
+        b_lo, b_hi = _bits_range(ds)
+        ends = np.asarray(apply_modality_lut(np.array([b_lo, b_hi]).astype(arr.dtype), ds), dtype=np.float64)
         e_lo, e_hi = float(ends.min()), float(ends.max())
         out = np.clip((values - e_lo) / (e_hi - e_lo), 0, 1).astype(np.float32) if e_hi > e_lo else \
             np.zeros(values.shape, np.float32)
-        out = 1.0 - out if invert else out
+    out = per_pixel(1.0 - out if invert else out)
     if pad is not None:
         out[pad] = 0.0  # padding is background: black
     return out
@@ -369,11 +441,11 @@ def _read_pil(name: str, data: bytes, policy: str, frame: int | None, max_pixels
         return np.asarray(im, dtype=np.uint8)
     if mode in ("RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"):
         return np.asarray(im.convert("RGB"), dtype=np.uint8)
-    if mode.startswith("I;16") or mode == "I":
+    if mode.startswith("I;16"):
+        return _deep_grey(np.asarray(im).astype(np.uint16), policy, scale=65535.0)  # native byte order
+    if mode == "I":
         arr = np.asarray(im).astype(np.float64)
-        if mode == "I" and (arr.min() < 0 or arr.max() > 65535):
-            return _deep_grey(arr, policy, scale=None)
-        return _deep_grey(arr, policy, scale=65535.0)
+        return _deep_grey(arr, policy, scale=None if arr.min() < 0 or arr.max() > 65535 else 65535.0)
     if mode == "F":
         arr = np.asarray(im).astype(np.float64)
         if not np.isfinite(arr).all():
@@ -392,16 +464,24 @@ def apply_policy_to_grey(arr: np.ndarray, policy: str) -> np.ndarray:
     """An in-memory grey image with more than 8 bits (uint16 array, PIL ``I;16``) under an intensity policy, as if
     it had been read from a 16-bit PNG: uint8 for ``mimic-cxr-jpg``, float32 in [0, 1] otherwise."""
     _check_policy(policy)
-    return _deep_grey(np.asarray(arr).astype(np.float64), policy, scale=65535.0)
+    arr = np.asarray(arr)
+    return _deep_grey(arr if arr.dtype == np.uint16 else arr.astype(np.float64), policy, scale=65535.0)
 
 
 def _deep_grey(arr: np.ndarray, policy: str, scale: float | None) -> np.ndarray:
-    """A grey image with more than 8 bits and no DICOM header, under an intensity policy."""
+    """A grey image with more than 8 bits and no DICOM header, under an intensity policy (uint16 through a table)."""
+    lut = _lut_index(arr) if arr.dtype == np.uint16 else None
+    values = lut[1].astype(np.float64) if lut is not None else arr
+    lo, hi = (float(arr.min()), float(arr.max())) if policy in ("mimic-cxr-jpg", "minmax") or scale is None \
+        else (0.0, 0.0)
     if policy == "mimic-cxr-jpg":
-        return equalize_hist(_to_unit_8bit(arr, None))
-    if policy == "minmax" or scale is None:
-        return _minmax(arr, None)
-    return np.clip(arr / scale, 0, 1).astype(np.float32)
+        table = _to_unit_8bit(values, lo, hi)
+    elif policy == "minmax" or scale is None:
+        table = _minmax(values, lo, hi)
+    else:
+        table = np.clip(values / scale, 0, 1).astype(np.float32)
+    out = _gather(table, lut[0]) if lut is not None else table
+    return equalize_hist(out) if policy == "mimic-cxr-jpg" else out
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -40,9 +40,10 @@ def _check_float(arr: np.ndarray, what: str, path: str | None = None) -> np.ndar
     return np.clip(arr, 0.0, 1.0)
 
 
-def _from_array(arr: np.ndarray, what: str, policy: str = "bits", path: str | None = None
+def _from_array(arr: np.ndarray, what: str, policy: str = "bits", path: str | None = None, checked: bool = False
                 ) -> Image.Image | torch.Tensor:
-    """``path``: the file the array was read from, if any (for the errors' ``.path``)."""
+    """``path``: the file the array was read from, if any (for the errors' ``.path``); ``checked``: float input is
+    already finite and in [0, 1] (what :func:`ecamp.io.read_image_native` returns), so the full-size scan is skipped."""
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
@@ -61,7 +62,7 @@ def _from_array(arr: np.ndarray, what: str, policy: str = "bits", path: str | No
             return _from_array(apply_policy_to_grey(arr, policy), what, path=path)
         arr = arr.astype(np.float32) / 65535.0
     elif arr.dtype.kind == "f":
-        arr = _check_float(arr, what, path)
+        arr = arr.astype(np.float32, copy=False) if checked else _check_float(arr, what, path)
     else:
         raise InvalidImageError(f"{what} has dtype {arr.dtype}; use uint8, uint16 or float in [0, 1].", path=path)
     if arr.ndim == 3:
@@ -87,7 +88,7 @@ def to_pil(image: Any, what: str = "image", *, policy: str = "bits", fov: bool =
 
         arr = read_image_native(image, policy=policy, frame=frame)
         return _from_array(fov_crop(arr) if fov else arr, what if what != "image" else str(image)[:200],
-                           path=_source_path(image))
+                           path=_source_path(image), checked=True)
     if fov:
         arr = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) and image.mode not in
                          ("L", "RGB", "I;16", "I", "F") else image)

@@ -141,13 +141,19 @@ def test_finetune_det_cli_and_upstream_protocol(phantom_det, tiny_folder, tmp_pa
     assert out.returncode == 0, out.stderr
     fixed = json.loads(out.stdout.strip().splitlines()[-1])
     assert fixed["expansion"] == 8 and fixed["steps"] == 2 and fixed["protocol"].startswith("fixed")
+    assert fixed["protocol_options"]["nms_iou_plus_one"] is False and fixed["precision"] == "fp32"
     # the authors' protocol tests on val_list.csv: it runs without a test list at all
     (phantom_det / "test_list.csv").rename(phantom_det / "held.csv")
     try:
         out = subprocess.run([*args, "--output-dir", str(tmp_path / "up"), "--upstream-protocol"],
                              capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr
-        assert json.loads((tmp_path / "up" / "metrics.json").read_text())["protocol"].startswith("upstream")
+        up = json.loads((tmp_path / "up" / "metrics.json").read_text())
+        assert up["protocol"].startswith("upstream")
+        # the whole authors' set ran, and metrics.json says so
+        from ecamp.train.downstream.protocol import upstream_protocol
+
+        assert up["protocol_options"] == upstream_protocol("map").as_dict() and up["precision"] == "fp16"
         out = subprocess.run([*args, "--output-dir", str(tmp_path / "missing")], capture_output=True, text=True,
                              timeout=600)
         assert out.returncode == 2 and "test_list.csv does not exist" in out.stderr

@@ -123,16 +123,18 @@ def test_bad_manifest_path_and_json(tmp_path, monkeypatch):
 
 
 def test_cli_list_console_script():
-    import shutil
     import subprocess
+    import sys
 
-    exe = shutil.which("ecamp")
-    assert exe, "the console script is installed with the package"
-    out = subprocess.run([exe, "list"], capture_output=True, text=True, timeout=60, check=True)
+    # the interpreter running the tests, not whatever `ecamp` is on PATH: the suite also runs as
+    # /path/venv/bin/python -m pytest without an activated venv
+    script = Path(sys.executable).parent / ("ecamp.exe" if sys.platform == "win32" else "ecamp")
+    exe = [str(script)] if script.is_file() else [sys.executable, "-m", "ecamp"]
+    out = subprocess.run([*exe, "list"], capture_output=True, text=True, timeout=60, check=True)
     assert "cxr-vit-b" in out.stdout and "vit_base_patch16_224.ecamp_ffa_ir" in out.stdout
     assert "not published yet" in out.stdout
-    data = json.loads(subprocess.run([exe, "list", "--json"], capture_output=True, text=True, timeout=60,
+    data = json.loads(subprocess.run([*exe, "list", "--json"], capture_output=True, text=True, timeout=60,
                                      check=True).stdout)
     assert {d["name"] for d in data} == set(load_manifest().models)
-    bad = subprocess.run([exe, "download", "cxr-vit-bb"], capture_output=True, text=True, timeout=60)
+    bad = subprocess.run([*exe, "download", "cxr-vit-bb"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "Did you mean 'cxr-vit-b'" in bad.stderr

@@ -206,13 +206,16 @@ def test_ddp_ranks_hold_identical_parameters(phantom, tmp_path):
         "    return real(out, model, *a, **k)\n"
         "loop._save = save\n"
         f"cfg = load_config(None, {TINY!r})\n"
-        f"loop.pretrain(cfg, {str(phantom)!r}, {str(tmp_path / 'out')!r}, max_steps=2, progress=False)\n"
-        "flat = torch.cat([p.detach().flatten() for p in holder['m'].parameters()])\n"
-        "got = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]\n"
-        "dist.all_gather(got, flat)\n"
-        "assert all(torch.equal(got[0], g) for g in got), 'ranks differ'\n"
-        f"open({str(tmp_path)!r} + f'/rank{{dist.get_rank()}}.ok', 'w').write('identical')\n"
-        "dist.destroy_process_group()\n"
+        "try:\n"
+        f"    loop.pretrain(cfg, {str(phantom)!r}, {str(tmp_path / 'out')!r}, max_steps=2, progress=False)\n"
+        "    flat = torch.cat([p.detach().flatten() for p in holder['m'].parameters()])\n"
+        "    got = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]\n"
+        "    dist.all_gather(got, flat)\n"
+        "    assert all(torch.equal(got[0], g) for g in got), 'ranks differ'\n"
+        f"    open({str(tmp_path)!r} + f'/rank{{dist.get_rank()}}.ok', 'w').write('identical')\n"
+        "finally:\n"
+        "    if dist.is_initialized():\n"
+        "        dist.destroy_process_group()\n"
     )
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           str(script)], capture_output=True, text=True, timeout=600,
@@ -378,12 +381,13 @@ def test_ddp_survives_a_rank_whose_batch_is_all_unreadable(tmp_path):
 
     rows = (root / "mimic-cxr-2.0.0-entity-llm.csv").read_text().splitlines()[1:]
     train_tokenizer(rows, vocab_size=256, min_frequency=1).save(str(root / "tokenizer.json"))
-    # rank 1's second batch of 2 (epoch 0, seed 42): delete both images, so that rank has nothing to train on
+    # rank 1's second batch of 2 (epoch 0, seed 42): both images undecodable (a missing file would stop the run
+    # before its first step), so that rank has nothing to train on
     sampler = ResumableSampler(16, rank=1, world_size=2, seed=42)
     second = list(sampler)[2:4]
     paths = [line.split(",")[0] for line in rows]
     for i in second:
-        (root / paths[i]).unlink()
+        (root / paths[i]).write_bytes(b"not an image")
     shutil.copy(root / "tokenizer.json", tmp_path / "tokenizer.json")
     overrides = [o for o in TINY if not o.startswith(("optim.batch_size", "optim.accum_iter", "run.seed"))]
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -394,3 +398,110 @@ def test_ddp_survives_a_rank_whose_batch_is_all_unreadable(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     metrics = _metrics(tmp_path / "run")
     assert [m["step"] for m in metrics] == [1, 2, 3] and metrics[-1]["skipped"] >= 0
+
+
+def _broken_copy(phantom: Path, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(phantom, dest)
+    return dest
+
+
+def test_pretraining_checks_every_image_before_its_first_step(phantom, tmp_path, capsys):
+    from ecamp.train.cli import main as train_main
+
+    root = _broken_copy(phantom, tmp_path / "data")
+    csv_path = root / "mimic-cxr-2.0.0-entity-llm.csv"
+    names = [line.split(",")[0] for line in csv_path.read_text().splitlines()[1:]]
+    for k in (0, 3, 5, 8, 13, 21):  # CSV lines 2, 5, 7, 10, 15, 23
+        (root / names[k]).unlink()
+    (root / names[1]).unlink()
+    (root / names[1]).mkdir()  # a folder where a file should be
+    out = tmp_path / "run"
+    args = ["pretrain", "--data-root", str(root), "--output-dir", str(out), "--no-progress", "--max-steps", "1",
+            *TINY]
+    assert train_main(args) == 2
+    err = capsys.readouterr().err
+    assert "7 path(s) in the lists do not name an image file" in err and "... and 2 more" in err
+    assert f"{csv_path}:2: {names[0]}: does not exist" in err and f"{csv_path}:3: {names[1]}: is not a regular" in err
+    assert f"{csv_path}:10:" in err and f"{csv_path}:15:" not in err  # the first five, in list order
+    assert not out.exists()  # nothing half-written: no config.json, tokenizer, metrics or checkpoint
+
+
+def test_pretraining_reports_bad_window_rows_and_a_missing_tokenizer_up_front(phantom, tmp_path):
+    from ecamp.train.pretrain.loop import pretrain
+
+    root = _broken_copy(phantom, tmp_path / "data")
+    wpath = root / "mimic-cxr-2.0.0-attn-label.csv"
+    lines = wpath.read_text().splitlines()
+    lines[3] = lines[3].rsplit(",", 2)[0] + ",x,0"
+    lines[6] = lines[6].rsplit(",", 2)[0] + ",1,7"
+    wpath.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    with pytest.raises(DataError, match="has 2 bad row") as err:
+        pretrain(load_config(None, TINY), root, out, max_steps=1, progress=False)
+    assert f"{wpath}:4: window labels must be integers" in str(err.value)
+    assert f"{wpath}:7: window (1, 7) is outside 0..2" in str(err.value) and err.value.path == str(wpath)
+    with pytest.raises(DataError, match="data.tokenizer"):
+        pretrain(load_config(None, TINY + ["data.tokenizer=nope.json"]), phantom, out, max_steps=1, progress=False)
+    with pytest.raises(DataError, match="fewer than accum_iter"):
+        pretrain(load_config(None, TINY + ["optim.batch_size=16"]), phantom, out, max_steps=1, progress=False)
+    assert not out.exists()
+
+
+def test_cli_logs_the_global_batch_of_pretraining(phantom, tmp_path, caplog):
+    from ecamp.train.cli import main as train_main
+
+    # no caplog.at_level: the record is captured only if the command itself logs "ecamp" at INFO
+    assert train_main(["pretrain", "--data-root", str(phantom), "--output-dir", str(tmp_path / "run"),
+                       "--no-progress", "--max-steps", "1", *TINY]) == 0
+    assert "Global batch 8 (optim.batch_size 4 per process x 1 processes x accum_iter 2)" in caplog.text
+    assert (tmp_path / "run" / "config.json").is_file() and len(_metrics(tmp_path / "run")) == 1
+
+
+def test_init_from_a_full_mae_checkpoint_takes_encoder_and_decoder(tmp_path, caplog):
+    """The MAE repo's mae_visualize format: encoder keys as timm's, decoder keys as this model's, 8 decoder blocks
+    (more than the model has), saved as {"model": state_dict} in a .pth."""
+    import logging
+
+    from ecamp.models.pretrain import ECAMPPretrainModel
+    from ecamp.train.pretrain.loop import _init_from
+
+    cfg = load_config(None, TINY).model
+    torch.manual_seed(1)
+    donor = ECAMPPretrainModel(cfg)
+    mae = {k: torch.randn_like(v) for k, v in donor.encoder.state_dict().items()}
+    mae.update({k: torch.randn_like(v) for k, v in donor.state_dict().items()
+                if k.startswith(("decoder_", "mask_token"))})
+    for k, v in list(mae.items()):
+        if k.startswith("decoder_blocks.0."):  # the decoder blocks the model does not have
+            mae[k.replace("decoder_blocks.0.", "decoder_blocks.7.")] = torch.randn_like(v)
+    assert {"patch_embed.proj.weight", "blocks.1.mlp.fc2.weight", "decoder_embed.weight", "decoder_pos_embed",
+            "decoder_blocks.0.attn.qkv.weight", "decoder_norm.weight", "decoder_pred.bias"} <= set(mae)
+    torch.save({"model": mae}, tmp_path / "mae_visualize_vit_tiny.pth")
+    model = ECAMPPretrainModel(cfg)
+    with caplog.at_level(logging.INFO, logger="ecamp"):
+        counts = _init_from(model, str(tmp_path / "mae_visualize_vit_tiny.pth"))
+    state = model.state_dict()
+    for k, v in mae.items():
+        if k.startswith("decoder_blocks.7."):
+            continue
+        assert torch.equal(state[k if k.startswith(("decoder_", "mask_token")) else f"encoder.{k}"], v), k
+    n_dec = sum(k.startswith(("decoder_", "mask_token")) and not k.startswith("decoder_blocks.7.") for k in mae)
+    assert counts == {"encoder": len(donor.encoder.state_dict()), "decoder": n_dec}
+    assert f"({counts['encoder']} encoder, {n_dec} decoder)" in caplog.text
+
+
+@pytest.mark.slow
+def test_every_rank_stops_on_rank_zeros_data_check(phantom, tmp_path):
+    root = _broken_copy(phantom, tmp_path / "data")
+    name = (root / "mimic-cxr-2.0.0-entity-llm.csv").read_text().splitlines()[4].split(",")[0]
+    (root / name).unlink()
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "ecamp.train", "pretrain", "--data-root", str(root), "--output-dir",
+                          str(tmp_path / "run"), "--no-progress", "--max-steps", "1", *TINY],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode != 0
+    # both ranks print the same one-line error (ranks 1 and 0), naming the CSV line
+    assert out.stderr.count(f"mimic-cxr-2.0.0-entity-llm.csv:5: {name}: does not exist") == 2, out.stderr[-3000:]
+    assert not (tmp_path / "run").exists()

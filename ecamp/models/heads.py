@@ -21,13 +21,35 @@ __all__ = ["SegmentationModel", "PyramidSegmentationModel", "Bottleneck", "Detec
 
 # YOLOv3's anchors (w, h) for a 416-px input, coarsest scale first
 YOLOV3_ANCHORS = (((116, 90), (156, 198), (373, 326)), ((30, 61), (62, 45), (59, 119)), ((10, 13), (16, 30), (33, 23)))
+DENSE_TOKENS = ("final-norm", "raw-block")
 
 
-class SegmentationModel(FrozenEncoder):
-    """Frozen ViT encoder + trainable token projection + ``outputs`` conv decoders (the authors' SegViT)."""
+class _DenseHead(FrozenEncoder):
+    """A frozen encoder whose patch tokens feed a dense head: after the final LayerNorm (``"final-norm"``) or
+    the last block's raw output (``"raw-block"``: the authors' SegViT and ViTDetector delete ``norm``)."""
 
-    def __init__(self, encoder: nn.Module, outputs: int = 1, channels: tuple[int, ...] = (512, 256, 128, 64)):
+    def __init__(self, encoder: nn.Module, dense_tokens: str = "final-norm"):
         super().__init__(encoder)
+        if dense_tokens not in DENSE_TOKENS:
+            raise InvalidArgumentError(f"dense_tokens must be one of {DENSE_TOKENS}, got {dense_tokens!r}.")
+        self.dense_tokens = dense_tokens
+
+    @torch.no_grad()
+    def patch_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dense_tokens == "final-norm":
+            return super().patch_tokens(x)
+        last = len(self.encoder.blocks) - 1
+        return self.encoder.forward_intermediates(x, indices=[last], norm=False, output_fmt="NLC",
+                                                  intermediates_only=True)[0]
+
+
+class SegmentationModel(_DenseHead):
+    """Frozen ViT encoder + trainable token projection + ``outputs`` conv decoders (the authors' SegViT);
+    ``dense_tokens`` as :class:`_DenseHead`."""
+
+    def __init__(self, encoder: nn.Module, outputs: int = 1, channels: tuple[int, ...] = (512, 256, 128, 64),
+                 dense_tokens: str = "final-norm"):
+        super().__init__(encoder, dense_tokens)
         dim = encoder.num_features
         self.seg_head = nn.Linear(dim, dim)
         stages = int(round(math.log2(encoder.patch_embed.patch_size[0])))
@@ -154,13 +176,15 @@ class YOLOv3Head(nn.Module):
         return [out0, out1, out2]
 
 
-class DetectionModel(FrozenEncoder):
+class DetectionModel(_DenseHead):
     """Frozen ViT encoder + trainable ``det_head``, :class:`DetectionNeck` and :class:`YOLOv3Head` (the authors'
-    ViTDetector). ``forward`` returns the three raw prediction maps, coarsest first."""
+    ViTDetector). ``forward`` returns the three raw prediction maps, coarsest first; ``dense_tokens`` as
+    :class:`_DenseHead`."""
 
     def __init__(self, encoder: nn.Module, num_classes: int = 1, expansion: int = 8,
-                 widths: tuple[int, int, int] = (512, 1024, 2048), head_width: int = 512):
-        super().__init__(encoder)
+                 widths: tuple[int, int, int] = (512, 1024, 2048), head_width: int = 512,
+                 dense_tokens: str = "final-norm"):
+        super().__init__(encoder, dense_tokens)
         dim = encoder.num_features
         self.grid = tuple(encoder.patch_embed.grid_size)
         if self.grid[0] % 2 or self.grid[1] % 2:
@@ -198,8 +222,33 @@ def decode(outputs: list[torch.Tensor], anchors: list, img_size: int, num_classe
     return torch.cat(rows, 1)
 
 
-def postprocess(decoded: torch.Tensor, conf_threshold: float = 0.5, iou_threshold: float = 0.5) -> list[dict]:
-    """Objectness threshold, then NMS per class -> per image {"boxes" x1, y1, x2, y2, "scores", "labels"}."""
+def _pixel_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou_threshold: float
+               ) -> torch.Tensor:
+    """The YOLOv3 NMS the authors used: per class, greedy by score, IoU with every side one pixel longer, boxes
+    with IoU >= ``iou_threshold`` suppressed. Returns kept indices, highest score first within each class."""
+    keep = []
+    for c in labels.unique(sorted=True):
+        idx = (labels == c).nonzero(as_tuple=True)[0]
+        idx = idx[scores[idx].argsort(descending=True, stable=True)]
+        while len(idx):
+            top, idx = idx[0], idx[1:]
+            keep.append(top)
+            if not len(idx):
+                break
+            a, b = boxes[top], boxes[idx]
+            iw = (torch.minimum(a[2], b[:, 2]) - torch.maximum(a[0], b[:, 0]) + 1).clamp_min(0)
+            ih = (torch.minimum(a[3], b[:, 3]) - torch.maximum(a[1], b[:, 1]) + 1).clamp_min(0)
+            inter = iw * ih
+            area = lambda t: (t[..., 2] - t[..., 0] + 1) * (t[..., 3] - t[..., 1] + 1)  # noqa: E731
+            idx = idx[inter / (area(a) + area(b) - inter + 1e-16) < iou_threshold]
+    return torch.stack(keep) if keep else torch.zeros(0, dtype=torch.long, device=boxes.device)
+
+
+def postprocess(decoded: torch.Tensor, conf_threshold: float = 0.5, iou_threshold: float = 0.5, *,
+                iou_plus_one: bool = False) -> list[dict]:
+    """Objectness threshold, then NMS per class -> per image {"boxes" x1, y1, x2, y2, "scores", "labels"}.
+    ``iou_plus_one``: the authors' NMS (:func:`_pixel_nms`, IoU in input pixels with the +1 convention, ties at
+    the threshold suppressed) instead of torchvision's (plain IoU, suppressed above the threshold)."""
     from torchvision.ops import batched_nms, box_convert
 
     results = []
@@ -208,6 +257,7 @@ def postprocess(decoded: torch.Tensor, conf_threshold: float = 0.5, iou_threshol
         det = det[keep]
         boxes = box_convert(det[:, :4], "cxcywh", "xyxy")
         scores, labels = det[:, 4], det[:, 5:].argmax(1)
-        idx = batched_nms(boxes, scores, labels, iou_threshold)
+        nms = _pixel_nms if iou_plus_one else batched_nms
+        idx = nms(boxes, scores, labels, iou_threshold)
         results.append({"boxes": boxes[idx], "scores": scores[idx], "labels": labels[idx]})
     return results

@@ -40,6 +40,7 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
+    from ecamp.train.downstream.protocol import parse_protocol_options
     from ecamp.train.downstream.recipes import load_preset, recipe
     from ecamp.train.presets import preset_path
 
@@ -54,8 +55,13 @@ def _finetune(args: argparse.Namespace) -> int:
     r = r.replace(lr=args.lr, batch_size=args.batch_size, warmup=args.warmup, eval_every=args.eval_every,
                   patience=args.patience, precision=args.precision,
                   steps=min(r.steps, args.max_steps) if args.max_steps else None)
+    options = parse_protocol_options(args.protocol_option or [])
+    if args.precision:  # an explicit --precision wins over the protocol's (the authors' fp16)
+        options.setdefault("precision", args.precision)
     common = dict(model_name=args.model, lists=args.lists, recipe=r, upstream_protocol=args.upstream_protocol,
-                  num_workers=args.num_workers, device=args.device, seed=args.seed, progress=not args.no_progress)
+                  protocol=options,
+                  num_workers=args.num_workers, device=args.device, seed=args.seed, progress=not args.no_progress,
+                  deterministic=args.deterministic)
     if head == "det":
         from ecamp.train.downstream.detection import finetune_detection
 
@@ -85,8 +91,16 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from ecamp.train.pretrain.export import export_checkpoint
+    from ecamp.train.pretrain.export import export_authors, export_checkpoint
 
+    if args.format == "authors":
+        if args.name or args.hf_repo or args.tokenizer or args.manifest:
+            raise InvalidArgumentError("--format authors writes the authors' .pth alone; --name, --hf-repo, "
+                                       "--tokenizer and --manifest belong to --format ecamp.")
+        print(json.dumps(export_authors(args.checkpoint, args.out), indent=2))
+        return 0
+    if not args.name:
+        raise InvalidArgumentError("--format ecamp needs --name, the encoder's manifest name (e.g. cxr-vit-b).")
     result = export_checkpoint(args.checkpoint, args.out, args.name, hf_repo=args.hf_repo, tokenizer=args.tokenizer,
                                manifest=args.manifest)
     print(json.dumps(result, indent=2))
@@ -139,7 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = sub.add_parser("pretrain", help="pre-train an ECAMP model (run under torchrun for several processes)",
-                       description="Pre-train an ECAMP model. Under torchrun every process runs this command.")
+                       description="Pre-train an ECAMP model. Under torchrun every process runs this command. "
+                                   "optim.batch_size is per process, as the authors' (global batch = "
+                                   "optim.batch_size x processes x optim.accum_iter, logged at the start); "
+                                   "`ecamp train finetune --batch-size` is global.")
     p.set_defaults(func=_cmd_pretrain)
     p.add_argument("--config", default=None, help="preset name (mimic_cxr, ffa_ir, phantom_tiny: `ecamp train "
                                                   "presets`) or a YAML file")
@@ -150,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume-from", default=None, help="continue from this checkpoint file")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: this process's GPU or the CPU)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=1e-4")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=1e-4 or "
+                                                                      "optim.batch_size=64 (per process)")
 
     f = sub.add_parser("finetune", help="fine-tune or linear-probe an encoder on a downstream task",
                        description="Downstream classification, segmentation and detection with the authors' list "
@@ -160,8 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--config", default=None, help="preset name (e.g. cls_chexpert_10_linear-probe) or a YAML "
                                                   "file; flags override it")
     f.add_argument("--dataset", default=None, help="cls: chestx-ray14, chexpert, rsna, covidx, aptos-2019, "
-                                                   "odir-5k, mured, phantom; seg: siim, rsna, riga, phantom-seg; "
-                                                   "det: rsna, phantom-det")
+                                                   "odir-5k, mured, spinexr, phantom; seg: siim, rsna, riga, "
+                                                   "phantom-seg; det: rsna, phantom-det")
     f.add_argument("--fraction", type=int, choices=(1, 10, 100), default=None,
                    help="percent of training labels (default 100)")
     f.add_argument("--data-root", required=True, help="image paths in the lists are relative to this folder")
@@ -171,14 +189,20 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--mode", choices=MODES, default=None, help="classification only (default finetune)")
     f.add_argument("--head", choices=HEADS, default=None, help="cls, seg or det (default cls)")
     f.add_argument("--upstream-protocol", action="store_true",
-                   help="reproduce the authors' evaluation protocol (selection on the test set where their lists "
-                        "do it, their detection metric, SIIM masks not augmented) instead of the fixed one")
+                   help="the authors' downstream behaviour for every protocol option (docs/fidelity.md, "
+                        "'Downstream'): selection on the test set where their lists do it, raw block tokens, "
+                        "their resize, SIIM negatives, NMS and detection metric, fp16...; metrics.json lists the set")
+    f.add_argument("--protocol-option", action="append", default=None, metavar="NAME=VALUE",
+                   help="set one protocol option on top of the default (or --upstream-protocol) set, e.g. "
+                        "drop_last=true or dense_tokens=raw-block; repeatable")
     f.add_argument("--seg-decoder", choices=("authors", "pyramid"), default="authors",
                    help="segmentation decoder: the authors' (one map, four up-sampling stages) or a feature pyramid "
                         "over four blocks (forward_intermediates)")
     f.add_argument("--max-steps", type=int, default=None, help="cap the recipe's step count")
     f.add_argument("--lr", type=float, default=None)
-    f.add_argument("--batch-size", type=int, default=None, help="global batch size (all processes together)")
+    f.add_argument("--batch-size", type=int, default=None,
+                   help="global batch size, all processes together (each takes its share; logged at the start); "
+                        "pre-training's optim.batch_size is per process instead")
     f.add_argument("--warmup", type=int, default=None)
     f.add_argument("--eval-every", type=int, default=None, help="optimizer steps between validations (default: "
                                                                 "one epoch)")
@@ -188,15 +212,24 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--num-workers", type=int, default=4)
     f.add_argument("--device", default=None)
     f.add_argument("--seed", type=int, default=42)
+    f.add_argument("--deterministic", action="store_true",
+                   help="torch's deterministic algorithms (for GPUs; ops without a deterministic CUDA kernel then "
+                        "raise); on the CPU the same inputs and seed repeat a run without it")
     f.add_argument("--no-progress", action="store_true")
 
     p = add("presets", _cmd_presets, "list the presets shipped with ecamp (pass a name to --config)")
     p.add_argument("kind", nargs="?", choices=("pretrain", "finetune"), default=None)
 
-    p = add("export", _cmd_export, "export a training checkpoint: encoder (timm format) and full pre-training model")
+    p = add("export", _cmd_export, "export a training checkpoint: encoder (timm format) and full pre-training "
+                                   "model, or the authors' .pth format (--format authors)")
     p.add_argument("checkpoint", help="checkpoint-*.pt, or a run's output folder (its latest checkpoint)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--name", required=True, help="the encoder's manifest name, e.g. cxr-vit-b")
+    p.add_argument("--format", choices=("ecamp", "authors"), default="ecamp",
+                   help="ecamp: folders OUT/encoder and OUT/pretrain; authors: OUT is a .pth file holding "
+                        "{'model': state_dict} under the authors' key names, which their Fine-tuning scripts and "
+                        "`ecamp convert` read; the model sizes go beside it (X.pth -> X.config.json, for "
+                        "`ecamp convert --config`)")
+    p.add_argument("--out", required=True, help="a folder (--format ecamp) or a .pth file (--format authors)")
+    p.add_argument("--name", default=None, help="the encoder's manifest name, e.g. cxr-vit-b (--format ecamp)")
     p.add_argument("--hf-repo", default=None, help="the Hub repo it will be published as (default: the manifest's)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the run's)")
     p.add_argument("--manifest", default=None, help="another weights manifest")

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-__all__ = ["Runtime", "init_distributed", "select_device", "setup_runtime", "wrap_ddp", "destroy_process_group",
-           "all_reduce_mean", "gather_objects"]
+__all__ = ["Runtime", "init_distributed", "select_device", "use_deterministic", "setup_runtime", "wrap_ddp",
+           "destroy_process_group", "all_reduce_mean", "gather_objects"]
+
+# the values torch accepts for deterministic cuBLAS (docs: "Reproducibility")
+_CUBLAS_DETERMINISTIC = (":4096:8", ":16:8")
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,9 @@ def init_distributed() -> tuple[int, int, int]:
     if world > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         torch.distributed.init_process_group(backend=backend)
+        # a group opened here is closed at exit at the latest, also when pretrain() or finetune_*() is called from
+        # Python and the caller never destroys it (left to static destructors, gloo can abort the process)
+        atexit.register(destroy_process_group)
     if world > 1:
         return torch.distributed.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
     return 0, 1, 0
@@ -45,7 +52,25 @@ def select_device(device: str | None, local_rank: int = 0) -> torch.device:
     return dev
 
 
-def setup_runtime(device: str | None = None) -> Runtime:
+def use_deterministic(enabled: bool) -> None:
+    """Turn on torch's deterministic algorithms (``run.deterministic``, ``--deterministic``); ``False`` leaves the
+    process's settings as they are.
+
+    Call it before any CUDA work: cuBLAS reads ``CUBLAS_WORKSPACE_CONFIG`` when its first handle is made. An op with
+    no deterministic CUDA kernel then raises ``RuntimeError`` instead of running (docs/fidelity.md, Repeatability).
+    """
+    if not enabled:
+        return
+    if os.environ.get("CUBLAS_WORKSPACE_CONFIG") not in _CUBLAS_DETERMINISTIC:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = _CUBLAS_DETERMINISTIC[0]
+    torch.use_deterministic_algorithms(True, warn_only=False)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
+def setup_runtime(device: str | None = None, *, deterministic: bool = False) -> Runtime:
+    """Determinism settings, process group and device of this process: the one setup both training loops use."""
+    use_deterministic(deterministic)
     rank, world, local_rank = init_distributed()
     return Runtime(rank, world, local_rank, select_device(device, local_rank))
 

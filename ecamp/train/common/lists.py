@@ -1,19 +1,24 @@
-"""The one reader of data-set lists: CSV tables with required columns, and the authors' space-separated label lists.
+"""The one reader of data-set lists: CSV tables with required columns, and the authors' space-separated label lists,
+and the one check that every path a list names is a file (:func:`check_paths`, before any training step).
 
-Errors name the file (``.path``), the line and what would fit; an empty list is an error unless allowed.
+Errors name the file (``.path``), the line and what would fit; an empty list is an error unless allowed. Where a
+list has several bad lines, the first :data:`SHOWN` are shown with the total count.
 """
 
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from ecamp.errors import DataError, EcampError
 
-__all__ = ["LAYOUT_HINT", "read_table", "read_label_list"]
+__all__ = ["LAYOUT_HINT", "SHOWN", "read_table", "read_label_list", "list_lines", "check_paths", "raise_problems"]
+
+SHOWN = 5  # bad lines shown in one error
 
 LAYOUT_HINT = ("the pre-training layout is described in the README, and `ecamp train phantom` writes an "
                "example")
@@ -47,7 +52,7 @@ def read_label_list(path: str | Path, num_classes: int, multilabel: bool, *, mis
     path = Path(path)
     if not path.is_file():
         raise DataError(f"List file {path} does not exist{'; ' + missing_hint if missing_hint else '.'}", path=path)
-    rows = []
+    rows, problems = [], []
     for k, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         parts = line.split()
         if not parts:
@@ -55,17 +60,70 @@ def read_label_list(path: str | Path, num_classes: int, multilabel: bool, *, mis
         name, labels = parts[0], parts[1:]
         try:
             values = np.array([float(v) for v in labels], dtype=np.float32)
-        except ValueError as e:
-            raise DataError(f"{path}:{k}: labels must be numbers: {line!r}", path=path) from e
+        except ValueError:
+            problems.append(f"{path}:{k}: labels must be numbers: {line!r}")
+            continue
         if multilabel:
             if len(values) != num_classes:
-                raise DataError(f"{path}:{k}: expected {num_classes} labels, got {len(values)}: {line!r}", path=path)
+                problems.append(f"{path}:{k}: expected {num_classes} labels, got {len(values)}: {line!r}")
+                continue
         elif len(values) == num_classes and num_classes > 1:
             values = np.array([float(np.argmax(values))], dtype=np.float32)
         elif len(values) != 1 or not 0 <= values[0] < num_classes:
-            raise DataError(f"{path}:{k}: expected a class index in 0..{num_classes - 1} or {num_classes} one-hot "
-                            f"labels: {line!r}", path=path)
+            problems.append(f"{path}:{k}: expected a class index in 0..{num_classes - 1} or {num_classes} one-hot "
+                            f"labels: {line!r}")
+            continue
         rows.append((name, values))
+    raise_problems(problems, f"List file {path} has {len(problems)} bad line(s)", path)
     if not rows:
         raise DataError(f"List file {path} is empty.", path=path)
     return rows
+
+
+def raise_problems(problems: Sequence[str], header: str, path: str | Path | None = None) -> None:
+    """Raise one :class:`DataError` showing the first :data:`SHOWN` of ``problems`` (if any) and their count."""
+    if not problems:
+        return
+    more = f"\n  ... and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""
+    raise DataError(f"{header}:\n  " + "\n  ".join(problems[:SHOWN]) + more + "\nFix the list(s) or the data "
+                    "folder, then run again.", path=path)
+
+
+def list_lines(path: str | Path) -> list[int]:
+    """The line number of each entry :func:`read_label_list` (``.txt``: non-blank lines) or :func:`read_table`
+    (other suffixes: CSV records after the header) returns, in the same order."""
+    path = Path(path)
+    if path.suffix == ".txt":
+        return [k for k, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1) if line.split()]
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        next(reader, None)
+        return [reader.line_num for row in reader if row]
+
+
+def _problem(root: Path, name: str) -> str | None:
+    p = root / name
+    if p.is_file():
+        return None
+    return f"{name}: {'is not a regular file' if p.exists() else 'does not exist'} ({p})"
+
+
+def check_paths(lists: Mapping[str | Path, Sequence[str | Sequence[str]]], root: str | Path) -> None:
+    """Every path named by the rows of every list is a regular file under ``root`` (symlinks to files count);
+    otherwise one :class:`DataError` with list file, line and path of the first few problems and their count.
+
+    ``lists`` maps each list file to its rows in the order its reader returned them, each row one relative path or
+    several (an image and its mask)."""
+    root = Path(root)
+    entries = []
+    for list_file, rows in lists.items():
+        lines = [str(k) for k in list_lines(list_file)]
+        if len(lines) != len(rows):  # rows not straight from the reader: number the entries instead
+            lines = [f" entry {k}" for k in range(1, len(rows) + 1)]
+        for line, row in zip(lines, rows, strict=True):
+            entries += [(list_file, line, name) for name in ([row] if isinstance(row, str) else row)]
+    with ThreadPoolExecutor(16) as pool:  # stat calls: a network file system answers them in parallel
+        found = list(pool.map(lambda e: _problem(root, e[2]), entries))
+    problems = [f"{f}:{line}: {msg}" for (f, line, _), msg in zip(entries, found, strict=True) if msg]
+    raise_problems(problems, f"{len(problems)} path(s) in the lists do not name an image file under {root}",
+                   next(iter(lists), None))

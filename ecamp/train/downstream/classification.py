@@ -11,7 +11,11 @@ clamped (#35), the scheduler steps after the optimizer (#36), the linear probe i
 mode, #39), and model selection never happens on the test set (#40). The authors' CheXpert ``val_list.txt`` equals
 its ``test_list.txt``; ecamp then tests on ``test_list_600.txt`` (the official CheXpert test images, in the same
 folder of their repository) when it is there, and otherwise validates on a seeded 10 % of the training list.
-``upstream_protocol=True`` (``--upstream-protocol``) keeps the authors' behaviour, for comparison with the paper.
+``upstream_protocol=True`` (``--upstream-protocol``) keeps the authors' behaviour, for comparison with the paper;
+each difference is also a named :class:`~ecamp.train.downstream.protocol.Protocol` option (``protocol=``).
+
+Every path of the train, validation and test lists is checked before the model is built
+(:func:`ecamp.train.common.lists.check_paths`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import torch
 from torch import nn
 
 from ecamp.errors import DataError, InvalidArgumentError
-from ecamp.train.common.lists import read_label_list
+from ecamp.train.common.lists import check_paths, read_label_list
+from ecamp.train.downstream.protocol import Protocol, resolve_protocol
 from ecamp.train.downstream.recipes import Recipe
 
 __all__ = ["TASKS", "Task", "read_list_file", "list_file_for", "ListDataset", "split_indices", "write_splits",
@@ -50,6 +55,7 @@ TASKS: dict[str, Task] = {
     "aptos-2019": Task(5, False, "accuracy"),
     "odir-5k": Task(8, True, "auroc"),  # one-hot labels, evaluated as multi-label by the authors (#52)
     "mured": Task(20, True, "auroc"),
+    "spinexr": Task(1, True, "auroc"),  # one 0/1 column (abnormal); the authors' lists, no published settings
     "phantom": Task(4, True, "auroc"),  # ecamp phantom --kind classification
 }
 
@@ -145,12 +151,15 @@ def _metric(task: Task, logits: np.ndarray, targets: np.ndarray) -> tuple[float,
 def finetune_classification(task_name: str, fraction: int, data_root: str | Path, output_dir: str | Path, *,
                             model_name: str = "cxr-vit-b", lists: str | Path | None = None, mode: str = "finetune",
                             recipe: Recipe | None = None, upstream_protocol: bool = False, num_workers: int = 4,
-                            device: str | None = None, seed: int = 42, progress: bool = True) -> dict[str, Any]:
+                            device: str | None = None, seed: int = 42, progress: bool = True,
+                            deterministic: bool = False,
+                            protocol: Protocol | dict[str, Any] | None = None) -> dict[str, Any]:
     """Fine-tune (or linear-probe) an encoder on a classification task; writes ``metrics.json`` in
     ``output_dir`` with the validation and test metric by name. ``recipe`` defaults to the authors' row
     (:func:`ecamp.train.downstream.recipes.recipe`): SGD momentum 0.9, linear warm-up then cosine, gradient
     clipping at 1.0, validation every epoch, best checkpoint by the validation metric, early stopping after 20
-    evaluations."""
+    evaluations. ``protocol``: a :class:`Protocol`, or option overrides on top of ecamp's (or, with
+    ``upstream_protocol``, the authors') protocol."""
     import ecamp
     from ecamp.finetune import LinearProbe
     from ecamp.train.downstream.loop import evaluate, setup_runtime, train_head, write_metrics
@@ -162,14 +171,24 @@ def finetune_classification(task_name: str, fraction: int, data_root: str | Path
     if mode not in ("finetune", "linear-probe"):
         raise InvalidArgumentError(f"--mode must be finetune or linear-probe, got {mode!r}.")
     task = TASKS[key]
-    r = recipe or authors_recipe("cls", key, fraction, mode)
-    rt = setup_runtime(device, seed)
+    proto = resolve_protocol(protocol, upstream_protocol, task.metric)
+    r = proto.recipe(recipe or authors_recipe("cls", key, fraction, mode))
     lists = Path(lists or data_root)
-    rows = {s: read_list_file(lists / list_file_for(s, fraction), task) for s in ("train", "val", "test")}
-    rows, protocol = select_validation(rows, lists, key, task, upstream=upstream_protocol, seed=seed)
-    if mode == "finetune":
+    files = {s: lists / list_file_for(s, fraction) for s in ("train", "val", "test")}
+    rows = {s: read_list_file(files[s], task) for s in files}
+    check_paths({files[s]: [name for name, _ in rows[s]] for s in files}, data_root)
+    rt = setup_runtime(device, seed, deterministic)
+    listed_test = rows["test"]
+    rows, note = select_validation(rows, lists, key, task, upstream=proto.select_on_test, seed=seed)
+    if rows["test"] is not listed_test:  # CheXpert's official test list replaced it
+        check_paths({lists / "test_list_600.txt": [name for name, _ in rows["test"]]}, data_root)
+    if mode == "finetune" or proto.lp_head in ("authors", "full-finetune"):
+        # the authors' classifier: fresh fc_norm over the mean patch token, drop-path 0.1, head std 2e-5
         model = ecamp.load(model_name, num_classes=task.num_classes, fc_norm=True, drop_path_rate=0.1)
-        nn.init.trunc_normal_(model.head.weight, std=2e-5)  # the authors' head init
+        nn.init.trunc_normal_(model.head.weight, std=2e-5)
+        if mode == "linear-probe" and proto.lp_head == "authors":  # their --mode LinearProbe (#39)
+            for name, p in model.named_parameters():
+                p.requires_grad_(name.startswith("head"))
         trunk = model
     else:
         model = LinearProbe(ecamp.load(model_name), task.num_classes)
@@ -194,9 +213,10 @@ def finetune_classification(task_name: str, fraction: int, data_root: str | Path
 
     summary = train_head(model, sets["train"], train_loss, lambda: run_eval("val")[0], r, rt, output_dir,
                          metric=task.metric, num_workers=num_workers, seed=seed, progress=progress,
-                         desc=f"{mode} {key} {fraction}%")
+                         desc=f"{mode} {key} {fraction}%", protocol=proto)
     test, per = run_eval("test")
     metrics = {"task": key, "fraction": fraction, "mode": mode, "model": model_name, "steps": r.steps,
-               "protocol": protocol, **summary, f"test_{task.metric}": test, "test_per_class": per}
+               "protocol": note, "protocol_options": proto.as_dict(), "precision": r.precision, **summary,
+               f"test_{task.metric}": test, "test_per_class": per}
     write_metrics(rt, output_dir, metrics)
     return metrics

@@ -12,13 +12,15 @@ Loss (:func:`yolo_loss`, the YOLOv3 loss the authors took from MGCA): per scale,
 cell of its centre and the best-fitting of that scale's anchors by shape IoU (with that code's +1 pixel
 convention, in grid units); x, y: BCE on sigmoid offsets,
 w, h: MSE in log space, objectness BCE on the assigned anchors plus 0.5 x BCE on the others (anchors whose shape IoU
-with an object exceeds 0.5 are not counted as background), class BCE; weights 2.5 (x, y, w, h), 1, 1.
+with an object exceeds 0.5 are not counted as background), class BCE over the assigned anchors (the authors'
+averaged it over every anchor of every cell, ``yolo_class_loss_over="all"``); weights 2.5 (x, y, w, h), 1, 1.
 
 Evaluation: objectness >= 0.5, NMS at IoU 0.5, then ``torchmetrics.detection.MeanAveragePrecision`` over IoU
 0.40, 0.45, ..., 0.75; the reported number is its ``map``. Fixed relative to the authors, by default: testing uses
 ``test_list.csv`` (theirs read ``val_list.csv``, #41) and every test image counts, negatives and images without a
 prediction included (theirs skipped both, #42); stored boxes are never modified in place (#43).
-``upstream_protocol=True`` brings back #41 and #42 for comparison with the paper's numbers.
+``upstream_protocol=True`` brings back #41, #42 and the other :class:`~ecamp.train.downstream.protocol.Protocol`
+items (raw block tokens, 8-bit resize, class loss over all cells, +1-pixel NMS) for comparison with the paper.
 
 Lists: ``image_path,bbox`` CSVs (``train_list{,_1,_10}.csv``, ``val_list.csv``, ``test_list.csv``) with boxes as
 a Python literal ``[[x1, y1, x2, y2], ...]`` in the image's pixel coordinates, ``[[0, 0, 0, 0]]`` for none.
@@ -34,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ecamp.errors import DataError, InvalidArgumentError, MissingDependencyError
+from ecamp.errors import InvalidArgumentError, MissingDependencyError
 from ecamp.models.heads import (  # noqa: F401 - the heads are part of this task's API
     YOLOV3_ANCHORS,
     Bottleneck,
@@ -45,7 +47,8 @@ from ecamp.models.heads import (  # noqa: F401 - the heads are part of this task
     postprocess,
     split_predictions,
 )
-from ecamp.train.common.lists import read_table
+from ecamp.train.common.lists import check_paths, list_lines, raise_problems, read_table
+from ecamp.train.downstream.protocol import Protocol, resolve_protocol
 from ecamp.train.downstream.recipes import Recipe
 
 __all__ = ["DET_TASKS", "YOLOV3_ANCHORS", "read_box_list", "BoxDataset", "collate_boxes", "Bottleneck",
@@ -61,31 +64,34 @@ def read_box_list(csv_path: str | Path) -> list[tuple[str, np.ndarray]]:
     path = Path(csv_path)
     table = read_table(path, ["image_path", "bbox"], missing_hint="the authors' RSNA detection lists are CSV files "
                                                                   "with image_path,bbox columns")
-    rows = []
-    for k, row in enumerate(table, start=2):
+    rows, problems = [], []
+    for k, row in zip(list_lines(path), table, strict=True):
         try:
             boxes = np.array(ast.literal_eval(row["bbox"]), dtype=np.float32)  # literals only: never eval
-        except (ValueError, SyntaxError, TypeError) as e:
-            raise DataError(f"{path}:{k}: bbox is not a list of [x1, y1, x2, y2]: {row['bbox'][:60]!r}",
-                            path=path) from e
-        boxes = boxes.reshape(-1, 4) if boxes.size % 4 == 0 and boxes.ndim <= 2 else None
+        except (ValueError, SyntaxError, TypeError):
+            boxes = None
+        boxes = boxes.reshape(-1, 4) if boxes is not None and boxes.size % 4 == 0 and boxes.ndim <= 2 else None
         if boxes is None:
-            raise DataError(f"{path}:{k}: bbox is not a list of [x1, y1, x2, y2]: {row['bbox'][:60]!r}", path=path)
+            problems.append(f"{path}:{k}: bbox is not a list of [x1, y1, x2, y2]: {row['bbox'][:60]!r}")
+            continue
         boxes = boxes[(boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])]  # [[0,0,0,0]]: no box
         rows.append((row["image_path"], boxes))
+    raise_problems(problems, f"List file {path} has {len(problems)} bad line(s)", path)
     return rows
 
 
 class BoxDataset(torch.utils.data.Dataset):
     """(image [3, S, S], boxes [N, 4] normalised to 0..1) pairs; images and boxes resized to S together by the
-    library's :class:`~ecamp.transforms.JointTransform` (plain bilinear, no augmentation, as the authors)."""
+    library's :class:`~ecamp.transforms.JointTransform`, no augmentation (as the authors). ``resize``:
+    ``"antialias-float"`` or the authors' ``"linear-uint8"`` (cv2 INTER_LINEAR of the 8-bit image)."""
 
-    def __init__(self, root: Path, rows: list[tuple[str, np.ndarray]], cfg: dict):
+    def __init__(self, root: Path, rows: list[tuple[str, np.ndarray]], cfg: dict, resize: str = "antialias-float"):
         from ecamp.transforms import JointTransform
 
         self.root, self.rows = root, rows
         self.size = int(cfg["input_size"][-1])
-        self.transform = JointTransform(cfg, antialias=False)
+        self.uint8 = resize == "linear-uint8"
+        self.transform = JointTransform(cfg, antialias=not self.uint8)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -97,9 +103,14 @@ class BoxDataset(torch.utils.data.Dataset):
 
         name, boxes = self.rows[i]
         x = read_grey(self.root / name, self.transform.policy)
+        if self.uint8:
+            x = torch.round(x * 255) / 255
         # a new tensor: the rows stay as read (#43)
         target = tv_tensors.BoundingBoxes(torch.from_numpy(boxes.copy()), format="XYXY", canvas_size=x.shape[-2:])
         x, target = self.transform(x, target)
+        if self.uint8:  # cv2 writes the resized image back to 8 bits
+            t = self.transform
+            x = (torch.round((x * t.std + t.mean) * 255) / 255 - t.mean) / t.std
         return x, (target.as_subclass(torch.Tensor) / self.size).clamp(0.0, 1.0)
 
 
@@ -118,10 +129,15 @@ def _shape_iou(wh1: torch.Tensor, wh2: torch.Tensor, plus_one: bool = True) -> t
 def yolo_loss(outputs: list[torch.Tensor], boxes: list[torch.Tensor], anchors: list, img_size: int,
               num_classes: int = 1, labels: list[torch.Tensor] | None = None, ignore_threshold: float = 0.5,
               lambda_xy: float = 2.5, lambda_wh: float = 2.5, lambda_conf: float = 1.0, lambda_cls: float = 1.0,
-              anchor_iou_plus_one: bool = True) -> torch.Tensor:
+              anchor_iou_plus_one: bool = True, class_loss_over: str = "positives") -> torch.Tensor:
     """The YOLOv3 loss summed over scales (module docstring); ``boxes`` per image are normalised x1, y1, x2, y2.
-    Means run over every anchor of every cell, as in the code the authors used. Anchor matching uses that code's
-    shape IoU with its +1 pixel convention in grid units; ``anchor_iou_plus_one=False`` gives the plain IoU."""
+    The box and objectness means run over every anchor of every cell, as in the code the authors used; the class
+    BCE is the mean over the assigned anchors (``class_loss_over="positives"``) or, as the authors'
+    ``yolo_loss.py:97``, over every anchor of every cell and class with the others' terms zero (``"all"``: the
+    positives' sum divided by all cells). Anchor matching uses that code's shape IoU with its +1 pixel convention in
+    grid units; ``anchor_iou_plus_one=False`` gives the plain IoU."""
+    if class_loss_over not in ("positives", "all"):
+        raise InvalidArgumentError(f"class_loss_over must be positives or all, got {class_loss_over!r}.")
     total = outputs[0].new_zeros((), dtype=torch.float32)
     with torch.autocast(outputs[0].device.type, enabled=False):
         for raw, scale_anchors in zip(outputs, anchors, strict=True):
@@ -159,7 +175,9 @@ def yolo_loss(outputs: list[torch.Tensor], boxes: list[torch.Tensor], anchors: l
             loss = loss + lambda_wh * (mse(p[..., 2] * mask, tw * mask) + mse(p[..., 3] * mask, th * mask))
             loss = loss + lambda_conf * (bce(conf * mask, mask) + 0.5 * bce(conf * noobj, torch.zeros_like(noobj)))
             positive = mask == 1
-            if positive.any():
+            if class_loss_over == "all":
+                loss = loss + lambda_cls * bce(pcls * mask[..., None], tcls * mask[..., None])
+            elif positive.any():
                 loss = loss + lambda_cls * bce(pcls[positive], tcls[positive])
             total = total + loss
     return total
@@ -188,10 +206,12 @@ def finetune_detection(task: str, fraction: int, data_root: str | Path, output_d
                        upstream_protocol: bool = False, widths: tuple[int, int, int] = (512, 1024, 2048),
                        head_width: int = 512, conf_threshold: float = 0.5, iou_threshold: float = 0.5,
                        num_workers: int = 4, device: str | None = None, seed: int = 42,
-                       progress: bool = True) -> dict[str, Any]:
+                       deterministic: bool = False,
+                       progress: bool = True, protocol: Protocol | dict[str, Any] | None = None) -> dict[str, Any]:
     """Train the detector on a frozen encoder; ``metrics.json`` gets validation and test mAP (``test_map``).
     ``recipe`` defaults to the authors' row (AdamW 5e-4, weight decay 0.05, early stopping after 20 evaluations,
-    neck expansion 8 or 4)."""
+    neck expansion 8 or 4). ``protocol``: a :class:`Protocol`, or option overrides on top of ecamp's (or, with
+    ``upstream_protocol``, the authors')."""
     import ecamp
     from ecamp.factory import resolve_model_cfg
     from ecamp.train.downstream.classification import list_file_for
@@ -201,32 +221,35 @@ def finetune_detection(task: str, fraction: int, data_root: str | Path, output_d
     key = task.lower()
     if key not in DET_TASKS:
         raise InvalidArgumentError(f"Unknown detection task {task!r}; known: {list(DET_TASKS)}.")
-    r = recipe or authors_recipe("det", key, fraction)
+    proto = resolve_protocol(protocol, upstream_protocol, "map")
+    r = proto.recipe(recipe or authors_recipe("det", key, fraction))
     expansion = r.expansion or (4 if fraction == 100 else 8)
-    rt = setup_runtime(device, seed)
     lists = Path(lists or data_root)
-    test_split = "val" if upstream_protocol else "test"  # the authors tested on val_list.csv (#41)
-    rows = {s: read_box_list(lists / list_file_for(s, fraction, suffix=".csv")) for s in ("train", "val")}
-    rows["test"] = read_box_list(lists / list_file_for(test_split, suffix=".csv"))
+    files = {s: lists / list_file_for(s, fraction, suffix=".csv") for s in ("train", "val")}
+    files["test"] = lists / list_file_for(proto.det_test_split, suffix=".csv")  # the authors': val_list.csv (#41)
+    rows = {s: read_box_list(files[s]) for s in files}
+    check_paths({files[s]: [name for name, _ in rows[s]] for s in files}, data_root)
+    rt = setup_runtime(device, seed, deterministic)
     encoder = ecamp.load(model_name)
-    model = DetectionModel(encoder, 1, expansion, widths, head_width)
+    model = DetectionModel(encoder, 1, expansion, widths, head_width, dense_tokens=proto.dense_tokens)
     cfg = resolve_model_cfg(encoder)  # the encoder's size, normalisation and image policy
-    sets = {s: BoxDataset(Path(data_root), rows[s], cfg) for s in rows}
+    sets = {s: BoxDataset(Path(data_root), rows[s], cfg, resize=proto.resize) for s in rows}
     size = model.img_size
 
     def train_loss(net, batch, dev):
         x, boxes = batch
-        return yolo_loss(net(x.to(dev)), boxes, model.anchors, size)
+        return yolo_loss(net(x.to(dev)), boxes, model.anchors, size, class_loss_over=proto.yolo_class_loss_over)
 
     def predict(net, batch):
         x, boxes = batch
-        dets = postprocess(decode(net(x.to(rt.device)), model.anchors, size), conf_threshold, iou_threshold)
+        dets = postprocess(decode(net(x.to(rt.device)), model.anchors, size), conf_threshold, iou_threshold,
+                           iou_plus_one=proto.nms_iou_plus_one)
         truth = [{"boxes": b * size, "labels": torch.zeros(len(b), dtype=torch.long)} for b in boxes]
         return [({k: v.cpu() for k, v in d.items()}, t)
                 for d, t in zip(dets, truth, strict=True)]
 
     def score(pairs):
-        return mean_average_precision([p for p, _ in pairs], [t for _, t in pairs], upstream=upstream_protocol)
+        return mean_average_precision([p for p, _ in pairs], [t for _, t in pairs], upstream=proto.map_skip_empty)
 
     def run_eval(split):
         return evaluate(model, sets[split], predict, score, rt, batch_size=r.eval_batch_size,
@@ -234,10 +257,11 @@ def finetune_detection(task: str, fraction: int, data_root: str | Path, output_d
 
     summary = train_head(model, sets["train"], train_loss, lambda: run_eval("val"), r, rt, output_dir, metric="map",
                          num_workers=num_workers, collate_fn=collate_boxes, seed=seed, progress=progress,
-                         desc=f"det {key} {fraction}%")
+                         desc=f"det {key} {fraction}%", protocol=proto)
+    note = (f"tested on {files['test'].name}, "
+            + ("images without boxes or predictions skipped" if proto.map_skip_empty else "every image counts"))
     metrics = {"task": key, "fraction": fraction, "model": model_name, "steps": r.steps, "expansion": expansion,
-               "protocol": "upstream: tested on val_list, images without boxes or predictions skipped"
-               if upstream_protocol else "fixed: tested on test_list, every image counts",
-               **summary, "test_map": run_eval("test")}
+               "protocol": f"{'upstream' if upstream_protocol else 'fixed'}: {note}",
+               "protocol_options": proto.as_dict(), "precision": r.precision, **summary, "test_map": run_eval("test")}
     write_metrics(rt, output_dir, metrics)
     return metrics

@@ -4,13 +4,17 @@ validation with early stopping, the best checkpoint, ``metrics.jsonl``.
 Under ``torchrun`` each process trains on its share of every global batch (``recipe.batch_size`` is the global
 batch, as in the authors' tables) and evaluates a shard of the validation set; predictions are gathered, so every
 rank computes the same metric and takes the same decisions. ``best.pt`` holds the weights of the best validation
-score (the authors' ``<=``: a tie saves). Fine-tuning runs are short, so they restart rather than resume.
+score; whether a tie replaces it, whether the last partial batch trains and when validation starts are
+:class:`~ecamp.train.downstream.protocol.Protocol` options (the authors' code differs between heads: their
+classification saves ties on AUROC, ``<=``, but not on accuracy, ``<``). Fine-tuning runs are short, so they
+restart rather than resume.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +30,7 @@ from ecamp.train.common.distributed import setup_runtime as _setup
 from ecamp.train.common.metrics import MetricsLog
 from ecamp.train.common.precision import autocast, grad_scaler
 from ecamp.train.common.schedule import warmup_cosine_factor
+from ecamp.train.downstream.protocol import Protocol
 from ecamp.train.downstream.recipes import Recipe
 
 __all__ = ["Runtime", "setup_runtime", "evaluate", "train_head", "write_metrics"]
@@ -33,8 +38,8 @@ __all__ = ["Runtime", "setup_runtime", "evaluate", "train_head", "write_metrics"
 logger = logging.getLogger("ecamp")
 
 
-def setup_runtime(device: str | None = None, seed: int = 42) -> Runtime:
-    rt = _setup(device)
+def setup_runtime(device: str | None = None, seed: int = 42, deterministic: bool = False) -> Runtime:
+    rt = _setup(device, deterministic=deterministic)
     torch.manual_seed(seed)  # the same seed on every rank: heads start identical
     return rt
 
@@ -80,11 +85,12 @@ def train_head(model: nn.Module, train_set: torch.utils.data.Dataset,
                loss_fn: Callable[[nn.Module, Any, torch.device], torch.Tensor], validate: Callable[[], float],
                recipe: Recipe, rt: Runtime, output_dir: str | Path, *, metric: str, num_workers: int = 0,
                collate_fn: Callable | None = None, seed: int = 42, progress: bool = True,
-               desc: str = "finetune") -> dict[str, Any]:
+               desc: str = "finetune", protocol: Protocol | None = None) -> dict[str, Any]:
     """Train ``model``'s parameters that require grad; returns a summary and leaves the best weights loaded.
 
     ``loss_fn(model, batch, device)`` gives the training loss of a batch (``model`` may be wrapped in DDP);
-    ``validate()`` scores the current weights on the validation split (higher is better).
+    ``validate()`` scores the current weights on the validation split (higher is better). ``protocol`` supplies
+    ``drop_last``, ``save_on_tie``, ``start_eval_strict`` and ``scheduler_before_optimizer`` (default: ecamp's).
     """
     from tqdm.auto import tqdm
 
@@ -102,7 +108,9 @@ def train_head(model: nn.Module, train_set: torch.utils.data.Dataset,
     logger.info("Global batch %d (%d per process x %d processes)", recipe.batch_size, recipe.batch_size // rt.world,
                 rt.world)
     per_rank = max(1, recipe.batch_size // rt.world)
-    drop_last = len(train_set) >= recipe.batch_size
+    proto = protocol or Protocol()
+    # never drop the only batch of a split smaller than one global batch
+    drop_last = proto.drop_last and len(train_set) >= recipe.batch_size
     if rt.world > 1:
         sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=rt.world, rank=rt.rank, shuffle=True,
                                                       seed=seed, drop_last=drop_last)
@@ -129,19 +137,25 @@ def train_head(model: nn.Module, train_set: torch.utils.data.Dataset,
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
+            if proto.scheduler_before_optimizer:  # the authors' order (#36): every step uses the next step's lr
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*before.*optimizer.step")
+                    sched.step()
             scaler.step(opt)
             scaler.update()
-            sched.step()  # after the optimizer (the authors' order was reversed, dossier #36)
+            if not proto.scheduler_before_optimizer:
+                sched.step()
             step += 1
             losses.append(float(loss.detach()))
             bar.update(1)
             # the last step always validates, so a budget shorter than start_eval still picks weights
-            if (step >= recipe.start_eval and step % eval_every == 0) or step == recipe.steps:
+            started = step > recipe.start_eval if proto.start_eval_strict else step >= recipe.start_eval
+            if (started and step % eval_every == 0) or step == recipe.steps:
                 val = validate()
                 row = {"step": step, "loss": sum(losses) / len(losses), "lr": sched.get_last_lr()[0],
                        f"val_{metric}": val}
                 losses = []
-                if val >= best:
+                if val > best or (proto.save_on_tie and val == best):
                     best, best_step, bad = val, step, 0
                     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                     if rt.main:

@@ -6,9 +6,13 @@ Model: the encoder is frozen; its patch tokens pass a trainable linear ``seg_hea
 ``10 * focal(gamma 2) - log(soft Dice)``. Metric: Dice per image at 0.5, an image with an empty mask scoring 1 when
 the prediction is empty too, averaged over all images.
 
-Fixed relative to the authors: image and mask are augmented together (their SIIM masks were not, #44; the
-``--upstream-protocol`` switch augments the SIIM image alone again, for comparison), and masks are resized with
-nearest neighbour (their INTER_AREA made fractional labels, #46).
+Training augmentation, as the authors': with probability 0.5 one random affine (rotation +-10 degrees, scale
+0.9-1.1, black border) at the image's resolution, bilinear for the image, nearest for the mask, then the resize.
+
+Fixed relative to the authors: image and mask are augmented together (their SIIM masks were not, #44), and masks
+are resized with nearest neighbour (their INTER_AREA made fractional labels, #46). These and the other differences
+(raw or normed tokens, SIIM negative sampling, resize, RIGA colour and loss) are
+:class:`~ecamp.train.downstream.protocol.Protocol` options; ``--upstream-protocol`` sets all of them to the authors'.
 """
 
 from __future__ import annotations
@@ -25,12 +29,13 @@ from torch import nn
 from ecamp.errors import DataError, InvalidArgumentError
 from ecamp.fileio import write_csv
 from ecamp.models.heads import PyramidSegmentationModel, SegmentationModel
-from ecamp.train.common.lists import read_table
+from ecamp.train.common.lists import check_paths, read_table
+from ecamp.train.downstream.protocol import Protocol, resolve_protocol
 from ecamp.train.downstream.recipes import Recipe
 
 __all__ = ["rle_decode", "read_siim", "read_rsna_boxes", "read_mask_list", "SegmentationModel",
            "PyramidSegmentationModel", "mixed_loss", "dice_per_image", "finetune_segmentation", "convert_lists",
-           "SEG_TASKS"]  # the models are re-exported from ecamp.models.heads
+           "balance_negatives", "SEG_TASKS"]  # the models are re-exported from ecamp.models.heads
 
 # task -> (number of outputs, list-file suffix)
 SEG_TASKS = {"siim": 1, "rsna": 1, "riga": 2, "phantom-seg": 1}
@@ -85,6 +90,26 @@ def read_mask_list(csv_path: str | Path) -> list[tuple[str, str]]:
     return [(r["img_path"], r["mask_path"]) for r in read_table(csv_path, ["img_path", "mask_path"])]
 
 
+def _positives(csv_path: Path, root: Path, rows: list[tuple[str, str]]) -> list[bool]:
+    """Whether each row's mask has a foreground pixel: the ``positive`` column :func:`convert_lists` writes, or
+    the mask file itself."""
+    table = read_table(csv_path, ["img_path", "mask_path"])
+    if "positive" in table[0]:
+        return [r["positive"].strip() in ("1", "True", "true") for r in table]
+    from PIL import Image
+
+    return [bool(np.asarray(Image.open(root / mask)).any()) for _, mask in rows]
+
+
+def balance_negatives(rows: list, positive: list[bool], seed: int) -> list:
+    """All positive rows plus as many negatives drawn without replacement (all of them if fewer), in list order:
+    the authors' SIIM training set (``my_dataset.py:103-111``; their draw was unseeded, this one is seeded)."""
+    pos = [i for i, p in enumerate(positive) if p]
+    neg = [i for i, p in enumerate(positive) if not p]
+    chosen = np.random.default_rng(seed).choice(len(neg), size=min(len(pos), len(neg)), replace=False)
+    return [rows[i] for i in sorted(pos + [neg[j] for j in chosen])]
+
+
 def _riga_targets(mask: np.ndarray) -> np.ndarray:
     m = mask.astype(np.float32)
     if m.max() > 1:
@@ -94,18 +119,41 @@ def _riga_targets(mask: np.ndarray) -> np.ndarray:
 
 class MaskDataset(torch.utils.data.Dataset):
     """(image, target [K, S, S]) pairs through the library's :class:`~ecamp.transforms.JointTransform`; training
-    draws one random affine for image and mask together."""
+    draws, with probability ``affine_p``, one random affine for image and mask together.
+
+    ``augment_mask=False``: the authors' SIIM pipeline (image augmented alone, #44). ``interpolation``: of the
+    image in the affine (masks: nearest). ``resize="linear-uint8"``: the authors' cv2 resize (8-bit input, bilinear
+    without antialiasing, 8-bit output). ``rgb``: colour images, each channel normalised (the authors' RIGA).
+    """
 
     def __init__(self, root: Path, rows: list[tuple[str, str]], cfg: dict, outputs: int, train: bool,
-                 augment_mask: bool = True):
+                 augment_mask: bool = True, *, affine_p: float = 0.5, interpolation: str = "bilinear",
+                 resize: str = "antialias-float", rgb: bool = False):
+        from torchvision.transforms import InterpolationMode
         from torchvision.transforms import v2 as T
 
         from ecamp.transforms import JointTransform
 
         self.root, self.rows, self.outputs, self.train = root, rows, outputs, train
-        # augment_mask=False: the authors' SIIM pipeline (image augmented alone, #44)
-        affine = T.RandomAffine(degrees=10, scale=(0.9, 1.1)) if train else None  # drawn at each call
-        self.transform = JointTransform(cfg, augment=affine, augment_target=augment_mask)
+        self.uint8, self.rgb = resize == "linear-uint8", rgb
+        affine = None
+        if train and affine_p > 0:  # drawn at each call
+            mode = InterpolationMode.BILINEAR if interpolation == "bilinear" else InterpolationMode.NEAREST
+            affine = T.RandomApply([T.RandomAffine(degrees=10, scale=(0.9, 1.1), interpolation=mode)], p=affine_p)
+        self.transform = JointTransform(cfg, augment=affine, augment_target=augment_mask, antialias=not self.uint8)
+
+    def _image(self, path: Path) -> torch.Tensor:
+        """[1 or 3, H, W] in [0, 1]: grey (the mean of colour channels) or colour, 8-bit levels for uint8."""
+        from ecamp.io import read_image
+
+        arr = read_image(path, policy=self.transform.policy)
+        if arr.ndim == 3 and not self.rgb:
+            arr = arr.mean(-1)
+        x = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1) if arr.ndim == 3 else arr[None],
+                                                  dtype=np.float32))
+        if self.rgb and x.shape[0] == 1:
+            x = x.expand(3, -1, -1).contiguous()
+        return torch.round(x * 255) / 255 if self.uint8 else x
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -117,12 +165,21 @@ class MaskDataset(torch.utils.data.Dataset):
         img_path, mask_path = self.rows[i]
         mask = np.asarray(Image.open(self.root / mask_path))
         target = _riga_targets(mask) if self.outputs == 2 else (mask > 0).astype(np.float32)[None]
-        x, y = self.transform(self.root / img_path, tv_tensors.Mask(torch.from_numpy(target)))
+        x, y = self.transform(self._image(self.root / img_path), tv_tensors.Mask(torch.from_numpy(target)))
+        if self.uint8:  # cv2 writes the resized image back to 8 bits
+            t = self.transform
+            x = (torch.round((x * t.std + t.mean) * 255) / 255 - t.mean) / t.std
         return x, (y.as_subclass(torch.Tensor) > 0.5).float()
 
 
-def mixed_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 10.0, gamma: float = 2.0) -> torch.Tensor:
-    """The authors' ``10 * focal - log(soft Dice)``; soft Dice is global over the batch."""
+def mixed_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 10.0, gamma: float = 2.0, *,
+               per_output: bool = False) -> torch.Tensor:
+    """The authors' ``10 * focal - log(soft Dice)``; soft Dice is global over the batch. ``per_output``: the mean
+    of the loss of each output channel (the authors' RIGA ``(Mixed(disc) + Mixed(cup)) / 2``) instead of one soft
+    Dice pooled over all channels."""
+    if per_output and logits.shape[1] > 1:
+        return torch.stack([mixed_loss(logits[:, k:k + 1], target[:, k:k + 1], alpha, gamma)
+                            for k in range(logits.shape[1])]).mean()
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     p_t = torch.exp(-bce)
     focal = ((1 - p_t) ** gamma * bce).mean()
@@ -143,14 +200,17 @@ def finetune_segmentation(task: str, fraction: int, data_root: str | Path, outpu
                           model_name: str = "cxr-vit-b", lists: str | Path | None = None, recipe: Recipe | None = None,
                           upstream_protocol: bool = False, decoder: str = "authors",
                           decoder_channels: tuple[int, ...] = (512, 256, 128, 64), num_workers: int = 4,
-                          device: str | None = None, seed: int = 42, progress: bool = True) -> dict[str, Any]:
+                          device: str | None = None, seed: int = 42, progress: bool = True,
+                          deterministic: bool = False,
+                          protocol: Protocol | dict[str, Any] | None = None) -> dict[str, Any]:
     """Train the segmentation head on a frozen encoder; ``metrics.json`` gets validation and test Dice.
 
     Reads RIGA-style lists (``img_path,mask_path``; ``{train_list,train_list_1,train_list_10,val_list,
     test_list}.csv``) for ``riga`` and ``phantom-seg``. SIIM and RSNA ship in other formats (:func:`read_siim`,
     :func:`read_rsna_boxes`); convert them to mask images and such lists first (:func:`convert_lists`).
     ``recipe`` defaults to the authors' row (AdamW, weight decay 0.05, early stopping after 40 evaluations).
-    ``decoder="pyramid"`` swaps the authors' decoder for :class:`PyramidSegmentationModel`'s.
+    ``decoder="pyramid"`` swaps the authors' decoder for :class:`PyramidSegmentationModel`'s. ``protocol``: a
+    :class:`Protocol`, or option overrides on top of ecamp's (or, with ``upstream_protocol``, the authors').
     """
     import ecamp
     from ecamp.factory import resolve_model_cfg
@@ -169,24 +229,32 @@ def finetune_segmentation(task: str, fraction: int, data_root: str | Path, outpu
                            f"ecamp.train.downstream.segmentation.convert_lists({key!r}, LISTS_DIR, OUT_DIR) and pass "
                            f"--lists OUT_DIR.", path=val_list)
     outputs = SEG_TASKS[key]
-    r = recipe or authors_recipe("seg", key, fraction)
-    rt = setup_runtime(device, seed)
-    rows = {s: read_mask_list(lists / list_file_for(s, fraction, suffix=".csv")) for s in ("train", "val", "test")}
+    proto = resolve_protocol(protocol, upstream_protocol, "dice")
+    r = proto.recipe(recipe or authors_recipe("seg", key, fraction))
+    if decoder not in ("authors", "pyramid"):
+        raise InvalidArgumentError(f"--seg-decoder must be authors or pyramid, got {decoder!r}.")
+    files = {s: lists / list_file_for(s, fraction, suffix=".csv") for s in ("train", "val", "test")}
+    rows = {s: read_mask_list(files[s]) for s in files}
+    check_paths({files[s]: rows[s] for s in files}, data_root)
+    rt = setup_runtime(device, seed, deterministic)
+    if key == "siim" and proto.siim_balance_negatives:
+        rows["train"] = balance_negatives(rows["train"], _positives(files["train"], Path(data_root), rows["train"]),
+                                          seed)
     encoder = ecamp.load(model_name)
     cfg = resolve_model_cfg(encoder)  # the encoder's size, normalisation and image policy
     if decoder == "authors":
-        model: nn.Module = SegmentationModel(encoder, outputs, decoder_channels)
-    elif decoder == "pyramid":
-        model = PyramidSegmentationModel(encoder, outputs)
+        model: nn.Module = SegmentationModel(encoder, outputs, decoder_channels, dense_tokens=proto.dense_tokens)
     else:
-        raise InvalidArgumentError(f"--seg-decoder must be authors or pyramid, got {decoder!r}.")
-    augment_mask = not (upstream_protocol and key == "siim")
-    sets = {s: MaskDataset(Path(data_root), rows[s], cfg, outputs, train=s == "train", augment_mask=augment_mask)
-            for s in rows}
+        model = PyramidSegmentationModel(encoder, outputs)
+    augment_mask = proto.siim_augment_mask or key != "siim"
+    sets = {s: MaskDataset(Path(data_root), rows[s], cfg, outputs, train=s == "train", augment_mask=augment_mask,
+                           affine_p=proto.affine_p, interpolation=proto.image_interpolation, resize=proto.resize,
+                           rgb=proto.riga_rgb and key == "riga") for s in rows}
+    per_output = proto.riga_loss == "mean-of-two"
 
     def train_loss(net, batch, dev):
         x, y = batch
-        return mixed_loss(net(x.to(dev)).float(), y.to(dev))
+        return mixed_loss(net(x.to(dev)).float(), y.to(dev), per_output=per_output)
 
     def predict(net, batch):
         x, y = batch
@@ -198,9 +266,11 @@ def finetune_segmentation(task: str, fraction: int, data_root: str | Path, outpu
 
     summary = train_head(model, sets["train"], train_loss, lambda: run_eval("val"), r, rt, output_dir,
                          metric="dice", num_workers=num_workers, seed=seed, progress=progress,
-                         desc=f"seg {key} {fraction}%")
+                         desc=f"seg {key} {fraction}%", protocol=proto)
     metrics = {"task": key, "fraction": fraction, "model": model_name, "decoder": decoder, "steps": r.steps,
-               "protocol": "upstream" if upstream_protocol else "fixed", **summary, "test_dice": run_eval("test")}
+               "protocol": "upstream" if upstream_protocol else "fixed", "protocol_options": proto.as_dict(),
+               "precision": r.precision, "train_images": len(rows["train"]), **summary,
+               "test_dice": run_eval("test")}
     write_metrics(rt, output_dir, metrics)
     return metrics
 
@@ -208,8 +278,9 @@ def finetune_segmentation(task: str, fraction: int, data_root: str | Path, outpu
 def convert_lists(task: str, lists_dir: str | Path, out_dir: str | Path, *,
                   image_pattern: str = "train/images/1024/dicom/{}.png", size: int = 1024) -> dict[str, int]:
     """Turn the authors' SIIM (``ImageId, EncodedPixels``) or RSNA (``image_path, bbox``) list CSVs into mask PNGs
-    under ``out_dir/masks`` and ``img_path,mask_path`` lists in ``out_dir`` with the same file names, which
-    ``finetune_segmentation`` reads (pass ``--lists out_dir``). SIIM masks are the union of an image's RLE rows;
+    under ``out_dir/masks`` and ``img_path,mask_path,positive`` lists in ``out_dir`` with the same file names,
+    which ``finetune_segmentation`` reads (pass ``--lists out_dir``; ``positive`` serves the SIIM negative
+    balancing). SIIM masks are the union of an image's RLE rows;
     RSNA masks are its filled boxes. ``image_pattern`` places SIIM images (the authors' layout by default)."""
     from PIL import Image
 
@@ -231,12 +302,12 @@ def convert_lists(task: str, lists_dir: str | Path, out_dir: str | Path, *,
                     mask |= rle_decode(rle, size, size)
                 name = f"masks/{image_id}.png"
                 Image.fromarray(mask * 255).save(out / name)
-                rows.append((image_pattern.format(image_id), name))
+                rows.append((image_pattern.format(image_id), name, int(mask.any())))
         else:
             for image_path, mask in read_rsna_boxes(path, size=size):
                 name = f"masks/{Path(image_path).stem}.png"
                 Image.fromarray(mask * 255).save(out / name)
-                rows.append((image_path, name))
-        write_csv(out / path.name, ["img_path", "mask_path"], rows)
+                rows.append((image_path, name, int(mask.any())))
+        write_csv(out / path.name, ["img_path", "mask_path", "positive"], rows)
         counts[path.name] = len(rows)
     return counts

@@ -63,6 +63,7 @@ class RunConfig:
     keep_last: int = 3
     log: str = "csv"  # "csv" or "tensorboard"
     init_from: str | None = None  # ImageNet MAE ViT-B/16 weights: a file or "hf-hub:org/repo"
+    deterministic: bool = False  # torch's deterministic algorithms (GPU); the CPU repeats runs without it
 
 
 @dataclass

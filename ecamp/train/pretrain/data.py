@@ -27,12 +27,74 @@ import torch
 
 from ecamp.errors import DataError, EcampError
 from ecamp.fileio import write_csv
-from ecamp.train.common.lists import LAYOUT_HINT, read_table
+from ecamp.train.common.lists import LAYOUT_HINT, check_paths, list_lines, raise_problems, read_table
 from ecamp.train.pretrain.windows import AUTHORS_GRID, AUTHORS_WINDOW, map_window, window_around
 
 __all__ = ["DataError", "PretrainDataset", "ResumableSampler", "collate_pretrain", "ffa_ir_to_csv",
-           "read_table", "map_window", "swap_sides"]
+           "read_table", "map_window", "swap_sides", "read_pretrain_rows", "check_pretrain_data"]
 
+
+def read_pretrain_rows(data_root: str | Path, d: Any
+                       ) -> tuple[list[tuple[str, str, str]], list[tuple[int, int] | None]]:
+    """The reports CSV's ``(img_path, report, llm_output)`` rows and each row's SR window label (None: no entity,
+    left to ``data.default_window``). Bad window rows are reported together, with file and line."""
+    root = Path(data_root)
+    rows = read_table(root / d.reports_csv, ["img_path", "report", "llm_output"], missing_hint=LAYOUT_HINT)
+    items = [(r["img_path"], r["report"], r["llm_output"]) for r in rows]
+    windows: list[tuple[int, int] | None] = [None] * len(items)
+    if not d.windows_csv:
+        return items, windows
+    wpath = root / d.windows_csv
+    wrows = read_table(wpath, ["label_i", "label_j"], missing_hint=LAYOUT_HINT)
+    if "img_path" in wrows[0]:
+        row_of = {r["img_path"]: k for k, r in enumerate(wrows)}
+        unmatched = [k for k, (path, _, _) in enumerate(items) if path not in row_of]
+        if unmatched:
+            lines = list_lines(root / d.reports_csv)
+            raise_problems([f"{root / d.reports_csv}:{lines[k]}: {items[k][0]} has no row in {wpath}"
+                            for k in unmatched], f"{wpath} has no window for {len(unmatched)} image(s)", wpath)
+        order = [row_of[path] for path, _, _ in items]
+    elif len(wrows) != len(items):
+        raise DataError(f"{wpath} has {len(wrows)} rows but {d.reports_csv} has {len(items)}; without an img_path "
+                        f"column they are matched by row and must be equally long.", path=wpath)
+    else:
+        order = list(range(len(items)))
+    top = AUTHORS_GRID - AUTHORS_WINDOW
+    bad: list[tuple[int, str]] = []  # (window row, problem)
+    for i, k in enumerate(order):
+        r = wrows[k]
+        if not (r["label_i"] or "").strip() and not (r["label_j"] or "").strip():
+            continue  # no window (no entity): data.default_window decides, per epoch if "random"
+        try:
+            li, lj = int(r["label_i"]), int(r["label_j"])
+        except (TypeError, ValueError) as e:  # TypeError: a short row
+            bad.append((k, f"window labels must be integers ({e})"))
+            continue
+        if not (0 <= li <= top and 0 <= lj <= top):
+            bad.append((k, f"window ({li}, {lj}) is outside 0..{top}; a {AUTHORS_WINDOW}x{AUTHORS_WINDOW} window "
+                           f"must fit the {AUTHORS_GRID}x{AUTHORS_GRID} grid"))
+            continue
+        windows[i] = (li, lj)
+    if bad:
+        lines = list_lines(wpath)
+        shown = list(dict.fromkeys(f"{wpath}:{lines[k]}: {msg}" for k, msg in bad))  # joined rows: once each
+        raise_problems(shown, f"{wpath} has {len(shown)} bad row(s)", wpath)
+    return items, windows
+
+
+def check_pretrain_data(data_root: str | Path, d: Any) -> int:
+    """Everything pre-training reads before its first step: the tokenizer file (if one is given), the reports and
+    windows CSVs and that every image path is a regular file. Raises one :class:`DataError` naming file, line and
+    path of the first problems with their count; returns the number of samples."""
+    root = Path(data_root)
+    if d.tokenizer:
+        tok = Path(d.tokenizer) if Path(d.tokenizer).is_absolute() else root / d.tokenizer
+        if not tok.is_file():
+            raise DataError(f"data.tokenizer {tok} is not a file; give the tokenizers JSON (e.g. the authors' "
+                            f"mimic_wordpiece.json) or data.tokenizer=null to train one on the reports.", path=tok)
+    items, _ = read_pretrain_rows(root, d)
+    check_paths({root / d.reports_csv: [path for path, _, _ in items]}, root / d.image_root)
+    return len(items)
 
 
 def film_tensor(image: Any, d: Any) -> torch.Tensor:
@@ -76,36 +138,7 @@ class PretrainDataset(torch.utils.data.Dataset):
         self.encoder = encoder
         self.seed = seed
         self.epoch = 0
-        rows = read_table(self.root / self.data_cfg.reports_csv, ["img_path", "report", "llm_output"],
-                          missing_hint=LAYOUT_HINT)
-        self.items = [(r["img_path"], r["report"], r["llm_output"]) for r in rows]
-        self.windows: list[tuple[int, int] | None] = [None] * len(rows)
-        if self.data_cfg.windows_csv:
-            wpath = self.root / self.data_cfg.windows_csv
-            wrows = read_table(wpath, ["label_i", "label_j"], missing_hint=LAYOUT_HINT)
-            if "img_path" in wrows[0]:
-                by_path = {r["img_path"]: r for r in wrows}
-                missing = [p for p, _, _ in self.items if p not in by_path]
-                if missing:
-                    raise DataError(f"{wpath} has no window for {len(missing)} image(s), e.g. {missing[0]}.",
-                                    path=wpath)
-                wrows = [by_path[p] for p, _, _ in self.items]
-            elif len(wrows) != len(rows):
-                raise DataError(f"{wpath} has {len(wrows)} rows but {self.data_cfg.reports_csv} has {len(rows)}; "
-                                f"without an img_path column they are matched by row and must be equally long.",
-                                path=wpath)
-            for k, r in enumerate(wrows):
-                if not (r["label_i"] or "").strip() and not (r["label_j"] or "").strip():
-                    continue  # no window (no entity): data.default_window decides, per epoch if "random"
-                try:
-                    li, lj = int(r["label_i"]), int(r["label_j"])
-                except ValueError as e:
-                    raise DataError(f"{wpath} row {k + 2}: window labels must be integers ({e}).",
-                                    path=wpath) from e
-                if not (0 <= li <= AUTHORS_GRID - AUTHORS_WINDOW and 0 <= lj <= AUTHORS_GRID - AUTHORS_WINDOW):
-                    raise DataError(f"{wpath} row {k + 2}: window ({li}, {lj}) is outside 0..2; a 12x12 window "
-                                    f"must fit the 14x14 grid.", path=wpath)
-                self.windows[k] = (li, lj)
+        self.items, self.windows = read_pretrain_rows(self.root, self.data_cfg)
         from torchvision.transforms import InterpolationMode
 
         self.size = self.model_cfg.sr_img_size

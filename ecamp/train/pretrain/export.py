@@ -1,4 +1,5 @@
-"""Export a training checkpoint to the folders ``ecamp.load`` and ``ecamp.load_pretrain`` read."""
+"""Export a training checkpoint: to the folders ``ecamp.load`` and ``ecamp.load_pretrain`` read, or to a ``.pth``
+file in the authors' format that their ``Fine-tuning/*`` scripts and ``ECAMPPretrainModel.from_upstream`` read."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ecamp.errors import CheckpointError
+from ecamp.errors import CheckpointError, InvalidArgumentError
 
-__all__ = ["export_checkpoint", "model_from_checkpoint"]
+__all__ = ["export_checkpoint", "export_authors", "model_from_checkpoint"]
 
 
 def model_from_checkpoint(checkpoint: str | Path):
@@ -57,3 +58,30 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, name: str, *, hf_
     full = model.save_pretrained(out / "pretrain", tokenizer=tok, ecamp_cfg=block)
     return {"encoder": {"name": entry.name, "hf_repo": repo, "files": enc_entry["files"]},
             "pretrain": {"files": full["files"], "tokenizer": str(tok) if tok else None}}
+
+
+def export_authors(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
+    """Write ``{"model": state_dict}`` under the authors' key names (``ECAMPPretrainModel.to_upstream_state_dict``)
+    to ``out`` (a ``.pth``), and the model's sizes to ``<out stem>.config.json``; both atomically.
+
+    The authors' fine-tuning scripts read ``checkpoint["model"]`` and take the ViT keys (``patch_embed.*``,
+    ``blocks.N.*``, ``cls_token``, ``pos_embed``, ``norm.*``) by name, ignoring the rest; ``from_upstream`` (and
+    ``ecamp convert``) read it strictly. A model with non-default sizes needs the sidecar config there:
+    ``ecamp convert FILE.pth --name cxr-vit-b --config FILE.config.json``. The BERT pooler, which their model holds
+    but never uses, is left out (their pre-training load filters keys by name and keeps its own).
+    """
+    import torch
+
+    from ecamp.fileio import atomic_write
+
+    model, _, path = model_from_checkpoint(checkpoint)
+    out = Path(out)
+    if out.is_dir():
+        raise InvalidArgumentError(f"--out {out} is a folder; --format authors writes one file, e.g. {out}/ecamp.pth.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # clones: no tensor shares storage with another, so each is saved on its own, as the authors' files hold them
+    state = {k: v.detach().cpu().clone() for k, v in model.to_upstream_state_dict().items()}
+    atomic_write(out, lambda p: torch.save({"model": state}, p))
+    config = out.with_name(out.stem + ".config.json")
+    atomic_write(config, lambda p: p.write_text(json.dumps(model.config.to_dict(), indent=2) + "\n"))
+    return {"checkpoint": str(path), "out": str(out), "config": str(config), "tensors": len(state)}

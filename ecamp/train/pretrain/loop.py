@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from ecamp.train.common.metrics import MetricsLog
 from ecamp.train.common.precision import autocast, grad_scaler
 from ecamp.train.common.schedule import warmup_cosine
 from ecamp.train.pretrain.config import PretrainRunConfig
-from ecamp.train.pretrain.data import PretrainDataset, ResumableSampler, collate_pretrain
+from ecamp.train.pretrain.data import PretrainDataset, ResumableSampler, check_pretrain_data, collate_pretrain
 
 __all__ = ["pretrain", "lr_at", "CHECKPOINT_FORMAT"]
 
@@ -72,9 +73,16 @@ def _tokenizer(cfg: PretrainRunConfig, data_root: Path, out: Path, rt: Runtime):
     return load_tokenizer(target)
 
 
-def _init_from(model, source: str) -> None:
-    """Initialise encoder (and matching decoder) weights from ImageNet MAE ViT-B/16, by name and shape, as the
-    authors' name-filtered load does (dossier 3.7)."""
+def _init_from(model, source: str) -> dict[str, int]:
+    """Initialise from ImageNet MAE ViT-B/16 weights by name and shape, as the authors' name-filtered load of their
+    ``mae_vit_base.pth`` (dossier 3.7); returns how many encoder and decoder tensors were taken.
+
+    An encoder-only file (timm's ``vit_base_patch16_224.mae``, MAE's ``mae_pretrain_vit_base.pth``) sets the
+    encoder. A full MAE checkpoint (``mae_visualize_vit_base.pth``: ``patch_embed.*``, ``blocks.N.*`` and
+    ``mask_token``, ``decoder_embed``, ``decoder_pos_embed``, ``decoder_blocks.N.*``, ``decoder_norm``,
+    ``decoder_pred``) sets the decoder too: the MAE repo's decoder names are this model's. Its decoder blocks past
+    ``model.decoder_depth`` have no counterpart here and are left out, as in the authors' load.
+    """
     from safetensors.torch import load_file
 
     from ecamp.convert import read_authors_checkpoint
@@ -87,17 +95,27 @@ def _init_from(model, source: str) -> None:
         path = Path(source)
     state = load_file(str(path)) if str(path).endswith(".safetensors") else read_authors_checkpoint(path)
     target = model.state_dict()
-    taken = {}
+    taken, mis_shaped = {}, []
     for key, value in state.items():
         for candidate in (f"encoder.{key}", key):
-            if candidate in target and target[candidate].shape == value.shape:
-                taken[candidate] = value
+            if candidate in target:
+                if target[candidate].shape == value.shape:
+                    taken[candidate] = value
+                else:
+                    mis_shaped.append(f"{key} {tuple(value.shape)} vs {tuple(target[candidate].shape)}")
                 break
     if not any(k.startswith("encoder.blocks.") for k in taken):
         raise WeightsMismatchError(f"{source} has no ViT encoder weights matching this model (keys like "
                                    f"blocks.0.attn.qkv).", path=source)
     model.load_state_dict(taken, strict=False)
-    logger.info("Initialised %d tensors from %s", len(taken), source)
+    counts = {"encoder": sum(k.startswith("encoder.") for k in taken),
+              "decoder": sum(k.startswith(("decoder_", "mask_token")) for k in taken)}
+    logger.info("Initialised %d tensors from %s (%d encoder, %d decoder)", len(taken), source, counts["encoder"],
+                counts["decoder"])
+    if mis_shaped:
+        logger.warning("Left at their initialisation (shapes differ from %s): %s%s", source, ", ".join(mis_shaped[:6]),
+                       f" and {len(mis_shaped) - 6} more" if len(mis_shaped) > 6 else "")
+    return counts
 
 
 class _BadSamples:
@@ -125,6 +143,28 @@ class _BadSamples:
         if g_bad > allowed:
             raise DataError(f"{g_bad} of {g_seen} samples could not be read, over data.max_bad_samples="
                             f"{self.limit}; last error here: {self.last_error}")
+
+
+def _check_data(cfg: PretrainRunConfig, data_root: Path, rt: Runtime) -> None:
+    """Rank 0 checks the data set (CSVs, windows, every image path) and the batch layout it allows; every rank
+    raises rank 0's error, so all stop together before the first step."""
+    error: Exception | None = None
+    if rt.main:
+        try:
+            n = check_pretrain_data(data_root, cfg.data)
+            bs, accum = cfg.optim.batch_size, cfg.optim.accum_iter
+            micro = math.ceil(n / rt.world) // bs
+            if micro < accum:
+                raise DataError(f"{n} samples give {micro} batches of {bs} per process, fewer than accum_iter="
+                                f"{accum}; lower optim.batch_size or optim.accum_iter.")
+        except Exception as e:  # noqa: BLE001 - whatever stops rank 0 here must stop the other ranks too
+            error = e
+    if rt.world > 1:
+        verdict = gather_objects(None if error is None else (str(error), getattr(error, "path", None)), rt)[0]
+        if verdict is not None and not rt.main:
+            raise DataError(verdict[0], path=verdict[1])
+    if error is not None:
+        raise error
 
 
 @dataclass
@@ -233,21 +273,19 @@ def pretrain(cfg: PretrainRunConfig, data_root: str | Path, output_dir: str | Pa
 
     cfg.validate()
     data_root, out = Path(data_root), Path(output_dir)
-    rt = setup_runtime(device)
+    rt = setup_runtime(device, deterministic=cfg.run.deterministic)
+    _check_data(cfg, data_root, rt)  # before anything is written: a bad data set leaves nothing to clean up
+    ckpt_path = _resume_point(out, resume)
     if rt.main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n"))
     if rt.world > 1:
         torch.distributed.barrier()
     dataset, sampler, model, optimizer, scaler = _build(cfg, data_root, out, rt)
     bs, accum = cfg.optim.batch_size, cfg.optim.accum_iter
     micro_per_epoch = sampler.per_rank // bs
-    if micro_per_epoch < accum:
-        raise DataError(f"{len(dataset)} samples give {micro_per_epoch} batches of {bs} per process, fewer than "
-                        f"accum_iter={accum}; lower optim.batch_size or optim.accum_iter.")
     steps_per_epoch = micro_per_epoch // accum
     total_steps = steps_per_epoch * cfg.optim.epochs
-    ckpt_path = _resume_point(out, resume)
     pos = _restore(ckpt_path, model, optimizer, scaler, rt) if ckpt_path is not None else _Position()
     logger.info("Global batch %d (optim.batch_size %d per process x %d processes x accum_iter %d)",
                 bs * rt.world * accum, bs, rt.world, accum)
