@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from .errors import EcampError
+from .console import run_command
 from .version import __version__
 
-__all__ = ["main", "build_parser", "run_command"]
+__all__ = ["main", "build_parser"]
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -247,17 +246,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     prog = "ecamp embed merge" if args.command == "embed-merge" else f"ecamp {args.command}"
     return run_command(prog, args, verbose=args.verbose)
-
-
-def run_command(prog: str, args: argparse.Namespace, *, verbose: bool) -> int:
-    """Run ``args.func(args)`` as a command: ecamp's errors become one line on stderr and exit status 2."""
-    logging.basicConfig(format="%(message)s", level=logging.WARNING)
-    logging.getLogger("ecamp").setLevel(logging.INFO if verbose else logging.WARNING)
-    try:
-        return args.func(args)
-    except EcampError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130

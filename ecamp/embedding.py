@@ -76,7 +76,7 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 def _batches(model: nn.Module, inputs: Sequence[Any], transform, batch_size: int, num_workers: int,
              device: torch.device, dtype: torch.dtype | None, progress: bool, desc: str):
     """Yield ``(indices, embeddings [b, D] float32 numpy, failures {index: message})`` in input order."""
-    from .progress import progress_bar
+    from .console import progress_bar
 
     loader = torch.utils.data.DataLoader(_Images(inputs, transform), batch_size=batch_size, shuffle=False,
                                          num_workers=num_workers, collate_fn=_collate,

@@ -187,7 +187,7 @@ def _films(root: Path, n: int, seed: int, prefix: str, make: Callable[[np.random
     yields (relative path, case)."""
     from PIL import Image
 
-    from ecamp.progress import progress_bar
+    from ecamp.console import progress_bar
 
     (root / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

@@ -260,7 +260,7 @@ def distill(reports_csv: str | Path, out_jsonl: str | Path, backend: Any, *, mod
             progress: bool = True, min_chars: int = 20, max_chars: int = 2000, new_entity_tolerance: int = 1,
             sleep: Callable[[float], None] = time.sleep) -> DistillSummary:
     """Distil context for every report of ``reports_csv`` (``study_id``, ``report``) into ``out_jsonl``."""
-    from ecamp.progress import progress_bar
+    from ecamp.console import progress_bar
 
     rows = _read_reports(Path(reports_csv))
     out = Path(out_jsonl)

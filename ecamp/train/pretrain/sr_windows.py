@@ -124,7 +124,7 @@ def compute_windows(stage1: str | Path, data_root: str | Path, out_csv: str | Pa
 
     ``query``: ``"plain"`` (the entity words) or ``"masked"`` (``[MASK]`` at the entity positions); module docstring.
     """
-    from ecamp.progress import progress_bar
+    from ecamp.console import progress_bar
     from ecamp.text import ReportEncoder
 
     if query not in QUERIES:

@@ -1,4 +1,8 @@
-"""Progress for long work: a tqdm bar on a terminal, a plain line every so often anywhere else.
+"""What the commands show on the console: errors as one line, and progress.
+
+:func:`run_command` runs a parsed command (``ecamp ...``, ``ecamp train ...``): ecamp's errors become one line on
+standard error and exit status 2. :func:`progress_bar` is a tqdm bar on a terminal and a plain line every so often
+anywhere else.
 
 Batch systems write a job's output to a file, where a bar's carriage-return updates pile up (megabytes over a
 multi-day run). When standard error is not a terminal, :func:`progress_bar` prints one line
@@ -7,13 +11,31 @@ multi-day run). When standard error is not a terminal, :func:`progress_bar` prin
 
 from __future__ import annotations
 
+import argparse
+import logging
 import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-__all__ = ["progress_bar"]
+from .errors import EcampError
+
+__all__ = ["progress_bar", "run_command"]
+
+
+def run_command(prog: str, args: argparse.Namespace, *, verbose: bool) -> int:
+    """Run ``args.func(args)`` as a command: ecamp's errors become one line on stderr and exit status 2."""
+    logging.basicConfig(format="%(message)s", level=logging.WARNING)
+    logging.getLogger("ecamp").setLevel(logging.INFO if verbose else logging.WARNING)
+    try:
+        return args.func(args)
+    except EcampError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 class _Lines:
