@@ -8,7 +8,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ecamp.cli import run_command
+from ecamp.console import run_command
 from ecamp.errors import InvalidArgumentError
 from ecamp.train.downstream.recipes import HEADS, MODES
 
