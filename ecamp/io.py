@@ -65,8 +65,13 @@ def _source_path(src: Any) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def _open(src: ImageSource) -> tuple[str, bytes]:
-    """Name and content of a path, a byte string or a binary file object; refuses what cannot be an image file."""
+class _DicomFile(str):
+    """A path :func:`_open` found to be DICOM, for pydicom to read directly."""
+
+
+def _open(src: ImageSource) -> tuple[str, bytes | _DicomFile]:
+    """Name and content of a path, a byte string or a binary file object (a DICOM path stays a path, as a
+    :class:`_DicomFile`); refuses what cannot be an image file."""
     name = _describe(src)
     if isinstance(src, (str, os.PathLike)):
         path = Path(src)
@@ -77,7 +82,10 @@ def _open(src: ImageSource) -> tuple[str, bytes]:
         if not stat.S_ISREG(st.st_mode):  # directories, FIFOs, devices: reading could hang or mean nothing
             raise ImageReadError(f"{name}: not a regular file.", path=path)
         try:
-            data = path.read_bytes()
+            with open(path, "rb") as f:
+                head = f.read(132)
+                # DICOM is parsed from the file itself: reading it into memory first would copy the pixel data twice
+                data = _DicomFile(path) if head and is_dicom(head, name) else head + f.read()
         except OSError as e:
             raise ImageReadError(f"{name}: cannot read ({e.strerror or e}).", path=path) from e
     elif isinstance(src, (bytes, bytearray, memoryview)):
@@ -262,13 +270,13 @@ def _ensure_transfer_syntax(ds: Any) -> None:
     ds.file_meta.TransferSyntaxUID = uid
 
 
-def _read_dicom(name: str, data: bytes, policy: str, frame: int | None, max_pixels: int) -> np.ndarray:
+def _read_dicom(name: str, data: bytes | _DicomFile, policy: str, frame: int | None, max_pixels: int) -> np.ndarray:
     import pydicom
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # header quirks pydicom can read past; what matters is checked below
-            ds = pydicom.dcmread(io.BytesIO(data), force=True)
+            ds = pydicom.dcmread(str(data) if isinstance(data, _DicomFile) else io.BytesIO(data), force=True)
     except MemoryError:
         raise
     except Exception as e:  # noqa: BLE001 - corrupt headers raise struct.error, BytesLengthException, ...
@@ -512,7 +520,7 @@ def read_image_native(src: ImageSource, *, policy: str = "bits", frame: int | No
     name, data = _open(src)
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
     try:
-        if is_dicom(data, name):
+        if isinstance(data, _DicomFile) or is_dicom(data, name):
             with warnings.catch_warnings():
                 # pydicom warns about header values it can read past (e.g. malformed IS strings); the reader
                 # validates what it uses and raises ImageReadError where it matters.

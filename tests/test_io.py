@@ -327,3 +327,99 @@ def test_corrupted_dicom_files_never_escape_as_other_errors():
             except EcampError:
                 pass
     assert variants == len(names) * 10
+
+
+# -- the table-driven fast paths against the per-pixel float64 definitions -------------------------------------------
+def _equalize_reference(img: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """OpenCV's equalizeHist per its definition, with numpy's bincount (what the fast one replaced)."""
+    hist = np.bincount((img[mask] if mask is not None else img).ravel(), minlength=256)
+    nonzero = np.flatnonzero(hist)
+    if hist.sum() == 0 or hist[nonzero[0]] == hist.sum():
+        return img.copy()
+    first, cdf = int(hist[nonzero[0]]), np.cumsum(hist)
+    lut = np.clip(np.rint((cdf - first) * (255.0 / (hist.sum() - first))), 0, 255).astype(np.uint8)
+    lut[: nonzero[0]] = 0
+    return lut[img]
+
+
+def _policy_reference(stored: np.ndarray, policy: str, slope: float, intercept: float, bits: int, signed: bool,
+                      invert: bool) -> np.ndarray:
+    """The intensity policies per pixel in float64, as their definitions in ecamp.io state them."""
+    values = stored.astype(np.float64) * slope + intercept
+    if policy == "bits":
+        ends = np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1] if signed else [0, 2**bits - 1]) * slope + intercept
+        out = np.clip((values - ends.min()) / (ends.max() - ends.min()), 0, 1).astype(np.float32)
+        return 1.0 - out if invert else out
+    lo, hi = values.min(), values.max()
+    if policy == "minmax":
+        out = np.clip((values - lo) / (hi - lo), 0, 1).astype(np.float32)
+        return 1.0 - out if invert else out
+    u8 = np.clip(np.rint((values - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
+    return _equalize_reference(255 - u8 if invert else u8)
+
+
+@pytest.mark.parametrize("levels", [256, 7, 2])
+def test_table_equalisation_equals_the_definition_exactly(levels):
+    rng = np.random.default_rng(levels)
+    for shape in [(97, 61), (1, 300), (5, 4, 3)]:
+        img = (rng.integers(0, levels, shape) * (255 // max(levels - 1, 1))).astype(np.uint8)
+        img.flat[0] = 3  # a level below the others' minimum on some draws
+        assert np.array_equal(equalize_hist(img), _equalize_reference(img))
+        mask = rng.random(shape) > 0.3
+        assert np.array_equal(equalize_hist(img, mask), _equalize_reference(img, mask))
+    constant = np.full((9, 9), 42, np.uint8)
+    assert np.array_equal(equalize_hist(constant), constant)
+    with pytest.raises(InvalidImageError, match="uint8"):
+        equalize_hist(np.zeros((4, 4), np.uint16))
+
+
+def test_table_equalisation_equals_opencv():
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        img = np.clip(rng.normal(90, 40, (123, 77)), 0, 255).astype(np.uint8)
+        assert np.array_equal(equalize_hist(img), cv2.equalizeHist(img))
+
+
+@pytest.mark.parametrize("signed, bits, slope, intercept, photometric", [
+    (False, 15, None, None, "MONOCHROME1"),  # as RG1
+    (False, 12, 2.5, -1024.0, "MONOCHROME2"),
+    (True, 12, 1.0, -1000.0, "MONOCHROME2"),
+    (True, 16, -0.75, 10.0, "MONOCHROME1"),  # a decreasing rescale: the extremes swap ends
+    (False, 8, None, None, "MONOCHROME2"),
+])
+def test_dicom_policy_tables_equal_the_per_pixel_definition(tmp_path, signed, bits, slope, intercept, photometric):
+    rng = np.random.default_rng(bits)
+    half = 2 ** (bits - 1)
+    lo, hi = (-half, half - 1) if signed else (0, 2 * half - 1)
+    dtype = (np.int8 if signed else np.uint8) if bits == 8 else (np.int16 if signed else np.uint16)
+    stored = np.clip(rng.normal((lo + hi) / 2, (hi - lo) / 8, (70, 90)), lo, hi).astype(dtype)
+    attrs = dict(BitsStored=bits, HighBit=bits - 1, PhotometricInterpretation=photometric)
+    if slope is not None:
+        attrs.update(RescaleSlope=slope, RescaleIntercept=intercept)
+    path = _dicom(tmp_path, stored, **attrs)
+    for policy in ("bits", "minmax", "mimic-cxr-jpg"):
+        expected = _policy_reference(stored, policy, slope or 1.0, intercept or 0.0, bits, signed,
+                                     photometric == "MONOCHROME1")
+        got = ecamp.io.read_image_native(path, policy=policy)
+        assert got.dtype == expected.dtype and np.array_equal(got, expected), policy
+
+
+def test_sixteen_bit_tables_equal_the_per_pixel_definition(tmp_path):
+    from ecamp.io import apply_policy_to_grey
+
+    rng = np.random.default_rng(3)
+    arr = np.clip(rng.normal(20000, 9000, (66, 54)), 0, 65535).astype(np.uint16)
+    for policy in ("bits", "minmax", "mimic-cxr-jpg"):
+        got = apply_policy_to_grey(arr, policy)
+        v = arr.astype(np.float64)
+        if policy == "bits":
+            expected = np.clip(v / 65535.0, 0, 1).astype(np.float32)
+        elif policy == "minmax":
+            expected = np.clip((v - v.min()) / (v.max() - v.min()), 0, 1).astype(np.float32)
+        else:
+            expected = _equalize_reference(np.clip(np.rint((v - v.min()) * (255.0 / (v.max() - v.min()))), 0, 255)
+                                           .astype(np.uint8))
+        assert got.dtype == expected.dtype and np.array_equal(got, expected), policy
+        Image.fromarray(arr).save(tmp_path / "x16.png")
+        assert np.array_equal(ecamp.io.read_image_native(tmp_path / "x16.png", policy=policy), got), policy
