@@ -141,8 +141,8 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 30000, min_freque
     - then every continuation piece ``##c`` of the alphabet that occurs, in code-point order;
     - then merges, one at a time: the adjacent pair with the largest count (summed over word frequencies) is
       merged in every word and the joined piece gets the next id (a piece made twice keeps its first id). Among
-      pairs of equal count the one whose left part has the smallest id wins, then the smallest right part id, so
-      earlier (more frequent) pieces go first;
+      pairs of equal count the one whose left part has the smallest id wins, then the smallest right part id
+      (pieces made earlier go first);
     - training stops when the vocabulary holds ``vocab_size`` pieces or the best count is below ``min_frequency``.
       The special tokens, alphabet and continuation pieces are always kept, even beyond ``vocab_size``.
     """

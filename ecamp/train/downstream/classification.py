@@ -216,7 +216,8 @@ def finetune_classification(task_name: str, fraction: int, data_root: str | Path
                          desc=f"{mode} {key} {fraction}%", protocol=proto)
     test, per = run_eval("test")
     metrics = {"task": key, "fraction": fraction, "mode": mode, "model": model_name, "steps": r.steps,
-               "protocol": note, "protocol_options": proto.as_dict(), "precision": r.precision, **summary,
+               "protocol": note, "protocol_options": proto.as_dict(), "precision": r.precision,
+               "deterministic": deterministic, **summary,
                f"test_{task.metric}": test, "test_per_class": per}
     write_metrics(rt, output_dir, metrics)
     return metrics

@@ -262,6 +262,7 @@ def finetune_detection(task: str, fraction: int, data_root: str | Path, output_d
             + ("images without boxes or predictions skipped" if proto.map_skip_empty else "every image counts"))
     metrics = {"task": key, "fraction": fraction, "model": model_name, "steps": r.steps, "expansion": expansion,
                "protocol": f"{'upstream' if upstream_protocol else 'fixed'}: {note}",
-               "protocol_options": proto.as_dict(), "precision": r.precision, **summary, "test_map": run_eval("test")}
+               "protocol_options": proto.as_dict(), "precision": r.precision, "deterministic": deterministic,
+               **summary, "test_map": run_eval("test")}
     write_metrics(rt, output_dir, metrics)
     return metrics

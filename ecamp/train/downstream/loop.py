@@ -92,7 +92,7 @@ def train_head(model: nn.Module, train_set: torch.utils.data.Dataset,
     ``validate()`` scores the current weights on the validation split (higher is better). ``protocol`` supplies
     ``drop_last``, ``save_on_tie``, ``start_eval_strict`` and ``scheduler_before_optimizer`` (default: ecamp's).
     """
-    from tqdm.auto import tqdm
+    from ecamp.console import progress_bar
 
     out = Path(output_dir)
     if rt.main:
@@ -127,7 +127,7 @@ def train_head(model: nn.Module, train_set: torch.utils.data.Dataset,
     log = MetricsLog(out, enabled=rt.main, fresh=True)
     best, best_state, best_step, bad, step = float("-inf"), None, 0, 0, 0
     losses: list[float] = []
-    bar = tqdm(total=recipe.steps, desc=desc, disable=not progress or not rt.main)
+    bar = progress_bar(total=recipe.steps, desc=desc, unit="step", disable=not progress or not rt.main)
     try:
         for batch in _endless(loader, sampler):
             model.train()

@@ -269,7 +269,8 @@ def finetune_segmentation(task: str, fraction: int, data_root: str | Path, outpu
                          desc=f"seg {key} {fraction}%", protocol=proto)
     metrics = {"task": key, "fraction": fraction, "model": model_name, "decoder": decoder, "steps": r.steps,
                "protocol": "upstream" if upstream_protocol else "fixed", "protocol_options": proto.as_dict(),
-               "precision": r.precision, "train_images": len(rows["train"]), **summary,
+               "precision": r.precision, "deterministic": deterministic, "train_images": len(rows["train"]),
+               **summary,
                "test_dice": run_eval("test")}
     write_metrics(rt, output_dir, metrics)
     return metrics

@@ -31,14 +31,14 @@ from ecamp.train.common.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from ecamp.train.common.distributed import Runtime, all_reduce_mean, gather_objects, setup_runtime, wrap_ddp
+from ecamp.train.common.distributed import Runtime, gather_objects, setup_runtime, wrap_ddp
 from ecamp.train.common.metrics import MetricsLog
 from ecamp.train.common.precision import autocast, grad_scaler
 from ecamp.train.common.schedule import warmup_cosine
 from ecamp.train.pretrain.config import PretrainRunConfig
 from ecamp.train.pretrain.data import PretrainDataset, ResumableSampler, check_pretrain_data, collate_pretrain
 
-__all__ = ["pretrain", "lr_at", "CHECKPOINT_FORMAT"]
+__all__ = ["pretrain", "lr_at", "make_optimizer", "CHECKPOINT_FORMAT"]
 
 logger = logging.getLogger("ecamp")
 CHECKPOINT_FORMAT = "ecamp-pretrain-1"
@@ -131,13 +131,24 @@ class _BadSamples:
             logger.warning("Skipped %d unreadable sample(s): %s", batch["n_bad"], "; ".join(batch["errors"]))
             self.last_error = batch["errors"][-1]
 
-    def check(self, rt: Runtime) -> None:
+    def reduce_and_check(self, losses: torch.Tensor, rt: Runtime) -> torch.Tensor:
+        """The mean of ``losses`` over the processes, on the host; the budget's counts ride in the same all-reduce,
+        so judging them costs no collective or host synchronisation of its own, and every rank judges the same
+        global counts at the same step."""
+        if rt.world == 1:
+            self._judge(self.bad, self.seen)
+            return losses.cpu()
         counts = torch.tensor([self.bad, self.seen], dtype=torch.float64)
-        if rt.world > 1:
-            counts = counts.to(rt.device)
-            torch.distributed.all_reduce(counts)
-            counts = counts.cpu()
-        g_bad, g_seen = int(counts[0]), int(counts[1])
+        if rt.device.type == "cuda":  # pinned and asynchronous: the only wait is the copy back below
+            counts = counts.pin_memory()
+        counts = counts.to(rt.device, non_blocking=True)
+        both = torch.cat([losses.double(), counts])
+        torch.distributed.all_reduce(both)
+        both = both.cpu()
+        self._judge(int(both[-2]), int(both[-1]))
+        return (both[:-2] / rt.world).to(losses.dtype)
+
+    def _judge(self, g_bad: int, g_seen: int) -> None:
         # a fraction is judged over at least 1,000 samples, so one early bad file does not stop a run
         allowed = self.limit if self.limit >= 1 else self.limit * max(g_seen, 1000)
         if g_bad > allowed:
@@ -214,8 +225,6 @@ def _save(out: Path, model, optimizer, scaler, pos: _Position, cfg: PretrainRunC
 
 def _build(cfg: PretrainRunConfig, data_root: Path, out: Path, rt: Runtime):
     """Seeded RNGs, tokenizer, data set, sampler, model, optimizer and scaler of a run."""
-    from timm.optim import param_groups_weight_decay
-
     from ecamp.models.pretrain import ECAMPPretrainModel
     from ecamp.text import ReportEncoder
 
@@ -234,10 +243,21 @@ def _build(cfg: PretrainRunConfig, data_root: Path, out: Path, rt: Runtime):
     if cfg.run.init_from:
         _init_from(model, cfg.run.init_from)
     model.to(rt.device)
-    # no decay on biases and 1-D parameters (norms); frozen position embeddings are left out, as the authors
+    return dataset, sampler, model, make_optimizer(model, cfg), grad_scaler(rt.device, cfg.run.precision)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: PretrainRunConfig) -> torch.optim.AdamW:
+    """The authors' AdamW: no decay on biases and 1-D parameters (norms), frozen position embeddings left out.
+
+    On CUDA it is the fused kernel (one launch for every tensor instead of a loop of small ones); the update is
+    AdamW's to float rounding, which a test checks on the CPU. Elsewhere it is torch's default implementation.
+    """
+    from timm.optim import param_groups_weight_decay
+
     groups = param_groups_weight_decay(model, weight_decay=cfg.optim.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
-    return dataset, sampler, model, optimizer, grad_scaler(rt.device, cfg.run.precision)
+    params = [p for g in groups for p in g["params"]]
+    fused = bool(params) and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), fused=fused or None)
 
 
 @dataclass
@@ -293,7 +313,7 @@ def pretrain(cfg: PretrainRunConfig, data_root: str | Path, output_dir: str | Pa
     log = MetricsLog(out, enabled=rt.main, sink=cfg.run.log if cfg.run.log in ("csv", "tensorboard") else None,
                      columns=CSV_COLUMNS, resume_step=pos.step if ckpt_path is not None else None)
     bar = tqdm(total=stop, initial=pos.step, desc="pretrain", unit="step", disable=not (progress and rt.main))
-    run = _Run(cfg, rt, out, dataset, sampler, model, wrap_ddp(model, rt), optimizer, scaler, pos, stop,
+    run = _Run(cfg, rt, out, dataset, sampler, model, _compiled(wrap_ddp(model, rt), cfg), optimizer, scaler, pos, stop,
                micro_per_epoch, steps_per_epoch, _BadSamples(cfg.data.max_bad_samples), log, bar, time.time(),
                last_ckpt=ckpt_path)
     try:
@@ -307,6 +327,14 @@ def pretrain(cfg: PretrainRunConfig, data_root: str | Path, output_dir: str | Pa
         log.close()
     return {"step": pos.step, "epoch": pos.epoch, "checkpoint": str(run.last_ckpt) if run.last_ckpt else None,
             "total_steps": total_steps, "skipped": run.budget.bad}
+
+
+def _compiled(module: torch.nn.Module, cfg: PretrainRunConfig) -> torch.nn.Module:
+    """``module`` under torch.compile when ``run.compile`` is set. Only the callable is compiled: checkpoints and
+    exports keep reading the plain model, so their keys carry no ``_orig_mod.`` prefix."""
+    if not cfg.run.compile:
+        return module
+    return torch.compile(module)
 
 
 def _epoch(run: _Run) -> None:
@@ -355,9 +383,8 @@ def _epoch(run: _Run) -> None:
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         pos.step += 1
-        run.budget.check(rt)
         micro_in_step = 0
-        avg = all_reduce_mean(sums / accum, rt).cpu()  # the one host copy per optimizer step
+        avg = run.budget.reduce_and_check(sums / accum, rt)  # the one collective and host copy per optimizer step
         sums.zero_()
         if rt.main:
             row = {"step": pos.step, "epoch": round(pos.epoch + pos.epoch_pos / run.micro_per_epoch, 6),
