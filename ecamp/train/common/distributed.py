@@ -1,14 +1,16 @@
-"""The process group and the device of this process (torchrun sets ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``)."""
+"""The runtime of a training process: rank, world and device (from :mod:`ecamp.distributed`), determinism,
+DDP wrapping and the collective helpers both loops use."""
 
 from __future__ import annotations
 
-import atexit
-import gc
 import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+# one process group and device selection for the library (distributed embedding) and both training loops
+from ecamp.distributed import destroy_process_group, init_distributed, select_device
 
 __all__ = ["Runtime", "init_distributed", "select_device", "use_deterministic", "setup_runtime", "wrap_ddp",
            "destroy_process_group", "all_reduce_mean", "gather_objects"]
@@ -29,28 +31,6 @@ class Runtime:
     @property
     def main(self) -> bool:
         return self.rank == 0
-
-
-def init_distributed() -> tuple[int, int, int]:
-    """``(rank, world, local_rank)``; joins the torchrun process group (NCCL on GPUs, gloo on CPUs) if needed."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend=backend)
-        # a group opened here is closed at exit at the latest, also when pretrain() or finetune_*() is called from
-        # Python and the caller never destroys it (left to static destructors, gloo can abort the process)
-        atexit.register(destroy_process_group)
-    if world > 1:
-        return torch.distributed.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
-    return 0, 1, 0
-
-
-def select_device(device: str | None, local_rank: int = 0) -> torch.device:
-    """``device``, else this process's GPU, else the CPU; a CUDA device becomes the current one (NCCL needs it)."""
-    dev = torch.device(device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    return dev
 
 
 def use_deterministic(enabled: bool) -> None:
@@ -83,15 +63,6 @@ def wrap_ddp(model: nn.Module, rt: Runtime) -> nn.Module:
         return model
     return nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda"
                                                else None)
-
-
-def destroy_process_group() -> None:
-    """Leave the process group if one is open; every entry point calls it in ``finally``."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-        # free what still references the group (e.g. a model in a reference cycle) while the interpreter is whole:
-        # gloo's threads and work left to interpreter shutdown can abort the process there
-        gc.collect()
 
 
 def all_reduce_mean(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
