@@ -289,7 +289,7 @@ def pretrain(cfg: PretrainRunConfig, data_root: str | Path, output_dir: str | Pa
              resume: str | Path | bool | None = None, device: str | None = None, progress: bool = True
              ) -> dict[str, Any]:
     """Run (or resume) ECAMP pre-training; returns a summary with the last step and checkpoint path."""
-    from tqdm.auto import tqdm
+    from ecamp.console import progress_bar
 
     cfg.validate()
     data_root, out = Path(data_root), Path(output_dir)
@@ -312,7 +312,8 @@ def pretrain(cfg: PretrainRunConfig, data_root: str | Path, output_dir: str | Pa
     stop = total_steps if max_steps is None else min(total_steps, max_steps)
     log = MetricsLog(out, enabled=rt.main, sink=cfg.run.log if cfg.run.log in ("csv", "tensorboard") else None,
                      columns=CSV_COLUMNS, resume_step=pos.step if ckpt_path is not None else None)
-    bar = tqdm(total=stop, initial=pos.step, desc="pretrain", unit="step", disable=not (progress and rt.main))
+    bar = progress_bar(total=stop, initial=pos.step, desc="pretrain", unit="step",
+                       disable=not (progress and rt.main))
     run = _Run(cfg, rt, out, dataset, sampler, model, _compiled(wrap_ddp(model, rt), cfg), optimizer, scaler, pos, stop,
                micro_per_epoch, steps_per_epoch, _BadSamples(cfg.data.max_bad_samples), log, bar, time.time(),
                last_ckpt=ckpt_path)
