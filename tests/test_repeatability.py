@@ -218,3 +218,19 @@ def test_a_process_group_ecamp_opens_is_closed_at_exit(tmp_path):
          timeout=300)
     assert (tmp_path / "joined0").read_text() == (tmp_path / "joined1").read_text() == "2"
     assert (tmp_path / "exit0").read_text() == (tmp_path / "exit1").read_text() == "closed"
+
+
+@pytest.mark.slow
+def test_the_demo_twice_is_the_same_run(tmp_path):
+    # the whole offline demo, small: phantom data, tokenizer, pre-training, export, probes
+    code = ("import sys; from ecamp.train.demo import run_demo; "
+            "run_demo(sys.argv[1], n_pretrain=96, n_probe=200, max_steps=3, progress=False, echo=lambda *a: None)")
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out, seed in zip(outs, ("5", "6"), strict=True):
+        done = _run(["-c", code, str(out)], seed)
+        assert done.returncode == 0, done.stderr
+    a, b = outs
+    assert (a / "run" / "tokenizer.json").read_bytes() == (b / "run" / "tokenizer.json").read_bytes()
+    assert _rows(a / "run") == _rows(b / "run")
+    for name in ("encoder/model.safetensors", "pretrain/model.safetensors"):
+        assert (a / "export" / name).read_bytes() == (b / "export" / name).read_bytes(), name
