@@ -101,13 +101,13 @@ def _wrong_kind(src: _Source, kind: str) -> NotAnEncoderError:
     return NotAnEncoderError(f"{src.label} is an image encoder; load it with ecamp.load({short!r}).")
 
 
-def resolve_files(name: str, files: Sequence[str], *, kind: str = "encoder", optional: Sequence[str] = (),
+def resolve_files(name: str | _Source, files: Sequence[str], *, kind: str = "encoder", optional: Sequence[str] = (),
                   revision: str | None = None, cache_dir: PathLike | None = None, local_files_only: bool = False,
                   force_download: bool = False, manifest: ManifestLike = None) -> tuple[_Source, dict[str, Path]]:
     """The one resolver: any model name -> local, verified paths of ``files`` (plus those of ``optional`` that
     exist). Manifest files are sha256-checked against the manifest, ``hf-hub:`` LFS files against the Hub's own
-    sha256; ``local-dir:`` folders and the local store are read as they are."""
-    src = _resolve(name, revision, manifest)
+    sha256; ``local-dir:`` folders and the local store are read as they are. ``name`` may be already resolved."""
+    src = name if isinstance(name, _Source) else _resolve(name, revision, manifest)
     if src.kind == "manifest":
         assert src.entry is not None
         if src.entry.kind != kind:
@@ -161,7 +161,7 @@ def _fetch(src_name: str, *, pretrained: bool, revision: str | None, cache_dir: 
                      "model_args": dict(entry.model_args), "pretrained_cfg": dict(entry.pretrained_cfg),
                      "ecamp": dict(entry.ecamp)}, None, None
     wanted = [CONFIG_NAME, WEIGHTS_NAME] if pretrained else [CONFIG_NAME]
-    src, paths = resolve_files(src_name, wanted, revision=revision, cache_dir=cache_dir,
+    src, paths = resolve_files(src, wanted, revision=revision, cache_dir=cache_dir,
                                local_files_only=local_files_only, manifest=manifest)
     weights = paths.get(WEIGHTS_NAME) if pretrained else None
     return src, _read_config(paths[CONFIG_NAME], src.label), weights, paths[CONFIG_NAME]
@@ -251,7 +251,7 @@ def download(name: str, *, revision: str | None = None, cache_dir: PathLike | No
         kind = src.entry.kind
     else:
         files, optional, kind = [CONFIG_NAME, WEIGHTS_NAME], ["README.md", "tokenizer.json"], "encoder"
-    return resolve_files(name, files, kind=kind, optional=optional, revision=revision, cache_dir=cache_dir,
+    return resolve_files(src, files, kind=kind, optional=optional, revision=revision, cache_dir=cache_dir,
                          force_download=force_download, manifest=manifest)[1]
 
 
