@@ -85,7 +85,15 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
 
     writer = {"pretrain": phantom.write_phantom, "classification": phantom.write_phantom_classification,
               "segmentation": phantom.write_phantom_segmentation, "detection": phantom.write_phantom_detection}
-    root = writer[args.kind](args.out, args.n, seed=args.seed, size=args.size, progress=not args.no_progress)
+    extra = {}
+    if args.kind == "pretrain":
+        extra = {"report": args.report, "one_of": tuple(f for f in (args.one_of or "").split(",") if f)}
+        if args.p_finding is not None:
+            extra["p_finding"] = args.p_finding
+    elif args.report != "full" or args.one_of or args.p_finding is not None:
+        raise InvalidArgumentError("--report, --one-of and --p-finding shape pre-training phantoms (--kind pretrain).")
+    root = writer[args.kind](args.out, args.n, seed=args.seed, size=args.size, progress=not args.no_progress,
+                             **extra)
     print(f"wrote {args.n} phantom cases to {root}")
     return 0
 
@@ -135,10 +143,11 @@ def _cmd_sr_windows(args: argparse.Namespace) -> int:
     from ecamp.train.pretrain.sr_windows import compute_windows
 
     counts = compute_windows(args.checkpoint, args.data, args.out, reports_csv=args.reports_csv,
-                             batch_size=args.batch_size, device=args.device, query=args.query,
-                             progress=not args.no_progress)
-    print(f"{counts['attention']} windows from attention, {counts['no_entity']} reports without an entity "
-          f"(left to data.default_window), written to {args.out}")
+                             batch_size=args.batch_size, device=args.device, method=args.method, query=args.query,
+                             save_maps=args.save_maps, n_maps=args.n_maps, progress=not args.no_progress)
+    print(f"{counts['windows']} windows by {args.method}, {counts['no_entity']} reports without an entity "
+          f"(left to data.default_window), written to {args.out}"
+          + (f"; pictures in {args.save_maps}" if args.save_maps else ""))
     return 0
 
 
@@ -253,15 +262,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", help="merge: the JSONL written by `ecamp train distill`")
     p.add_argument("--no-progress", action="store_true")
 
-    p = add("sr-windows", _cmd_sr_windows, "super-resolution windows from a first-stage model's entity attention")
+    p = add("sr-windows", _cmd_sr_windows, "super-resolution windows: where a first-stage model finds the evidence "
+                                           "for each report's findings")
     p.add_argument("--checkpoint", required=True, help="exported pre-training folder, run folder or checkpoint")
     p.add_argument("--data", required=True, help="data root with the reports CSV and images")
     p.add_argument("--out", required=True, help="windows CSV (img_path, label_i, label_j, source)")
     p.add_argument("--reports-csv", default="mimic-cxr-2.0.0-entity-llm.csv")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default=None)
+    p.add_argument("--method", choices=("occlusion", "gradient", "rollout", "max-heads"), default="occlusion",
+                   help="occlusion: the window whose patches alone best explain the masked finding words; gradient: "
+                        "gradient-weighted cross-attention; rollout: cross-attention through the encoder's rollout; "
+                        "max-heads: cross-attention, max over heads (the literal reading of the authors' figure)")
     p.add_argument("--query", choices=("plain", "masked"), default="plain",
-                   help="entity positions hold the entity words (plain) or [MASK] (masked) when attention is read")
+                   help="rollout, max-heads: the finding positions hold their words (plain) or [MASK] when "
+                        "attention is read")
+    p.add_argument("--save-maps", default=None, metavar="DIR",
+                   help="write PNG pictures (film, map, chosen window) of the first --n-maps films (ecamp[plot])")
+    p.add_argument("--n-maps", type=int, default=16)
     p.add_argument("--no-progress", action="store_true")
 
     p = add("phantom", _cmd_phantom, "write a synthetic chest-film data set (pre-training or downstream layout)")
@@ -272,6 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=("pretrain", "classification", "segmentation", "detection"), default="pretrain",
                    help="pretrain: the authors' MIMIC-CXR layout; classification, segmentation, detection: their "
                         "downstream list files (effusion masks and boxes for the dense tasks)")
+    p.add_argument("--report", choices=("full", "short"), default="full",
+                   help="pretrain: full reports name every finding, present or negated; short ones only those present")
+    p.add_argument("--one-of", default=None, metavar="F1,F2",
+                   help="pretrain: every film also shows one of these findings (effusion, nodule, cardiomegaly, "
+                        "pneumothorax), drawn uniformly")
+    p.add_argument("--p-finding", type=float, default=None,
+                   help="pretrain: probability of each finding (default 0.35)")
     p.add_argument("--no-progress", action="store_true")
     return parser
 

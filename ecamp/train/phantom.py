@@ -16,7 +16,9 @@ The data set is written in the authors' MIMIC-CXR pre-training layout, so the re
   for the LLM output);
 * ``mimic-cxr-2.0.0-attn-label.csv``: ``img_path, label_i, label_j``, the 12x12 window (on the 14x14 grid) over the
   main finding (centre for normal images);
-* ``labels.csv``: per image 0/1 per finding plus side and size, for probing.
+* ``labels.csv``: per image 0/1 per finding plus side and size, for probing;
+* ``findings.csv``: ``img_path, finding, side, x1, y1, x2, y2, size``, the pixel box of each drawn finding (not
+  cardiomegaly, which has no region) on a film of ``size`` pixels.
 """
 
 from __future__ import annotations
@@ -69,9 +71,16 @@ def _ellipse(yy, xx, cy, cx, ry, rx):
 
 
 def make_case(rng: np.random.Generator, size: int = 256, p_finding: float = 0.35, variation: float = 1.0,
-              force: tuple[str, ...] = ()) -> PhantomCase:
+              force: tuple[str, ...] = (), report: str = "full") -> PhantomCase:
     """One phantom. ``variation`` scales the differences between patients and exposures (1: the default spread,
-    0: every film alike apart from its findings); the random draws are the same whatever its value."""
+    0: every film alike apart from its findings); the random draws are the same whatever its value.
+
+    ``report``: ``"full"`` names every finding, present or negated; ``"short"`` keeps only the sentences of the
+    findings present ("Large left pleural effusion."), the same film with a report whose words all point at it."""
+    if report not in ("full", "short"):
+        from ecamp.errors import InvalidArgumentError
+
+        raise InvalidArgumentError(f"report must be 'full' or 'short', got {report!r}.")
     # one function on purpose: the seeded draws happen in this order, and the written files are promised
     # byte-identical across versions
     s = size
@@ -160,10 +169,13 @@ def make_case(rng: np.random.Generator, size: int = 256, p_finding: float = 0.35
     negatives = [f for f in FINDINGS if f not in present]
     for f in negatives:
         sentences.append(_NEGATIONS[f][int(rng.integers(len(_NEGATIONS[f])))])
+    n_positive = len(sentences) - len(negatives)  # the "short" report drops the rest after the same draws
     if not present:
         sentences.insert(0, "The lungs are clear.")
     order = rng.permutation(len(sentences))
-    report = " ".join(sentences[i] for i in order)
+    if report == "short" and present:
+        order = [i for i in order if i < n_positive]
+    text = " ".join(sentences[i] for i in order)
     context = " ".join(_CONTEXT[f] for f in present)
     # soft tissue, blur and noise: a film, not a cartoon
     from PIL import Image, ImageFilter
@@ -178,7 +190,7 @@ def make_case(rng: np.random.Generator, size: int = 256, p_finding: float = 0.35
     arr = np.asarray(pil).astype(np.float32) + rng.normal(0, vary(3, 10), (s, s))
     image = np.clip(arr, 0, 255).astype(np.uint8)
     window = window_around(focus[0] / s, focus[1] / s, AUTHORS_GRID, AUTHORS_WINDOW) if focus else (1, 1)
-    return PhantomCase(image, labels, attrs, report, context, window, masks)
+    return PhantomCase(image, labels, attrs, text, context, window, masks)
 
 
 def _films(root: Path, n: int, seed: int, prefix: str, make: Callable[[np.random.Generator], PhantomCase],
@@ -199,17 +211,31 @@ def _films(root: Path, n: int, seed: int, prefix: str, make: Callable[[np.random
 
 
 def write_phantom(out: str | os.PathLike, n: int, seed: int = 0, size: int = 256, progress: bool = False,
-                  variation: float = 1.0, p_finding: float = 0.35, force: tuple[str, ...] = ()) -> Path:
+                  variation: float = 1.0, p_finding: float = 0.35, force: tuple[str, ...] = (),
+                  report: str = "full", one_of: tuple[str, ...] = ()) -> Path:
     """Write ``n`` phantom cases in the authors' MIMIC-CXR layout under ``out``; returns the folder. Each finding
-    appears with probability ``p_finding``; those in ``force`` always do."""
+    appears with probability ``p_finding``; those in ``force`` always do; with ``one_of``, every film also shows
+    one finding drawn uniformly from it. ``report`` as in :func:`make_case`."""
     from ecamp.errors import InvalidArgumentError
 
     if n < 1:
         raise InvalidArgumentError(f"--n must be at least 1, got {n}.")
     root = Path(out)
-    reports, windows, labels = [], [], []
-    make = partial(make_case, size=size, p_finding=p_finding, variation=variation, force=force)
+    reports, windows, labels, boxes = [], [], [], []
+    unknown = sorted((set(force) | set(one_of)) - set(FINDINGS))
+    if unknown:
+        raise InvalidArgumentError(f"Unknown phantom finding(s) {unknown}; they are {list(FINDINGS)}.")
+
+    def make(rng: np.random.Generator) -> PhantomCase:
+        drawn = (one_of[int(rng.integers(len(one_of)))],) if one_of else ()
+        return make_case(rng, size, p_finding=p_finding, variation=variation, force=(*force, *drawn), report=report)
+
     for rel, case in _films(root, n, seed, "p", make, progress):
+        for finding, mask in (case.masks or {}).items():
+            if mask.any():
+                ys, xs = np.nonzero(mask)
+                boxes.append([rel, finding, case.attrs.get(f"{finding}_side", ""), int(xs.min()), int(ys.min()),
+                              int(xs.max()) + 1, int(ys.max()) + 1, size])
         reports.append([rel, case.report, case.context])
         windows.append([rel, *case.window])
         labels.append([rel, *[case.labels[f] for f in FINDINGS],
@@ -219,6 +245,7 @@ def write_phantom(out: str | os.PathLike, n: int, seed: int = 0, size: int = 256
     write_csv(root / "mimic-cxr-2.0.0-attn-label.csv", ["img_path", "label_i", "label_j"], windows)
     write_csv(root / "labels.csv", ["img_path", *FINDINGS, "effusion_side", "nodule_side", "pneumothorax_side",
                                      *[f"{f}_size" for f in FINDINGS]], labels)
+    write_csv(root / "findings.csv", ["img_path", "finding", "side", "x1", "y1", "x2", "y2", "size"], boxes)
     return root
 
 

@@ -1,31 +1,34 @@
-"""Context-guided super-resolution windows (``ecamp sr-windows``): where the report's entities look in the image.
+"""Context-guided super-resolution windows (``ecamp train sr-windows``): where the evidence for a report's findings
+lies in the image, as seen by a first-stage ECAMP model.
 
-The authors' windows (``label_i, label_j``: the top-left cell of a 12x12 window on the 14x14 patch grid) came from
-a script they did not publish. This is our reading of the method (dossier section 5): run a first-stage ECAMP model
-with every patch visible, in grid order; feed the report (``[CLS]`` + report, no context) to the text side; take the
-fusion layer's text-to-patch cross-attention probabilities at the report's entity tokens, the maximum over heads,
-summed over the entity tokens; and pick the window with the largest total attention. Windows are searched only
-among valid offsets, so a window outside the grid cannot occur. Reports without an entity get no window (empty
-labels), and the pre-training data then uses ``data.default_window`` (the centre, or a random window drawn anew
-every epoch).
+The authors' windows (``label_i, label_j``: the top-left cell of a 12x12 window on the 14x14 patch grid) came from a
+script they did not publish. Every rule here runs the first stage with all patches visible, in grid order, feeds
+the report (``[CLS]`` + report, no context) to the text side and scores the valid windows only, so a window outside
+the grid cannot occur. The *targets* are the report's finding mentions: the entity tokens and their descriptors
+(the up to two tokens before an entity, as the MLM weighting defines them), because the side and size of a finding
+("left", "large") are descriptors. Reports without an entity get no window (empty labels), and the pre-training data
+then uses ``data.default_window``.
 
-``query`` chooses what the entity positions hold when the attention is read:
+``method``:
 
-* ``"plain"`` (default): the report as written, the entity words themselves (the reading above);
-* ``"masked"``: the entity tokens replaced by ``[MASK]``. In MLM training an entity must be predicted from the image
-  exactly when it is masked, so this is where image-grounded attention should live; it is still the attention
-  "from the report's entity tokens" (the same positions), only with the word hidden.
+* ``"occlusion"`` (default): for each window, the log-likelihood of the masked targets when only that window's
+  patches (and their mean, the global token) are visible to the fusion layer; the window whose patches best explain
+  the words wins. Forward passes only, one per window, batched. Sign-consistent by construction: a head that looks
+  at the normal lung cannot cancel it, because only the words' likelihood is scored.
+* ``"gradient"``: gradient-weighted cross-attention (attention x d log-likelihood / d attention, positive part,
+  mean over heads, summed over the masked targets), then the window with the largest sum.
+* ``"rollout"``: head-mean cross-attention of the targets composed with the attention rollout of the image
+  encoder (identity-augmented, head-mean, multiplied through the blocks), then the largest window sum.
+* ``"max-heads"``: the fusion layer's cross-attention, maximum over heads, summed over the targets: the literal
+  reading of the authors' visualisation. ``query`` chooses whether the targets hold their words (``"plain"``) or
+  ``[MASK]`` (``"masked"``) when attention is read (``rollout`` and ``max-heads``; the other two always mask them).
 
-Measured on held-out phantoms (``ecamp.train.phantom``, findings at known places), neither query localises the
-finding yet: windows point to the finding's side at chance (0.46-0.53, chance 0.5). With full phantom reports the
-small first stages a CPU can train (the demo preset's 1,240 steps; 1,500 steps on effusion-only phantoms without
-flips) do not use the image for the side words, although their encoder carries the side (a linear probe on its
-tokens: 1.0): a masked "left"/"right" is predicted at chance with or without the image. With one-sentence reports a
-first stage does read the side (75 % vs 51 % with a blank image), and single heads are then strongly lateralised,
-but one attends to the finding and another to the opposite, normal lung (side AUROCs 0.85 and 0.0), so the maximum
-over heads cancels out. The vertical separation of findings in the maps (effusion low, pneumothorax high) survives
-pairing each report with another film: a prior of the entity word. These windows are therefore "where this model's
-entity words attend"; their value depends on the first stage.
+Measured on 400 held-out phantoms with one lateralised finding each (``scripts/sr_windows_phantom.py``; table and
+figures in ``docs/sr-windows.md``), with a demo-size first stage trained on the CPU: the window lies on the finding's
+side for 0.78 of the films by occlusion, 0.64 by gradient, 0.29 by rollout and 0.20 by max-heads (chance 0.5; below
+it, attention points at the normal lung), and equals the true window for 0.31 by occlusion against 0.305 for the
+best constant window. That first stage reads the side word itself only weakly (AUROC 0.59 with the film, 0.57 with
+a blank one); occlusion finds the side through the likelihood of the whole mention.
 """
 
 from __future__ import annotations
@@ -48,18 +51,25 @@ from ecamp.train.pretrain.windows import to_authors
 # the reader settings an exported pre-training folder keeps (its ecamp block "data") for computing windows
 _READER_FIELDS = ("image_policy", "image_root", "mean", "std")
 
-__all__ = ["QUERIES", "best_window", "compute_windows", "entity_attention_maps", "load_stage1"]
+__all__ = ["METHODS", "QUERIES", "WindowScores", "best_window", "box_sums", "compute_windows",
+           "entity_attention_maps", "load_stage1", "phantom_agreement", "score_windows", "target_positions"]
 
+METHODS = ("occlusion", "gradient", "rollout", "max-heads")
 QUERIES = ("plain", "masked")
+
+
+def box_sums(values: np.ndarray | torch.Tensor, window: int):
+    """Sums over every ``window`` x ``window`` square of ``[..., g, g]`` maps: ``[..., g-window+1, g-window+1]``."""
+    t = torch.as_tensor(values, dtype=torch.float64)
+    c = F.pad(t, (1, 0, 1, 0)).cumsum(-2).cumsum(-1)
+    sums = c[..., window:, window:] - c[..., :-window, window:] - c[..., window:, :-window] + c[..., :-window, :-window]
+    return sums.numpy() if isinstance(values, np.ndarray) else sums
 
 
 def best_window(attention: np.ndarray, window: int) -> tuple[int, int]:
     """Top-left cell of the ``window`` x ``window`` square with the largest sum on a [g, g] map."""
-    g = attention.shape[0]
-    c = np.pad(attention, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
-    sums = c[window:, window:] - c[:-window, window:] - c[window:, :-window] + c[:-window, :-window]
+    sums = box_sums(attention, window)
     top, left = np.unravel_index(int(np.argmax(sums)), sums.shape)
-    assert 0 <= top <= g - window and 0 <= left <= g - window
     return int(top), int(left)
 
 
@@ -84,12 +94,181 @@ def load_stage1(source: str | Path) -> tuple[Any, Any, DataConfig]:
     return model.eval(), load_tokenizer(folder / "tokenizer.json"), data
 
 
+def target_positions(enc: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` bool: the entity tokens and their descriptors (the finding mentions) of tokenised reports."""
+    from ecamp.text.report import mask_tokens
+
+    ids = input_ids.cpu().numpy()
+    out = np.zeros(ids.shape, dtype=bool)
+    never = np.ones(ids.shape[1])
+    for b, row in enumerate(ids):
+        _, desc, ent = mask_tokens(row, never, never, is_continuation=enc.is_continuation, is_entity=enc.is_entity,
+                                   dot_id=enc.dot_id, mask_id=enc.mask_id, pad_id=enc.pad_id, cfg=enc.config)
+        if ent.size:
+            out[b, ent] = True
+            out[b, desc] = True
+    return torch.from_numpy(out).to(input_ids.device) & (attention_mask > 0)
+
+
+class _Attention:
+    """Keeps attention probabilities while active: the fusion layer's cross-attention (eager BERT attention
+    returns them) and, with ``encoder=True``, each image block's softmax (its ``attn_drop`` input, with timm's
+    fused attention switched off). Everything is restored on exit."""
+
+    def __init__(self, model: Any, encoder: bool = False):
+        self.model, self.encoder = model, encoder
+        self.blocks: list[torch.Tensor] = []
+
+    def __enter__(self) -> _Attention:
+        fusion = self.model.text.context_fusion_layer
+        self._impl = self.model.text.bert_config._attn_implementation
+        self.model.text.bert_config._attn_implementation = "eager"  # only eager attention returns probabilities
+        fusion.keep_attention = True
+        self._hooks, self._fused = [], []
+        if self.encoder:
+            for blk in self.model.encoder.blocks:
+                self._fused.append(blk.attn.fused_attn)
+                blk.attn.fused_attn = False
+                self._hooks.append(blk.attn.attn_drop.register_forward_hook(
+                    lambda _m, _a, out: self.blocks.append(out.detach())))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        fusion = self.model.text.context_fusion_layer
+        fusion.keep_attention = False
+        fusion.last_cross_attention = None
+        self.model.text.bert_config._attn_implementation = self._impl
+        for h in self._hooks:
+            h.remove()
+        for blk, fused in zip(self.model.encoder.blocks, self._fused, strict=False):
+            blk.attn.fused_attn = fused
+
+    @property
+    def cross(self) -> torch.Tensor:
+        return self.model.text.context_fusion_layer.last_cross_attention
+
+
+def _encode(model: Any, images: torch.Tensor) -> torch.Tensor:
+    """Projected patch tokens ``[B, grid*grid, text_hidden]`` of all patches in grid order (row-major)."""
+    cfg = model.config
+    small = F.interpolate(images, size=(cfg.img_size, cfg.img_size), mode="bicubic", align_corners=False,
+                          antialias=cfg.encoder_resize_antialias)
+    order = torch.arange(cfg.grid**2, dtype=torch.float32, device=images.device).expand(images.shape[0], -1)
+    latent, _, _, _ = model.forward_encoder(small, 0.0, order)
+    return model.bert_mlp(latent)[:, 1:]
+
+
+def _log_likelihood(logits: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``[B]`` summed log-probability of the true tokens at the target positions."""
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, input_ids[..., None]).squeeze(-1)
+    return (logp * targets).sum(-1)
+
+
+def _window_index(grid: int, window: int, device: torch.device) -> torch.Tensor:
+    """``[n*n, window*window]`` patch indices of every valid window (row-major over top-left offsets)."""
+    n = grid - window + 1
+    cells = torch.arange(window, device=device)
+    rows = []
+    for top in range(n):
+        for left in range(n):
+            rows.append(((top + cells)[:, None] * grid + (left + cells)[None, :]).reshape(-1))
+    return torch.stack(rows)
+
+
+@dataclasses.dataclass
+class WindowScores:
+    """Per report: ``scores [B, n, n]`` over the valid top-left offsets (higher wins), ``maps [B, g, g]`` a patch
+    map for pictures, ``has_target [B]``."""
+
+    scores: torch.Tensor
+    maps: torch.Tensor
+    has_target: torch.Tensor
+
+    def best(self) -> list[tuple[int, int]]:
+        n = self.scores.shape[-1]
+        flat = self.scores.reshape(self.scores.shape[0], -1).argmax(-1).tolist()
+        return [divmod(int(i), n) for i in flat]
+
+
+def _occlusion(model, tokens, ids, attention_mask, targets, mask_id, window) -> tuple[torch.Tensor, torch.Tensor]:
+    g = model.config.grid
+    idx = _window_index(g, window, tokens.device)  # [K, w*w]
+    k, b = idx.shape[0], tokens.shape[0]
+    masked = torch.where(targets, torch.full_like(ids, mask_id), ids)
+    seen = tokens[:, idx]  # [B, K, w*w, H]: only the window's patches
+    seen = seen.reshape(b * k, idx.shape[1], -1)
+    rep = lambda t: t.repeat_interleave(k, 0)  # noqa: E731
+    logits = model.text(rep(masked), rep(attention_mask), torch.zeros_like(rep(ids)), seen, seen.mean(1, keepdim=True))
+    ll = _log_likelihood(logits, rep(ids), rep(targets)).reshape(b, k)
+    n = g - window + 1
+    # patch map: the probability that a patch lies in the window, windows weighted by their likelihood
+    post = torch.softmax(ll.double(), dim=-1).float()
+    member = torch.zeros(k, g * g, device=tokens.device).scatter_(1, idx, 1.0)
+    return ll.reshape(b, n, n), (post @ member).reshape(b, g, g)
+
+
+def _gradient(model, tokens, ids, attention_mask, targets, mask_id) -> torch.Tensor:
+    masked = torch.where(targets, torch.full_like(ids, mask_id), ids)
+    with torch.enable_grad(), _Attention(model) as att:
+        logits = model.text(masked, attention_mask, torch.zeros_like(ids), tokens, tokens.mean(1, keepdim=True))
+        cross = att.cross
+        # the gradient with respect to the attention only: the model's parameter gradients stay untouched
+        (grad,) = torch.autograd.grad(_log_likelihood(logits, ids, targets).sum(), cross)
+        relevance = (grad * cross).clamp_min(0).mean(1)  # [B, T, P]
+    return (relevance * targets[..., None]).sum(1).detach()
+
+
+def _rollout(blocks: list[torch.Tensor]) -> torch.Tensor:
+    """Attention rollout ``[B, N, N]`` of an encoder: identity-augmented, head-mean, row-normalised, multiplied."""
+    out = None
+    for a in blocks:
+        a = a.float().mean(1)
+        a = 0.5 * a + 0.5 * torch.eye(a.shape[-1], device=a.device)
+        a = a / a.sum(-1, keepdim=True)
+        out = a if out is None else a @ out
+    return out
+
+
+@torch.no_grad()
+def score_windows(model: Any, enc: Any, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  *, method: str = "occlusion", query: str = "plain") -> WindowScores:
+    """Window scores of a batch of films (``images`` at the SR resolution, read as for pre-training) and their
+    tokenised reports, by ``method`` (module docstring)."""
+    if method not in METHODS:
+        raise InvalidArgumentError(f"method must be one of {METHODS}, got {method!r}.")
+    if query not in QUERIES:
+        raise InvalidArgumentError(f"query must be one of {QUERIES}, got {query!r}.")
+    cfg = model.config
+    g, w = cfg.grid, cfg.sr_window
+    targets = target_positions(enc, input_ids, attention_mask)
+    has = targets.any(1)
+    if method == "occlusion":
+        scores, maps = _occlusion(model, _encode(model, images), input_ids, attention_mask, targets, enc.mask_id, w)
+        return WindowScores(scores, maps, has)
+    if method == "gradient":
+        maps = _gradient(model, _encode(model, images), input_ids, attention_mask, targets, enc.mask_id)
+    else:
+        with _Attention(model, encoder=method == "rollout") as att:
+            tokens = _encode(model, images)
+            ids = torch.where(targets, torch.full_like(input_ids, enc.mask_id), input_ids) if query == "masked" \
+                else input_ids
+            model.text(ids, attention_mask, torch.zeros_like(ids), tokens, tokens.mean(1, keepdim=True))
+            cross = att.cross.float()  # [B, heads, T, P]
+            if method == "max-heads":
+                maps = (cross.amax(1) * targets[..., None]).sum(1)
+            else:
+                per_token = (cross.mean(1) * targets[..., None]).sum(1)  # [B, P] over the encoder's outputs
+                maps = torch.einsum("bp,bpq->bq", per_token, _rollout(att.blocks)[:, 1:, 1:])
+    maps = maps.reshape(-1, g, g)
+    return WindowScores(box_sums(maps, w).float(), maps, has)
+
+
 @torch.no_grad()
 def entity_attention_maps(model: Any, enc: Any, image_tokens: torch.Tensor, input_ids: torch.Tensor,
                           attention_mask: torch.Tensor, *, query: str = "plain"
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-attention maps ``[B, grid, grid]`` of the fusion layer from the entity tokens (max over heads, summed
-    over the entity positions) and a ``[B]`` bool of which reports have an entity (others get an all-zero map).
+    """The ``max-heads`` map from given image tokens: cross-attention ``[B, grid, grid]`` from the entity tokens
+    (max over heads, summed over the entity positions) and a ``[B]`` bool of which reports have an entity.
 
     ``image_tokens`` are the projected patch tokens ``[B, grid*grid, text_hidden]`` in grid order (row-major);
     ``enc`` is the :class:`ecamp.text.ReportEncoder` whose ``is_entity`` table and ``mask_id`` are used.
@@ -97,38 +276,64 @@ def entity_attention_maps(model: Any, enc: Any, image_tokens: torch.Tensor, inpu
     if query not in QUERIES:
         raise InvalidArgumentError(f"query must be one of {QUERIES}, got {query!r}.")
     g = model.config.grid
-    fusion = model.text.context_fusion_layer
-    bert_config = model.text.bert_config
-    previous = bert_config._attn_implementation
-    bert_config._attn_implementation = "eager"  # only eager attention returns the probabilities
-    fusion.keep_attention = True
     lut = torch.from_numpy(enc.is_entity).to(input_ids.device)
     entity = lut[input_ids] & (attention_mask > 0)
     ids = torch.where(entity, torch.full_like(input_ids, enc.mask_id), input_ids) if query == "masked" else input_ids
-    try:
+    with _Attention(model) as att:
         model.text(ids, attention_mask, torch.zeros_like(ids), image_tokens, image_tokens.mean(1, keepdim=True))
-        probs = fusion.last_cross_attention.float().amax(dim=1)  # [B, T, patches]
-    finally:
-        fusion.keep_attention = False
-        fusion.last_cross_attention = None
-        bert_config._attn_implementation = previous
+        probs = att.cross.float().amax(dim=1)  # [B, T, patches]
     maps = (probs * entity[..., None].to(probs.dtype)).sum(1).reshape(-1, g, g)
     return maps, entity.any(1)
+
+
+def phantom_agreement(windows_csv: str | Path, phantom_root: str | Path) -> dict[str, float]:
+    """How windows (a ``compute_windows`` CSV) match a phantom data set's truth (``ecamp.train.phantom``): ``side``,
+    the share of films with one lateralised finding whose window lies on the finding's side (``label_j`` 2 for the
+    patient's left, the image's right; 0 for the right; 1 is on neither side); ``exact``, the share equal to the
+    phantom's window; ``best_constant``, the exact share of the most frequent true window (what one window for
+    every film reaches)."""
+    root = Path(phantom_root)
+    truth = {r["img_path"]: (int(r["label_i"]), int(r["label_j"]))
+             for r in read_table(root / "mimic-cxr-2.0.0-attn-label.csv", ["img_path", "label_i", "label_j"])}
+    sides = {}
+    for r in read_table(root / "labels.csv", ["img_path", "effusion_side", "nodule_side", "pneumothorax_side"]):
+        found = {r[k] for k in ("effusion_side", "nodule_side", "pneumothorax_side")} - {""}
+        if len(found) == 1:
+            sides[r["img_path"]] = found.pop()
+    rows = [r for r in read_table(windows_csv, ["img_path", "label_i", "label_j"]) if r["label_j"] != ""]
+    if not rows:
+        raise InvalidArgumentError(f"{windows_csv} holds no window.", path=windows_csv)
+    got = {r["img_path"]: (int(r["label_i"]), int(r["label_j"])) for r in rows}
+    lateral = [p for p in got if p in sides]
+    on_side = [(got[p][1] > 1) if sides[p] == "left" else (got[p][1] < 1) for p in lateral]
+    true = [truth[p] for p in got]
+    return {"films": len(got), "side": float(np.mean(on_side)) if on_side else float("nan"),
+            "exact": float(np.mean([got[p] == truth[p] for p in got])),
+            "best_constant": max(true.count(t) for t in set(true)) / len(true)}
 
 
 @torch.no_grad()
 def compute_windows(stage1: str | Path, data_root: str | Path, out_csv: str | Path, *,
                     reports_csv: str = "mimic-cxr-2.0.0-entity-llm.csv", batch_size: int = 16,
-                    device: str | None = None, query: str = "plain", progress: bool = True) -> dict[str, int]:
+                    device: str | None = None, method: str = "occlusion", query: str = "plain",
+                    save_maps: str | Path | None = None, n_maps: int = 16, progress: bool = True
+                    ) -> dict[str, int]:
     """Write ``img_path, label_i, label_j, source`` for every image of the reports CSV; returns counts.
 
-    ``query``: ``"plain"`` (the entity words) or ``"masked"`` (``[MASK]`` at the entity positions); module docstring.
+    ``method`` and ``query`` as in the module docstring. ``save_maps``: a folder for PNG pictures of the first
+    ``n_maps`` films (film, patch map, chosen window; the data's own windows and finding boxes when it has them).
     """
     from ecamp.console import progress_bar
     from ecamp.text import ReportEncoder
 
+    if method not in METHODS:
+        raise InvalidArgumentError(f"method must be one of {METHODS}, got {method!r}.")
     if query not in QUERIES:
         raise InvalidArgumentError(f"query must be one of {QUERIES}, got {query!r}.")
+    if save_maps is not None:
+        from ecamp.train.pretrain.sr_maps import MapWriter
+
+        maps_out = MapWriter(save_maps, data_root, method=method)  # matplotlib checked before the long run
     model, tokenizer, data_cfg = load_stage1(stage1)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(dev)
@@ -138,7 +343,7 @@ def compute_windows(stage1: str | Path, data_root: str | Path, out_csv: str | Pa
     rows = read_table(root / reports_csv, ["img_path", "report"], missing_hint=LAYOUT_HINT)
     size = cfg.sr_img_size
     results: list[list[Any]] = []
-    counts = {"images": len(rows), "attention": 0, "no_entity": 0}
+    counts = {"images": len(rows), "windows": 0, "no_entity": 0}
     for start in progress_bar(range(0, len(rows), batch_size), desc="sr-windows", unit="batch",
                               disable=not progress):
         chunk = rows[start:start + batch_size]
@@ -150,20 +355,17 @@ def compute_windows(stage1: str | Path, data_root: str | Path, out_csv: str | Pa
             ids.append(torch.from_numpy(t))
             masks.append(torch.from_numpy(m))
         x = torch.stack(images).to(dev)
-        small = F.interpolate(x, size=(cfg.img_size, cfg.img_size), mode="bicubic", align_corners=False)
-        order = torch.arange(cfg.grid**2, dtype=torch.float32, device=dev).expand(x.shape[0], -1)
-        latent, _, _, _ = model.forward_encoder(small, 0.0, order)  # all patches, in grid order
-        tokens = model.bert_mlp(latent)[:, 1:]
-        input_ids, attn = torch.stack(ids).to(dev), torch.stack(masks).to(dev)
-        amaps, has_entity = entity_attention_maps(model, enc, tokens, input_ids, attn, query=query)
-        for b, r in enumerate(chunk):
-            if not has_entity[b]:
+        found = score_windows(model, enc, x, torch.stack(ids).to(dev), torch.stack(masks).to(dev), method=method,
+                              query=query)
+        for b, (r, offset) in enumerate(zip(chunk, found.best(), strict=True)):
+            if not found.has_target[b]:
                 results.append([r["img_path"], "", "", "no-entity"])
                 counts["no_entity"] += 1
                 continue
-            amap = amaps[b].cpu().numpy()
-            top, left = best_window(amap, cfg.sr_window)
-            results.append([r["img_path"], *to_authors((top, left), cfg.grid, cfg.sr_window), "attention"])
-            counts["attention"] += 1
+            results.append([r["img_path"], *to_authors(offset, cfg.grid, cfg.sr_window), method])
+            counts["windows"] += 1
+            if save_maps is not None and start + b < n_maps:
+                maps_out.write(r["img_path"], r["report"], x[b, 0].cpu(), found.maps[b].cpu().numpy(), offset,
+                               cfg.grid, cfg.sr_window)
     write_csv(out_csv, ["img_path", "label_i", "label_j", "source"], results)
     return counts
