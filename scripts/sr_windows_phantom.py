@@ -75,14 +75,14 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     out = Path(args.out)
     with tempfile.TemporaryDirectory(prefix="sr-stage1-") as tmp:
-        tmp = args.keep or tmp
+        tmp = args.keep or tmp  # noqa: PLW2901
         for kind in args.kinds.split(","):
             data = write_data(Path(tmp) / kind / "data", args.n, TRAIN_SEED)
             if kind == "shuffled":
                 shuffle_pairs(data, TRAIN_SEED)
             t0 = time.time()
-            summary = pretrain(stage1_config(args.steps, args.save_every), data, Path(tmp) / kind / "run", max_steps=args.steps,
-                               progress=not args.no_progress)
+            summary = pretrain(stage1_config(args.steps, args.save_every), data, Path(tmp) / kind / "run",
+                               max_steps=args.steps, progress=not args.no_progress)
             export_checkpoint(summary["checkpoint"], Path(tmp) / kind / "export", "cxr-vit-b")
             dest = out / kind
             shutil.rmtree(dest, ignore_errors=True)
