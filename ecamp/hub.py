@@ -11,23 +11,29 @@ the Hub yet, e.g. converted from the authors' release; ``ecamp.load(name)`` look
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import (
     ChecksumMismatchError,
     HubConnectionError,
     InvalidArgumentError,
+    ManifestError,
     NotCachedError,
     RemoteFileNotFoundError,
     RepoNotFoundError,
     RevisionNotFoundError,
+    UnknownModelError,
 )
 from .fileio import sha256_file
-from .registry import ModelEntry
+from .registry import ManifestLike, ModelEntry, _EcampBlock, _PretrainedCfg, load_manifest
 
 __all__ = [
     "ecamp_home",
@@ -41,11 +47,15 @@ __all__ = [
     "verify_lfs_blob",
     "split_hub_spec",
     "save_pretrained",
+    "manifest_entry",
 ]
 
 logger = logging.getLogger("ecamp")
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+# The keys a manifest entry's pretrained_cfg and ecamp block may hold (registry's schema)
+_PCFG_FIELDS = frozenset(f.name for f in dataclasses.fields(_PretrainedCfg))
+_ECAMP_FIELDS = frozenset(f.name for f in dataclasses.fields(_EcampBlock))
 
 
 def ecamp_home() -> Path:
@@ -203,9 +213,224 @@ def verify_lfs_blob(path: Path) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# save_pretrained: the timm-format folder (config.json + model.safetensors + README.md)
+# Manifest entries and model cards of timm-format folders, both built from the manifest entry a folder comes from
 
+# Tags the Hub filters on, and the data sets ECAMP pre-trains on, per modality
 _CARD_TAGS = {"cxr": ["chest-x-ray", "radiology"], "fundus": ["fundus", "ophthalmology"]}
+_CARD_DATASETS = {"cxr": ["mimic-cxr"], "fundus": ["ffa-ir"]}
+# What a folder's weights are to the manifest entry it names: that entry's own weights ("is"); fine-tuned or
+# otherwise changed from them ("derives"); trained anew by `ecamp train` with its recipe ("recipe"); or only an
+# encoder of the same modality ("family").
+
+
+@dataclass(frozen=True)
+class _Origin:
+    entry: ModelEntry | None  # the manifest entry the folder is or comes from; None outside the ECAMP family
+    relation: str
+    name: str | None  # the folder's own manifest name, when it can have one
+
+
+def _find_entry(name: object, manifests: Sequence[ManifestLike]) -> ModelEntry | None:
+    """The image-encoder entry ``name`` resolves to in the first of ``manifests`` that knows it."""
+    if not isinstance(name, str) or not name:
+        return None
+    for manifest in manifests:
+        try:
+            entry = load_manifest(manifest).resolve(name)
+        except UnknownModelError:
+            continue
+        except ManifestError as e:  # a card or entry says less, but saving weights does not fail over it
+            logger.warning("Not reading %s (the model card and manifest entry say less): %s",
+                           manifest or "the manifest", e)
+            continue
+        if entry.kind == "encoder":
+            return entry
+    return None
+
+
+def _modality_entry(modality: object, manifests: Sequence[ManifestLike]) -> ModelEntry | None:
+    for manifest in manifests:
+        with contextlib.suppress(ManifestError):
+            for entry in load_manifest(manifest).models.values():
+                if entry.kind == "encoder" and entry.ecamp.get("modality") == modality:
+                    return entry
+    return None
+
+
+def _origin(config: Mapping[str, Any], manifest: ManifestLike = None) -> _Origin:
+    """Which manifest entry the folder of ``config`` is, or comes from (``manifest`` first, then the default)."""
+    block = config.get("ecamp") or {}
+    manifests = [manifest, None] if manifest is not None else [None]
+    parent = _find_entry(block.get("derived_from"), manifests)
+    named = _find_entry(block.get("name"), manifests)
+    own_name = None if named is not None else block.get("name")
+    if parent is not None:
+        return _Origin(parent, "derives", own_name)
+    if named is not None:
+        same_head = (named.pretrained_cfg.get("num_classes") or 0) == (config.get("num_classes") or 0)
+        trained = "checkpoint" in (block.get("provenance") or {})  # what `ecamp train export` records
+        if same_head:
+            return _Origin(named, "recipe", None) if trained else _Origin(named, "is", named.name)
+        return _Origin(named, "derives", None)
+    return _Origin(_modality_entry(block.get("modality"), manifests), "family", own_name)
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-ready deep copy of a manifest value (mappings and tuples of the parsed entry)."""
+    return json.loads(json.dumps(value))
+
+
+def _entry(config: Mapping[str, Any], origin: _Origin, *, name: str | None, hf_repo: str | None,
+           files: Sequence[Mapping[str, Any]] = (), revision: str | None = None) -> dict[str, Any]:
+    """The manifest entry (docs/manifest.md) of a folder: what the folder holds, plus what ``origin`` records."""
+    block = config.get("ecamp") or {}
+    n = config.get("num_classes") or 0
+    pcfg = {k: v for k, v in (config.get("pretrained_cfg") or {}).items() if k in _PCFG_FIELDS and v is not None}
+    pcfg["num_classes"] = n
+    if hf_repo:
+        pcfg["hf_hub_id"] = hf_repo
+    what = f"A {n}-class classifier" if n else "An image encoder"
+    base = origin.entry
+    entry: dict[str, Any] = {
+        "aliases": [], "kind": "encoder",
+        "description": block.get("description") or f"{what} ({config['architecture']}) in timm format, exported by "
+                                                    f"ecamp.",
+        "architecture": config["architecture"], "model_args": _plain(config.get("model_args") or {}),
+        "hf_repo": hf_repo, "revision": revision, "published": revision is not None,
+        "files": [dict(f) for f in files], "pretrained_cfg": _plain(pcfg),
+        "ecamp": {k: v for k, v in block.items() if k in _ECAMP_FIELDS},
+        "license": pcfg.get("license") or "other", "license_note": "", "provenance": {}, "training": {},
+        "metrics": [],
+    }
+    if base is None:
+        return entry
+    prov = dict(base.provenance)
+    derived_prov = {"paper": prov["paper"], "original_file": None, "original_url": None,
+                    "conversion": "Saved by ecamp.save_pretrained as timm-format config.json and safetensors.",
+                    **({"code": prov["code"]} if prov.get("code") else {})}
+    entry.update(license=base.license, license_note=base.license_note)
+    if origin.relation == "is":
+        entry.update(aliases=list(base.aliases) if name == base.name else [], description=base.description,
+                     provenance=prov, training=dict(base.training), metrics=list(base.metrics))
+    elif origin.relation == "derives":
+        entry.update(description=block.get("description") or f"{what} derived from {base.name} "
+                                                              f"({base.description.rstrip('.')}).",
+                     provenance={**derived_prov, "notes": f"Derived from {base.name} ({base.hf_repo})."},
+                     training={"recipe": None, "data": base.training.get("data", ""),
+                               "notes": f"The data {base.name} was pre-trained on; later training is not recorded."})
+    elif origin.relation == "recipe":
+        checkpoint = Path(str(block["provenance"]["checkpoint"])).name
+        entry.update(description=block.get("description") or f"{base.description.rstrip('.')}, trained anew with "
+                                                              f"its recipe.",
+                     provenance={**derived_prov, "conversion": f"Exported by `ecamp train export` from {checkpoint}."},
+                     training=dict(base.training))
+    else:
+        modality = base.ecamp.get("modality")
+        entry.update(description=block.get("description") or f"{what} of the ECAMP family (modality {modality}); "
+                                                              f"the manifest records no weights it derives from.",
+                     provenance={**derived_prov, "notes": "No base weights are recorded for it."},
+                     training={"recipe": None, "data": "not recorded"})
+    return _plain(entry)
+
+
+def manifest_entry(config: Mapping[str, Any], *, name: str | None = None, hf_repo: str | None = None,
+                   files: Sequence[Mapping[str, Any]] = (), revision: str | None = None,
+                   manifest: ManifestLike = None) -> tuple[str | None, dict[str, Any]]:
+    """The manifest name and entry of a folder whose ``config.json`` is ``config``; ``revision`` marks it published.
+
+    Fields the folder cannot tell (licence, provenance, training, metrics) come from the manifest entry the folder
+    names in ``config["ecamp"]`` (``name``, ``derived_from``; looked up in ``manifest``, then ``$ECAMP_MANIFEST`` or
+    the packaged one); weights that differ from that entry's get no aliases and no metrics. ``name`` defaults to the
+    folder's own manifest name (None when it has none).
+    """
+    origin = _origin(config, manifest)
+    name = name or origin.name
+    return name, _entry(config, origin, name=name, hf_repo=hf_repo, files=files, revision=revision)
+
+
+def _bibtex(paper: Mapping[str, Any]) -> str:
+    key = re.sub(r"[^a-z0-9]", "", paper["title"].split()[0].lower()) + str(paper.get("year") or "")
+    fields = [("title", paper["title"]), ("journal", paper.get("venue")), ("year", paper.get("year")),
+              ("doi", paper.get("doi")), ("eprint", paper.get("arxiv")),
+              ("archiveprefix", "arXiv" if paper.get("arxiv") else None)]
+    body = ",\n".join(f"  {k} = {{{v}}}" for k, v in fields if v)
+    return f"@{'article' if paper.get('venue') else 'misc'}{{{key},\n{body}\n}}"
+
+
+def _model_card(config: Mapping[str, Any], origin: _Origin, entry: Mapping[str, Any], *, name: str | None,
+                hf_repo: str | None):
+    """The ``huggingface_hub.ModelCard`` of a folder: metadata for the Hub, then use, preprocessing, training data,
+    results, provenance, licence and citation, all from ``entry``."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    block = config.get("ecamp") or {}
+    pcfg = config["pretrained_cfg"]
+    modality = block.get("modality")
+    n = config.get("num_classes") or 0
+    task = "image-classification" if n else "image-feature-extraction"
+    base = origin.entry
+    lic = entry["license"]
+    data = ModelCardData(
+        library_name="timm", license=lic, license_name="see-model-card" if lic == "other" else None,
+        pipeline_tag=task, tags=["timm", task, "ecamp", "medical", *_CARD_TAGS.get(modality, [])],
+        datasets=_CARD_DATASETS.get(modality) if base is not None and origin.relation != "family" else None,
+        # the Hub refuses a base_model that is not an existing repo, so only a published base is named
+        base_model=base.hf_repo if base is not None and origin.relation == "derives" and base.published else None,
+        metrics=sorted({m["metric"] for m in entry["metrics"]}) or None,
+    )
+    repo = hf_repo or "<org>/<repo>"
+    out = "logits" if n else "embedding"
+    lines = [
+        f"# {name or hf_repo or config['architecture']}", "", entry["description"], "",
+        "Research use only; not a medical device and not validated for clinical decisions.", "",
+        "## Use", "", "```python", "import ecamp", "",
+        f'model = ecamp.load("hf-hub:{repo}")', "tf = ecamp.get_transform(model)",
+        f'{out} = model(tf("image.png")[None])  # [1, {n or config.get("num_features", 768)}]', "```", "",
+        f'Without ecamp: `timm.create_model("hf-hub:{repo}", pretrained=True)` builds the same model.', "",
+    ]
+    if config.get("label_names"):
+        lines += [f"Classes, in output order: {', '.join(config['label_names'])}.", ""]
+    lines += [
+        "## Preprocessing", "",
+        f"- input size {pcfg['input_size']}, interpolation {pcfg.get('interpolation')}, "
+        f"crop_pct {pcfg.get('crop_pct')} ({pcfg.get('crop_mode', 'center')} crop)",
+        f"- mean {pcfg['mean']}, std {pcfg['std']}",
+        f"- modality: {modality or 'not recorded'}; image policy: {block.get('image_policy', 'not recorded')}"
+        + ("; grey converted to 3 channels" if block.get("grayscale") else ""), "",
+    ]
+    training = entry["training"]
+    if training:
+        lines += ["## Training data", "", f"- {training['data']}"]
+        if training.get("recipe"):
+            lines.append(f"- recipe: `ecamp train pretrain --config {training['recipe'].split('/')[-1]}`")
+        if training.get("notes"):
+            lines.append(f"- {training['notes']}")
+        lines.append("")
+    if entry["metrics"]:
+        lines += ["## Results", "", "| task | metric | value | split | source |", "|---|---|---|---|---|"]
+        lines += [f"| {m['task']} | {m['metric']} | {m['value']} | {m.get('split', '')} | {m['source']} |"
+                  for m in entry["metrics"]]
+        lines.append("")
+    prov = entry["provenance"]
+    paper = prov.get("paper") or {}
+    if prov:
+        lines += ["## Provenance", ""]
+        if paper:
+            lines.append(f"- paper: {paper['title']} (doi:{paper['doi']})")
+        for key in ("original_file", "original_url", "conversion", "code", "code_commit", "notes"):
+            if prov.get(key):
+                lines.append(f"- {key.replace('_', ' ')}: {prov[key]}")
+        lines.append("")
+    if entry["license_note"]:
+        lines += ["## Licence", "", entry["license_note"], ""]
+    if paper:
+        lines += ["## Citation", "", "```bibtex", _bibtex(paper), "```", ""]
+    order = ["library_name", "license", "license_name", "pipeline_tag", "tags", "datasets", "base_model", "metrics"]
+    return ModelCard(f"---\n{data.to_yaml(original_order=order)}\n---\n\n" + "\n".join(lines))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# save_pretrained: the timm-format folder (config.json + model.safetensors + README.md)
 
 
 def _model_args_for_export(model, extra: dict | None) -> dict:
@@ -244,58 +469,11 @@ def _check_rebuild(model, architecture: str, args: dict) -> None:
                                    f"save_pretrained.")
 
 
-def _model_card(config: dict, name: str | None, hf_repo: str | None) -> str:
-    block = config.get("ecamp", {})
-    pcfg = config["pretrained_cfg"]
-    modality = block.get("modality")
-    prov = block.get("provenance") or {}
-    paper = prov.get("paper") or {}
-    tags = ["timm", "image-feature-extraction", "ecamp", "medical-imaging", *(_CARD_TAGS.get(modality, []))]
-    lic = pcfg.get("license") or "other"
-    lines = ["---", "library_name: timm", f"license: {lic}"]
-    if lic == "other":
-        lines.append("license_name: see-model-card")
-    lines += ["pipeline_tag: image-feature-extraction", "tags:", *[f"- {t}" for t in tags], "---", ""]
-    title = name or hf_repo or config["architecture"]
-    repo = hf_repo or "<org>/<repo>"
-    lines += [
-        f"# {title}", "",
-        block.get("description") or f"A {config['architecture']} image encoder in timm format, exported by ecamp.",
-        "",
-        "Research use only; not a medical device and not validated for clinical decisions.", "",
-        "## Use", "", "```python", "import ecamp", "",
-        f'model = ecamp.load("hf-hub:{repo}")', "tf = ecamp.get_transform(model)",
-        f'embedding = model(tf("image.png")[None])  # [1, {config.get("num_features", 768)}]', "```", "",
-        f'Without ecamp: `timm.create_model("hf-hub:{repo}", pretrained=True)` builds the same model.', "",
-        "## Preprocessing", "",
-        f"- input size {pcfg['input_size']}, interpolation {pcfg.get('interpolation')}, "
-        f"crop_pct {pcfg.get('crop_pct')} ({pcfg.get('crop_mode', 'center')} crop)",
-        f"- mean {pcfg['mean']}, std {pcfg['std']}",
-        f"- modality: {modality or 'not recorded'}; image policy: {block.get('image_policy', 'not recorded')}"
-        + ("; grey converted to 3 channels" if block.get("grayscale") else ""),
-        "",
-    ]
-    if prov:
-        lines += ["## Provenance", ""]
-        if paper:
-            lines.append(f"- paper: {paper.get('title')} (doi:{paper.get('doi')})")
-        for key in ("original_file", "original_url", "conversion", "code"):
-            if prov.get(key):
-                lines.append(f"- {key.replace('_', ' ')}: {prov[key]}")
-        lines.append("")
-    if block.get("license_note"):
-        lines += ["## Licence", "", block["license_note"], ""]
-    if paper.get("doi"):
-        lines += ["## Citation", "", "```bibtex", "@article{wang2025ecamp,", f"  title = {{{paper.get('title')}}},",
-                  "  journal = {Medical Image Analysis},", "  volume = {105}, pages = {103690}, year = {2025},",
-                  f"  doi = {{{paper['doi']}}}", "}", "```", ""]
-    return "\n".join(lines)
-
-
 def save_pretrained(model, out_dir: str | os.PathLike, *, name: str | None = None, hf_repo: str | None = None,
                     ecamp_cfg: dict | None = None, model_args: dict | None = None,
                     label_names: Sequence[str] | None = None) -> dict:
-    """Write ``model`` as a timm-format folder and return its manifest entry (files with sha256 and size).
+    """Write ``model`` as a timm-format folder and return its manifest entry (:func:`manifest_entry`, with the
+    files' sha256 and size, and its ``name``).
 
     ``label_names`` (one per output of a classifier; default: the model's ``pretrained_cfg["label_names"]``) go into
     ``config.json`` as timm and transformers read them (``id2label`` of ``AutoModelForImageClassification``).
@@ -303,9 +481,9 @@ def save_pretrained(model, out_dir: str | os.PathLike, *, name: str | None = Non
     The folder holds ``config.json`` (``architecture``, ``num_classes``, ``num_features``, ``global_pool``,
     ``model_args``, ``pretrained_cfg`` and an ``ecamp`` block), ``model.safetensors`` and a model card
     ``README.md``; ``timm.create_model("hf-hub:<repo>", pretrained=True)`` and ``ecamp.load`` both read it. Each
-    file is written to a temporary name and renamed, so a crash never leaves a half-written file.
+    file is written to a temporary name and renamed, so a crash never leaves a half-written file. A new ``name``
+    for a model that came from another manifest entry records that entry as ``ecamp.derived_from``.
     """
-    import json
     import shutil
     import tempfile
 
@@ -325,6 +503,11 @@ def save_pretrained(model, out_dir: str | os.PathLike, *, name: str | None = Non
     block = {k: v for k, v in dict(getattr(model, "ecamp_cfg", None) or {}).items() if k != "source"}
     block.update(ecamp_cfg or {})
     if name:
+        previous = block.get("name")
+        if previous and previous != name and "derived_from" not in block:
+            was, now = _find_entry(previous, [None]), _find_entry(name, [None])
+            if was is None or now is None or was.name != now.name:
+                block["derived_from"] = previous
         block["name"] = name
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -341,7 +524,9 @@ def save_pretrained(model, out_dir: str | os.PathLike, *, name: str | None = Non
         if hf_repo:
             config["pretrained_cfg"]["hf_hub_id"] = hf_repo
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / "README.md").write_text(_model_card(config, name, hf_repo), encoding="utf-8")
+        origin = _origin(config)
+        entry = _entry(config, origin, name=origin.name, hf_repo=hf_repo)
+        _model_card(config, origin, entry, name=name or block.get("name"), hf_repo=hf_repo).save(tmp / "README.md")
         files = []
         for fname in ("config.json", "model.safetensors", "README.md"):
             files.append({"path": fname, "sha256": sha256_file(tmp / fname), "size": (tmp / fname).stat().st_size})
@@ -349,15 +534,7 @@ def save_pretrained(model, out_dir: str | os.PathLike, *, name: str | None = Non
             os.replace(tmp / fname, out / fname)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    entry = {
-        "name": name or block.get("name"),
-        "hf_repo": hf_repo,
-        "architecture": architecture,
-        "model_args": config.get("model_args", {}),
-        "files": files,
-        "pretrained_cfg": config["pretrained_cfg"],
-        "ecamp": block,
-    }
+    entry["files"] = files
     logger.info("Wrote %s: %s", out, ", ".join(f"{f['path']} ({f['size']} bytes, sha256 {f['sha256']})"
                                              for f in files))
-    return entry
+    return {"name": origin.name, **entry}
