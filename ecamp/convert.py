@@ -3,10 +3,15 @@
 An image encoder is converted from the checkpoint's ViT keys alone (no BERT is built, so ``transformers`` is not
 needed); a full pre-training model (``*-pretrain`` names) goes through :class:`ECAMPPretrainModel`. Both the
 ``ecamp convert`` command and ``ecamp train export`` write encoders through :func:`export_encoder`.
+:func:`convert_from_authors` downloads the release the manifest links (Google Drive, through ``gdown``) first.
+
+A converted folder records the sha256 of the checkpoint it came from in ``config.json``
+(``ecamp.provenance.original_sha256``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,12 +20,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import InvalidArgumentError, WeightsMismatchError
+from .errors import (
+    ChecksumMismatchError,
+    DownloadError,
+    InvalidArgumentError,
+    InvalidWeightsFileError,
+    MissingDependencyError,
+    WeightsMismatchError,
+)
+from .fileio import sha256_file
 from .models.pretrain import ENCODER_KEYS, ECAMPPretrainConfig, encoder_config, read_upstream_checkpoint
 from .registry import ManifestLike, ModelEntry, load_manifest
 
 __all__ = ["read_authors_checkpoint", "encoder_from_authors", "encoder_cfgs", "encoder_for", "export_encoder",
-           "convert"]
+           "convert", "convert_from_authors"]
 
 PathLike = str | os.PathLike
 read_authors_checkpoint = read_upstream_checkpoint
@@ -81,8 +94,6 @@ def export_encoder(encoder: nn.Module, entry: ModelEntry, out: PathLike, *, prov
 
 
 def _read_config(path: PathLike | None) -> ECAMPPretrainConfig | None:
-    import json
-
     if path is None:
         return None
     try:
@@ -95,25 +106,162 @@ def _read_config(path: PathLike | None) -> ECAMPPretrainConfig | None:
 def convert(checkpoint: PathLike, name: str, *, out: PathLike | None = None, config: PathLike | None = None,
             tokenizer: PathLike | None = None, manifest: ManifestLike = None) -> dict[str, Any]:
     """Convert an authors'-format checkpoint into the folder of manifest entry ``name`` (default: the local store
-    that ``ecamp.load(name)`` reads); returns ``{"out": folder, "files": [...]}``."""
+    that ``ecamp.load(name)`` reads); returns ``{"out": folder, "files": [...], "original_sha256": ...}``."""
     from .hub import local_store_path
 
     entry = load_manifest(manifest).resolve(name)
-    cfg = _read_config(config)
     folder = Path(out) if out is not None else local_store_path(entry.name)
+    return _convert(checkpoint, entry, folder, config=config, tokenizer=tokenizer,
+                    provenance={"converted_from": str(checkpoint)})
+
+
+def _convert(checkpoint: PathLike, entry: ModelEntry, folder: Path, *, config: PathLike | None,
+             tokenizer: PathLike | None, provenance: Mapping[str, Any], sha256: str | None = None) -> dict[str, Any]:
+    cfg = _read_config(config)
+    if entry.kind != "pretrain" and tokenizer is not None:
+        raise InvalidArgumentError("--tokenizer belongs to full pre-training models; an image encoder has no "
+                                   "tokenizer.")
+    if sha256 is None and Path(checkpoint).is_file():  # a missing file is reported by the reader below
+        sha256 = sha256_file(checkpoint)
+    prov = {**provenance, "original_file": entry.provenance.get("original_file"), "original_sha256": sha256}
     if entry.kind == "pretrain":
         from .models.pretrain import ECAMPPretrainModel
 
         model = ECAMPPretrainModel.from_upstream(checkpoint, config=cfg)
-        block = dict(entry.ecamp, name=entry.name, provenance={"converted_from": str(checkpoint)})
-        return {"out": str(folder), "files": model.save_pretrained(folder, tokenizer=tokenizer,
-                                                                   ecamp_cfg=block)["files"]}
-    if tokenizer is not None:
-        raise InvalidArgumentError("--tokenizer belongs to full pre-training models; an image encoder has no "
-                                   "tokenizer.")
-    c = cfg or ECAMPPretrainConfig()
-    pcfg, block = encoder_cfgs(entry, c.img_size, c.in_chans)
-    encoder = encoder_from_authors(checkpoint, pretrained_cfg=pcfg, ecamp_cfg=block, config=c)
-    result = export_encoder(encoder, entry, folder, provenance={
-        "converted_from": str(checkpoint), "original_file": entry.provenance.get("original_file")})
-    return {"out": str(folder), "files": result["files"]}
+        block = dict(entry.ecamp, name=entry.name, provenance=prov)
+        files = model.save_pretrained(folder, tokenizer=tokenizer, ecamp_cfg=block)["files"]
+    else:
+        c = cfg or ECAMPPretrainConfig()
+        pcfg, block = encoder_cfgs(entry, c.img_size, c.in_chans)
+        encoder = encoder_from_authors(checkpoint, pretrained_cfg=pcfg, ecamp_cfg=block, config=c)
+        files = export_encoder(encoder, entry, folder, provenance=prov)["files"]
+    return {"out": str(folder), "files": files, "original_sha256": sha256}
+
+
+def _recorded_provenance(folder: PathLike) -> dict[str, Any]:
+    """The provenance a converted folder records in its ``config.json`` (``{}`` when there is none to read)."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    prov = config.get("ecamp", {}).get("provenance") if isinstance(config, dict) else None
+    return dict(prov) if isinstance(prov, Mapping) else {}
+
+
+def _gdown() -> Any:
+    try:
+        import gdown
+    except ImportError as e:
+        raise MissingDependencyError(f"Downloading the authors' release needs gdown ({e.name} is missing): "
+                                     f"pip install \"ecamp[authors]\"") from e
+    import inspect
+
+    if "timeout" not in inspect.signature(gdown.download).parameters:  # timeouts and retries came in gdown 6.3
+        raise MissingDependencyError(f"gdown {getattr(gdown, '__version__', '?')} is too old for downloading the "
+                                     f"authors' release: pip install -U \"gdown>=6.3\"")
+    return gdown
+
+
+def _download(gdown: Any, url: str, dest: Path, *, desc: str, progress: bool, timeout: float, retries: int,
+              next_step: str) -> None:
+    """``gdown.download`` of ``url`` to ``dest`` (gdown follows Drive's redirect and confirmation page), with
+    ecamp's errors (ending in ``next_step``) and progress bar."""
+    import requests
+
+    from .console import progress_bar
+
+    bar, seen = None, 0
+
+    def on_chunk(done: int, total: int | None) -> None:
+        nonlocal bar, seen
+        if bar is None:
+            bar = progress_bar(total=None if total is None else total >> 20, desc=desc, unit="MiB",
+                               disable=not progress)
+        bar.update((done >> 20) - seen)
+        seen = done >> 20
+
+    try:
+        gdown.download(url, str(dest), quiet=True, progress=on_chunk, timeout=timeout, retries=retries)
+    except gdown.exceptions.FileURLRetrievalError as e:  # Drive's quota, permission or unexpected page
+        raise DownloadError(f"Google Drive did not hand out {url}: {' '.join(str(e).split())} {next_step}",
+                            path=url) from e
+    except gdown.exceptions.DownloadError as e:  # gdown keeps the partial file for its resume; ecamp does not
+        what = "was cut off" if "incomplete" in str(e) else "failed"
+        raise DownloadError(f"The download of {url} {what}: {str(e).splitlines()[0]} {next_step}", path=url) from e
+    except requests.RequestException as e:
+        raise DownloadError(f"Downloading {url} failed: {e}. {next_step}", path=url) from e
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def convert_from_authors(name: str, *, out: PathLike | None = None, config: PathLike | None = None,
+                         tokenizer: PathLike | None = None, manifest: ManifestLike = None, force: bool = False,
+                         progress: bool = True, timeout: float = 60.0, retries: int = 2) -> dict[str, Any]:
+    """Download the authors' release of manifest entry ``name`` (its ``provenance.original_url``, a Google Drive
+    link, through gdown: the ``authors`` extra) and convert it as :func:`convert` does, by default into the local
+    store that ``ecamp.load(name)`` reads. Returns :func:`convert`'s result plus ``original_url``;
+    ``original_sha256`` is the sha256 of the downloaded bytes, also recorded in the folder.
+
+    The download goes to a temporary folder beside the destination that is deleted afterwards, so a failed, cut-off
+    or refused download leaves the destination as it was. The authors' release is one fixed file, so a destination
+    that records the sha256 of other bytes (a changed release, a corrupt download, or weights converted from
+    another file) is not replaced unless ``force``. ``timeout`` is in seconds between bytes; ``retries`` resume a
+    broken transfer.
+    """
+    import shutil
+    import tempfile
+
+    from .hub import local_store_path
+
+    man = load_manifest(manifest)
+    entry = man.resolve(name)
+    alias = entry.aliases[0] if entry.aliases else entry.name
+    original = Path(entry.provenance.get("original_file") or "checkpoint.pth").name
+    url = entry.provenance.get("original_url")
+    by_hand = f"`ecamp convert {original} --name {alias}`"
+    if not url:
+        raise InvalidArgumentError(f"The manifest {man.source} gives no download link for the authors' release of "
+                                   f"{alias} ({entry.name}); if you have {original}, convert it with {by_hand}.")
+    if timeout <= 0 or retries < 0:
+        raise InvalidArgumentError(f"timeout must be positive and retries non-negative, got timeout={timeout}, "
+                                   f"retries={retries}.")
+    gdown = _gdown()  # a missing or old gdown is reported before anything is written
+    folder = Path(out) if out is not None else local_store_path(entry.name)
+    before = _recorded_provenance(folder).get("original_sha256")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.download-", dir=folder.parent))
+    retry = (f"Nothing was written to {folder}. Retry the command; if it keeps failing, download {original} "
+             f"in a browser and run {by_hand}.")
+    try:
+        path = tmp / original
+        _download(gdown, url, path, desc=f"downloading {original}", progress=progress, timeout=timeout, retries=retries,
+                  next_step=retry)
+        with open(path, "rb") as f:
+            head = f.read(512).lstrip()
+        if head[:1] == b"<":  # a torch checkpoint starts with "PK" (zip) or a pickle opcode, never with a tag
+            raise DownloadError(f"{url} sent an HTML page ({path.stat().st_size} bytes) instead of {original}: "
+                                f"Google Drive's quota or sign-in page, or a link that is not a download. {retry}",
+                                path=url)
+        sha256 = sha256_file(path)
+        label = f"{original} downloaded from {url} (sha256 {sha256})"
+        try:
+            if before and before != sha256 and not force:
+                read_upstream_checkpoint(path)  # bytes that are no checkpoint at all are reported as such
+                raise ChecksumMismatchError(
+                    f"{folder} holds weights converted from a file with sha256 {before}, but {url} now sends "
+                    f"{original} with sha256 {sha256}. The authors' release should not change: retry in case the "
+                    f"download is corrupt; if the release did change or you converted another file there, pass "
+                    f"--force (force=True) to replace them.", path=folder)
+            result = _convert(path, entry, folder, config=config, tokenizer=tokenizer,
+                              provenance={"converted_from": url, "original_url": url}, sha256=sha256)
+        except InvalidWeightsFileError as e:
+            # the reader's first line, with torch's advice about weights_only=False (wrong for a download) cut off
+            head, sep, detail = str(e).splitlines()[0].replace(str(path), label).partition("): ")
+            reason = f"{head}{sep}{detail.split('. ')[0]}".rstrip(".")
+            raise InvalidWeightsFileError(f"{reason}. {retry}", path=url) from e
+        except WeightsMismatchError as e:
+            raise WeightsMismatchError(str(e).replace(str(path), label), path=url) from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {**result, "original_url": url}
