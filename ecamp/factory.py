@@ -6,6 +6,10 @@ Three kinds of names, as in timm:
   unpublished entries are read from the local store (see :func:`ecamp.hub.local_store_path`);
 * ``hf-hub:org/repo[@revision]``: any timm-format Hub repo; its own ``config.json`` decides;
 * ``local-dir:/path``: a folder written by :func:`ecamp.save_pretrained` (or timm's ``save_for_hf``).
+
+A folder's ``config.json`` decides what is built (its ``ecamp.task``): a timm encoder or classifier, or a fine-tuned
+segmentation or detection model (:func:`ecamp.models.heads.save_dense_model`; the ``best/`` folder of
+``ecamp train finetune``).
 """
 
 from __future__ import annotations
@@ -72,10 +76,24 @@ def _read_config(path: Path, label: str) -> dict[str, Any]:
         config = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InvalidWeightsFileError(f"{path} ({label}) is not a readable config.json: {e}", path=path) from e
-    if not isinstance(config, dict) or "architecture" not in config:
+    if not isinstance(config, dict) or "architecture" not in _timm_config(config):
         raise InvalidWeightsFileError(f"{path} ({label}) has no 'architecture' field; it is not a timm-format "
                                       f"config.json.", path=path)
     return config
+
+
+def _task(config: dict[str, Any]) -> str | None:
+    """``"classification"``, ``"segmentation"`` or ``"detection"`` for a fine-tuned model; None for an encoder."""
+    block = config.get("ecamp")
+    return block.get("task") if isinstance(block, dict) else None
+
+
+def _timm_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The timm-format part of a config.json: the file itself, or a dense model's ``encoder`` block."""
+    from .models.heads import DENSE_TASKS
+
+    encoder = config.get("encoder")
+    return encoder if _task(config) in DENSE_TASKS and isinstance(encoder, dict) else config
 
 
 def _unpublished_error(entry: ModelEntry) -> WeightsNotPublishedError:
@@ -85,9 +103,12 @@ def _unpublished_error(entry: ModelEntry) -> WeightsNotPublishedError:
     where = f" ({prov['original_url']})" if prov.get("original_url") else ""
     keep_tok = " (add --tokenizer mimic_wordpiece.json to keep their tokenizer)" if entry.kind == "pretrain" else ""
     fallback = " pretrained=False builds the architecture without weights." if entry.kind == "encoder" else ""
+    how = (f"Fetch and convert the authors' release once with `ecamp convert --from-authors {alias}` (needs "
+           f"pip install \"ecamp[authors]\"), or download {origin}{where} yourself and run "
+           if prov.get("original_url") else f"Download the authors' release {origin} and convert it once with ")
     return WeightsNotPublishedError(
         f"The weights of {alias!r} ({entry.name}) are not published on the Hub yet (planned repo "
-        f"{entry.hf_repo}). Download the authors' release {origin}{where} and convert it once with "
+        f"{entry.hf_repo}). {how}"
         f"`ecamp convert {origin} --name {alias}`{keep_tok}; it is then found offline in the local store "
         f"{local_store_path(entry.name)}.{fallback}", repo_id=entry.hf_repo, path=local_store_path(entry.name))
 
@@ -191,7 +212,7 @@ def load(
     manifest: ManifestLike = None,
     **timm_kwargs: Any,
 ) -> nn.Module:
-    """Load an ECAMP image encoder as a timm ``VisionTransformer`` in eval mode.
+    """Load an ECAMP image encoder as a timm ``VisionTransformer`` in eval mode, or a fine-tuned model.
 
     Args:
         name: manifest name or alias (``"cxr-vit-b"``), ``"hf-hub:org/repo[@revision]"`` or ``"local-dir:/path"``.
@@ -208,29 +229,45 @@ def load(
         **timm_kwargs: passed to ``timm.create_model`` (e.g. ``drop_path_rate``, ``img_size``, ``fc_norm``).
 
     The model carries timm's ``pretrained_cfg`` and ecamp's image settings in ``model.ecamp_cfg``; both feed
-    :func:`ecamp.get_transform`.
+    :func:`ecamp.get_transform`. A fine-tuned model's folder (``config.json`` with ``ecamp.task``) gives the
+    classifier (timm), :class:`~ecamp.models.SegmentationModel` or :class:`~ecamp.models.DetectionModel` it
+    describes, with ``model.label_names``; :func:`ecamp.predict.predict` runs it on files.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from .models.encoder import build_encoder, check_encoder_config, load_encoder_state_dict
+    from .models.heads import DENSE_TASKS, build_dense_model, load_dense_state_dict
 
     src, config, weights, config_path = _fetch(name, pretrained=pretrained, revision=revision, cache_dir=cache_dir,
                                                local_files_only=local_files_only, manifest=manifest)
-    # a hostile or broken config.json is refused here, before build_encoder allocates what it asks for
-    check_encoder_config(config, overrides={**timm_kwargs, "num_classes": num_classes}, weights=weights,
-                         config_file=config_path or f"the manifest entry of {src.label}", label=src.label)
-    model = build_encoder(config, num_classes=num_classes, global_pool=global_pool, **timm_kwargs)
+    config_file = config_path or f"the manifest entry of {src.label}"
+    dense = _task(config) in DENSE_TASKS
+    if dense and (num_classes is not None or global_pool is not None or timm_kwargs):
+        raise InvalidArgumentError(f"{src.label} is a fine-tuned {_task(config)} model; num_classes, global_pool "
+                                   f"and timm keyword arguments apply to encoders and classifiers only.")
+    if dense:  # checks every size of config.json before building
+        model = build_dense_model(config, config_file=config_file, label=src.label)
+    else:
+        # a hostile or broken config.json is refused here, before build_encoder allocates what it asks for
+        check_encoder_config(config, overrides={**timm_kwargs, "num_classes": num_classes}, weights=weights,
+                             config_file=config_file, label=src.label)
+        model = build_encoder(config, num_classes=num_classes, global_pool=global_pool, **timm_kwargs)
     if weights is not None:
         try:
             state_dict = load_file(str(weights), device="cpu")
         except (SafetensorError, OSError, ValueError) as e:
             raise InvalidWeightsFileError(f"{weights} ({src.label}) is not a readable safetensors file: {e}. "
                                           f"Re-fetch or re-export it.", path=weights) from e
-        load_encoder_state_dict(model, state_dict, source=src.label)
+        if dense:
+            load_dense_state_dict(model, state_dict, source=src.label)
+        else:
+            load_encoder_state_dict(model, state_dict, source=src.label)
     model.ecamp_cfg = _ecamp_block(config, src)
-    if config.get("label_names") and (num_classes is None or num_classes == config.get("num_classes")):
-        model.pretrained_cfg["label_names"] = list(config["label_names"])  # as timm's hf-hub loader keeps them
+    if config.get("label_names") and (dense or num_classes is None or num_classes == config.get("num_classes")):
+        model.label_names = list(config["label_names"])
+        if not dense:
+            model.pretrained_cfg["label_names"] = list(config["label_names"])  # as timm's hf-hub loader keeps them
     model.eval()
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
@@ -283,8 +320,9 @@ def get_pretrained_cfg(name: str, *, revision: str | None = None, cache_dir: Pat
         return src.entry.full_pretrained_cfg()
     src, config, _, _ = _fetch(name, pretrained=False, revision=revision, cache_dir=cache_dir,
                                local_files_only=local_files_only, manifest=manifest)
-    cfg = dict(config.get("pretrained_cfg") or {})
-    cfg.setdefault("architecture", config["architecture"])
+    timm_cfg = _timm_config(config)
+    cfg = dict(timm_cfg.get("pretrained_cfg") or {})
+    cfg.setdefault("architecture", timm_cfg["architecture"])
     cfg["num_classes"] = config.get("num_classes", cfg.get("num_classes"))
     cfg["ecamp"] = _ecamp_block(config, src)
     return cfg
@@ -295,6 +333,7 @@ def resolve_model_cfg(model: nn.Module) -> dict[str, Any]:
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     if not cfg:
         raise InvalidArgumentError(f"{type(model).__name__} has no pretrained_cfg; pass a model name or a timm "
-                                   f"model to get_transform.")
+                                   f"model to get_transform (a segmentation or detection model's input: "
+                                   f"ecamp.predict.input_transform(model)).")
     cfg["ecamp"] = dict(getattr(model, "ecamp_cfg", None) or {})
     return cfg

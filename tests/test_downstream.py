@@ -177,18 +177,15 @@ def test_two_process_finetuning_gathers_the_whole_evaluation(phantom_cls, tiny_f
     assert len([ln for ln in out.stdout.splitlines() if ln.startswith("{")]) == 1  # rank 0 reports
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     # the best weights, scored on the whole test list in one process, give the number the two ranks gathered
-    probe = LinearProbe(ecamp.load(f"local-dir:{tiny_folder}"), 4)
-    best = torch.load(tmp_path / "ddp" / "best.pt", weights_only=True)
-    probe.load_state_dict(best["model"])
-    probe.eval()
+    best = ecamp.load(f"local-dir:{tmp_path / 'ddp' / 'best'}")  # the probe, written as the timm model it equals
     rows = read_list_file(phantom_cls / "test_list.txt", TASKS["phantom"])
-    ds = ListDataset(phantom_cls, rows, ecamp.get_transform(probe.encoder))
+    ds = ListDataset(phantom_cls, rows, ecamp.get_transform(best))
     with torch.no_grad():
-        logits = torch.cat([probe(x) for x, _ in torch.utils.data.DataLoader(ds, batch_size=64)]).numpy()
+        logits = torch.cat([best(x) for x, _ in torch.utils.data.DataLoader(ds, batch_size=64)]).numpy()
     y = np.stack([r[1] for r in rows])
     expected = np.mean([roc_auc_score(y[:, c], logits[:, c]) for c in range(4)])
     assert metrics["test_auroc"] == pytest.approx(expected, abs=1e-6)
-    assert best["step"] == metrics["best_step"] and len(rows) == 80
+    assert best.ecamp_cfg["finetune"]["step"] == metrics["best_step"] and len(rows) == 80
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))

@@ -191,7 +191,10 @@ def test_finetuning_twice_is_the_same_run(head, downstream, tiny_folder, tmp_pat
     assert [r["step"] for r in _rows(a, drop=())] == [1, 2]
     assert (a / "metrics.jsonl").read_bytes() == (b / "metrics.jsonl").read_bytes()
     assert json.loads((a / "metrics.json").read_text()) == json.loads((b / "metrics.json").read_text())
-    assert _same_tensors(load_checkpoint(a / "best.pt")["model"], load_checkpoint(b / "best.pt")["model"])
+    from safetensors.torch import load_file
+
+    assert _same_tensors(load_file(a / "best" / "model.safetensors"), load_file(b / "best" / "model.safetensors"))
+    assert (a / "best" / "config.json").read_bytes() == (b / "best" / "config.json").read_bytes()
 
 
 def test_finetune_deterministic_flag_runs_on_the_cpu(downstream, tiny_folder, tmp_path):

@@ -1,23 +1,33 @@
 """Downstream heads on a frozen ECAMP encoder: segmentation (the authors' SegViT decoder and a feature pyramid)
 and detection (the authors' ViTDetector: three-scale neck and YOLOv3 head), with YOLO decoding and NMS.
 
-These are what a fine-tuned model needs at inference; their losses, data and training loop live in the training
-package (``downstream``).
+These are what a fine-tuned model needs at inference: the models, the input they were trained on
+(:class:`DenseTransform`) and their folder format (:func:`save_dense_model`, :func:`build_dense_model`), which
+``ecamp.load("local-dir:...")`` reads. Their losses, data and training loop live in the training package
+(``downstream``).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import InvalidArgumentError
+from ..errors import ConfigError, InvalidArgumentError, WeightsMismatchError
 from ..finetune import FrozenEncoder, multiscale_features
 
 __all__ = ["SegmentationModel", "PyramidSegmentationModel", "Bottleneck", "DetectionNeck", "YOLOv3Head",
-           "DetectionModel", "YOLOV3_ANCHORS", "split_predictions", "decode", "postprocess"]
+           "DetectionModel", "YOLOV3_ANCHORS", "split_predictions", "decode", "postprocess", "DENSE_TASKS",
+           "HEAD_KINDS", "read_dense_image", "requantize", "DenseTransform", "save_dense_model", "build_dense_model",
+           "load_dense_state_dict"]
 
 # YOLOv3's anchors (w, h) for a 416-px input, coarsest scale first
 YOLOV3_ANCHORS = (((116, 90), (156, 198), (373, 326)), ((30, 61), (62, 45), (59, 119)), ((10, 13), (16, 30), (33, 23)))
@@ -47,9 +57,12 @@ class SegmentationModel(_DenseHead):
     """Frozen ViT encoder + trainable token projection + ``outputs`` conv decoders (the authors' SegViT);
     ``dense_tokens`` as :class:`_DenseHead`."""
 
+    task, kind = "segmentation", "segvit"
+
     def __init__(self, encoder: nn.Module, outputs: int = 1, channels: tuple[int, ...] = (512, 256, 128, 64),
                  dense_tokens: str = "final-norm"):
         super().__init__(encoder, dense_tokens)
+        self.head_args = {"outputs": outputs, "channels": list(channels), "dense_tokens": dense_tokens}
         dim = encoder.num_features
         self.seg_head = nn.Linear(dim, dim)
         stages = int(round(math.log2(encoder.patch_embed.patch_size[0])))
@@ -77,8 +90,11 @@ class PyramidSegmentationModel(FrozenEncoder):
     top-down (FPN), then one 3x3 convolution and a bilinear up-sampling to the input size per output. An option of
     ours (``--seg-decoder pyramid``), not the authors' decoder."""
 
+    task, kind = "segmentation", "pyramid"
+
     def __init__(self, encoder: nn.Module, outputs: int = 1, channels: int = 128):
         super().__init__(encoder)
+        self.head_args = {"outputs": outputs, "channels": channels}
         depth = len(encoder.blocks)
         self.indices = [max(0, round(depth * k / 4) - 1) for k in range(1, 5)]
         dim = encoder.num_features
@@ -178,13 +194,21 @@ class YOLOv3Head(nn.Module):
 
 class DetectionModel(_DenseHead):
     """Frozen ViT encoder + trainable ``det_head``, :class:`DetectionNeck` and :class:`YOLOv3Head` (the authors'
-    ViTDetector). ``forward`` returns the three raw prediction maps, coarsest first; ``dense_tokens`` as
-    :class:`_DenseHead`."""
+    ViTDetector). ``forward`` returns the three raw prediction maps, coarsest first; :meth:`detect` the boxes after
+    objectness ``conf_threshold`` and NMS at ``iou_threshold`` (``nms_iou_plus_one``: the authors' NMS, see
+    :func:`postprocess`); ``dense_tokens`` as :class:`_DenseHead`."""
+
+    task, kind = "detection", "yolov3"
 
     def __init__(self, encoder: nn.Module, num_classes: int = 1, expansion: int = 8,
                  widths: tuple[int, int, int] = (512, 1024, 2048), head_width: int = 512,
-                 dense_tokens: str = "final-norm"):
+                 dense_tokens: str = "final-norm", conf_threshold: float = 0.5, iou_threshold: float = 0.5,
+                 nms_iou_plus_one: bool = False):
         super().__init__(encoder, dense_tokens)
+        self.head_args = {"num_classes": num_classes, "expansion": expansion, "widths": list(widths),
+                          "head_width": head_width, "dense_tokens": dense_tokens, "conf_threshold": conf_threshold,
+                          "iou_threshold": iou_threshold, "nms_iou_plus_one": nms_iou_plus_one}
+        self.conf_threshold, self.iou_threshold, self.nms_iou_plus_one = conf_threshold, iou_threshold, nms_iou_plus_one
         dim = encoder.num_features
         self.grid = tuple(encoder.patch_embed.grid_size)
         if self.grid[0] % 2 or self.grid[1] % 2:
@@ -200,6 +224,12 @@ class DetectionModel(_DenseHead):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.head(self.neck(self.token_map(self.det_head(self.patch_tokens(x)))))
+
+    @torch.no_grad()
+    def detect(self, x: torch.Tensor) -> list[dict]:
+        """Per image {"boxes" [N, 4] x1, y1, x2, y2 in input pixels, "scores", "labels"}."""
+        return postprocess(decode(self(x), self.anchors, self.img_size, self.num_classes), self.conf_threshold,
+                           self.iou_threshold, iou_plus_one=self.nms_iou_plus_one)
 
 
 def split_predictions(raw: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -261,3 +291,201 @@ def postprocess(decoded: torch.Tensor, conf_threshold: float = 0.5, iou_threshol
         idx = nms(boxes, scores, labels, iou_threshold)
         results.append({"boxes": boxes[idx], "scores": scores[idx], "labels": labels[idx]})
     return results
+
+
+# -- the input a dense head was trained on ---------------------------------------------------------------------------
+def read_dense_image(source: Any, policy: str = "bits", *, rgb: bool = False, uint8: bool = False) -> torch.Tensor:
+    """A file at full depth as float32 in [0, 1]: ``[1, H, W]`` grey (colour: the mean of its channels) or, with
+    ``rgb``, ``[3, H, W]``; ``uint8`` rounds to 8-bit levels (the authors' cv2 path)."""
+    from ..io import read_image
+
+    arr = read_image(source, policy=policy)
+    if arr.ndim == 3 and not rgb:
+        arr = arr.mean(-1)
+    x = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1) if arr.ndim == 3 else arr[None],
+                                              dtype=np.float32))
+    if rgb and x.shape[0] == 1:
+        x = x.expand(3, -1, -1).contiguous()
+    return torch.round(x * 255) / 255 if uint8 else x
+
+
+def requantize(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """A normalised input back on 8-bit levels, as cv2 writes a resized 8-bit image (the ``linear-uint8`` resize)."""
+    return (torch.round((x * std + mean) * 255) / 255 - mean) / std
+
+
+class DenseTransform:
+    """One file -> ``(input [C, S, S], (height, width) of the original)``: the input a dense head was trained and
+    validated on. The image is read at full depth with the cfg's intensity policy (:func:`read_dense_image`),
+    resized to the input size as a whole (no crop; :class:`~ecamp.transforms.JointTransform`) and normalised with
+    the grey mean and std. ``resize="linear-uint8"`` and ``rgb`` are the authors' variants (the training
+    protocol's ``resize`` and ``riga_rgb``)."""
+
+    def __init__(self, cfg: Mapping[str, Any], *, resize: str = "antialias-float", rgb: bool = False):
+        from ..transforms import JointTransform
+
+        if resize not in ("antialias-float", "linear-uint8"):
+            raise ConfigError(f"Unknown dense resize {resize!r}; use antialias-float or linear-uint8.")
+        self.resize, self.rgb, self.uint8 = resize, rgb, resize == "linear-uint8"
+        self.joint = JointTransform(dict(cfg), antialias=not self.uint8)
+
+    def __call__(self, source: Any) -> tuple[torch.Tensor, tuple[int, int]]:
+        x = read_dense_image(source, self.joint.policy, rgb=self.rgb, uint8=self.uint8)
+        size = (int(x.shape[-2]), int(x.shape[-1]))
+        x, _ = self.joint(x, None)
+        return (requantize(x, self.joint.mean, self.joint.std) if self.uint8 else x), size
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(size={tuple(self.joint.resize.size)}, policy={self.joint.policy}, "
+                f"resize={self.resize}, rgb={self.rgb}, mean={self.joint.mean}, std={self.joint.std})")
+
+
+# -- the folder of a fine-tuned dense model: config.json + model.safetensors -----------------------------------------
+DENSE_TASKS = ("segmentation", "detection")
+HEAD_KINDS: dict[str, type[nn.Module]] = {"segvit": SegmentationModel, "pyramid": PyramidSegmentationModel,
+                                          "yolov3": DetectionModel}
+# a config.json is checked against these before anything is built (a hostile file must not exhaust the machine)
+_MAX_OUTPUTS, _MAX_WIDTH, _MAX_LIST, _MAX_HEAD_PARAMS = 1024, 16384, 16, 2_000_000_000
+
+
+def _num_outputs(model: nn.Module) -> int:
+    args = model.head_args
+    return int(args["num_classes"] if "num_classes" in args else args["outputs"])
+
+
+def _encoder_config(encoder: nn.Module) -> dict[str, Any]:
+    """The timm-format config that rebuilds ``encoder`` (as ``ecamp.save_pretrained`` writes it). Its
+    ``pretrained_cfg`` says ``crop_mode="squash"``: a dense head sees the whole image resized, never a crop."""
+    from timm.models import filter_pretrained_cfg, get_model_args
+
+    pcfg = filter_pretrained_cfg({k: v for k, v in dict(encoder.pretrained_cfg).items() if k != "state_dict"},
+                                 remove_source=True, remove_null=True)
+    pcfg.update(crop_mode="squash", crop_pct=1.0)
+    args = {k: list(v) if isinstance(v, tuple) else v for k, v in get_model_args(encoder).items()
+            if k != "num_classes"}
+    return {"architecture": pcfg.pop("architecture"), "num_classes": int(encoder.num_classes),
+            "num_features": int(encoder.num_features), "model_args": args, "pretrained_cfg": pcfg}
+
+
+def save_dense_model(model: nn.Module, out_dir: str | os.PathLike, *, label_names: Sequence[str] | None = None,
+                     ecamp_cfg: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Write a segmentation or detection model (encoder and head) as ``config.json`` + ``model.safetensors``, which
+    ``ecamp.load("local-dir:out_dir")`` rebuilds without the training package; returns the config.
+
+    ``config.json`` holds the head (``head.kind`` and the constructor ``head.args``), ``num_classes``,
+    ``label_names`` (default: ``model.label_names``), ``input_size``, the encoder's timm config (``encoder``) and the
+    ``ecamp`` block (``model.ecamp_cfg`` updated by ``ecamp_cfg``: image policy, ``task``, ``dense_input``). Each
+    file is written to a temporary name and renamed.
+    """
+    from safetensors.torch import save_file
+
+    from ..fileio import atomic_write
+
+    kind = next((k for k, cls in HEAD_KINDS.items() if type(model) is cls), None)
+    if kind is None:
+        raise InvalidArgumentError(f"save_dense_model writes {', '.join(c.__name__ for c in HEAD_KINDS.values())}, "
+                                   f"not {type(model).__name__}; save timm classifiers with ecamp.save_pretrained.")
+    n_out = _num_outputs(model)
+    labels = [str(v) for v in (label_names if label_names is not None else getattr(model, "label_names", None)
+                               or [])]
+    if labels and len(labels) != n_out:
+        raise InvalidArgumentError(f"{len(labels)} label names for a {type(model).__name__} with {n_out} outputs; "
+                                   f"give one name per output.")
+    encoder = model.encoder
+    block = {k: v for k, v in dict(getattr(model, "ecamp_cfg", None) or getattr(encoder, "ecamp_cfg", None)
+                                   or {}).items() if k != "source"}
+    block.update(ecamp_cfg or {})
+    block["task"] = model.task
+    enc = _encoder_config(encoder)
+    config = {"head": {"kind": kind, "args": dict(model.head_args)}, "num_classes": n_out, "label_names": labels,
+              "input_size": list(enc["pretrained_cfg"]["input_size"]), "encoder": enc, "ecamp": block}
+    try:
+        config = json.loads(json.dumps(config))
+    except (TypeError, ValueError) as e:
+        raise InvalidArgumentError(f"The config of this {type(model).__name__} is not JSON: {e}.") from e
+    with torch.device("meta"):  # refuse a folder that would not load back
+        probe = build_dense_model(config, config_file="the config being written")
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
+    if want != got:
+        diff = sorted(set(want) ^ set(got)) or sorted(k for k in want if want[k] != got[k])
+        raise InvalidArgumentError(f"config.json would not rebuild this {type(model).__name__} (differs in "
+                                   f"{diff[:5]}); was the head changed after it was built?")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    atomic_write(out / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8"))
+    return config
+
+
+def _check_head_args(args: Any, where: str) -> dict[str, Any]:
+    if not isinstance(args, Mapping):
+        raise ConfigError(f"{where}: head.args must be a JSON object, got {type(args).__name__}.")
+
+    def fail(name: str, value: Any, what: str):
+        raise ConfigError(f"{where}: head.args.{name} {value!r} is not {what}; fix config.json or re-export the "
+                          f"folder.")
+
+    for name, value in args.items():
+        top = _MAX_OUTPUTS if name in ("outputs", "num_classes") else _MAX_WIDTH
+        if isinstance(value, bool) or isinstance(value, str):
+            continue
+        if isinstance(value, float):
+            if not 0.0 <= value <= 1.0:
+                fail(name, value, "a threshold in [0, 1]")
+        elif isinstance(value, int):
+            if not 1 <= value <= top:
+                fail(name, value, f"a size in 1..{top}")
+        elif isinstance(value, list):
+            if not 1 <= len(value) <= _MAX_LIST or not all(
+                    isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= _MAX_WIDTH for v in value):
+                fail(name, value, f"a list of at most {_MAX_LIST} sizes in 1..{_MAX_WIDTH}")
+        else:
+            fail(name, value, "a number, string or list of sizes")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
+
+
+def build_dense_model(config: Mapping[str, Any], *, config_file: str | os.PathLike = "config.json",
+                      label: str = "") -> nn.Module:
+    """The (randomly initialised) model a :func:`save_dense_model` config describes, in eval mode; every size is
+    checked before anything is allocated. Load its weights with :func:`load_dense_state_dict`."""
+    from .encoder import build_encoder, check_encoder_config
+
+    where = f"{config_file}{f' ({label})' if label else ''}"
+    head, enc = config.get("head"), config.get("encoder")
+    if not isinstance(head, Mapping) or head.get("kind") not in HEAD_KINDS or not isinstance(enc, Mapping):
+        raise ConfigError(f"{where}: a fine-tuned {(config.get('ecamp') or {}).get('task')} model needs head.kind "
+                          f"(one of {sorted(HEAD_KINDS)}), head.args and an encoder block; re-export the folder.",
+                          path=config_file)
+    cls = HEAD_KINDS[head["kind"]]
+    args = _check_head_args(head.get("args") or {}, where)
+    check_encoder_config(enc, config_file=config_file, label=label)
+    try:
+        with torch.device("meta"):
+            probe = cls(build_encoder(enc), **args)
+    except (TypeError, InvalidArgumentError) as e:
+        raise ConfigError(f"{where}: {cls.__name__} cannot be built from head.args {dict(head.get('args'))}: "
+                          f"{e}", path=config_file) from e
+    size = sum(p.numel() for p in probe.parameters()) - sum(p.numel() for p in probe.encoder.parameters())
+    if size > _MAX_HEAD_PARAMS:
+        raise ConfigError(f"{where}: head.args give a head of {size:.2g} parameters, over the "
+                          f"{_MAX_HEAD_PARAMS:.0e} ecamp.load builds.", path=config_file)
+    return cls(build_encoder(enc), **args).eval()
+
+
+def load_dense_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str) -> None:
+    """Load encoder and head weights strictly: any missing, unexpected or mis-shaped key raises
+    :class:`~ecamp.errors.WeightsMismatchError`."""
+    target = model.state_dict()
+    missing = [k for k in target if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in target]
+    bad = [f"{k}: weights {tuple(state_dict[k].shape)} vs model {tuple(target[k].shape)}" for k in state_dict
+           if k in target and state_dict[k].shape != target[k].shape]
+    if missing or unexpected or bad:
+        parts = [f"{what} {', '.join(keys[:6])}" + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+                 for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", bad)) if keys]
+        raise WeightsMismatchError(f"Weights from {source} do not fit {type(model).__name__}: {'; '.join(parts)}. "
+                                   f"config.json and model.safetensors do not belong together; re-export the "
+                                   f"folder.")
+    model.load_state_dict(state_dict)

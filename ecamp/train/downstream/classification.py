@@ -35,7 +35,7 @@ from ecamp.train.downstream.protocol import Protocol, resolve_protocol
 from ecamp.train.downstream.recipes import Recipe
 
 __all__ = ["TASKS", "Task", "read_list_file", "list_file_for", "ListDataset", "split_indices", "write_splits",
-           "select_validation", "finetune_classification"]
+           "select_validation", "finetune_classification", "export_classifier"]
 
 logger = logging.getLogger("ecamp")
 
@@ -45,18 +45,25 @@ class Task:
     num_classes: int
     multilabel: bool
     metric: str  # "auroc" (mean over classes) or "accuracy"
+    labels: tuple[str, ...] = ()  # the list files' columns (class indices for multi-class tasks), in order
 
 
+_NIH = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",
+        "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia")
 TASKS: dict[str, Task] = {
-    "chestx-ray14": Task(14, True, "auroc"),
-    "chexpert": Task(5, True, "auroc"),
-    "rsna": Task(1, True, "auroc"),
-    "covidx": Task(3, False, "accuracy"),
-    "aptos-2019": Task(5, False, "accuracy"),
-    "odir-5k": Task(8, True, "auroc"),  # one-hot labels, evaluated as multi-label by the authors (#52)
-    "mured": Task(20, True, "auroc"),
-    "spinexr": Task(1, True, "auroc"),  # one 0/1 column (abnormal); the authors' lists, no published settings
-    "phantom": Task(4, True, "auroc"),  # ecamp phantom --kind classification
+    "chestx-ray14": Task(14, True, "auroc", _NIH),
+    "chexpert": Task(5, True, "auroc", ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")),
+    "rsna": Task(1, True, "auroc", ("Pneumonia",)),
+    "covidx": Task(3, False, "accuracy", ("normal", "pneumonia", "COVID-19")),  # COVID-Net's class indices
+    "aptos-2019": Task(5, False, "accuracy", ("No DR", "Mild", "Moderate", "Severe", "Proliferative DR")),
+    # one-hot labels, evaluated as multi-label by the authors (#52)
+    "odir-5k": Task(8, True, "auroc", ("Normal", "Diabetes", "Glaucoma", "Cataract", "AMD", "Hypertension",
+                                       "Myopia", "Other")),
+    "mured": Task(20, True, "auroc", ("DR", "NORMAL", "MH", "ODC", "TSLN", "ARMD", "DN", "MYA", "BRVO", "ODP",
+                                      "CRVO", "CNV", "RS", "ODE", "LS", "CSR", "HTR", "ASR", "CRS", "OTHER")),
+    "spinexr": Task(1, True, "auroc", ("abnormal",)),  # one 0/1 column; the authors' lists, no published settings
+    # ecamp phantom --kind classification: ecamp.train.phantom.FINDINGS
+    "phantom": Task(4, True, "auroc", ("effusion", "nodule", "cardiomegaly", "pneumothorax")),
 }
 
 def list_file_for(split: str, fraction: int = 100, suffix: str = ".txt") -> str:
@@ -148,6 +155,27 @@ def _metric(task: Task, logits: np.ndarray, targets: np.ndarray) -> tuple[float,
     return float(np.nanmean(per)), per
 
 
+def export_classifier(model: nn.Module, folder: str | Path, *, label_names: list[str], multilabel: bool,
+                      ecamp_cfg: dict[str, Any] | None = None) -> dict:
+    """Write a fine-tuned classifier as a timm-format folder (:func:`ecamp.save_pretrained`) that
+    ``ecamp.load`` and transformers' ``TimmWrapper`` read: ``num_classes``, ``label_names`` and, in the ``ecamp``
+    block, ``task``, ``activation`` (sigmoid for multi-label, softmax for multi-class) and ``ecamp_cfg``. A
+    :class:`~ecamp.finetune.LinearProbe` is written as the timm model it equals: its encoder with the probe's
+    linear head."""
+    import copy
+
+    from ecamp.finetune import LinearProbe
+    from ecamp.hub import save_pretrained
+
+    if isinstance(model, LinearProbe):
+        probe, model = model, copy.deepcopy(model.encoder)
+        model.reset_classifier(probe.head.out_features)
+        model.head.load_state_dict(probe.head.state_dict())
+        model.ecamp_cfg = dict(getattr(probe, "ecamp_cfg", None) or model.ecamp_cfg)  # not the base encoder's name
+    block = {"task": "classification", "activation": "sigmoid" if multilabel else "softmax", **(ecamp_cfg or {})}
+    return save_pretrained(model, folder, label_names=label_names, ecamp_cfg=block)
+
+
 def finetune_classification(task_name: str, fraction: int, data_root: str | Path, output_dir: str | Path, *,
                             model_name: str = "cxr-vit-b", lists: str | Path | None = None, mode: str = "finetune",
                             recipe: Recipe | None = None, upstream_protocol: bool = False, num_workers: int = 4,
@@ -159,10 +187,11 @@ def finetune_classification(task_name: str, fraction: int, data_root: str | Path
     (:func:`ecamp.train.downstream.recipes.recipe`): SGD momentum 0.9, linear warm-up then cosine, gradient
     clipping at 1.0, validation every epoch, best checkpoint by the validation metric, early stopping after 20
     evaluations. ``protocol``: a :class:`Protocol`, or option overrides on top of ecamp's (or, with
-    ``upstream_protocol``, the authors') protocol."""
+    ``upstream_protocol``, the authors') protocol. The best model is written to ``output_dir/best``
+    (:func:`export_classifier`), which ``ecamp.load("local-dir:OUTPUT_DIR/best")`` and ``ecamp predict`` read."""
     import ecamp
     from ecamp.finetune import LinearProbe
-    from ecamp.train.downstream.loop import evaluate, setup_runtime, train_head, write_metrics
+    from ecamp.train.downstream.loop import evaluate, finetuned_block, setup_runtime, train_head, write_metrics
     from ecamp.train.downstream.recipes import recipe as authors_recipe
 
     key = task_name.lower()
@@ -211,9 +240,18 @@ def finetune_classification(task_name: str, fraction: int, data_root: str | Path
     def run_eval(split):
         return evaluate(model, sets[split], predict, score, rt, batch_size=r.eval_batch_size, num_workers=num_workers)
 
+    labels = list(task.labels) or [f"class_{c}" for c in range(task.num_classes)]
+    block = finetuned_block(trunk, model_name, {"dataset": key, "fraction": fraction, "mode": mode})
+    model.label_names, model.ecamp_cfg = labels, {**block, "task": "classification",
+                                                  "activation": "sigmoid" if task.multilabel else "softmax"}
+
+    def export(net, folder, info):
+        export_classifier(net, folder, label_names=labels, multilabel=task.multilabel,
+                          ecamp_cfg={**block, "finetune": {**block["finetune"], **info}})
+
     summary = train_head(model, sets["train"], train_loss, lambda: run_eval("val")[0], r, rt, output_dir,
                          metric=task.metric, num_workers=num_workers, seed=seed, progress=progress,
-                         desc=f"{mode} {key} {fraction}%", protocol=proto)
+                         desc=f"{mode} {key} {fraction}%", protocol=proto, export=export)
     test, per = run_eval("test")
     metrics = {"task": key, "fraction": fraction, "mode": mode, "model": model_name, "steps": r.steps,
                "protocol": note, "protocol_options": proto.as_dict(), "precision": r.precision,

@@ -45,17 +45,19 @@ from ecamp.models.heads import (  # noqa: F401 - the heads are part of this task
     YOLOv3Head,
     decode,
     postprocess,
+    requantize,
     split_predictions,
 )
 from ecamp.train.common.lists import check_paths, list_lines, raise_problems, read_table
 from ecamp.train.downstream.protocol import Protocol, resolve_protocol
 from ecamp.train.downstream.recipes import Recipe
 
-__all__ = ["DET_TASKS", "YOLOV3_ANCHORS", "read_box_list", "BoxDataset", "collate_boxes", "Bottleneck",
+__all__ = ["DET_TASKS", "DET_LABELS", "YOLOV3_ANCHORS", "read_box_list", "BoxDataset", "collate_boxes", "Bottleneck",
            "DetectionNeck", "YOLOv3Head", "DetectionModel", "yolo_loss", "decode", "postprocess",
            "mean_average_precision", "finetune_detection"]
 
 DET_TASKS = ("rsna", "phantom-det")
+DET_LABELS = {"rsna": ("pneumonia",), "phantom-det": ("finding",)}  # the box class names of each task
 MAP_IOU_THRESHOLDS = tuple(round(0.40 + 0.05 * k, 2) for k in range(8))
 
 
@@ -99,18 +101,15 @@ class BoxDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         from torchvision import tv_tensors
 
-        from ecamp.transforms import read_grey
+        from ecamp.models.heads import read_dense_image
 
         name, boxes = self.rows[i]
-        x = read_grey(self.root / name, self.transform.policy)
-        if self.uint8:
-            x = torch.round(x * 255) / 255
+        x = read_dense_image(self.root / name, self.transform.policy, uint8=self.uint8)
         # a new tensor: the rows stay as read (#43)
         target = tv_tensors.BoundingBoxes(torch.from_numpy(boxes.copy()), format="XYXY", canvas_size=x.shape[-2:])
         x, target = self.transform(x, target)
         if self.uint8:  # cv2 writes the resized image back to 8 bits
-            t = self.transform
-            x = (torch.round((x * t.std + t.mean) * 255) / 255 - t.mean) / t.std
+            x = requantize(x, self.transform.mean, self.transform.std)
         return x, (target.as_subclass(torch.Tensor) / self.size).clamp(0.0, 1.0)
 
 
@@ -211,11 +210,20 @@ def finetune_detection(task: str, fraction: int, data_root: str | Path, output_d
     """Train the detector on a frozen encoder; ``metrics.json`` gets validation and test mAP (``test_map``).
     ``recipe`` defaults to the authors' row (AdamW 5e-4, weight decay 0.05, early stopping after 20 evaluations,
     neck expansion 8 or 4). ``protocol``: a :class:`Protocol`, or option overrides on top of ecamp's (or, with
-    ``upstream_protocol``, the authors')."""
+    ``upstream_protocol``, the authors'). The best model is written to ``output_dir/best``
+    (:func:`ecamp.models.heads.save_dense_model`, thresholds included), which ``ecamp.load`` and ``ecamp predict``
+    read."""
     import ecamp
     from ecamp.factory import resolve_model_cfg
     from ecamp.train.downstream.classification import list_file_for
-    from ecamp.train.downstream.loop import evaluate, setup_runtime, train_head, write_metrics
+    from ecamp.train.downstream.loop import (
+        evaluate,
+        export_dense,
+        finetuned_block,
+        setup_runtime,
+        train_head,
+        write_metrics,
+    )
     from ecamp.train.downstream.recipes import recipe as authors_recipe
 
     key = task.lower()
@@ -231,7 +239,12 @@ def finetune_detection(task: str, fraction: int, data_root: str | Path, output_d
     check_paths({files[s]: [name for name, _ in rows[s]] for s in files}, data_root)
     rt = setup_runtime(device, seed, deterministic)
     encoder = ecamp.load(model_name)
-    model = DetectionModel(encoder, 1, expansion, widths, head_width, dense_tokens=proto.dense_tokens)
+    model = DetectionModel(encoder, 1, expansion, widths, head_width, dense_tokens=proto.dense_tokens,
+                           conf_threshold=conf_threshold, iou_threshold=iou_threshold,
+                           nms_iou_plus_one=proto.nms_iou_plus_one)
+    model.label_names = list(DET_LABELS[key])
+    model.ecamp_cfg = finetuned_block(encoder, model_name, {"dataset": key, "fraction": fraction},
+                                      task="detection", dense_input={"resize": proto.resize, "rgb": False})
     cfg = resolve_model_cfg(encoder)  # the encoder's size, normalisation and image policy
     sets = {s: BoxDataset(Path(data_root), rows[s], cfg, resize=proto.resize) for s in rows}
     size = model.img_size
@@ -242,8 +255,7 @@ def finetune_detection(task: str, fraction: int, data_root: str | Path, output_d
 
     def predict(net, batch):
         x, boxes = batch
-        dets = postprocess(decode(net(x.to(rt.device)), model.anchors, size), conf_threshold, iou_threshold,
-                           iou_plus_one=proto.nms_iou_plus_one)
+        dets = net.detect(x.to(rt.device))
         truth = [{"boxes": b * size, "labels": torch.zeros(len(b), dtype=torch.long)} for b in boxes]
         return [({k: v.cpu() for k, v in d.items()}, t)
                 for d, t in zip(dets, truth, strict=True)]
@@ -257,7 +269,7 @@ def finetune_detection(task: str, fraction: int, data_root: str | Path, output_d
 
     summary = train_head(model, sets["train"], train_loss, lambda: run_eval("val"), r, rt, output_dir, metric="map",
                          num_workers=num_workers, collate_fn=collate_boxes, seed=seed, progress=progress,
-                         desc=f"det {key} {fraction}%", protocol=proto)
+                         desc=f"det {key} {fraction}%", protocol=proto, export=export_dense)
     note = (f"tested on {files['test'].name}, "
             + ("images without boxes or predictions skipped" if proto.map_skip_empty else "every image counts"))
     metrics = {"task": key, "fraction": fraction, "model": model_name, "steps": r.steps, "expansion": expansion,

@@ -3,8 +3,9 @@ validation with early stopping, the best checkpoint, ``metrics.jsonl``.
 
 Under ``torchrun`` each process trains on its share of every global batch (``recipe.batch_size`` is the global
 batch, as in the authors' tables) and evaluates a shard of the validation set; predictions are gathered, so every
-rank computes the same metric and takes the same decisions. ``best.pt`` holds the weights of the best validation
-score; whether a tie replaces it, whether the last partial batch trains and when validation starts are
+rank computes the same metric and takes the same decisions. ``best/`` holds the model of the best validation
+score as a folder ``ecamp.load("local-dir:OUT/best")`` reads (each head supplies its writer, ``export``); whether a
+tie replaces it, whether the last partial batch trains and when validation starts are
 :class:`~ecamp.train.downstream.protocol.Protocol` options (the authors' code differs between heads: their
 classification saves ties on AUROC, ``<=``, but not on accuracy, ``<``). Fine-tuning runs are short, so they
 restart rather than resume.
@@ -23,8 +24,7 @@ import torch
 from torch import nn
 
 from ecamp.errors import DataError, InvalidArgumentError
-from ecamp.fileio import atomic_write
-from ecamp.train.common.checkpoint import save_checkpoint
+from ecamp.fileio import atomic_folder, atomic_write
 from ecamp.train.common.distributed import Runtime, gather_objects, wrap_ddp
 from ecamp.train.common.distributed import setup_runtime as _setup
 from ecamp.train.common.metrics import MetricsLog
@@ -33,7 +33,8 @@ from ecamp.train.common.schedule import warmup_cosine_factor
 from ecamp.train.downstream.protocol import Protocol
 from ecamp.train.downstream.recipes import Recipe
 
-__all__ = ["Runtime", "setup_runtime", "evaluate", "train_head", "write_metrics"]
+__all__ = ["Runtime", "setup_runtime", "evaluate", "train_head", "write_metrics", "finetuned_block",
+           "export_dense"]
 
 logger = logging.getLogger("ecamp")
 
@@ -85,12 +86,15 @@ def train_head(model: nn.Module, train_set: torch.utils.data.Dataset,
                loss_fn: Callable[[nn.Module, Any, torch.device], torch.Tensor], validate: Callable[[], float],
                recipe: Recipe, rt: Runtime, output_dir: str | Path, *, metric: str, num_workers: int = 0,
                collate_fn: Callable | None = None, seed: int = 42, progress: bool = True,
-               desc: str = "finetune", protocol: Protocol | None = None) -> dict[str, Any]:
+               desc: str = "finetune", protocol: Protocol | None = None,
+               export: Callable[[nn.Module, Path, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train ``model``'s parameters that require grad; returns a summary and leaves the best weights loaded.
 
     ``loss_fn(model, batch, device)`` gives the training loss of a batch (``model`` may be wrapped in DDP);
     ``validate()`` scores the current weights on the validation split (higher is better). ``protocol`` supplies
     ``drop_last``, ``save_on_tie``, ``start_eval_strict`` and ``scheduler_before_optimizer`` (default: ecamp's).
+    ``export(model, folder, {"step", "val_<metric>"})`` writes the model into a folder; each new best is written
+    to a temporary folder that then replaces ``output_dir/best`` (the main process only).
     """
     from ecamp.console import progress_bar
 
@@ -158,8 +162,9 @@ def train_head(model: nn.Module, train_set: torch.utils.data.Dataset,
                 if val > best or (proto.save_on_tie and val == best):
                     best, best_step, bad = val, step, 0
                     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                    if rt.main:
-                        save_checkpoint(out / "best.pt", {"model": best_state, "step": step, f"val_{metric}": val})
+                    if rt.main and export is not None:
+                        info = {"step": step, f"val_{metric}": val}
+                        atomic_folder(out / "best", lambda tmp, info=info: export(model, tmp, info))
                 else:
                     bad += 1
                 log.log(row)
@@ -176,6 +181,25 @@ def train_head(model: nn.Module, train_set: torch.utils.data.Dataset,
         model.load_state_dict(best_state)
     return {"steps_run": step, f"val_{metric}": best, "best_step": best_step,
             "stopped_early": step < recipe.steps}
+
+
+def finetuned_block(encoder: nn.Module, model_name: str, finetune: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """The ``ecamp`` block of a fine-tuned model: the encoder's image settings (modality, intensity policy...), the
+    model it started from (``base_model``), how it was trained (``finetune``) and ``fields`` (task, activation...)."""
+    block = dict(getattr(encoder, "ecamp_cfg", None) or {})
+    base = block.pop("name", None) or model_name
+    block.pop("source", None)
+    return {**block, "base_model": base, "finetune": dict(finetune), **fields}
+
+
+def export_dense(model: nn.Module, folder: Path, info: dict[str, Any]) -> None:
+    """``train_head``'s ``export`` for segmentation and detection: the model's folder, with the best step and
+    validation score under ``ecamp.finetune``."""
+    from ecamp.models.heads import save_dense_model
+
+    block = dict(model.ecamp_cfg)
+    block["finetune"] = {**block.get("finetune", {}), **info}
+    save_dense_model(model, folder, ecamp_cfg=block)
 
 
 def write_metrics(rt: Runtime, output_dir: str | Path, metrics: dict[str, Any]) -> None:

@@ -28,17 +28,20 @@ from torch import nn
 
 from ecamp.errors import DataError, InvalidArgumentError
 from ecamp.fileio import write_csv
-from ecamp.models.heads import PyramidSegmentationModel, SegmentationModel
+from ecamp.models.heads import PyramidSegmentationModel, SegmentationModel, read_dense_image, requantize
 from ecamp.train.common.lists import check_paths, read_table
 from ecamp.train.downstream.protocol import Protocol, resolve_protocol
 from ecamp.train.downstream.recipes import Recipe
 
 __all__ = ["rle_decode", "read_siim", "read_rsna_boxes", "read_mask_list", "SegmentationModel",
            "PyramidSegmentationModel", "mixed_loss", "dice_per_image", "finetune_segmentation", "convert_lists",
-           "balance_negatives", "SEG_TASKS"]  # the models are re-exported from ecamp.models.heads
+           "balance_negatives", "SEG_TASKS", "SEG_LABELS"]  # the models are re-exported from ecamp.models.heads
 
-# task -> (number of outputs, list-file suffix)
+# task -> number of outputs
 SEG_TASKS = {"siim": 1, "rsna": 1, "riga": 2, "phantom-seg": 1}
+# task -> the name of each output (the label names of the fine-tuned model)
+SEG_LABELS = {"siim": ("pneumothorax",), "rsna": ("pneumonia",), "riga": ("optic disc", "optic cup"),
+              "phantom-seg": ("finding",)}
 
 
 def rle_decode(rle: str, height: int = 1024, width: int = 1024) -> np.ndarray:
@@ -144,16 +147,7 @@ class MaskDataset(torch.utils.data.Dataset):
 
     def _image(self, path: Path) -> torch.Tensor:
         """[1 or 3, H, W] in [0, 1]: grey (the mean of colour channels) or colour, 8-bit levels for uint8."""
-        from ecamp.io import read_image
-
-        arr = read_image(path, policy=self.transform.policy)
-        if arr.ndim == 3 and not self.rgb:
-            arr = arr.mean(-1)
-        x = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1) if arr.ndim == 3 else arr[None],
-                                                  dtype=np.float32))
-        if self.rgb and x.shape[0] == 1:
-            x = x.expand(3, -1, -1).contiguous()
-        return torch.round(x * 255) / 255 if self.uint8 else x
+        return read_dense_image(path, self.transform.policy, rgb=self.rgb, uint8=self.uint8)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -167,8 +161,7 @@ class MaskDataset(torch.utils.data.Dataset):
         target = _riga_targets(mask) if self.outputs == 2 else (mask > 0).astype(np.float32)[None]
         x, y = self.transform(self._image(self.root / img_path), tv_tensors.Mask(torch.from_numpy(target)))
         if self.uint8:  # cv2 writes the resized image back to 8 bits
-            t = self.transform
-            x = (torch.round((x * t.std + t.mean) * 255) / 255 - t.mean) / t.std
+            x = requantize(x, self.transform.mean, self.transform.std)
         return x, (y.as_subclass(torch.Tensor) > 0.5).float()
 
 
@@ -211,11 +204,20 @@ def finetune_segmentation(task: str, fraction: int, data_root: str | Path, outpu
     ``recipe`` defaults to the authors' row (AdamW, weight decay 0.05, early stopping after 40 evaluations).
     ``decoder="pyramid"`` swaps the authors' decoder for :class:`PyramidSegmentationModel`'s. ``protocol``: a
     :class:`Protocol`, or option overrides on top of ecamp's (or, with ``upstream_protocol``, the authors').
+    The best model is written to ``output_dir/best`` (:func:`ecamp.models.heads.save_dense_model`, with the input
+    settings :class:`~ecamp.models.heads.DenseTransform` needs), which ``ecamp.load`` and ``ecamp predict`` read.
     """
     import ecamp
     from ecamp.factory import resolve_model_cfg
     from ecamp.train.downstream.classification import list_file_for
-    from ecamp.train.downstream.loop import evaluate, setup_runtime, train_head, write_metrics
+    from ecamp.train.downstream.loop import (
+        evaluate,
+        export_dense,
+        finetuned_block,
+        setup_runtime,
+        train_head,
+        write_metrics,
+    )
     from ecamp.train.downstream.recipes import recipe as authors_recipe
 
     key = task.lower()
@@ -264,9 +266,14 @@ def finetune_segmentation(task: str, fraction: int, data_root: str | Path, outpu
         return evaluate(model, sets[split], predict, lambda d: float(torch.stack(d).mean()), rt,
                         batch_size=r.eval_batch_size, num_workers=num_workers)
 
+    model.label_names = list(SEG_LABELS[key])
+    model.ecamp_cfg = finetuned_block(encoder, model_name, {"dataset": key, "fraction": fraction},
+                                      task="segmentation",
+                                      dense_input={"resize": proto.resize, "rgb": proto.riga_rgb and key == "riga"})
+
     summary = train_head(model, sets["train"], train_loss, lambda: run_eval("val"), r, rt, output_dir,
                          metric="dice", num_workers=num_workers, seed=seed, progress=progress,
-                         desc=f"seg {key} {fraction}%", protocol=proto)
+                         desc=f"seg {key} {fraction}%", protocol=proto, export=export_dense)
     metrics = {"task": key, "fraction": fraction, "model": model_name, "decoder": decoder, "steps": r.steps,
                "protocol": "upstream" if upstream_protocol else "fixed", "protocol_options": proto.as_dict(),
                "precision": r.precision, "deterministic": deterministic, "train_images": len(rows["train"]),
