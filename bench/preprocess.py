@@ -11,6 +11,10 @@ same image written as an 8-bit PNG at full size. Both pipelines go from a path t
 - torchxrayvision: ``xrv.utils.read_xray_dcm`` (DICOM) or ``skimage.io.imread`` + ``xrv.datasets.normalize`` (PNG),
   then ``XRayCenterCrop`` and ``XRayResizer(224)`` (its documented pipeline).
 
+One more row times the CPU half alone (``EcampTransform.decode``): what a DataLoader worker does per film under
+``ecamp embed --preprocess-on gpu``, where the intensity policy, resize and normalisation run on the GPU.
+``--no-opencv`` times ecamp as if OpenCV were not installed (its 8-bit table look-up is an optional fast path).
+
 Prints CPU milliseconds per film and images per second of CPU time for each, and the ratio ecamp / torchxrayvision
 (higher is faster for ecamp). Time is the process's CPU time (``time.process_time``, one thread), so that other
 processes on a shared machine do not count; calls are interleaved so that what noise remains (cache and memory
@@ -46,8 +50,15 @@ def _time_pair(a, b, repeats: int) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--no-opencv", action="store_true", help="time ecamp without its optional OpenCV path")
     args = parser.parse_args()
     torch.set_num_threads(1)  # both pipelines are per-image CPU work; compare them on one core
+    import ecamp.io
+
+    if args.no_opencv:
+        ecamp.io._CV2 = False
+    elif ecamp.io._opencv() is not None:
+        ecamp.io._opencv().setNumThreads(1)  # one core, as for the others
 
     from pydicom.data import get_testdata_file
 
@@ -67,6 +78,7 @@ def main() -> None:
         "DICOM (mimic-cxr-jpg policy)": lambda: tf_cxr(dcm),
         "DICOM (bits policy)": lambda: tf_bits(dcm),
         "PNG 8-bit": lambda: tf_cxr(png),
+        "DICOM (CPU half, gpu mode)": lambda: tf_cxr.decode(dcm),
     }
     try:
         import skimage.io
@@ -88,8 +100,10 @@ def main() -> None:
             img = xrv.datasets.normalize(skimage.io.imread(png), 255)
             return torch.from_numpy(resize(crop(img[None])))
 
-        theirs = {"DICOM (mimic-cxr-jpg policy)": xrv_dcm, "DICOM (bits policy)": xrv_dcm, "PNG 8-bit": xrv_png}
+        theirs = {"DICOM (mimic-cxr-jpg policy)": xrv_dcm, "DICOM (bits policy)": xrv_dcm, "PNG 8-bit": xrv_png,
+                  "DICOM (CPU half, gpu mode)": xrv_dcm}
 
+    print(f"OpenCV look-up: {'on' if ecamp.io._opencv() is not None else 'off'}")
     print(f"{'input':<30} {'ecamp ms':>9} {'xrv ms':>8} {'ecamp img/s':>12} {'xrv img/s':>10} {'ratio':>7}")
     for name, fn in ours.items():
         if name in theirs:

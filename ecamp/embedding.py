@@ -27,11 +27,14 @@ from .fileio import atomic_write
 from .io import DICOM_SUFFIXES, is_dicom
 
 __all__ = ["embed", "embed_files", "merge_embeddings", "parse_shard", "EmbedResult", "find_images", "IMAGE_SUFFIXES",
-           "autocast"]
+           "autocast", "load_batches"]
 
 logger = logging.getLogger("ecamp")
 
 IMAGE_SUFFIXES = (*DICOM_SUFFIXES, ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+# Where preprocessing runs: "cpu" (all of it in the DataLoader), "gpu" (workers decode, the rest runs on the embedding
+# device in batches: EcampTransform.decode / finish), "auto" (gpu when that device is CUDA)
+PREPROCESS_ON = ("cpu", "gpu", "auto")
 
 
 def _has_dicom_preamble(path: Path) -> bool:
@@ -73,38 +76,97 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _batches(model: nn.Module, inputs: Sequence[Any], transform, batch_size: int, num_workers: int,
-             device: torch.device, dtype: torch.dtype | None, progress: bool, desc: str):
-    """Yield ``(indices, embeddings [b, D] float32 numpy, failures {index: message})`` in input order."""
+def load_batches(inputs: Sequence[Any], transform: Callable[[Any], Any], *, batch_size: int, num_workers: int = 0,
+                 progress: bool = True, desc: str = "embed", pin_memory: bool = False):
+    """Yield ``(ok [(index, transform(input))], failures {index: message})`` per batch, in input order, decoded by
+    DataLoader workers under a progress bar; an input that cannot be read is a failure, never an exception.
+    ``pin_memory``: the batches' tensors come in page-locked memory (for non-blocking copies to a GPU)."""
     from .console import progress_bar
 
     loader = torch.utils.data.DataLoader(_Images(inputs, transform), batch_size=batch_size, shuffle=False,
                                          num_workers=num_workers, collate_fn=_collate,
-                                         persistent_workers=False)
+                                         persistent_workers=False, pin_memory=pin_memory)
     bar = progress_bar(total=len(inputs), desc=desc, unit="img", disable=not progress)
     try:
         for items in loader:
-            ok = [(i, x) for i, x, err in items if x is not None]
-            failures = {i: err for i, x, err in items if x is None}
-            out = np.zeros((0,), np.float32)
-            if ok:
-                x = torch.stack([t for _, t in ok]).to(device, dtype=next(model.parameters()).dtype)
-                with torch.inference_mode(), autocast(device, dtype):
-                    out = model(x).float().cpu().numpy()
-            yield [i for i, _ in ok], out, failures
+            yield [(i, x) for i, x, err in items if x is not None], {i: err for i, x, err in items if x is None}
             bar.update(len(items))
     finally:
         bar.close()
 
 
+def _on_device(preprocess_on: str, transform: Any, device: torch.device) -> bool:
+    """Whether the transform's torch half runs on the embedding device (see PREPROCESS_ON)."""
+    from .transforms import EcampTransform
+
+    if preprocess_on not in PREPROCESS_ON:
+        raise InvalidArgumentError(f"preprocess_on must be one of {PREPROCESS_ON}, got {preprocess_on!r}.")
+    fits = isinstance(transform, EcampTransform) and not transform.train
+    if preprocess_on == "gpu" and not fits:
+        raise InvalidArgumentError("preprocess_on='gpu' needs an eval EcampTransform (ecamp.get_transform(model)); "
+                                   "a custom transform runs on the CPU: use preprocess_on='cpu'.")
+    return fits and (preprocess_on == "gpu" or device.type == "cuda")
+
+
+def _prefetched(batches, device: torch.device):
+    """``load_batches``' batches with their decoded images moved to ``device``. On CUDA the next batch's copies
+    (from pinned memory) are issued on a side stream before the current batch is handed out, so that they overlap
+    its compute."""
+    def move(batch):
+        ok, failures = batch
+        return [(i, x.to(device, non_blocking=True)) for i, x in ok], failures
+
+    if device.type != "cuda":
+        yield from map(move, batches)
+        return
+    stream, current = torch.cuda.Stream(device), torch.cuda.current_stream(device)
+
+    def issue(batch):
+        with torch.cuda.stream(stream):
+            return move(batch)
+
+    batches = iter(batches)
+    nxt = next(batches, None)
+    ready = None if nxt is None else issue(nxt)
+    while ready is not None:
+        current.wait_stream(stream)
+        for _, x in ready[0]:  # made on the side stream, used on this one: the allocator must not reuse them early
+            for t in vars(x).values():
+                if isinstance(t, torch.Tensor):
+                    t.record_stream(current)
+        nxt = next(batches, None)
+        batch, ready = ready, None if nxt is None else issue(nxt)
+        yield batch
+
+
+def _batches(model: nn.Module, inputs: Sequence[Any], transform, batch_size: int, num_workers: int,
+             device: torch.device, dtype: torch.dtype | None, progress: bool, desc: str, preprocess_on: str = "cpu"):
+    """Yield ``(indices, embeddings [b, D] float32 numpy, failures {index: message})`` in input order."""
+    on_device = _on_device(preprocess_on, transform, device)
+    batches = load_batches(inputs, transform.decode if on_device else transform, batch_size=batch_size,
+                           num_workers=num_workers, progress=progress, desc=desc,
+                           pin_memory=on_device and device.type == "cuda")
+    for ok, failures in (_prefetched(batches, device) if on_device else batches):
+        out = np.zeros((0,), np.float32)
+        if ok:
+            with torch.inference_mode():
+                x = transform.finish([t for _, t in ok]) if on_device else torch.stack([t for _, t in ok])
+                x = x.to(device, dtype=next(model.parameters()).dtype)
+                with autocast(device, dtype):
+                    out = model(x).float().cpu().numpy()
+        yield [i for i, _ in ok], out, failures
+
+
 def embed(model: nn.Module, inputs: Sequence[Any], *, batch_size: int = 32, num_workers: int = 0,
           device: str | torch.device | None = None, dtype: torch.dtype | None = None, progress: bool = True,
-          transform: Callable[[Any], torch.Tensor] | None = None) -> np.ndarray:
+          transform: Callable[[Any], torch.Tensor] | None = None, preprocess_on: str = "auto") -> np.ndarray:
     """Embed images (paths, bytes, PIL images, arrays or tensors) with ``model``: ``[N, D]`` float32, in input order.
 
     Inputs that cannot be read give NaN rows and a warning naming each one. ``device`` defaults to the model's;
     ``dtype`` (e.g. ``torch.bfloat16``) runs the model under autocast. ``transform`` defaults to
-    ``ecamp.get_transform(model)``.
+    ``ecamp.get_transform(model)``. ``preprocess_on``: ``"cpu"``, ``"gpu"`` (the workers only decode files;
+    intensity policy, resize and normalisation run on ``device``, in batches; in-memory images still take the CPU
+    path) or ``"auto"`` (``"gpu"`` when ``device`` is CUDA).
     """
     from .transforms import get_transform
 
@@ -119,7 +181,7 @@ def embed(model: nn.Module, inputs: Sequence[Any], *, batch_size: int = 32, num_
     rows: np.ndarray | None = None
     failures: dict[int, str] = {}
     for idx, out, failed in _batches(model, inputs, transform, batch_size, num_workers, dev, dtype, progress,
-                                     "embed"):
+                                     "embed", preprocess_on):
         failures.update(failed)
         if len(idx):
             if rows is None:
@@ -165,7 +227,7 @@ class EmbedResult:
 
 
 def _run_key(model: nn.Module, transform: Any, files: Sequence[str], model_name: str, chunk_size: int,
-             dtype: torch.dtype | None) -> str:
+             dtype: torch.dtype | None, preprocessing: str = "cpu") -> str:
     """Identity of an embedding run: a resume only re-uses chunks made by the same weights, preprocessing, dtype
     and the same files (path, size and modification time)."""
     h = hashlib.sha256()
@@ -179,7 +241,8 @@ def _run_key(model: nn.Module, transform: Any, files: Sequence[str], model_name:
             stats.append((f, st.st_size, st.st_mtime_ns))
         except OSError:
             stats.append((f, None, None))
-    h.update(json.dumps([stats, model_name, chunk_size, str(dtype), repr(transform)]).encode())
+    on_gpu = ["preprocessed on the device"] if preprocessing == "gpu" else []  # CPU runs keep their earlier keys
+    h.update(json.dumps([stats, model_name, chunk_size, str(dtype), repr(transform), *on_gpu]).encode())
     return h.hexdigest()[:24]
 
 
@@ -227,10 +290,11 @@ def _prepare(partial: Path, key: str, files: list[str], chunk_size: int, model_n
 
 
 def _embed_chunk(model, files: list[str], transform, batch_size: int, num_workers: int, dev, dtype,
-                 progress: bool, desc: str) -> tuple[np.ndarray, dict[int, str]]:
+                 progress: bool, desc: str, preprocess_on: str = "cpu") -> tuple[np.ndarray, dict[int, str]]:
     rows = None
     failed: dict[int, str] = {}
-    for idx, emb, fails in _batches(model, files, transform, batch_size, num_workers, dev, dtype, progress, desc):
+    for idx, emb, fails in _batches(model, files, transform, batch_size, num_workers, dev, dtype, progress, desc,
+                                    preprocess_on):
         failed.update(fails)
         if len(idx):
             if rows is None:
@@ -244,7 +308,7 @@ def _embed_chunk(model, files: list[str], transform, batch_size: int, num_worker
 def embed_files(model: nn.Module, files: Sequence[str], out: str | os.PathLike, *, model_name: str = "",
                 batch_size: int = 32, num_workers: int = 0, device: str | torch.device | None = None,
                 dtype: torch.dtype | None = None, progress: bool = True, chunk_size: int = 1024,
-                resume: bool = True, shard: tuple[int, int] = (0, 1)) -> EmbedResult:
+                resume: bool = True, shard: tuple[int, int] = (0, 1), preprocess_on: str = "auto") -> EmbedResult:
     """Embed ``files`` into ``out`` (``.npy`` or ``.safetensors``), resumable and order-stable.
 
     Row i is file i (NaN for unreadable files). ``.npy`` output gets ``<out>.files.txt`` beside it (one path per
@@ -254,7 +318,8 @@ def embed_files(model: nn.Module, files: Sequence[str], out: str | os.PathLike, 
 
     Under torchrun every rank embeds every ``world``-th chunk and rank 0 writes the output once all are done;
     ``shard=(I, N)`` does part ``I`` of ``N`` of that work (job arrays without torchrun) and leaves the chunks for
-    :func:`merge_embeddings`. The result is identical to a single process's.
+    :func:`merge_embeddings`. The result is identical to a single process's. ``preprocess_on`` as in :func:`embed`;
+    a resume only re-uses chunks preprocessed the same way.
     """
     from .distributed import init_distributed
     from .transforms import get_transform
@@ -270,7 +335,8 @@ def embed_files(model: nn.Module, files: Sequence[str], out: str | os.PathLike, 
     transform = get_transform(model)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(dev).eval()
-    key = _run_key(model, transform, files, model_name, chunk_size, dtype)
+    where = "gpu" if _on_device(preprocess_on, transform, dev) else "cpu"
+    key = _run_key(model, transform, files, model_name, chunk_size, dtype, where)
     partial = _partial(out)
     if rank == 0:  # one process per shard decides about the folder; the others wait for it
         _prepare(partial, key, files, chunk_size, model_name, resume=resume, shared=shard[1] > 1)
@@ -286,7 +352,7 @@ def embed_files(model: nn.Module, files: Sequence[str], out: str | os.PathLike, 
             continue
         s, e = chunks[c]
         rows, failed = _embed_chunk(model, files[s:e], transform, batch_size, num_workers, dev, dtype, progress,
-                                    f"embed {c + 1}/{len(chunks)}")
+                                    f"embed {c + 1}/{len(chunks)}", where)
         fail_json = json.dumps({files[s + i]: m for i, m in failed.items()})
 
         def write_chunk(p: Path, rows=rows, fail_json=fail_json) -> None:

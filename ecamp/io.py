@@ -27,6 +27,7 @@ import logging
 import os
 import stat
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Union
 
@@ -34,8 +35,8 @@ import numpy as np
 
 from .errors import ImageReadError, InvalidImageError, MissingDecoderError
 
-__all__ = ["read_image", "read_image_native", "POLICIES", "DEFAULT_MAX_PIXELS", "equalize_hist", "is_dicom",
-           "apply_policy_to_grey"]
+__all__ = ["read_image", "read_image_native", "decode_image", "TableImage", "POLICIES", "DEFAULT_MAX_PIXELS",
+           "equalize_hist", "equalize_lut", "is_dicom", "apply_policy_to_grey"]
 
 logger = logging.getLogger("ecamp")
 
@@ -111,9 +112,10 @@ def equalize_hist(img: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray
     """Histogram equalisation of a uint8 image with OpenCV's ``equalizeHist`` mapping.
 
     ``lut[v] = round((cdf[v] - cdf[v_min]) * 255 / (n - cdf[v_min]))``; pixels outside ``mask`` do not count.
-    Histogram and mapping run in Pillow's C loops (a 256-entry table), several times faster than numpy's
-    ``bincount`` and fancy indexing on a full-size film.
+    The histogram is Pillow's (a C loop, several times faster than numpy's ``bincount`` on a full-size film), the
+    table :func:`equalize_lut`, the mapping one table look-up.
     """
+    import torch
     from PIL import Image
 
     img = np.asarray(img)
@@ -121,26 +123,29 @@ def equalize_hist(img: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray
         raise InvalidImageError(f"equalize_hist takes a uint8 image, not {img.dtype}; scale it to 8 bits first.")
     if img.size == 0:
         return img.copy()
-    im = Image.fromarray(np.ascontiguousarray(img.reshape(-1, img.shape[-1]) if img.ndim >= 2 else img[None]))
-    hist = np.asarray(im.histogram(None if mask is None else Image.fromarray(
-        np.ascontiguousarray(np.broadcast_to(mask, img.shape).reshape(im.size[::-1]), dtype=np.uint8))))
-    lut = _equalize_lut(hist)
-    if lut is None:  # constant image: OpenCV leaves it unchanged
-        return img.copy()
-    return _gather(lut, img)
+    im = Image.fromarray(np.ascontiguousarray(_as_2d(img)))
+    hist = im.histogram(None if mask is None else Image.fromarray(
+        np.ascontiguousarray(np.broadcast_to(mask, img.shape).reshape(im.size[::-1]), dtype=np.uint8)))
+    return _gather(equalize_lut(torch.tensor(hist)).numpy(), img)
 
 
-def _equalize_lut(hist: np.ndarray) -> np.ndarray | None:
-    """OpenCV's ``equalizeHist`` table for a 256-bin histogram; ``None`` when the image is constant (or empty)."""
-    total = int(hist.sum())
-    nonzero = np.flatnonzero(hist)
-    if total == 0 or hist[nonzero[0]] == total:
-        return None
-    first = int(hist[nonzero[0]])
-    cdf = np.cumsum(hist)
-    lut = np.clip(np.rint((cdf - first) * (255.0 / (total - first))), 0, 255).astype(np.uint8)
-    lut[: nonzero[0]] = 0
-    return lut
+def equalize_lut(hist: Any) -> Any:
+    """OpenCV's ``equalizeHist`` table (uint8) for a 256-bin histogram (an int64 tensor on any device); the identity
+    for a constant or empty image, which OpenCV leaves unchanged.
+
+    Written in torch so that the device preprocessing (:meth:`ecamp.transforms.EcampTransform.finish`) computes it
+    where the histogram is, without a round trip to the host; float64 and round-half-to-even as OpenCV's ``cvRound``.
+    Levels below the lowest occurring one come out 0 (their cdf is 0).
+    """
+    import torch
+
+    cdf = hist.cumsum(0)
+    total = cdf[-1]
+    first = hist[(hist > 0).to(torch.int32).argmax()]  # count of the lowest occurring level
+    # a true division (a python number over a tensor would multiply by the reciprocal, one rounding more)
+    scale = torch.full((), 255.0, dtype=torch.float64, device=hist.device) / (total - first).clamp_min(1)
+    lut = ((cdf - first).to(torch.float64) * scale).round().clamp(0, 255).to(torch.uint8)
+    return torch.where(first == total, torch.arange(256, dtype=torch.uint8, device=hist.device), lut)
 
 
 def _to_unit_8bit(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -178,9 +183,33 @@ def _lut_index(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     return arr.view(unsigned), np.arange(2 ** (8 * arr.dtype.itemsize), dtype=unsigned).view(arr.dtype)
 
 
+def _as_2d(arr: np.ndarray) -> np.ndarray:
+    return arr.reshape(-1, arr.shape[-1]) if arr.ndim >= 2 else arr.reshape(1, -1)
+
+
+def _opencv() -> Any:
+    """OpenCV when installed (``opencv-python-headless``): its table look-up is exact and about 2.5x faster than
+    numpy's on 8-bit images. Optional: without it the same results come from numpy."""
+    global _CV2
+    if _CV2 is None:
+        try:
+            import cv2
+        except ImportError:
+            cv2 = False
+        _CV2 = cv2
+    return _CV2 or None
+
+
+_CV2: Any = None
+
+
 def _gather(table: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """``table[index]`` in blocks of about 32k pixels: numpy converts indices to intp before a gather, and doing it a
-    block at a time keeps that copy in cache (about 1.5x faster than one ``take`` on a full-size film)."""
+    """``table[index]``: OpenCV's ``LUT`` for an 8-bit table over 8-bit indices when OpenCV is installed; else
+    numpy in blocks of about 32k pixels: numpy converts indices to intp before a gather, and doing it a block at a
+    time keeps that copy in cache (about 1.5x faster than one ``take`` on a full-size film)."""
+    cv2 = _opencv() if table.dtype == np.uint8 and index.dtype == np.uint8 and table.size == 256 else None
+    if cv2 is not None and index.size:
+        return cv2.LUT(np.ascontiguousarray(_as_2d(index)), table).reshape(index.shape)
     out = np.empty(index.shape, table.dtype)
     flat_in, flat_out = index.reshape(-1), out.reshape(-1)
     step = 1 << 15
@@ -189,20 +218,66 @@ def _gather(table: np.ndarray, index: np.ndarray) -> np.ndarray:
     return out
 
 
+@dataclass(frozen=True, eq=False)
+class TableImage:
+    """A grey image whose intensity policy is a table over its stored values, decoded but not yet mapped.
+
+    :meth:`apply` gives what :func:`read_image_native` returns: ``table[index]``, then, when ``equalize`` (the
+    ``mimic-cxr-jpg`` policy), histogram equalisation over the pixels outside ``pad``, then ``pad`` pixels set
+    to 0. :meth:`ecamp.transforms.EcampTransform.finish` runs the same steps in torch on the device.
+    """
+
+    index: np.ndarray  # [H, W] uint8 or uint16: the stored values viewed as unsigned table indices
+    table: np.ndarray  # uint8 (8-bit policies) or float32 in [0, 1], one entry per possible index value
+    equalize: bool = False
+    pad: np.ndarray | None = None  # bool [H, W]: PixelPaddingValue pixels
+    # (scale, offset) when table[i] is scale * i + offset at every index in the image (to float32 rounding): a
+    # linear resize may then run on the indices first and the mapping on its output (EcampTransform does)
+    affine: tuple[float, float] | None = None
+
+    def apply(self) -> np.ndarray:
+        return _finish(_gather(self.table, self.index), self.equalize, self.pad)
+
+
+def _finish(out: np.ndarray, equalize: bool, pad: np.ndarray | None) -> np.ndarray:
+    """The steps of a policy after the per-pixel mapping: equalisation (8-bit), padding to black."""
+    if equalize:
+        out = equalize_hist(out, None if pad is None else ~pad)
+    if pad is not None:
+        out[pad] = 0
+    return out
+
+
+def _resolve(decoded: np.ndarray | TableImage) -> np.ndarray:
+    return decoded.apply() if isinstance(decoded, TableImage) else decoded
+
+
 def _table_extremes(arr: np.ndarray, index: np.ndarray, table: np.ndarray,
-                    valid: np.ndarray | None) -> tuple[float, float]:
+                    valid: np.ndarray | None) -> tuple[float, float, int, int]:
     """Min and max of ``table[index]`` over the (valid) pixels without mapping the image: from the stored range
-    when the table is monotone there (any rescale is), else from the values that occur."""
+    when the table is monotone there (any rescale is), else from the values that occur; then the stored range."""
     sel = arr if valid is None else arr[valid]
     lo, hi = int(sel.min()), int(sel.max())
     span = table[np.arange(lo, hi + 1).astype(arr.dtype).view(index.dtype)]
     if np.isfinite(span).all():
         step = np.diff(span)
         if (step >= 0).all() or (step <= 0).all():
-            return float(min(span[0], span[-1])), float(max(span[0], span[-1]))
+            return float(min(span[0], span[-1])), float(max(span[0], span[-1])), lo, hi
     sel_index = index if valid is None else index[valid]
     occurring = table[np.bincount(sel_index.ravel(), minlength=table.size) > 0]
-    return float(occurring.min()), float(occurring.max())
+    return float(occurring.min()), float(occurring.max()), lo, hi
+
+
+def _affine(table: np.ndarray, lo: int, hi: int) -> tuple[float, float] | None:
+    """``(scale, offset)`` when a float table is ``scale * i + offset`` to float32 rounding (a few ulp) at every
+    index ``i`` in ``lo..hi`` (a rescale under ``bits`` or ``minmax``, a window that does not clip there)."""
+    if table.dtype != np.float32:
+        return None
+    t = table[lo:hi + 1].astype(np.float64)
+    scale = (t[-1] - t[0]) / (hi - lo) if hi > lo else 0.0
+    offset = t[0] - scale * lo
+    fits = np.abs(t - (scale * np.arange(lo, hi + 1) + offset)).max() <= 4e-7
+    return (float(scale), float(offset)) if fits else None
 
 
 def _check_policy(policy: str) -> None:
@@ -270,7 +345,8 @@ def _ensure_transfer_syntax(ds: Any) -> None:
     ds.file_meta.TransferSyntaxUID = uid
 
 
-def _read_dicom(name: str, data: bytes | _DicomFile, policy: str, frame: int | None, max_pixels: int) -> np.ndarray:
+def _read_dicom(name: str, data: bytes | _DicomFile, policy: str, frame: int | None, max_pixels: int
+                ) -> np.ndarray | TableImage:
     import pydicom
 
     try:
@@ -292,7 +368,7 @@ def _read_dicom(name: str, data: bytes | _DicomFile, policy: str, frame: int | N
         raise ImageReadError(f"{name}: corrupt DICOM ({type(e).__name__}: {e}).") from e
 
 
-def _decode_dicom(ds: Any, name: str, policy: str, frame: int | None, max_pixels: int) -> np.ndarray:
+def _decode_dicom(ds: Any, name: str, policy: str, frame: int | None, max_pixels: int) -> np.ndarray | TableImage:
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
@@ -314,9 +390,17 @@ def _decode_dicom(ds: Any, name: str, policy: str, frame: int | None, max_pixels
     if frame is not None and not 0 <= frame < frames:
         raise InvalidImageError(f"{name}: frame {frame} requested but the file has {frames} frame(s).")
     _dicom_decoder_check(ds, name)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    # Uncompressed grey pixels: a read-only view of the file's buffer, and the unused high bits cleared here only
+    # when some pixel has them set; pydicom's defaults copy the pixel data and shift every pixel twice.
+    as_view = photometric in ("MONOCHROME1", "MONOCHROME2") and "PixelData" in ds and \
+        int(ds.get("BitsAllocated", 0) or 0) in (8, 16, 32) and \
+        not ds.file_meta.TransferSyntaxUID.is_compressed
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom warns about fixable header quirks; the result is checked below
+            if as_view:
+                ds.pixel_array_options(view_only=True, correct_unused_bits=False)
             arr = ds.pixel_array
     except MemoryError:
         raise
@@ -324,7 +408,8 @@ def _decode_dicom(ds: Any, name: str, policy: str, frame: int | None, max_pixels
         raise ImageReadError(f"{name}: cannot decode the DICOM pixel data ({type(e).__name__}: {e}).") from e
     if frames > 1:
         arr = arr[frame]
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    if as_view:
+        arr = _clear_unused_bits(arr, ds)
     if arr.ndim == 3 and arr.shape[-1] in (3, 4) or photometric in ("RGB", "PALETTE COLOR") or \
             photometric.startswith("YBR"):
         return _dicom_colour(ds, arr, photometric, name)
@@ -340,25 +425,23 @@ def _decode_dicom(ds: Any, name: str, policy: str, frame: int | None, max_pixels
     if lut is not None:  # the policy is computed on a table over the stored values, then one gather (see above)
         index, domain = lut
         values = np.asarray(apply_modality_lut(domain, ds), dtype=np.float64)
-        lo, hi = _table_extremes(arr, index, values, valid)
+        lo, hi, stored_lo, stored_hi = _table_extremes(arr, index, values, valid)
     else:
         values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
         lo, hi = _extremes(values, valid) if np.isfinite(values).all() else (np.nan, np.nan)
     if not (np.isfinite(lo) and np.isfinite(hi)):
         raise ImageReadError(f"{name}: pixel values are not finite.")
 
-    def per_pixel(table: np.ndarray) -> np.ndarray:
-        return _gather(table, index) if lut is not None else table
+    def per_pixel(table: np.ndarray, equalize: bool = False) -> np.ndarray | TableImage:
+        if lut is not None:
+            linear = _affine(table, stored_lo, stored_hi) if pad is None and arr.dtype.kind == "u" else None
+            return TableImage(index, table, equalize, pad, linear)
+        return _finish(table, equalize, pad)
 
     invert = photometric == "MONOCHROME1"
     if policy == "mimic-cxr-jpg":
         u8 = _to_unit_8bit(values, lo, hi)
-        if invert:
-            u8 = 255 - u8
-        out8 = equalize_hist(per_pixel(u8), valid)
-        if pad is not None:
-            out8[pad] = 0
-        return out8
+        return per_pixel(255 - u8 if invert else u8, equalize=True)
     elif policy == "minmax":
         out = _minmax(values, lo, hi)
     elif policy == "voi":
@@ -378,9 +461,26 @@ def _decode_dicom(ds: Any, name: str, policy: str, frame: int | None, max_pixels
         e_lo, e_hi = float(ends.min()), float(ends.max())
         out = np.clip((values - e_lo) / (e_hi - e_lo), 0, 1).astype(np.float32) if e_hi > e_lo else \
             np.zeros(values.shape, np.float32)
-    out = per_pixel(1.0 - out if invert else out)
-    if pad is not None:
-        out[pad] = 0.0  # padding is background: black
+    return per_pixel(1.0 - out if invert else out)  # padding, if any, ends black
+
+
+def _clear_unused_bits(arr: np.ndarray, ds: Any) -> np.ndarray:
+    """pydicom's ``correct_unused_bits``: bits above BitsStored shifted out (sign-extending signed pixels), on a copy
+    and only when some pixel has them set (then the view of the file's buffer stays as it is); native byte order."""
+    if not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    if arr.dtype.kind not in "iu" or arr.size == 0:
+        return arr
+    allocated, stored = int(ds.get("BitsAllocated", 0) or 0), int(ds.get("BitsStored", 0) or 0)
+    shift = allocated - stored
+    if stored < 1 or shift <= 0:
+        return arr
+    lo, hi = (-(1 << (stored - 1)), (1 << (stored - 1)) - 1) if arr.dtype.kind == "i" else (0, (1 << stored) - 1)
+    if lo <= int(arr.min()) and int(arr.max()) <= hi:
+        return arr
+    out = arr.copy()
+    np.left_shift(out, shift, out=out)
+    np.right_shift(out, shift, out=out)
     return out
 
 
@@ -406,7 +506,7 @@ def _dicom_colour(ds: Any, arr: np.ndarray, photometric: str, name: str) -> np.n
 # PNG, JPEG, TIFF (Pillow)
 
 
-def _read_pil(name: str, data: bytes, policy: str, frame: int | None, max_pixels: int) -> np.ndarray:
+def _read_pil(name: str, data: bytes, policy: str, frame: int | None, max_pixels: int) -> np.ndarray | TableImage:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
@@ -473,10 +573,10 @@ def apply_policy_to_grey(arr: np.ndarray, policy: str) -> np.ndarray:
     it had been read from a 16-bit PNG: uint8 for ``mimic-cxr-jpg``, float32 in [0, 1] otherwise."""
     _check_policy(policy)
     arr = np.asarray(arr)
-    return _deep_grey(arr if arr.dtype == np.uint16 else arr.astype(np.float64), policy, scale=65535.0)
+    return _resolve(_deep_grey(arr if arr.dtype == np.uint16 else arr.astype(np.float64), policy, scale=65535.0))
 
 
-def _deep_grey(arr: np.ndarray, policy: str, scale: float | None) -> np.ndarray:
+def _deep_grey(arr: np.ndarray, policy: str, scale: float | None) -> np.ndarray | TableImage:
     """A grey image with more than 8 bits and no DICOM header, under an intensity policy (uint16 through a table)."""
     lut = _lut_index(arr) if arr.dtype == np.uint16 else None
     values = lut[1].astype(np.float64) if lut is not None else arr
@@ -488,8 +588,10 @@ def _deep_grey(arr: np.ndarray, policy: str, scale: float | None) -> np.ndarray:
         table = _minmax(values, lo, hi)
     else:
         table = np.clip(values / scale, 0, 1).astype(np.float32)
-    out = _gather(table, lut[0]) if lut is not None else table
-    return equalize_hist(out) if policy == "mimic-cxr-jpg" else out
+    if lut is not None:
+        occurring = (int(lo), int(hi)) if policy == "minmax" else (0, table.size - 1)
+        return TableImage(lut[0], table, equalize=policy == "mimic-cxr-jpg", affine=_affine(table, *occurring))
+    return _finish(table, policy == "mimic-cxr-jpg", None)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -516,6 +618,14 @@ def read_image_native(src: ImageSource, *, policy: str = "bits", frame: int | No
                       max_pixels: int | None = None) -> np.ndarray:
     """As :func:`read_image`, but 8-bit results stay ``uint8`` (0-255), so the transforms can take the exact
     8-bit path the authors' torchvision pipeline took; everything else is float32 in [0, 1]."""
+    return _resolve(decode_image(src, policy=policy, frame=frame, max_pixels=max_pixels))
+
+
+def decode_image(src: ImageSource, *, policy: str = "bits", frame: int | None = None,
+                 max_pixels: int | None = None) -> np.ndarray | TableImage:
+    """As :func:`read_image_native`, but a grey image whose policy is a table over its stored values (8/16-bit
+    DICOM and 16-bit PNG/TIFF) comes back as a :class:`TableImage`, its per-pixel steps not yet run, so that they
+    can run elsewhere (on the GPU); its ``apply()`` is :func:`read_image_native`'s result."""
     _check_policy(policy)
     name, data = _open(src)
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)

@@ -4,12 +4,21 @@ Eval reproduces the authors' downstream pipeline (``Resize`` of the shorter side
 ``ToTensor``, ``Normalize``) with torchvision's own transforms, so 8-bit images give the same numbers as their code.
 Train mode is their fine-tuning augmentation (``RandomResizedCrop``, horizontal flip). Images with more than 8 bits
 (16-bit PNG, DICOM, float arrays) are resized as 32-bit float (PIL mode ``F``), never quantised to 8 bits first.
+
+The same pipeline can run in two halves (:meth:`EcampTransform.decode`, :meth:`EcampTransform.finish`): decoding
+on the CPU (DataLoader workers), then the intensity policy's per-pixel steps, resize, crop and normalisation in
+torch on a device, in batches. The torch half runs the same steps as the CPU path (the same table look-up and
+equalisation table, the same torchvision ``Resize``/``CenterCrop`` objects, on tensors instead of PIL images), so
+the two differ only by the resampling arithmetic (torch's antialiased interpolation vs Pillow's; tests bound it).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -19,7 +28,7 @@ from PIL import Image
 from .errors import ConfigError, InvalidArgumentError, InvalidImageError
 from .fundus import fov_crop
 
-__all__ = ["EcampTransform", "JointTransform", "get_transform", "to_pil", "read_grey", "to_uint8",
+__all__ = ["EcampTransform", "DecodedImage", "JointTransform", "get_transform", "to_pil", "read_grey", "to_uint8",
            "normalize_grey"]
 
 # ITU-R 601-2 luma, the weights PIL's convert("L") uses; for float colour input.
@@ -84,11 +93,7 @@ def to_pil(image: Any, what: str = "image", *, policy: str = "bits", fov: bool =
     input a float ``[3, H, W]`` tensor in [0, 1]. ``fov`` crops a fundus photograph to its field of view first.
     """
     if _is_file_source(image):
-        from .io import _source_path, read_image_native
-
-        arr = read_image_native(image, policy=policy, frame=frame)
-        return _from_array(fov_crop(arr) if fov else arr, what if what != "image" else str(image)[:200],
-                           path=_source_path(image), checked=True)
+        return _read_file(image, what, policy, fov, frame)[0]
     if fov:
         arr = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) and image.mode not in
                          ("L", "RGB", "I;16", "I", "F") else image)
@@ -120,6 +125,22 @@ def to_pil(image: Any, what: str = "image", *, policy: str = "bits", fov: bool =
     if isinstance(image, np.ndarray):
         return _from_array(image, what, policy)
     raise InvalidImageError(f"{what} is a {type(image).__name__}; expected a PIL image, numpy array or tensor.")
+
+
+def _read_file(image: Any, what: str, policy: str, fov: bool, frame: int | None = None, linear_first: bool = False
+               ) -> tuple[Image.Image | torch.Tensor, tuple[float, float] | None]:
+    """:func:`to_pil` of a file, and ``(scale, offset)`` when ``linear_first`` and the policy maps the stored values
+    linearly (:attr:`ecamp.io.TableImage.affine`): the image is then the stored values as float, and the caller maps
+    them after the geometry, which commutes with a linear map (to float32 rounding) and so runs the map on 224x224
+    pixels instead of the full film."""
+    from .io import TableImage, _resolve, _source_path, decode_image
+
+    decoded = decode_image(image, policy=policy, frame=frame)
+    if linear_first and not fov and isinstance(decoded, TableImage) and decoded.affine is not None:
+        return Image.fromarray(np.ascontiguousarray(decoded.index)).convert("F"), decoded.affine
+    arr = _resolve(decoded)
+    return _from_array(fov_crop(arr) if fov else arr, what if what != "image" else str(image)[:200],
+                       path=_source_path(image), checked=True), None
 
 
 def _size2(value: Any) -> tuple[int, int]:
@@ -191,21 +212,94 @@ class EcampTransform:
         mean, std = list(cfg.get("mean", (0.5,) * 3)), list(cfg.get("std", (0.5,) * 3))
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self._on_device: dict[str, tuple[torch.Tensor, ...]] = {}
+
+    def _constants(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """Luma weights, mean and std on ``device``, copied there once: a copy from pageable memory per batch would
+        wait for the device's queue."""
+        if str(device) not in self._on_device:
+            self._on_device[str(device)] = tuple(t.to(device) for t in (torch.tensor(_LUMA).view(3, 1, 1),
+                                                                        self.mean, self.std))
+        return self._on_device[str(device)]
+
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers get the transform without device copies
+        return {**self.__dict__, "_on_device": {}}
 
     def _one(self, image: Any, what: str) -> torch.Tensor:
-        x = self._geometry(to_pil(image, what, policy=self.policy, fov=self.fov_crop))
-        x = x.as_subclass(torch.Tensor)
-        if self.grayscale and x.shape[0] == 3:  # colour float input: luma as PIL's convert("L") does
-            x = (x * torch.tensor(_LUMA).view(3, 1, 1)).sum(0, keepdim=True)
-        if x.shape[0] == 1 and self.out_channels == 3:
-            x = x.expand(3, -1, -1)
-        elif x.shape[0] != self.out_channels:
+        image_in, linear = _read_file(image, what, self.policy, self.fov_crop, linear_first=True) \
+            if _is_file_source(image) else (to_pil(image, what, policy=self.policy, fov=self.fov_crop), None)
+        x = self._geometry(image_in).as_subclass(torch.Tensor)
+        if linear is not None:  # the intensity policy's linear map, after the geometry (see _read_file)
+            x = (x.double() * linear[0] + linear[1]).float()
+        return self._channels_and_normalise(x, what, image)
+
+    def _channels_and_normalise(self, x: torch.Tensor, what: str, image: Any = None) -> torch.Tensor:
+        """``[..., C, H, W]`` in [0, 1] after the geometry -> the model's channels, normalised."""
+        luma, mean, std = self._constants(x.device)
+        if self.grayscale and x.shape[-3] == 3:  # colour float input: luma as PIL's convert("L") does
+            x = (x * luma).sum(-3, keepdim=True)
+        if x.shape[-3] == 1 and self.out_channels == 3:
+            x = x.expand(*x.shape[:-3], 3, -1, -1)
+        elif x.shape[-3] != self.out_channels:
             from .io import _source_path
 
             path = _source_path(image) if _is_file_source(image) else None
-            raise InvalidImageError(f"{what} has {x.shape[0]} channels after conversion but the model expects "
+            raise InvalidImageError(f"{what} has {x.shape[-3]} channels after conversion but the model expects "
                                     f"{self.out_channels}.", path=path)
-        return ((x - self.mean) / self.std).contiguous()
+        return ((x - mean) / std).contiguous()
+
+    # -- the pipeline in two halves: decoding on the CPU, the rest in torch on a device ---------------------------
+    def decode(self, image: Any) -> DecodedImage:
+        """The CPU half: a file read to its stored integer (or float) pixels and, for a table-driven intensity
+        policy, the table; no per-pixel step of the policy runs (:func:`ecamp.io.decode_image`).
+
+        What the torch half does not take comes back finished by the CPU path (``ready``): in-memory images
+        (PIL, arrays, tensors) and train mode. A fundus crop (``fov_crop``) maps the intensities first, here.
+        """
+        if self.train or not _is_file_source(image):
+            return DecodedImage(ready=self(image))
+        from .io import TableImage, _resolve, _source_path, decode_image
+
+        what, path = str(image)[:200], _source_path(image)
+        decoded = decode_image(image, policy=self.policy)
+        if self.fov_crop:
+            decoded = fov_crop(_resolve(decoded))
+        arr = decoded.index if isinstance(decoded, TableImage) else decoded
+        channels = 1 if arr.ndim == 2 or self.grayscale else 3
+        if not (channels == self.out_channels or (channels == 1 and self.out_channels == 3)):
+            raise InvalidImageError(f"{what} has {3 if arr.ndim == 3 else 1} channels after conversion but the model "
+                                    f"expects {self.out_channels}.", path=path)
+        if not isinstance(decoded, TableImage):
+            return DecodedImage(pixels=_tensor(decoded))
+        return DecodedImage(pixels=_tensor(decoded.index), table=_tensor(decoded.table), equalize=decoded.equalize,
+                            pad=None if decoded.pad is None else _tensor(decoded.pad))
+
+    def finish(self, items: Sequence[DecodedImage], device: str | torch.device | None = None) -> torch.Tensor:
+        """The torch half, on ``device`` (default: where the items are): ``[B, C, H, W]`` from :meth:`decode`'s
+        items, in order.
+
+        Per image, the intensity policy's steps as :meth:`ecamp.io.TableImage.apply` (table look-up, equalisation
+        with :func:`ecamp.io.equalize_lut`, padding to black); then, for the images of one size at a time, the
+        transform's own torchvision geometry steps on the stacked tensors, and the channels and normalisation of
+        the CPU path. Nothing waits for the device.
+        """
+        if not items:
+            raise InvalidImageError("Empty batch: pass at least one image.")
+        out: list[torch.Tensor | None] = [None] * len(items)
+        planes: dict[int, torch.Tensor] = {}
+        groups: dict[tuple, list[int]] = {}
+        for k, item in enumerate(items):
+            item = item.to(device, non_blocking=True) if device is not None else item
+            if item.ready is not None:
+                out[k] = item.ready
+                continue
+            planes[k] = _intensities(item)
+            groups.setdefault((planes[k].dtype, tuple(planes[k].shape)), []).append(k)
+        for ks in groups.values():
+            x = self._geometry(torch.stack([planes.pop(k) for k in ks])).as_subclass(torch.Tensor)
+            for k, y in zip(ks, self._channels_and_normalise(x, f"image {ks[0]}"), strict=True):
+                out[k] = y
+        return torch.stack(out)
 
     def __call__(self, images: Any) -> torch.Tensor:
         if isinstance(images, (list, tuple)) and not images:
@@ -226,6 +320,61 @@ class EcampTransform:
         lines.append(f"    Normalize(mean={list(self.cfg.get('mean', []))}, std={list(self.cfg.get('std', []))}),")
         lines.append(")")
         return "\n".join(lines)
+
+
+@dataclass(frozen=True, eq=False)
+class DecodedImage:
+    """One image between :meth:`EcampTransform.decode` (CPU) and :meth:`EcampTransform.finish` (any device).
+
+    ``pixels``: ``[H, W]`` or ``[H, W, 3]``, uint8, float32 in [0, 1], or, with ``table``, the stored values as table
+    indices (uint8, or int16 holding uint16 bits); ``table``, ``equalize``, ``pad`` as in :class:`ecamp.io.TableImage`;
+    ``ready``: a finished ``[C, H, W]`` tensor from the CPU path instead. DataLoader's ``pin_memory`` pins it.
+    """
+
+    pixels: torch.Tensor | None = None
+    table: torch.Tensor | None = None
+    equalize: bool = False
+    pad: torch.Tensor | None = None
+    ready: torch.Tensor | None = None
+
+    def _map(self, fn) -> DecodedImage:
+        return DecodedImage(**{f.name: fn(v) if isinstance(v := getattr(self, f.name), torch.Tensor) else v
+                               for f in fields(self)})
+
+    def pin_memory(self) -> DecodedImage:
+        return self._map(lambda t: t.pin_memory())
+
+    def to(self, device: str | torch.device, non_blocking: bool = False) -> DecodedImage:
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+
+def _tensor(arr: np.ndarray) -> torch.Tensor:
+    """A numpy array as a tensor without a copy; uint16 as int16 bits (torch's uint16 has few operations)."""
+    if arr.dtype == np.uint16:
+        arr = arr.view(np.int16)
+    with warnings.catch_warnings():
+        # a read-only view of a DICOM file's buffer: the tensor is only read, and copied when pinned or moved
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def _intensities(item: DecodedImage) -> torch.Tensor:
+    """:meth:`ecamp.io.TableImage.apply` in torch, on the item's device, as ``[C, H, W]``."""
+    x = item.pixels
+    if item.table is not None:
+        x = item.table[x.long() & 0xFFFF if x.dtype == torch.int16 else x.long()]
+        if item.equalize:
+            from .io import equalize_lut
+
+            levels = x.long() if item.pad is None else x.long().masked_fill(item.pad, 256)  # padding: bin 256
+            levels = levels.reshape(-1)
+            # scatter_add_ rather than bincount, which reads the largest value back to the host on CUDA
+            hist = torch.zeros(257, dtype=torch.int64, device=x.device).scatter_add_(0, levels,
+                                                                                    torch.ones_like(levels))
+            x = equalize_lut(hist[:256])[x.long()]
+        if item.pad is not None:
+            x = x.masked_fill(item.pad, 0)
+    return x[None] if x.ndim == 2 else x.permute(2, 0, 1)
 
 
 def get_transform(name_or_model: Any, *, train: bool = False, **overrides: Any) -> EcampTransform:

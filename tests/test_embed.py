@@ -107,12 +107,12 @@ def test_cli_embed_resumes_after_kill(tiny_folder, images, tmp_path):
     script = (
         "import os, signal, sys\n"
         "import ecamp.io as io\n"
-        "real = io.read_image_native\n"
+        "real = io.decode_image\n"
         "def reader(src, **kw):\n"
         "    if str(src).endswith('img_05.png'):\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "    return real(src, **kw)\n"
-        "io.read_image_native = reader\n"
+        "io.decode_image = reader  # every image file is read through it\n"
         "from ecamp.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
@@ -136,17 +136,17 @@ def test_resume_never_mixes_models_and_keeps_head_width(tiny_folder, images, tmp
     files = [str(p) for p in images[:4]]
     a = ecamp.load(f"local-dir:{tiny_folder}")
     b = ecamp.load(f"local-dir:{tiny_folder}", num_classes=3)  # same files, other weights and width
-    real = eio.read_image_native
+    real = eio.decode_image
 
     def interrupted(src, **kw):
         if str(src) == files[2]:
             raise KeyboardInterrupt  # as a Ctrl-C in the second chunk would
         return real(src, **kw)
 
-    monkeypatch.setattr(eio, "read_image_native", interrupted)
+    monkeypatch.setattr(eio, "decode_image", interrupted)
     with pytest.raises(KeyboardInterrupt):
         embed_files(a, files, out, chunk_size=2, progress=False)
-    monkeypatch.setattr(eio, "read_image_native", real)
+    monkeypatch.setattr(eio, "decode_image", real)
     assert [p.name for p in (tmp_path / "m.npy.partial").glob("chunk-*")] == ["chunk-000000.npz"]
     res = embed_files(b, files, out, chunk_size=2, progress=False)
     assert res.resumed_chunks == 0
@@ -231,3 +231,25 @@ def test_progress_is_plain_lines_when_not_a_terminal(tiny_folder, images, tmp_pa
     lines = [ln for ln in out.stderr.splitlines() if ln.startswith("embed 1/1:")]
     assert "\r" not in out.stderr and len(lines) >= 4
     assert lines[-1].startswith(f"embed 1/1: {len(images)}/{len(images)} img (100 %)")
+
+
+def test_preprocessing_on_the_device_gives_the_cpu_embeddings(model, images, tmp_path, tiny_folder):
+    from pydicom.data import get_testdata_file
+
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    inputs = [get_testdata_file("RG1_UNCR.dcm"), *images[:3], bad, np.asarray(Image.open(images[3]))]
+    ref = ecamp.embed(model, inputs, batch_size=3, progress=False, preprocess_on="cpu")
+    assert np.array_equal(ecamp.embed(model, inputs, batch_size=3, progress=False), ref, equal_nan=True)  # auto: cpu
+    # "gpu" is the torch half on the embedding device, here the CPU; decoding in two worker processes
+    dev = ecamp.embed(model, inputs, batch_size=3, num_workers=2, progress=False, preprocess_on="gpu")
+    assert np.isnan(dev[4]).all() and not np.isnan(dev[[0, 1, 2, 3, 5]]).any()
+    assert np.allclose(dev, ref, atol=0.01, equal_nan=True)  # inputs within a grey level of each other
+    with pytest.raises(ecamp.EcampError, match="preprocess_on"):
+        ecamp.embed(model, inputs, progress=False, preprocess_on="tpu")
+    with pytest.raises(ecamp.EcampError, match="eval EcampTransform"):
+        ecamp.embed(model, inputs, progress=False, preprocess_on="gpu", transform=ecamp.get_transform(model).__call__)
+    out = _cli("embed", *images[:2], "--model", f"local-dir:{tiny_folder}", "--out", tmp_path / "g.npy",
+               "--preprocess-on", "gpu", "--device", "cpu", "--no-progress")
+    assert out.returncode == 0, out.stderr
+    assert np.allclose(np.load(tmp_path / "g.npy"), ref[1:3], atol=0.01)

@@ -423,3 +423,58 @@ def test_sixteen_bit_tables_equal_the_per_pixel_definition(tmp_path):
         assert got.dtype == expected.dtype and np.array_equal(got, expected), policy
         Image.fromarray(arr).save(tmp_path / "x16.png")
         assert np.array_equal(ecamp.io.read_image_native(tmp_path / "x16.png", policy=policy), got), policy
+
+
+def test_equalisation_table_divides_as_the_definition_at_a_near_tie():
+    # 50 * 255 / 300 = 42.5 in exact arithmetic; 255.0 / 300 rounds below 0.85, so the product is 42.49999... -> 42.
+    # (Multiplying by the reciprocal 1 / 300 instead gives 42.5000... -> 43.)
+    img = np.repeat(np.array([0, 1, 4, 16, 64, 127, 255], np.uint8), [200, 50, 50, 50, 50, 50, 50]).reshape(50, 10)
+    out = equalize_hist(img)
+    assert np.array_equal(out, _equalize_reference(img)) and out[img == 1].max() == 42
+    cv2 = pytest.importorskip("cv2")
+    assert np.array_equal(out, cv2.equalizeHist(img))
+
+
+def test_unused_high_bits_are_cleared_as_pydicom_does(tmp_path):
+    rng = np.random.default_rng(5)
+    stored = rng.integers(0, 4096, (40, 30)).astype(np.uint16)
+    dirty = stored | (rng.integers(0, 16, stored.shape).astype(np.uint16) << 12)  # overlay bits above BitsStored
+    signed = rng.integers(-2048, 2048, (40, 30)).astype(np.int16)
+    dirty_signed = (signed & 0x0FFF | 0x5000).astype(np.uint16).view(np.int16)  # 12-bit two's complement, junk above
+    cases = [(dirty, stored, False), (stored, stored, False), (dirty_signed, signed, True)]
+    for k, (raw, clean, is_signed) in enumerate(cases):
+        path = _dicom(tmp_path, raw, f"u{k}.dcm", BitsStored=12, HighBit=11)
+        assert np.array_equal(pydicom.dcmread(path).pixel_array, clean)  # pydicom's own correction, the reference
+        for policy in ("bits", "minmax", "mimic-cxr-jpg"):
+            expected = _policy_reference(clean, policy, 1.0, 0.0, 12, is_signed, False)
+            assert np.array_equal(ecamp.io.read_image_native(path, policy=policy), expected), (k, policy)
+
+
+def test_decoded_tables_apply_to_what_read_image_native_returns(rg1, tmp_path):
+    from ecamp.io import TableImage, decode_image, read_image_native
+
+    for policy in ("bits", "minmax", "voi", "mimic-cxr-jpg"):
+        decoded = decode_image(rg1["UNCR"], policy=policy)
+        assert isinstance(decoded, TableImage) and decoded.index.shape == (1955, 1841)
+        assert decoded.index.dtype == np.uint16 and decoded.table.shape == (65536,)
+        assert decoded.equalize == (policy == "mimic-cxr-jpg")
+        assert (decoded.affine is None) == (policy == "mimic-cxr-jpg")  # RG1's rescale and window are linear
+        assert np.array_equal(decoded.apply(), read_image_native(rg1["UNCR"], policy=policy))
+    arr = np.full((8, 8), 500, np.uint16)
+    arr[2:6, 2:6] = 1500
+    arr[:, 0] = 4095
+    padded = decode_image(_dicom(tmp_path, arr, BitsStored=12, HighBit=11, PixelPaddingValue=4095),
+                          policy="mimic-cxr-jpg")
+    assert padded.pad is not None and padded.pad[:, 0].all() and not padded.pad[:, 1:].any()
+    assert decode_image(tmp_path / "x.dcm", policy="minmax").affine is None  # padding to black is not linear
+    assert not isinstance(decode_image(get_testdata_file("SC_rgb.dcm")), TableImage)  # colour: final already
+
+
+def test_opencv_look_up_equals_numpy(rg1, monkeypatch):
+    pytest.importorskip("cv2")
+    import ecamp.io as eio
+
+    with_cv2 = eio.read_image_native(rg1["UNCR"], policy="mimic-cxr-jpg")
+    monkeypatch.setattr(eio, "_CV2", False)  # as if OpenCV were not installed
+    assert eio._opencv() is None
+    assert np.array_equal(eio.read_image_native(rg1["UNCR"], policy="mimic-cxr-jpg"), with_cv2)

@@ -140,3 +140,75 @@ def test_crop_mode_is_honoured():
     assert centre[0, :, 0].max() < 0.01 and squash[0, :, 0].min() > 0.99
     with pytest.raises(ConfigError, match="crop_mode"):
         ecamp.get_transform(dict(cfg, crop_mode="border"))
+
+
+# -- the two-halves pipeline (decode on the CPU, the rest in torch on a device), run here on the CPU ----------------
+@pytest.fixture(scope="module")
+def real_files(tmp_path_factory):
+    from pydicom.data import get_testdata_file
+    from skimage.data import retina
+
+    from ecamp.io import read_image
+
+    root = tmp_path_factory.mktemp("real")
+    dcm = get_testdata_file("RG1_UNCR.dcm")  # 1955x1841, 15-bit MONOCHROME1
+    film = read_image(dcm, policy="minmax")
+    Image.fromarray((film * 255).round().astype(np.uint8)).save(root / "rg1.png")
+    Image.fromarray((film * 65535).round().astype(np.uint16)).save(root / "rg1_16.png")
+    photo = retina()[::2, ::2]
+    framed = np.zeros((1100, 1300, 3), np.uint8)
+    framed[75:75 + photo.shape[0], 200:200 + photo.shape[1]] = photo  # a fundus photo in a black frame
+    Image.fromarray(framed).save(root / "fundus.png")
+    return {"dicom": dcm, "png": root / "rg1.png", "png16": root / "rg1_16.png", "fundus": root / "fundus.png"}
+
+
+# Stated tolerance of the torch half against the CPU path, in grey levels of the [0, 1] input (before
+# normalisation): 8-bit images are resized as uint8 by both, torch's and Pillow's rounding differ by at most one
+# level; float images agree to float rounding; colour to grey is float luma in torch, Pillow's rounded luma on the CPU.
+@pytest.mark.parametrize("name, overrides, key, max_levels, mean_levels", [
+    ("cxr-vit-b", {}, "dicom", 1, 0.01),  # mimic-cxr-jpg: table, equalisation, uint8 resize
+    ("cxr-vit-b", {"image_policy": "bits"}, "dicom", 1e-3, 1e-4),
+    ("cxr-vit-b", {"image_policy": "voi"}, "dicom", 1e-3, 1e-4),
+    ("cxr-vit-b", {}, "png", 1, 0.01),
+    ("cxr-vit-b", {}, "png16", 1, 0.01),
+    ("cxr-vit-b", {}, "fundus", 1.5, 0.3),  # colour file into a grey model
+    ("fundus-vit-b", {"fov_crop": True}, "fundus", 1.5, 0.3),
+])
+def test_device_half_matches_the_cpu_path_on_real_files(real_files, name, overrides, key, max_levels, mean_levels):
+    tf = ecamp.get_transform(name, **overrides)
+    ref = tf(real_files[key])
+    got = tf.finish([tf.decode(real_files[key])], "cpu")
+    assert got.shape == (1, *ref.shape) and got.dtype == torch.float32
+    levels = (got[0] - ref).abs() * tf.std * 255
+    assert levels.max() <= max_levels + 1e-4 and levels.mean() <= mean_levels, (levels.max(), levels.mean())
+
+
+def test_device_half_keeps_order_across_sizes_kinds_and_cpu_fallbacks(real_files, tmp_path):
+    from ecamp.transforms import DecodedImage
+
+    tf = ecamp.get_transform("cxr-vit-b")
+    small = _photo(300, 260, "L")
+    small.save(tmp_path / "small.png")
+    inputs = [real_files["dicom"], tmp_path / "small.png", small, real_files["png"], np.asarray(small)]
+    decoded = [tf.decode(x) for x in inputs]
+    assert decoded[0].table is not None and decoded[0].pixels.dtype == torch.int16  # uint16 bits, not yet mapped
+    assert decoded[2].ready is not None and decoded[4].ready is not None  # in-memory: the CPU path, finished
+    pinned_like = [d.to("cpu") for d in decoded]
+    assert all(isinstance(d, DecodedImage) for d in pinned_like)
+    batch = tf.finish(pinned_like)
+    ref = tf(inputs)
+    assert batch.shape == ref.shape == (5, 3, 224, 224)
+    assert ((batch - ref).abs() * tf.std * 255).max() <= 1 + 1e-4
+    assert torch.equal(batch[2], ref[2]) and torch.equal(batch[4], ref[4])
+    with pytest.raises(InvalidImageError, match="channels"):
+        ecamp.get_transform({"input_size": (1, 32, 32), "mean": (0.5,), "std": (0.5,)}).decode(real_files["fundus"])
+
+
+@pytest.mark.parametrize("policy", ["bits", "minmax", "voi"])
+def test_linear_policies_resize_first_within_float_rounding(real_files, policy):
+    from ecamp.io import read_image
+
+    for overrides in ({}, {"interpolation": "bicubic", "img_size": 448}):
+        tf = ecamp.get_transform("cxr-vit-b", image_policy=policy, **overrides)
+        mapped_first = tf(read_image(real_files["dicom"], policy=policy))  # the film mapped, then resized
+        assert ((tf(real_files["dicom"]) - mapped_first).abs() * tf.std).max() <= 3e-7

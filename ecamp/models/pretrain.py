@@ -318,10 +318,15 @@ class ECAMPPretrainModel(nn.Module):
             raise BatchError(f"Text length {length} exceeds max_text_len {cfg.max_text_len}.")
         win = batch["sr_window"]
         hi = cfg.grid - cfg.sr_window
-        if tuple(win.shape) != (b, 2) or win.min() < 0 or win.max() > hi:
-            raise BatchError(f"batch['sr_window'] must be [{b}, 2] cell offsets in 0..{hi} (a {cfg.sr_window}x"
-                             f"{cfg.sr_window} window on the {cfg.grid}x{cfg.grid} grid), got shape "
-                             f"{tuple(win.shape)} with range [{int(win.min())}, {int(win.max())}].")
+        what = (f"batch['sr_window'] must be [{b}, 2] cell offsets in 0..{hi} (a {cfg.sr_window}x{cfg.sr_window} "
+                f"window on the {cfg.grid}x{cfg.grid} grid)")
+        if tuple(win.shape) != (b, 2):
+            raise BatchError(f"{what}, got shape {tuple(win.shape)}.")
+        if win.device.type == "cpu":  # free here; on an accelerator reading the range back would stall every step
+            if win.min() < 0 or win.max() > hi:
+                raise BatchError(f"{what}, got range [{int(win.min())}, {int(win.max())}].")
+        else:  # checked on the device without waiting for it; a bad window stops the process at a later sync
+            torch._assert_async(((win >= 0) & (win <= hi)).all(), what)
 
     def sr_region(self, sr_window: torch.Tensor) -> torch.Tensor:
         """[B, 1, H, W] 0/1 mask of the SR window at the SR resolution; rows from ``sr_window[:, 0]``."""
@@ -368,7 +373,7 @@ class ECAMPPretrainModel(nn.Module):
         valid = labels.reshape(-1) != -100
         weighted = ce * batch["weights"].reshape(-1).float()
         # The authors' labels cover every position, so this is their plain mean over B x L.
-        mlm_loss = weighted[valid].sum() / valid.sum().clamp_min(1)
+        mlm_loss = torch.where(valid, weighted, 0.0).sum() / valid.sum().clamp_min(1)  # a masked sum: no host sync
         loss = cfg.mim_weight * mim_loss + cfg.sr_weight * sr_loss + cfg.mlm_weight * mlm_loss
         return {"loss": loss, "mim_loss": mim_loss.detach(), "sr_loss": sr_loss.detach(),
                 "mlm_loss": mlm_loss.detach(), "logits": logits, "mask": mask, "reconstruction": recon, "sr": sr}
