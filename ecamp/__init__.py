@@ -27,9 +27,11 @@ _LAZY = {
     "save_pretrained": "hub",
     "verify": "integrity",
     "embed": "embedding",
+    "push": "publish",
 }
 _SUBMODULES = ("errors", "registry", "hub", "factory", "convert", "io", "transforms", "fundus", "embedding",
-               "finetune", "integrity", "models", "text", "fileio", "cli")
+               "finetune", "integrity", "models", "text", "fileio", "cli", "predict",
+               "publish", "explain")
 
 __all__ = ["__version__", "EcampError", *_LAZY, *_SUBMODULES]
 
@@ -38,6 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .factory import download, get_pretrained_cfg, load, load_pretrain  # noqa: F401
     from .hub import save_pretrained  # noqa: F401
     from .integrity import verify  # noqa: F401
+    from .publish import push  # noqa: F401
     from .registry import list_models, load_manifest  # noqa: F401
     from .transforms import get_transform  # noqa: F401
 

@@ -87,7 +87,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         result = embed_files(model, files, args.out, model_name=args.model, batch_size=args.batch_size,
                              num_workers=args.num_workers, device=select_device(args.device, local_rank),
                              dtype=dtype, progress=not args.no_progress and rank == 0, chunk_size=args.chunk_size,
-                             resume=not args.no_resume, shard=shard)
+                             resume=not args.no_resume, shard=shard, preprocess_on=args.preprocess_on)
     finally:
         destroy_process_group()
     if not result.complete:
@@ -119,14 +119,70 @@ def _report_embedding(result) -> int:
     return 1 if n_bad == len(files) else 0
 
 
-def _cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import convert
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import torch
 
-    result = convert(args.checkpoint, args.name, out=args.out, config=args.config, tokenizer=args.tokenizer,
-                     manifest=args.manifest)
+    from .distributed import select_device
+    from .embedding import find_images
+    from .factory import load
+    from .predict import predict_files
+
+    files = find_images(args.paths)
+    model = load(args.model, cache_dir=args.cache_dir, local_files_only=args.local_files_only, manifest=args.manifest)
+    dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    result = predict_files(model, files, args.out, model_name=args.model, batch_size=args.batch_size,
+                           num_workers=args.num_workers, device=select_device(args.device), dtype=dtype,
+                           progress=not args.no_progress)
+    n_bad = len(result.failures)
+    print(f"{result.task}: predicted {len(files) - n_bad} of {len(files)} files -> {result.out}")
+    if n_bad:
+        print(f"{n_bad} file(s) could not be read (skipped; listed in {result.out}):", file=sys.stderr)
+        for reason in list(result.failures.values())[:20]:
+            print(f"  {reason}", file=sys.stderr)
+        if n_bad > 20:
+            print(f"  ... and {n_bad - 20} more", file=sys.stderr)
+    return 1 if n_bad == len(files) else 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert, convert_from_authors
+    from .errors import InvalidArgumentError
+
+    if args.from_authors is not None:
+        if args.name is not None:
+            raise InvalidArgumentError(f"--from-authors {args.from_authors} already names what the download "
+                                       f"becomes; drop --name {args.name}.")
+        name = args.from_authors
+        result = convert_from_authors(name, out=args.out, config=args.config, tokenizer=args.tokenizer,
+                                      manifest=args.manifest, force=args.force)
+    else:
+        if args.name is None:
+            raise InvalidArgumentError(f"Say what {args.checkpoint} becomes with --name (cxr-vit-b, fundus-vit-b, "
+                                       f"cxr-ecamp-b-pretrain...).")
+        if args.force:
+            raise InvalidArgumentError("--force replaces weights converted from another download; it belongs to "
+                                       "--from-authors.")
+        name = args.name
+        result = convert(args.checkpoint, name, out=args.out, config=args.config, tokenizer=args.tokenizer,
+                         manifest=args.manifest)
     print(json.dumps(result, indent=2))
+    if args.from_authors is not None:
+        print(f"downloaded {result['original_url']}: sha256 {result['original_sha256']} (recorded in "
+              f"{result['out']}/config.json)", file=sys.stderr)
     if not args.out:
-        print(f"ecamp.load({args.name!r}) now finds these weights offline.", file=sys.stderr)
+        print(f"ecamp.load({name!r}) now finds these weights offline.", file=sys.stderr)
+    return 0
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from .publish import push
+
+    result = push(args.folder, args.repo, name=args.name, private=args.private, token=args.token,
+                  commit_message=args.message, manifest=args.manifest_out)
+    print(json.dumps(result, indent=2))
+    if args.manifest_out:
+        print(f"ecamp.load({result['name']!r}, manifest={args.manifest_out!r}) loads commit {result['revision']} "
+              f"(or set ECAMP_MANIFEST={args.manifest_out}).", file=sys.stderr)
     return 0
 
 
@@ -154,10 +210,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     out = args.out or tempfile.mkdtemp(prefix="ecamp-demo-")
     result = run_demo(out, n_pretrain=args.n_pretrain, n_probe=args.n_probe, max_steps=args.max_steps,
-                      progress=not args.no_progress)
+                      ablation=args.ablation, progress=not args.no_progress)
     if result["mean_pretrained"] <= result["mean_random"]:
         print("The pre-trained encoder did not beat random initialisation.", file=sys.stderr)
         return 1
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from .explain import save_overlay
+    from .factory import load
+
+    model = load(args.model, cache_dir=args.cache_dir, local_files_only=args.local_files_only,
+                 manifest=args.manifest)
+    done = save_overlay(model, args.file, args.out, target=args.target, method=args.method, model_name=args.model)
+    print(f"{done['method']}" + (f" of {done['target']}" if done["target"] else "") + f" -> {done['out']}")
     return 0
 
 
@@ -191,13 +258,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("convert", _cmd_convert, "convert the authors' pre-training checkpoint (.pth) into an ecamp encoder "
                                      "(or, for a *-pretrain name, the full pre-training model)")
-    p.add_argument("checkpoint", help="e.g. ECAMP_ViT_Base_16.pth (read with weights_only=True, never unpickled)")
-    p.add_argument("--name", required=True, help="what it becomes: cxr-vit-b, fundus-vit-b, cxr-ecamp-b-pretrain...")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("checkpoint", nargs="?", default=None,
+                     help="e.g. ECAMP_ViT_Base_16.pth (read with weights_only=True, never unpickled)")
+    src.add_argument("--from-authors", metavar="NAME", default=None,
+                     help="download the authors' release of NAME from the manifest's link (Google Drive; needs "
+                          "pip install \"ecamp[authors]\") and convert it")
+    p.add_argument("--name", default=None, help="what CHECKPOINT becomes: cxr-vit-b, fundus-vit-b, "
+                                                "cxr-ecamp-b-pretrain...")
+    p.add_argument("--force", action="store_true", help="with --from-authors: replace weights that were converted "
+                                                        "from other bytes (a changed release)")
     p.add_argument("--out", default=None, help="folder to write (default: ecamp's local store, which "
                                                "ecamp.load(NAME) reads)")
     p.add_argument("--config", default=None, help="JSON of ECAMPPretrainConfig fields, for non-default sizes")
     p.add_argument("--tokenizer", default=None, help="tokenizers JSON (e.g. the authors' mimic_wordpiece.json) to "
                                                      "store with a full pre-training model")
+
+    p = add("push", _cmd_push, "upload an ecamp folder to a Hub repo and write its pinned, hashed manifest entry",
+            manifest=False)
+    p.add_argument("folder", help="a folder written by ecamp.save_pretrained, `ecamp train export` or `ecamp convert`")
+    p.add_argument("--repo", required=True, help="Hub repo org/name (created if missing)")
+    p.add_argument("--name", default=None, help="the entry's manifest name (default: the folder's own, else the "
+                                                "repo's name)")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--manifest-out", default=None, help="manifest file to add the entry to (created if missing)")
+    p.add_argument("--token", default=None, help="Hub token with write access (default: HF_TOKEN or `hf auth "
+                                                 "login`)")
+    p.add_argument("--message", default=None, help="commit message")
 
     p = add("embed", _cmd_embed, "embed image files and folders into .npy or .safetensors")
     p.add_argument("paths", nargs="+", help="image files (DICOM, PNG, JPEG, TIFF) and folders (searched recursively)")
@@ -211,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="embed part I of N (0-based; job arrays without torchrun), then `ecamp embed merge`")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="autocast dtype for the model")
+    p.add_argument("--preprocess-on", choices=("cpu", "gpu", "auto"), default="auto",
+                   help="where intensity policy, resize and normalisation run: cpu (in the workers), gpu (workers only "
+                        "decode; the rest runs on --device in batches), auto (gpu when --device is CUDA)")
     p.add_argument("--chunk-size", type=int, default=1024, help="images per saved chunk (the resume granularity)")
     p.add_argument("--no-resume", action="store_true", help="start over even if an interrupted run left chunks")
     p.add_argument("--no-progress", action="store_true")
@@ -222,6 +312,23 @@ def build_parser() -> argparse.ArgumentParser:
             manifest=False)
     p.add_argument("--out", required=True, help="the --out the shards were given")
 
+    p = add("predict", _cmd_predict, "run a fine-tuned model (e.g. the best/ folder of `ecamp train finetune`) on "
+                                     "image files and folders")
+    p.add_argument("paths", nargs="+", help="image files (DICOM, PNG, JPEG, TIFF) and folders (searched recursively)")
+    p.add_argument("--model", required=True, help="local-dir:/path (a fine-tuned model's folder), hf-hub:org/repo...")
+    p.add_argument("--out", required=True, help="classification: a .csv (path, one probability per label); "
+                                                "segmentation: a folder of mask PNGs with predictions.csv; "
+                                                "detection: a .json (boxes in the original images' pixels)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes for decoding")
+    p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: the GPU when there is one, else "
+                                                  "the CPU)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="autocast dtype for the model")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--local-files-only", action="store_true", help="do not touch the network")
+
     # add_help=False: `ecamp train --help` is the training CLI's own help
     p = add("train", _cmd_train, "training (the [train] extra): pretrain, finetune, export, distill, sr-windows, "
                                  "phantom, presets; `ecamp train --help` for details", manifest=False, add_help=False)
@@ -232,7 +339,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-pretrain", type=int, default=2000)
     p.add_argument("--n-probe", type=int, default=600)
     p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--ablation", action="store_true",
+                   help="also pre-train without the reports (MIM + super-resolution only) and add its column")
     p.add_argument("--no-progress", action="store_true")
+
+    p = add("explain", _cmd_explain, "where a model looks on one image: a heat map over the film, as PNG "
+                                     "(the [plot] extra)")
+    p.add_argument("file", help="the image (DICOM, PNG, JPEG, TIFF)")
+    p.add_argument("--model", required=True, help="model name, hf-hub:org/repo or local-dir:/path")
+    p.add_argument("--out", required=True, help="the PNG to write")
+    p.add_argument("--method", choices=("rollout", "gradcam"), default=None,
+                   help="default: gradcam for a classifier, attention rollout for an encoder")
+    p.add_argument("--target", default=None, help="Grad-CAM's class, a label name or an index (default: the top "
+                                                   "class)")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--local-files-only", action="store_true", help="do not touch the network")
     return parser
 
 

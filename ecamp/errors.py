@@ -27,6 +27,8 @@ __all__ = [
     "RevisionNotFoundError",
     "RemoteFileNotFoundError",
     "HubConnectionError",
+    "HubPermissionError",
+    "DownloadError",
     "WeightsMismatchError",
     "MissingDependencyError",
     "NotAnEncoderError",
@@ -106,7 +108,7 @@ class NotCachedError(EcampError, FileNotFoundError):
 
 
 class ChecksumMismatchError(EcampError, OSError):
-    """A downloaded file's sha256 differs from the manifest's."""
+    """A downloaded file's sha256 differs from the manifest's (or from the one a converted folder records)."""
 
 
 class RepoNotFoundError(EcampError, FileNotFoundError):
@@ -123,6 +125,15 @@ class RemoteFileNotFoundError(EcampError, FileNotFoundError):
 
 class HubConnectionError(EcampError, ConnectionError):
     """The Hub could not be reached or answered with an unexpected error."""
+
+
+class HubPermissionError(EcampError, PermissionError):
+    """The Hub refused a write: no token, or a token without write access to the repo."""
+
+
+class DownloadError(EcampError, ConnectionError):
+    """A download from outside the Hub (the authors' release on Google Drive) failed, was cut off or delivered a web
+    page instead of the file; ``.path`` is the URL."""
 
 
 class WeightsMismatchError(EcampError, RuntimeError):

@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 
-from ecamp.errors import MissingDependencyError
+from ecamp.errors import InvalidArgumentError, MissingDependencyError
 
-__all__ = ["linear_probe_auroc"]
+__all__ = ["ProbeFit", "fit_linear_probe", "linear_probe_auroc"]
 
 
-def linear_probe_auroc(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, *,
-                       c: float = 1.0, seed: int = 0) -> float:
-    """Standardise features on the training split, fit a logistic regression, return the test AUROC."""
+@dataclass(frozen=True)
+class ProbeFit:
+    """A fitted probe: ``auroc`` of ``scores`` (the test split's positive-class probabilities) and ``classifier``
+    (scikit-learn ``StandardScaler`` + ``LogisticRegression`` pipeline)."""
+
+    auroc: float
+    scores: np.ndarray
+    classifier: Any
+
+
+def fit_linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, *,
+                     c: float = 1.0, seed: int = 0) -> ProbeFit:
+    """Standardise features on the training split, fit a logistic regression, score the test split."""
     try:
         from sklearn.linear_model import LogisticRegression
         from sklearn.metrics import roc_auc_score
@@ -19,6 +32,17 @@ def linear_probe_auroc(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndar
         from sklearn.preprocessing import StandardScaler
     except ImportError as e:
         raise MissingDependencyError("Linear probing needs scikit-learn: pip install \"ecamp[train]\".") from e
+    for split, y in (("training", train_y), ("test", test_y)):
+        if len(np.unique(y)) < 2:
+            raise InvalidArgumentError(f"The {split} split has only label {np.unique(y).tolist()} among {len(y)} "
+                                       f"samples; a probe needs positives and negatives: use more samples.")
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000, random_state=seed))
     clf.fit(train_x, train_y)
-    return float(roc_auc_score(test_y, clf.predict_proba(test_x)[:, 1]))
+    scores = clf.predict_proba(test_x)[:, 1]
+    return ProbeFit(float(roc_auc_score(test_y, scores)), scores, clf)
+
+
+def linear_probe_auroc(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, *,
+                       c: float = 1.0, seed: int = 0) -> float:
+    """The test AUROC of :func:`fit_linear_probe`."""
+    return fit_linear_probe(train_x, train_y, test_x, test_y, c=c, seed=seed).auroc
