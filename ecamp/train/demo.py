@@ -247,7 +247,7 @@ def _plot_losses(path: Path, runs: dict[str, Path]) -> str:
             ax.plot([r["step"] for r in log], [r[key] for r in log], ls=style, marker="." if len(log) < 20 else None,
                     label=name)
         ax.set(title=what, xlabel="optimizer step", ylabel=key)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
         ax.legend(fontsize="small")
     save_figure(fig, path)
     note = (f" In the *{ABLATION}* run the MLM loss is computed but weighted 0 (its total is MIM + SR): its curve "
@@ -311,5 +311,6 @@ def _plot_explain(path: Path, out: Path, probes: dict[str, dict[str, Any]], labe
     box_note = " The dashed box is where the phantom drew the finding." if boxes else ""
     return (f"Test films with one finding each (column titles). First row: attention rollout of the pre-trained "
             f"encoder (not class-specific). Other rows: Grad-CAM of each encoder's probe for the column's finding: "
-            f"the probe's scaler and logistic regression folded into a linear head (`probe_classifier`)."
-            f"{box_note} Any map: `ecamp explain --model local-dir:{out / 'export' / 'encoder'} FILM --out map.png`.")
+            f"the probe's scaler and logistic regression folded into a linear head (`probe_classifier`); an empty "
+            f"map means that no part of the film raises the probe's score.{box_note} Any map: "
+            f"`ecamp explain --model local-dir:{out / 'export' / 'encoder'} FILM --out map.png`.")
