@@ -39,7 +39,7 @@ def _card(repo: str, revision: str, cache: Path):
 def test_push_then_load_pinned_and_verified(hub, tmp_path, capsys, monkeypatch):
     # weights of their own: the Hub (and the loopback one) skips the upload of LFS objects it already holds
     tiny_folder = tmp_path / "enc"
-    ecamp.save_pretrained(make_tiny_encoder(seed=7), tiny_folder, name="tiny-cxr", hf_repo="ecamp-push/e2e")
+    ecamp.save_pretrained(make_tiny_encoder(seed=9173), tiny_folder, name="tiny-cxr", hf_repo="ecamp-push/e2e")
     manifest = tmp_path / "my_manifest.json"
     out = _push_cli(tiny_folder, "ecamp-push/e2e", capsys, "--name", "tiny.pushed", "--manifest-out", str(manifest))
     commit = out["revision"]
@@ -59,7 +59,7 @@ def test_push_then_load_pinned_and_verified(hub, tmp_path, capsys, monkeypatch):
     hub.clear_log()
     model = ecamp.load("tiny.pushed", manifest=manifest, cache_dir=tmp_path / "cache")
     with torch.no_grad():
-        assert torch.equal(model(_x()), make_tiny_encoder(seed=7)(_x()))
+        assert torch.equal(model(_x()), make_tiny_encoder(seed=9173)(_x()))
     resolved = [r.path for r in hub.requests if "/resolve/" in r.path]
     assert {p.rsplit("/", 1)[1] for p in resolved} == {"config.json", "model.safetensors"}
     assert all(p.startswith(f"/ecamp-push/e2e/resolve/{commit}/") for p in resolved)
