@@ -470,6 +470,35 @@ def test_decoded_tables_apply_to_what_read_image_native_returns(rg1, tmp_path):
     assert not isinstance(decode_image(get_testdata_file("SC_rgb.dcm")), TableImage)  # colour: final already
 
 
+def test_one_pass_8bit_map_is_taken_only_where_it_equals_the_table(rg1, tmp_path):
+    cv2 = pytest.importorskip("cv2")
+    import ecamp.io as eio
+
+    rng = np.random.default_rng(3)
+    ramp = rng.integers(40, 3000, (64, 48)).astype(np.uint16)
+    cases = {  # (file, policy): whether OpenCV's convertScaleAbs reproduces the 8-bit table
+        rg1["UNCR"]: True,  # 15-bit MONOCHROME1: inverted
+        _dicom(tmp_path, ramp, "slope.dcm", BitsStored=12, HighBit=11, RescaleSlope=2.5, RescaleIntercept=-1024): True,
+        get_testdata_file("mlut_18.dcm"): False,  # a modality LUT table: not linear in the stored value
+    }
+    Image.fromarray(ramp * 16).save(tmp_path / "x16.png")
+    cases[tmp_path / "x16.png"] = True
+    for path, fast in cases.items():
+        decoded = eio.decode_image(path, policy="mimic-cxr-jpg")
+        assert (decoded.scale_abs is not None) == fast, path
+        if fast:
+            one_pass = cv2.convertScaleAbs(decoded.index, alpha=decoded.scale_abs[0], beta=decoded.scale_abs[1])
+            assert np.array_equal(one_pass, eio._gather(decoded.table, decoded.index)), path
+    # the check is what guards it: a table one entry away from OpenCV's arithmetic is refused
+    decoded = eio.decode_image(rg1["UNCR"], policy="mimic-cxr-jpg")
+    lo, hi = int(decoded.index.min()), int(decoded.index.max())
+    values = np.arange(65536, dtype=np.float64)
+    table = decoded.table.copy()
+    assert eio._scale_abs(table, values, lo, hi, True, lo, hi) is not None
+    table[(lo + hi) // 2] ^= 1
+    assert eio._scale_abs(table, values, lo, hi, True, lo, hi) is None
+
+
 def test_opencv_look_up_equals_numpy(rg1, monkeypatch):
     pytest.importorskip("cv2")
     import ecamp.io as eio
