@@ -27,7 +27,7 @@ from torch import nn
 
 from .errors import InvalidArgumentError, MissingDependencyError
 
-__all__ = ["METHODS", "default_method", "explain", "overlay", "save_figure", "save_overlay"]
+__all__ = ["METHODS", "default_method", "explain", "overlay", "new_figure", "save_figure", "save_overlay"]
 
 METHODS = ("rollout", "gradcam")
 _PLOT_EXTRA = 'pip install "ecamp[plot]"'
@@ -135,7 +135,7 @@ def _film_to_input(tf: Any, view: Any, shape: tuple[int, int]) -> tuple[float, f
             h = w = side
     probe = tv_tensors.BoundingBoxes(torch.tensor([[w / 2 - 0.5, h / 2 - 0.5, w / 2 + 0.5, h / 2 + 0.5]],
                                                   dtype=torch.float64), format="XYXY", canvas_size=(h, w))
-    x0, y0, x1, y1 = tf._geometry(probe)[0].tolist()
+    x0, y0, x1, y1 = tf.geometry(probe)[0].tolist()
     sx, sy = x1 - x0, y1 - y0
     oy, ox = y0 - sy * (h / 2 - 0.5), x0 - sx * (w / 2 - 0.5)
     return sy, oy + sy * dy, sx, ox + sx * dx
@@ -272,13 +272,20 @@ def _figure_class():
     return Figure
 
 
+def new_figure(**kw: Any):
+    """A matplotlib ``Figure`` with constrained layout (``kw``: figsize, dpi, ...), made without pyplot, so nothing
+    global is left behind in long runs or DataLoader workers; the ``plot`` extra is named when matplotlib is
+    missing. The figures of ``ecamp explain``, the demo's report and the SR-window maps are all made here."""
+    return _figure_class()(layout="constrained", **kw)
+
+
 def overlay(film: np.ndarray, heat: np.ndarray, *, ax: Any = None, title: str | None = None, alpha: float = 0.45,
             cmap: str = "jet", colorbar: str | None = "relevance"):
     """Draw ``heat`` over the grey ``film`` (both ``[H, W]`` in [0, 1]; masked pixels of a ``numpy.ma`` heat map
     stay uncoloured) on a matplotlib ``ax`` (default: a new figure's). ``colorbar`` is its label, None for none.
     Returns the heat map's image (for a shared colorbar)."""
     if ax is None:
-        ax = _figure_class()(layout="constrained").subplots()
+        ax = new_figure().subplots()
     ax.imshow(film, cmap="gray", vmin=0, vmax=1)
     im = ax.imshow(heat, cmap=cmap, vmin=0, vmax=1, alpha=alpha)
     ax.set_xlabel("x (pixels)")
@@ -290,12 +297,14 @@ def overlay(film: np.ndarray, heat: np.ndarray, *, ax: Any = None, title: str | 
     return im
 
 
-def save_figure(fig: Any, out: str | os.PathLike) -> Path:
-    """Write a matplotlib figure as PNG, atomically."""
+def save_figure(fig: Any, out: str | os.PathLike, **savefig: Any) -> Path:
+    """Write a matplotlib figure as PNG, atomically (``savefig``: extra ``Figure.savefig`` arguments; 120 dpi unless
+    given)."""
     from .fileio import atomic_write
 
     out = Path(out)
-    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    savefig.setdefault("dpi", 120)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", **savefig))
     return out
 
 
@@ -314,7 +323,7 @@ def save_overlay(model: nn.Module, image: Any, out: str | os.PathLike, *, target
     what = {"rollout": "attention rollout", "gradcam": "Grad-CAM"}[result.method]
     title = f"{name} · {what}" + (f" · {result.target}" if result.target else "")
     h, w = result.film.shape
-    fig = figure(figsize=(6.4, max(3.0, 5.2 * h / w)), layout="constrained")
+    fig = figure(figsize=(6.4, max(3.0, 5.2 * h / w)), layout="constrained")  # the class checked above
     # the cropped-away margins stay uncoloured: the model never saw them
     overlay(result.film, np.ma.masked_where(~result.seen, result.heat), ax=fig.subplots(), title=title,
             colorbar="relevance (rollout, scaled to [0, 1])" if result.method == "rollout"

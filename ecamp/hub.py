@@ -11,7 +11,6 @@ the Hub yet, e.g. converted from the authors' release; ``ecamp.load(name)`` look
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -33,7 +32,7 @@ from .errors import (
     UnknownModelError,
 )
 from .fileio import sha256_file
-from .registry import ManifestLike, ModelEntry, _EcampBlock, _PretrainedCfg, load_manifest
+from .registry import ECAMP_BLOCK_FIELDS, PRETRAINED_CFG_FIELDS, ManifestLike, ModelEntry, load_manifest
 
 __all__ = [
     "ecamp_home",
@@ -53,9 +52,6 @@ __all__ = [
 logger = logging.getLogger("ecamp")
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-# The keys a manifest entry's pretrained_cfg and ecamp block may hold (registry's schema)
-_PCFG_FIELDS = frozenset(f.name for f in dataclasses.fields(_PretrainedCfg))
-_ECAMP_FIELDS = frozenset(f.name for f in dataclasses.fields(_EcampBlock))
 
 
 def ecamp_home() -> Path:
@@ -285,7 +281,8 @@ def _entry(config: Mapping[str, Any], origin: _Origin, *, name: str | None, hf_r
     """The manifest entry (docs/manifest.md) of a folder: what the folder holds, plus what ``origin`` records."""
     block = config.get("ecamp") or {}
     n = config.get("num_classes") or 0
-    pcfg = {k: v for k, v in (config.get("pretrained_cfg") or {}).items() if k in _PCFG_FIELDS and v is not None}
+    pcfg = {k: v for k, v in (config.get("pretrained_cfg") or {}).items()
+            if k in PRETRAINED_CFG_FIELDS and v is not None}
     pcfg["num_classes"] = n
     if hf_repo:
         pcfg["hf_hub_id"] = hf_repo
@@ -298,7 +295,7 @@ def _entry(config: Mapping[str, Any], origin: _Origin, *, name: str | None, hf_r
         "architecture": config["architecture"], "model_args": _plain(config.get("model_args") or {}),
         "hf_repo": hf_repo, "revision": revision, "published": revision is not None,
         "files": [dict(f) for f in files], "pretrained_cfg": _plain(pcfg),
-        "ecamp": {k: v for k, v in block.items() if k in _ECAMP_FIELDS},
+        "ecamp": {k: v for k, v in block.items() if k in ECAMP_BLOCK_FIELDS},
         "license": pcfg.get("license") or "other", "license_note": "", "provenance": {}, "training": {},
         "metrics": [],
     }

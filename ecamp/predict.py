@@ -85,10 +85,9 @@ def _num_outputs(model: nn.Module, task: str) -> int:
 
 def input_transform(model: nn.Module) -> Any:
     """The preprocessing ``model`` was trained on: :func:`ecamp.get_transform` for a classifier, the whole-image
-    resize of :class:`~ecamp.models.heads.DenseTransform` (returning the input and the original size) for a
+    resize of :class:`~ecamp.transforms.DenseTransform` (returning the input and the original size) for a
     segmentation or detection model."""
-    from .models.heads import DenseTransform
-    from .transforms import get_transform
+    from .transforms import DenseTransform, get_transform
 
     if not _is_dense(model):
         return get_transform(model)

@@ -19,7 +19,7 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any, Union
@@ -40,6 +40,8 @@ __all__ = [
     "list_models",
     "HF_HUB_PREFIX",
     "LOCAL_DIR_PREFIX",
+    "PRETRAINED_CFG_FIELDS",
+    "ECAMP_BLOCK_FIELDS",
 ]
 
 SCHEMA_VERSION = 1
@@ -194,6 +196,12 @@ class _EcampBlock:
     grayscale: bool = False
     fov_crop: bool = False
     notes: str = ""
+
+
+# The keys an entry's pretrained_cfg and ecamp block may hold: what a folder's config is filtered to when it becomes
+# a manifest entry (ecamp.hub.manifest_entry)
+PRETRAINED_CFG_FIELDS = frozenset(f.name for f in fields(_PretrainedCfg))
+ECAMP_BLOCK_FIELDS = frozenset(f.name for f in fields(_EcampBlock))
 
 
 @dataclass(frozen=True)

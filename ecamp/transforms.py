@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -28,8 +28,8 @@ from PIL import Image
 from .errors import ConfigError, InvalidArgumentError, InvalidImageError
 from .fundus import fov_crop
 
-__all__ = ["EcampTransform", "DecodedImage", "JointTransform", "get_transform", "to_pil", "read_grey", "to_uint8",
-           "normalize_grey"]
+__all__ = ["EcampTransform", "DecodedImage", "JointTransform", "DenseTransform", "get_transform", "to_pil",
+           "read_dense_image", "requantize", "to_uint8", "normalize_grey"]
 
 # ITU-R 601-2 luma, the weights PIL's convert("L") uses; for float colour input.
 _LUMA = (0.299, 0.587, 0.114)
@@ -167,7 +167,9 @@ class EcampTransform:
     """Callable preprocessing: one image to ``[C, H, W]``, a list or a 4-D batch to ``[B, C, H, W]``.
 
     ``cfg`` is the dict it was built from (timm pretrained_cfg fields and the ``ecamp`` block); ``steps`` the
-    torchvision transforms it applies after input conversion, exposed so they can be re-used elsewhere.
+    torchvision transforms it applies after input conversion, exposed so they can be re-used elsewhere, and
+    ``geometry`` their ``Compose``, which also moves ``tv_tensors`` boxes and masks exactly as it moves the pixels
+    (:mod:`ecamp.explain` maps its heat maps back onto the film that way).
     """
 
     def __init__(self, cfg: dict[str, Any], *, train: bool = False):
@@ -208,7 +210,7 @@ class EcampTransform:
             steps.append(_GreyFromColour())
         steps += [T.ToImage(), T.ToDtype(torch.float32, scale=True)]
         self.steps = steps
-        self._geometry = T.Compose(steps)
+        self.geometry = T.Compose(steps)
         mean, std = list(cfg.get("mean", (0.5,) * 3)), list(cfg.get("std", (0.5,) * 3))
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
@@ -228,7 +230,7 @@ class EcampTransform:
     def _one(self, image: Any, what: str) -> torch.Tensor:
         image_in, linear = _read_file(image, what, self.policy, self.fov_crop, linear_first=True) \
             if _is_file_source(image) else (to_pil(image, what, policy=self.policy, fov=self.fov_crop), None)
-        x = self._geometry(image_in).as_subclass(torch.Tensor)
+        x = self.geometry(image_in).as_subclass(torch.Tensor)
         if linear is not None:  # the intensity policy's linear map, after the geometry (see _read_file)
             x = (x.double() * linear[0] + linear[1]).float()
         return self._channels_and_normalise(x, what, image)
@@ -296,7 +298,7 @@ class EcampTransform:
             planes[k] = _intensities(item)
             groups.setdefault((planes[k].dtype, tuple(planes[k].shape)), []).append(k)
         for ks in groups.values():
-            x = self._geometry(torch.stack([planes.pop(k) for k in ks])).as_subclass(torch.Tensor)
+            x = self.geometry(torch.stack([planes.pop(k) for k in ks])).as_subclass(torch.Tensor)
             for k, y in zip(ks, self._channels_and_normalise(x, f"image {ks[0]}"), strict=True):
                 out[k] = y
         return torch.stack(out)
@@ -410,7 +412,7 @@ def get_transform(name_or_model: Any, *, train: bool = False, **overrides: Any) 
     return EcampTransform(cfg, train=train)
 
 
-# -- the grey-film path shared by training readers ------------------------------------------------------------------
+# -- the grey-film path of training readers and dense heads ----------------------------------------------------------
 def to_uint8(arr: np.ndarray) -> np.ndarray:
     """A :func:`ecamp.io.read_image_native` result at 8 bits, as the authors' pre-training read MIMIC-CXR-JPG:
     uint8 stays, [0, 1] floats are rounded."""
@@ -419,14 +421,24 @@ def to_uint8(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
-def read_grey(source: Any, policy: str = "bits") -> torch.Tensor:
-    """A file as a grey float32 ``[1, H, W]`` tensor in [0, 1] at full depth (colour: the mean of the channels)."""
+def read_dense_image(source: Any, policy: str = "bits", *, rgb: bool = False, uint8: bool = False) -> torch.Tensor:
+    """A file at full depth as float32 in [0, 1]: ``[1, H, W]`` grey (colour: the mean of its channels) or, with
+    ``rgb``, ``[3, H, W]``; ``uint8`` rounds to 8-bit levels (the authors' cv2 path)."""
     from .io import read_image
 
     arr = read_image(source, policy=policy)
-    if arr.ndim == 3:
+    if arr.ndim == 3 and not rgb:
         arr = arr.mean(-1)
-    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None]
+    x = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1) if arr.ndim == 3 else arr[None],
+                                              dtype=np.float32))
+    if rgb and x.shape[0] == 1:
+        x = x.expand(3, -1, -1).contiguous()
+    return torch.round(x * 255) / 255 if uint8 else x
+
+
+def requantize(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """A normalised input back on 8-bit levels, as cv2 writes a resized 8-bit image (the ``linear-uint8`` resize)."""
+    return (torch.round((x * std + mean) * 255) / 255 - mean) / std
 
 
 def normalize_grey(x: torch.Tensor, mean: float, std: float, channels: int = 3) -> torch.Tensor:
@@ -437,8 +449,8 @@ def normalize_grey(x: torch.Tensor, mean: float, std: float, channels: int = 3) 
 class JointTransform:
     """A grey film and its target (a ``tv_tensors.Mask`` or ``tv_tensors.BoundingBoxes``) through one geometry.
 
-    The image is read at full depth with the cfg's intensity policy (:func:`read_grey`), resized to the cfg's input
-    size together with the target, optionally augmented by ``augment`` (a torchvision v2 transform drawn once per
+    The image is read at full depth with the cfg's intensity policy (:func:`read_dense_image`), resized to the cfg's
+    input size together with the target, optionally augmented by ``augment`` (a torchvision v2 transform drawn once per
     call and applied to both, or to the image alone with ``augment_target=False``), and normalised with the cfg's
     grey mean and std. ``antialias=False`` resizes as plain bilinear interpolation (``F.interpolate``).
     """
@@ -458,10 +470,34 @@ class JointTransform:
     def __call__(self, source: Any, target: Any) -> tuple[torch.Tensor, Any]:
         from torchvision import tv_tensors
 
-        x = source if isinstance(source, torch.Tensor) else read_grey(source, self.policy)
+        x = source if isinstance(source, torch.Tensor) else read_dense_image(source, self.policy)
         x = tv_tensors.Image(x)
         if self.augment is not None and not self.augment_target:
             x, target = self.resize(self.augment(x)), self.resize(target)
         else:
             x, target = self.joint(x, target)
         return normalize_grey(x, self.mean, self.std, self.channels), target
+
+
+class DenseTransform:
+    """One file -> ``(input [C, S, S], (height, width) of the original)``: the input a dense head (segmentation,
+    detection) was trained and validated on. The image is read at full depth with the cfg's intensity policy
+    (:func:`read_dense_image`), resized to the input size as a whole (no crop; :class:`JointTransform`) and
+    normalised with the grey mean and std. ``resize="linear-uint8"`` and ``rgb`` are the authors' variants (the
+    training protocol's ``resize`` and ``riga_rgb``)."""
+
+    def __init__(self, cfg: Mapping[str, Any], *, resize: str = "antialias-float", rgb: bool = False):
+        if resize not in ("antialias-float", "linear-uint8"):
+            raise ConfigError(f"Unknown dense resize {resize!r}; use antialias-float or linear-uint8.")
+        self.resize, self.rgb, self.uint8 = resize, rgb, resize == "linear-uint8"
+        self.joint = JointTransform(dict(cfg), antialias=not self.uint8)
+
+    def __call__(self, source: Any) -> tuple[torch.Tensor, tuple[int, int]]:
+        x = read_dense_image(source, self.joint.policy, rgb=self.rgb, uint8=self.uint8)
+        size = (int(x.shape[-2]), int(x.shape[-1]))
+        x, _ = self.joint(x, None)
+        return (requantize(x, self.joint.mean, self.joint.std) if self.uint8 else x), size
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(size={tuple(self.joint.resize.size)}, policy={self.joint.policy}, "
+                f"resize={self.resize}, rgb={self.rgb}, mean={self.joint.mean}, std={self.joint.std})")

@@ -1,9 +1,9 @@
 """Downstream heads on a frozen ECAMP encoder: segmentation (the authors' SegViT decoder and a feature pyramid)
 and detection (the authors' ViTDetector: three-scale neck and YOLOv3 head), with YOLO decoding and NMS.
 
-These are what a fine-tuned model needs at inference: the models, the input they were trained on
-(:class:`DenseTransform`) and their folder format (:func:`save_dense_model`, :func:`build_dense_model`), which
-``ecamp.load("local-dir:...")`` reads. Their losses, data and training loop live in the training package
+These are what a fine-tuned model needs at inference: the models and their folder format (:func:`save_dense_model`,
+:func:`build_dense_model`), which ``ecamp.load("local-dir:...")`` reads; the input they were trained on is
+:class:`ecamp.transforms.DenseTransform`. Their losses, data and training loop live in the training package
 (``downstream``).
 """
 
@@ -16,7 +16,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,8 +25,7 @@ from ..finetune import FrozenEncoder, multiscale_features
 
 __all__ = ["SegmentationModel", "PyramidSegmentationModel", "Bottleneck", "DetectionNeck", "YOLOv3Head",
            "DetectionModel", "YOLOV3_ANCHORS", "split_predictions", "decode", "postprocess", "DENSE_TASKS",
-           "HEAD_KINDS", "read_dense_image", "requantize", "DenseTransform", "save_dense_model", "build_dense_model",
-           "load_dense_state_dict"]
+           "HEAD_KINDS", "save_dense_model", "build_dense_model", "load_dense_state_dict"]
 
 # YOLOv3's anchors (w, h) for a 416-px input, coarsest scale first
 YOLOV3_ANCHORS = (((116, 90), (156, 198), (373, 326)), ((30, 61), (62, 45), (59, 119)), ((10, 13), (16, 30), (33, 23)))
@@ -291,53 +289,6 @@ def postprocess(decoded: torch.Tensor, conf_threshold: float = 0.5, iou_threshol
         idx = nms(boxes, scores, labels, iou_threshold)
         results.append({"boxes": boxes[idx], "scores": scores[idx], "labels": labels[idx]})
     return results
-
-
-# -- the input a dense head was trained on ---------------------------------------------------------------------------
-def read_dense_image(source: Any, policy: str = "bits", *, rgb: bool = False, uint8: bool = False) -> torch.Tensor:
-    """A file at full depth as float32 in [0, 1]: ``[1, H, W]`` grey (colour: the mean of its channels) or, with
-    ``rgb``, ``[3, H, W]``; ``uint8`` rounds to 8-bit levels (the authors' cv2 path)."""
-    from ..io import read_image
-
-    arr = read_image(source, policy=policy)
-    if arr.ndim == 3 and not rgb:
-        arr = arr.mean(-1)
-    x = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1) if arr.ndim == 3 else arr[None],
-                                              dtype=np.float32))
-    if rgb and x.shape[0] == 1:
-        x = x.expand(3, -1, -1).contiguous()
-    return torch.round(x * 255) / 255 if uint8 else x
-
-
-def requantize(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
-    """A normalised input back on 8-bit levels, as cv2 writes a resized 8-bit image (the ``linear-uint8`` resize)."""
-    return (torch.round((x * std + mean) * 255) / 255 - mean) / std
-
-
-class DenseTransform:
-    """One file -> ``(input [C, S, S], (height, width) of the original)``: the input a dense head was trained and
-    validated on. The image is read at full depth with the cfg's intensity policy (:func:`read_dense_image`),
-    resized to the input size as a whole (no crop; :class:`~ecamp.transforms.JointTransform`) and normalised with
-    the grey mean and std. ``resize="linear-uint8"`` and ``rgb`` are the authors' variants (the training
-    protocol's ``resize`` and ``riga_rgb``)."""
-
-    def __init__(self, cfg: Mapping[str, Any], *, resize: str = "antialias-float", rgb: bool = False):
-        from ..transforms import JointTransform
-
-        if resize not in ("antialias-float", "linear-uint8"):
-            raise ConfigError(f"Unknown dense resize {resize!r}; use antialias-float or linear-uint8.")
-        self.resize, self.rgb, self.uint8 = resize, rgb, resize == "linear-uint8"
-        self.joint = JointTransform(dict(cfg), antialias=not self.uint8)
-
-    def __call__(self, source: Any) -> tuple[torch.Tensor, tuple[int, int]]:
-        x = read_dense_image(source, self.joint.policy, rgb=self.rgb, uint8=self.uint8)
-        size = (int(x.shape[-2]), int(x.shape[-1]))
-        x, _ = self.joint(x, None)
-        return (requantize(x, self.joint.mean, self.joint.std) if self.uint8 else x), size
-
-    def __repr__(self) -> str:
-        return (f"{type(self).__name__}(size={tuple(self.joint.resize.size)}, policy={self.joint.policy}, "
-                f"resize={self.resize}, rgb={self.rgb}, mean={self.joint.mean}, std={self.joint.std})")
 
 
 # -- the folder of a fine-tuned dense model: config.json + model.safetensors -----------------------------------------

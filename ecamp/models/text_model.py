@@ -3,15 +3,11 @@ BERT masked-language model, built from transformers' BERT modules (the ``train``
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from ..errors import MissingDependencyError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .pretrain import ECAMPPretrainConfig
+from .pretrain_config import ECAMPPretrainConfig
 
 __all__ = ["ContextFusionLayer", "TextModel"]
 

@@ -208,18 +208,12 @@ def write_report(out: str | Path, *, probes: dict[str, dict[str, Any]], labels: 
     return report
 
 
-def _figure(**kw):
-    from ecamp.explain import _figure_class
-
-    return _figure_class()(layout="constrained", **kw)
-
-
 def _plot_roc(path: Path, probes: dict[str, dict[str, Any]], labels: dict[str, np.ndarray], half: int) -> str:
     from sklearn.metrics import roc_curve
 
-    from ecamp.explain import save_figure
+    from ecamp.explain import new_figure, save_figure
 
-    fig = _figure(figsize=(3.2 * len(labels), 4.8))
+    fig = new_figure(figsize=(3.2 * len(labels), 4.8))
     for ax, (k, y) in zip(fig.subplots(1, len(labels), squeeze=False)[0], labels.items(), strict=True):
         for name, fits in probes.items():
             fpr, tpr, _ = roc_curve(y[half:], fits[k].scores)
@@ -237,11 +231,11 @@ def _plot_roc(path: Path, probes: dict[str, dict[str, Any]], labels: dict[str, n
 def _plot_losses(path: Path, runs: dict[str, Path]) -> str:
     from matplotlib.ticker import MaxNLocator
 
-    from ecamp.explain import save_figure
+    from ecamp.explain import new_figure, save_figure
 
     rows = {name: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
             for name, run in runs.items()}
-    fig = _figure(figsize=(3.2 * len(_LOSSES), 3.2))
+    fig = new_figure(figsize=(3.2 * len(_LOSSES), 3.2))
     for ax, (key, what) in zip(fig.subplots(1, len(_LOSSES), squeeze=False)[0], _LOSSES, strict=True):
         for (name, log), style in zip(rows.items(), ("-", "--"), strict=False):
             ax.plot([r["step"] for r in log], [r[key] for r in log], ls=style, marker="." if len(log) < 20 else None,
@@ -283,7 +277,7 @@ def _plot_explain(path: Path, out: Path, probes: dict[str, dict[str, Any]], labe
                   files: list[str], encoders: dict[str, Any]) -> str:
     from matplotlib.patches import Rectangle
 
-    from ecamp.explain import explain, overlay, save_figure
+    from ecamp.explain import explain, new_figure, overlay, save_figure
     from ecamp.io import read_image
 
     picks = _films_to_show(labels, len(files) // 2)
@@ -291,7 +285,7 @@ def _plot_explain(path: Path, out: Path, probes: dict[str, dict[str, Any]], labe
     rows = [(f"{PRETRAINED}\nattention rollout", encoders[PRETRAINED], "rollout", False)]
     rows += [(f"{name}\nGrad-CAM of its probe", probe_classifier(encoders[name], probes[name]), "gradcam", True)
              for name in probes]
-    fig = _figure(figsize=(2.6 * len(picks) + 1.2, 2.7 * len(rows)))
+    fig = new_figure(figsize=(2.6 * len(picks) + 1.2, 2.7 * len(rows)))
     axes = fig.subplots(len(rows), len(picks), squeeze=False)
     im = None
     for r, (row_name, model, method, targeted) in enumerate(rows):

@@ -45,12 +45,12 @@ from ecamp.models.heads import (  # noqa: F401 - the heads are part of this task
     YOLOv3Head,
     decode,
     postprocess,
-    requantize,
     split_predictions,
 )
 from ecamp.train.common.lists import check_paths, list_lines, raise_problems, read_table
 from ecamp.train.downstream.protocol import Protocol, resolve_protocol
 from ecamp.train.downstream.recipes import Recipe
+from ecamp.transforms import requantize
 
 __all__ = ["DET_TASKS", "DET_LABELS", "YOLOV3_ANCHORS", "read_box_list", "BoxDataset", "collate_boxes", "Bottleneck",
            "DetectionNeck", "YOLOv3Head", "DetectionModel", "yolo_loss", "decode", "postprocess",
@@ -101,7 +101,7 @@ class BoxDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         from torchvision import tv_tensors
 
-        from ecamp.models.heads import read_dense_image
+        from ecamp.transforms import read_dense_image
 
         name, boxes = self.rows[i]
         x = read_dense_image(self.root / name, self.transform.policy, uint8=self.uint8)

@@ -28,10 +28,11 @@ from torch import nn
 
 from ecamp.errors import DataError, InvalidArgumentError
 from ecamp.fileio import write_csv
-from ecamp.models.heads import PyramidSegmentationModel, SegmentationModel, read_dense_image, requantize
+from ecamp.models.heads import PyramidSegmentationModel, SegmentationModel
 from ecamp.train.common.lists import check_paths, read_table
 from ecamp.train.downstream.protocol import Protocol, resolve_protocol
 from ecamp.train.downstream.recipes import Recipe
+from ecamp.transforms import read_dense_image, requantize
 
 __all__ = ["rle_decode", "read_siim", "read_rsna_boxes", "read_mask_list", "SegmentationModel",
            "PyramidSegmentationModel", "mixed_loss", "dice_per_image", "finetune_segmentation", "convert_lists",
@@ -205,7 +206,7 @@ def finetune_segmentation(task: str, fraction: int, data_root: str | Path, outpu
     ``decoder="pyramid"`` swaps the authors' decoder for :class:`PyramidSegmentationModel`'s. ``protocol``: a
     :class:`Protocol`, or option overrides on top of ecamp's (or, with ``upstream_protocol``, the authors').
     The best model is written to ``output_dir/best`` (:func:`ecamp.models.heads.save_dense_model`, with the input
-    settings :class:`~ecamp.models.heads.DenseTransform` needs), which ``ecamp.load`` and ``ecamp predict`` read.
+    settings :class:`~ecamp.transforms.DenseTransform` needs), which ``ecamp.load`` and ``ecamp predict`` read.
     """
     import ecamp
     from ecamp.factory import resolve_model_cfg

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ecamp.errors import MissingDependencyError
+from ecamp.explain import new_figure, save_figure
 from ecamp.train.pretrain.windows import AUTHORS_GRID, AUTHORS_WINDOW
 
 __all__ = ["MapWriter"]
@@ -18,24 +18,13 @@ _WINDOWS_CSV = "mimic-cxr-2.0.0-attn-label.csv"
 _BOXES_CSV = "findings.csv"
 
 
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise MissingDependencyError('Pictures need matplotlib: pip install "ecamp[plot]"') from e
-    return plt
-
-
 class MapWriter:
     """Writes one PNG per film into ``out``; reads the data root's window labels and finding boxes if present."""
 
     def __init__(self, out: str | Path, data_root: str | Path, *, method: str):
         from ecamp.train.common.lists import read_table
 
-        self.plt = _pyplot()
+        new_figure()  # matplotlib checked here, before the long run
         self.out, self.method = Path(out), method
         self.out.mkdir(parents=True, exist_ok=True)
         root = Path(data_root)
@@ -56,12 +45,10 @@ class MapWriter:
         top-left cell on the model's grid."""
         from matplotlib.patches import Rectangle
 
-        from ecamp.fileio import atomic_write
-
-        plt = self.plt
         film = np.asarray(film, dtype=np.float32)
         h, w = film.shape
-        fig, ax = plt.subplots(figsize=(5.2, 5.8), dpi=110)
+        fig = new_figure(figsize=(5.2, 5.8), dpi=110)
+        ax = fig.subplots()
         ax.imshow(film, cmap="gray", extent=(0, w, h, 0))
         heat = ax.imshow(patch_map, cmap="inferno", alpha=0.45, extent=(0, w, h, 0), interpolation="nearest")
         cell = h / grid
@@ -85,8 +72,4 @@ class MapWriter:
         label = "P(patch in the window | the words)" if self.method == "occlusion" else f"{self.method} relevance"
         fig.colorbar(heat, ax=ax, fraction=0.046, pad=0.04, label=label)
         ax.legend(loc="lower center", bbox_to_anchor=(0.5, -0.3), fontsize=8, ncol=2, frameon=False)
-        fig.tight_layout()
-        dest = self.out / (Path(img_path).stem + ".png")
-        atomic_write(dest, lambda p: fig.savefig(p, format="png", bbox_inches="tight"))
-        plt.close(fig)
-        return dest
+        return save_figure(fig, self.out / (Path(img_path).stem + ".png"), dpi=110, bbox_inches="tight")
