@@ -7,9 +7,9 @@ from typing import Any
 
 from .encoder import LoadReport, build_encoder, load_encoder_state_dict
 
-_LAZY = {"ECAMPPretrainModel": "pretrain", "ECAMPPretrainConfig": "pretrain", "SegmentationModel": "heads",
+_LAZY = {"ECAMPPretrainModel": "pretrain", "ECAMPPretrainConfig": "pretrain_config", "SegmentationModel": "heads",
          "PyramidSegmentationModel": "heads", "DetectionModel": "heads", "heads": None, "pretrain": None,
-         "encoder": None}
+         "encoder": None, "pretrain_config": None}
 
 __all__ = ["build_encoder", "load_encoder_state_dict", "LoadReport", *_LAZY]
 
