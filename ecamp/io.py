@@ -233,9 +233,9 @@ def _gather(table: np.ndarray, index: np.ndarray) -> np.ndarray:
 def _scale_abs(table: np.ndarray, values: np.ndarray, lo: float, hi: float, invert: bool, first: int, last: int
                ) -> tuple[float, float] | None:
     """``(alpha, beta)`` when OpenCV's ``convertScaleAbs(i, alpha, beta)`` equals the 8-bit min-max ``table`` at every
-    index ``first..last`` (checked there, so the image it maps comes out identical to ``table[index]``): the values
-    are linear in the index and OpenCV's float rounding agrees with the table's. One SIMD pass instead of a gather;
-    ``None`` without OpenCV or when any entry differs."""
+    uint16 index ``first..last`` (checked there, so the image it maps comes out identical to ``table[index]``): the
+    values are linear in the index and OpenCV's float rounding agrees with the table's. One SIMD pass instead of a
+    gather; ``None`` without OpenCV or when any entry differs."""
     cv2 = _opencv()
     if cv2 is None or hi <= lo:
         return None
@@ -477,8 +477,9 @@ def _decode_dicom(ds: Any, name: str, policy: str, frame: int | None, max_pixels
         if lut is not None:
             unsigned = pad is None and arr.dtype.kind == "u"  # the stored values are the table indices
             linear = _affine(table, stored_lo, stored_hi) if unsigned and table.dtype == np.float32 else None
+            # 16-bit stored values (8-bit ones take OpenCV's LUT, as fast)
             fast = _scale_abs(table, values, lo, hi, invert, stored_lo, stored_hi) \
-                if unsigned and table.dtype == np.uint8 else None
+                if unsigned and table.dtype == np.uint8 and index.dtype == np.uint16 else None
             return TableImage(index, table, equalize, pad, linear, fast)
         return _finish(table, equalize, pad)
 
