@@ -317,13 +317,13 @@ def save_overlay(model: nn.Module, image: Any, out: str | os.PathLike, *, target
         raise InvalidArgumentError(f"Output {out} must end in .png.", path=out)
     if not out.parent.is_dir():
         raise InvalidArgumentError(f"The folder of {out} does not exist; create it first.", path=out)
-    figure = _figure_class()  # before the work: a missing extra fails fast
+    _figure_class()  # before the work: a missing extra fails fast
     result = _explain(model, image, target=target, method=method, transform=transform)
     name = model_name or (getattr(model, "ecamp_cfg", None) or {}).get("name") or type(model).__name__
     what = {"rollout": "attention rollout", "gradcam": "Grad-CAM"}[result.method]
     title = f"{name} · {what}" + (f" · {result.target}" if result.target else "")
     h, w = result.film.shape
-    fig = figure(figsize=(6.4, max(3.0, 5.2 * h / w)), layout="constrained")  # the class checked above
+    fig = new_figure(figsize=(6.4, max(3.0, 5.2 * h / w)))
     # the cropped-away margins stay uncoloured: the model never saw them
     overlay(result.film, np.ma.masked_where(~result.seen, result.heat), ax=fig.subplots(), title=title,
             colorbar="relevance (rollout, scaled to [0, 1])" if result.method == "rollout"
