@@ -1,0 +1,159 @@
+"""The ``ecamp`` block of a model: one typed definition, read and written here only.
+
+Every ecamp folder's ``config.json`` carries an ``ecamp`` object beside timm's fields: how its images are read
+(modality, intensity policy, grey to three channels, fundus field-of-view crop), which manifest entry it is or
+comes from, and, for a fine-tuned model, its task and how it was trained. :class:`EcampCfg` is that object as a
+frozen dataclass; a loaded model carries one as ``model.ecamp_cfg``. :meth:`EcampCfg.from_dict` and
+:meth:`EcampCfg.to_dict` are the only places the JSON form is parsed and written; keys a newer ecamp wrote are
+kept in ``extra`` and written back unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["EcampCfg", "DenseInput", "ecamp_cfg_of", "POLICIES", "MODALITIES", "TASKS", "DENSE_TASKS", "ACTIVATIONS"]
+
+# Intensity policies of the image reader (ecamp.io): how a DICOM or deep image becomes [0, 1] values
+POLICIES = ("bits", "minmax", "voi", "mimic-cxr-jpg")
+MODALITIES = ("cxr", "fundus")
+# What a fine-tuned model does; an encoder (or a full pre-training model) has no task
+TASKS = ("classification", "segmentation", "detection")
+DENSE_TASKS = ("segmentation", "detection")
+ACTIVATIONS = ("sigmoid", "softmax")
+
+
+@dataclass(frozen=True)
+class DenseInput:
+    """How a segmentation or detection model reads its images: the whole image resized to the input size
+    (``resize``: ``"bilinear"`` or the authors' ``"nearest"``), grey or ``rgb`` (RIGA's colour fundus photos)."""
+
+    resize: str = "bilinear"
+    rgb: bool = False
+
+
+@dataclass(frozen=True)
+class EcampCfg:
+    """ecamp's settings of one model (the ``ecamp`` block of its ``config.json``).
+
+    Image settings: ``modality`` (``"cxr"`` or ``"fundus"``), ``image_policy`` (one of :data:`POLICIES`),
+    ``grayscale`` (grey read as three equal channels), ``fov_crop`` (crop a fundus photo to its field of view).
+    Identity: ``name`` (the manifest name it is, or was exported as), ``derived_from`` (the manifest entry its
+    weights come from, under another name), ``base_model`` (the model a fine-tuning started from),
+    ``description``, ``provenance`` (conversion or training record), ``source`` (where this copy was loaded from;
+    set by the loader, never written). Fine-tuned models: ``task`` (one of :data:`TASKS`), ``activation`` of a
+    classifier (``"sigmoid"`` multi-label, ``"softmax"`` multi-class), ``dense_input`` of a segmentation or
+    detection model, ``finetune`` (data set, fraction, mode, best step and score). Full pre-training models:
+    ``data`` (how the run read its images).
+    """
+
+    modality: str | None = None
+    image_policy: str = "bits"
+    grayscale: bool = False
+    fov_crop: bool = False
+    notes: str = ""
+    name: str | None = None
+    derived_from: str | None = None
+    base_model: str | None = None
+    description: str | None = None
+    provenance: Mapping[str, Any] = field(default_factory=dict)
+    task: str | None = None
+    activation: str | None = None
+    dense_input: DenseInput | None = None
+    finetune: Mapping[str, Any] = field(default_factory=dict)
+    data: Mapping[str, Any] = field(default_factory=dict)
+    source: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.image_policy not in POLICIES:
+            raise ConfigError(f"Unknown image policy {self.image_policy!r}; use one of {POLICIES}.")
+        if self.modality is not None and self.modality not in MODALITIES:
+            raise ConfigError(f"Unknown modality {self.modality!r}; use one of {MODALITIES}.")
+        if self.task is not None and self.task not in TASKS:
+            raise ConfigError(f"Unknown task {self.task!r}; use one of {TASKS} (or none for an encoder).")
+        if self.activation is not None and self.activation not in ACTIVATIONS:
+            raise ConfigError(f"activation is {self.activation!r}; use sigmoid or softmax.")
+
+    @property
+    def dense(self) -> bool:
+        """True for a fine-tuned segmentation or detection model (a dense-head folder)."""
+        return self.task in DENSE_TASKS
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None, *, where: str = "the ecamp block") -> EcampCfg:
+        """Parse the JSON form (``None`` or ``{}`` give the defaults); bad values raise
+        :class:`~ecamp.errors.ConfigError` naming ``where``."""
+        if data is None:
+            return cls()
+        if isinstance(data, EcampCfg):
+            return data
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{where} must be a JSON object, got {type(data).__name__}.")
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra", "source"}
+        values: dict[str, Any] = {k: copy.deepcopy(v) for k, v in data.items() if k in known}
+        extra = {k: copy.deepcopy(v) for k, v in data.items() if k not in known and k != "source"}
+        for key in ("provenance", "finetune", "data"):
+            if values.get(key) is None:
+                values.pop(key, None)
+            elif not isinstance(values[key], Mapping):
+                raise ConfigError(f"{where}: {key} must be a JSON object, got {values[key]!r}.")
+        if values.get("dense_input") is not None:
+            dense = values["dense_input"]
+            if not isinstance(dense, Mapping) or not set(dense) <= {"resize", "rgb"}:
+                raise ConfigError(f"{where}: dense_input must be an object with resize and rgb, got {dense!r}.")
+            values["dense_input"] = DenseInput(**dense)
+        for key in ("grayscale", "fov_crop"):
+            if key in values and not isinstance(values[key], bool):
+                raise ConfigError(f"{where}: {key} must be true or false, got {values[key]!r}.")
+        for key in ("modality", "name", "derived_from", "base_model", "description", "task", "activation"):
+            if values.get(key) is not None and not isinstance(values[key], str):
+                raise ConfigError(f"{where}: {key} must be a string, got {values[key]!r}.")
+        if "image_policy" in values and not isinstance(values["image_policy"], str):
+            raise ConfigError(f"{where}: image_policy must be a string, got {values['image_policy']!r}.")
+        if "notes" in values and values["notes"] is None:
+            values["notes"] = ""
+        try:
+            return cls(**values, extra=extra)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from e
+
+    def to_dict(self, *, with_source: bool = False) -> dict[str, Any]:
+        """The JSON form: fields that differ from their defaults (``image_policy`` always), then ``extra``.
+        ``source`` belongs to a loaded copy, not to a folder, so it is left out unless asked for."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name in ("extra", "source"):
+                continue
+            value = getattr(self, f.name)
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if value == default and f.name != "image_policy":
+                continue
+            out[f.name] = dataclasses.asdict(value) if isinstance(value, DenseInput) else copy.deepcopy(
+                dict(value) if isinstance(value, Mapping) else value)
+        out.update(copy.deepcopy(dict(self.extra)))
+        if with_source and self.source is not None:
+            out["source"] = self.source
+        return out
+
+    def replace(self, **changes: Any) -> EcampCfg:
+        """A copy with ``changes`` (``finetune`` and ``provenance`` given as mappings replace the old ones)."""
+        if isinstance(changes.get("dense_input"), Mapping):
+            changes["dense_input"] = DenseInput(**changes["dense_input"])
+        return dataclasses.replace(self, **changes)
+
+    def image_settings(self) -> EcampCfg:
+        """Only what decides how images are read (modality, policy, grey, field-of-view crop)."""
+        return EcampCfg(modality=self.modality, image_policy=self.image_policy, grayscale=self.grayscale,
+                        fov_crop=self.fov_crop, notes=self.notes)
+
+
+def ecamp_cfg_of(model: Any) -> EcampCfg:
+    """The :class:`EcampCfg` a model carries (``model.ecamp_cfg``), or the defaults for a model without one."""
+    return EcampCfg.from_dict(getattr(model, "ecamp_cfg", None))
