@@ -23,26 +23,25 @@ _LAZY = {
     "get_pretrained_cfg": "factory",
     "list_models": "registry",
     "load_manifest": "registry",
-    "get_transform": "transforms",
-    "save_pretrained": "hub",
+    "get_transform": "factory",
+    "save_pretrained": "folders",
     "verify": "integrity",
     "embed": "embedding",
     "push": "publish",
 }
-_SUBMODULES = ("errors", "registry", "hub", "factory", "convert", "io", "transforms", "fundus", "embedding",
-               "finetune", "integrity", "models", "text", "fileio", "cli", "predict",
+_SUBMODULES = ("errors", "config", "registry", "hub", "cards", "folders", "factory", "convert", "io", "transforms",
+               "fundus", "embedding", "finetune", "integrity", "models", "text", "fileio", "cli", "predict",
                "publish", "explain")
 
 __all__ = ["__version__", "EcampError", *_LAZY, *_SUBMODULES]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .embedding import embed  # noqa: F401
-    from .factory import download, get_pretrained_cfg, load, load_pretrain  # noqa: F401
-    from .hub import save_pretrained  # noqa: F401
+    from .factory import download, get_pretrained_cfg, get_transform, load, load_pretrain  # noqa: F401
+    from .folders import save_pretrained  # noqa: F401
     from .integrity import verify  # noqa: F401
     from .publish import push  # noqa: F401
     from .registry import list_models, load_manifest  # noqa: F401
-    from .transforms import get_transform  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -16,9 +16,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, InvalidWeightsFileError
 
-__all__ = ["EcampCfg", "DenseInput", "ecamp_cfg_of", "POLICIES", "MODALITIES", "TASKS", "DENSE_TASKS", "ACTIVATIONS"]
+__all__ = ["EcampCfg", "DenseInput", "ModelConfig", "ecamp_cfg_of", "POLICIES", "MODALITIES", "TASKS", "DENSE_TASKS",
+           "ACTIVATIONS", "FOLDER_KINDS", "PRETRAIN_ARCHITECTURE"]
 
 # Intensity policies of the image reader (ecamp.io): how a DICOM or deep image becomes [0, 1] values
 POLICIES = ("bits", "minmax", "voi", "mimic-cxr-jpg")
@@ -27,6 +28,9 @@ MODALITIES = ("cxr", "fundus")
 TASKS = ("classification", "segmentation", "detection")
 DENSE_TASKS = ("segmentation", "detection")
 ACTIVATIONS = ("sigmoid", "softmax")
+# What an ecamp folder holds: a timm encoder or classifier, a dense-head model, or the full pre-training model
+FOLDER_KINDS = ("encoder", "classification", "segmentation", "detection", "pretrain")
+PRETRAIN_ARCHITECTURE = "ecamp_pretrain"
 
 
 @dataclass(frozen=True)
@@ -96,9 +100,9 @@ class EcampCfg:
             return data
         if not isinstance(data, Mapping):
             raise ConfigError(f"{where} must be a JSON object, got {type(data).__name__}.")
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra", "source"}
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         values: dict[str, Any] = {k: copy.deepcopy(v) for k, v in data.items() if k in known}
-        extra = {k: copy.deepcopy(v) for k, v in data.items() if k not in known and k != "source"}
+        extra = {k: copy.deepcopy(v) for k, v in data.items() if k not in known}
         for key in ("provenance", "finetune", "data"):
             if values.get(key) is None:
                 values.pop(key, None)
@@ -112,7 +116,7 @@ class EcampCfg:
         for key in ("grayscale", "fov_crop"):
             if key in values and not isinstance(values[key], bool):
                 raise ConfigError(f"{where}: {key} must be true or false, got {values[key]!r}.")
-        for key in ("modality", "name", "derived_from", "base_model", "description", "task", "activation"):
+        for key in ("modality", "name", "derived_from", "base_model", "description", "task", "activation", "source"):
             if values.get(key) is not None and not isinstance(values[key], str):
                 raise ConfigError(f"{where}: {key} must be a string, got {values[key]!r}.")
         if "image_policy" in values and not isinstance(values["image_policy"], str):
@@ -157,3 +161,77 @@ class EcampCfg:
 def ecamp_cfg_of(model: Any) -> EcampCfg:
     """The :class:`EcampCfg` a model carries (``model.ecamp_cfg``), or the defaults for a model without one."""
     return EcampCfg.from_dict(getattr(model, "ecamp_cfg", None))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The ``config.json`` of any ecamp folder, typed: its ``kind`` (one of :data:`FOLDER_KINDS`), the ``ecamp``
+    block as an :class:`EcampCfg`, and the timm-format part (the file itself for encoders and classifiers, the
+    ``encoder`` block of a segmentation or detection model; None for the full pre-training model). ``data`` is the
+    file as read, for the writers of each format (:mod:`ecamp.folders`)."""
+
+    kind: str
+    ecamp: EcampCfg
+    data: Mapping[str, Any]
+    timm: Mapping[str, Any] | None
+
+    @classmethod
+    def from_dict(cls, data: Any, *, where: str = "config.json", path: Any = None) -> ModelConfig:
+        """Parse a decoded ``config.json``; anything that is not an ecamp or timm-format folder config raises
+        :class:`~ecamp.errors.InvalidWeightsFileError` naming ``where``."""
+        if not isinstance(data, Mapping):
+            raise InvalidWeightsFileError(f"{where} is not a JSON object; it is not a model folder's config.json.",
+                                          path=path)
+        try:
+            ecamp = EcampCfg.from_dict(data.get("ecamp"), where=f"{where}: ecamp")
+        except ConfigError as e:
+            raise InvalidWeightsFileError(f"{e} Fix config.json or re-export the folder.", path=path) from e
+        if data.get("architecture") == PRETRAIN_ARCHITECTURE:
+            return cls("pretrain", ecamp, data, None)
+        if ecamp.dense:
+            encoder = data.get("encoder")
+            if not isinstance(encoder, Mapping) or "architecture" not in encoder:
+                raise InvalidWeightsFileError(f"{where} describes a fine-tuned {ecamp.task} model without an "
+                                              f"'encoder' block naming its architecture; re-export the folder.",
+                                              path=path)
+            return cls(ecamp.task, ecamp, data, encoder)
+        if "architecture" not in data:
+            raise InvalidWeightsFileError(f"{where} has no 'architecture' field; it is not a timm-format "
+                                          f"config.json.", path=path)
+        n = data.get("num_classes") or 0
+        classifier = ecamp.task == "classification" or (ecamp.task is None and isinstance(n, int) and n > 0)
+        return cls("classification" if classifier else "encoder", ecamp, data, data)
+
+    @classmethod
+    def read(cls, path: Any, label: str = "") -> ModelConfig:
+        """Read and parse the ``config.json`` at ``path`` (``label``: the model name it was resolved from)."""
+        import json
+        from pathlib import Path
+
+        where = f"{path}{f' ({label})' if label else ''}"
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InvalidWeightsFileError(f"{where} is not a readable config.json: {e}", path=path) from e
+        return cls.from_dict(data, where=where, path=path)
+
+    @property
+    def dense(self) -> bool:
+        return self.kind in DENSE_TASKS
+
+    @property
+    def architecture(self) -> str:
+        return str((self.timm or self.data)["architecture"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.data.get("num_classes") or 0)
+
+    @property
+    def label_names(self) -> list[str]:
+        return [str(v) for v in self.data.get("label_names") or []]
+
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """timm's ``pretrained_cfg`` of the image encoder (empty for the pre-training model)."""
+        return dict((self.timm or {}).get("pretrained_cfg") or {})

@@ -64,7 +64,8 @@ def explain(model: nn.Module, image: Any, *, target: int | str | None = None, me
 
 def _explain(model: nn.Module, image: Any, *, target: int | str | None, method: str | None,
              transform: Any) -> _Explanation:
-    from .transforms import EcampTransform, get_transform, to_pil
+    from .factory import get_transform
+    from .transforms import EcampTransform, to_pil
 
     method = default_method(model) if method is None else method
     if method not in METHODS:
@@ -107,9 +108,9 @@ def _grey(view: Any) -> np.ndarray:
         if view.mode == "F":
             return np.asarray(view, dtype=np.float32)
         return np.asarray(view.convert("L"), dtype=np.float32) / 255.0
-    from .transforms import _LUMA
+    from .transforms import LUMA
 
-    return (view * torch.tensor(_LUMA).view(3, 1, 1)).sum(0).numpy().astype(np.float32)
+    return (view * torch.tensor(LUMA).view(3, 1, 1)).sum(0).numpy().astype(np.float32)
 
 
 def _film_to_input(tf: Any, view: Any, shape: tuple[int, int]) -> tuple[float, float, float, float]:
@@ -319,7 +320,9 @@ def save_overlay(model: nn.Module, image: Any, out: str | os.PathLike, *, target
         raise InvalidArgumentError(f"The folder of {out} does not exist; create it first.", path=out)
     _figure_class()  # before the work: a missing extra fails fast
     result = _explain(model, image, target=target, method=method, transform=transform)
-    name = model_name or (getattr(model, "ecamp_cfg", None) or {}).get("name") or type(model).__name__
+    from .config import ecamp_cfg_of
+
+    name = model_name or ecamp_cfg_of(model).name or type(model).__name__
     what = {"rollout": "attention rollout", "gradcam": "Grad-CAM"}[result.method]
     title = f"{name} · {what}" + (f" · {result.target}" if result.target else "")
     h, w = result.film.shape

@@ -1,4 +1,6 @@
-"""Re-hash cached weights against the manifest (``ecamp verify``), without touching the network."""
+"""Check a model's files without touching the network (``ecamp verify``): cached Hub files are re-hashed against
+the manifest (or the Hub's LFS sha256), folders and the local store are checked for completeness and against their
+own ``config.json``."""
 
 from __future__ import annotations
 
@@ -6,11 +8,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ChecksumMismatchError, ManifestError, NotCachedError
-from .hub import file_problem, hub_download, split_hub_spec, verify_lfs_blob
-from .registry import HF_HUB_PREFIX, ManifestLike, ModelEntry, load_manifest
-
-__all__ = ["verify", "VerifyResult"]
+from .errors import ChecksumMismatchError, EcampError, ManifestError, NotCachedError
+from .hub import file_problem, hub_download, verify_lfs_blob
+from .registry import ManifestLike, ModelEntry, load_manifest
 
 
 @dataclass(frozen=True)
@@ -43,30 +43,89 @@ def _verify_entry(entry: ModelEntry, cache_dir: str | os.PathLike | None) -> lis
     return results
 
 
+def _weights_problem(folder: Path, label: str) -> str | None:
+    """Why a folder's weights do not fit its ``config.json`` (or cannot be read in full), or None when they do."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    from .config import ModelConfig
+    from .folders import CONFIG_NAME, WEIGHTS_NAME, build
+
+    cfg = ModelConfig.read(folder / CONFIG_NAME, label)
+    try:  # safetensors checks the header and that the file holds every byte it declares
+        with safe_open(str(folder / WEIGHTS_NAME), "pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as e:
+        return f"not a complete safetensors file: {e}"
+    if cfg.kind == "pretrain":
+        return None if shapes else "holds no tensors"
+    with torch.device("meta"):
+        model = build(cfg, config_file=folder / CONFIG_NAME, label=label)
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing, unexpected = sorted(set(want) - set(shapes)), sorted(set(shapes) - set(want))
+    bad = sorted(k for k in set(want) & set(shapes) if want[k] != shapes[k])
+    if missing or unexpected or bad:
+        return (f"does not fit config.json: missing {missing[:4]}, unexpected {unexpected[:4]}, mis-shaped "
+                f"{bad[:4]}")
+    return None
+
+
+def _verify_folder(src) -> list[VerifyResult]:
+    from .folders import CONFIG_NAME, WEIGHTS_NAME
+
+    folder, label = src.folder, src.label.split(" ")[0]
+    missing = [f for f in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / f).is_file()]
+    if missing:
+        return [VerifyResult(label, f, "mismatch", folder / f, f"missing from {folder}") for f in missing]
+    try:
+        problem = _weights_problem(folder, src.label)
+    except EcampError as e:
+        return [VerifyResult(label, CONFIG_NAME, "mismatch", folder / CONFIG_NAME, str(e))]
+    if problem:
+        return [VerifyResult(label, WEIGHTS_NAME, "mismatch", folder / WEIGHTS_NAME, problem)]
+    # a folder records no sha256 of its own: complete and consistent is what can be known
+    return [VerifyResult(label, f, "no-hash", folder / f, "complete and consistent with config.json; a folder "
+                         "records no sha256") for f in (CONFIG_NAME, WEIGHTS_NAME)]
+
+
+def _verify_hub(src, cache_dir: str | os.PathLike | None) -> list[VerifyResult]:
+    name = src.label
+    try:
+        path = hub_download(src.repo, "model.safetensors", revision=src.revision, cache_dir=cache_dir,
+                            local_files_only=True)
+    except NotCachedError:
+        return [VerifyResult(name, "model.safetensors", "not-cached")]
+    try:
+        checked = verify_lfs_blob(path)
+    except ChecksumMismatchError as e:
+        return [VerifyResult(name, "model.safetensors", "mismatch", path, str(e))]
+    return [VerifyResult(name, "model.safetensors", "ok" if checked else "no-hash", path)]
+
+
 def verify(name: str | None = None, *, cache_dir: str | os.PathLike | None = None,
            manifest: ManifestLike = None) -> list[VerifyResult]:
-    """Re-hash the cached files of one model (or of every published manifest entry) offline.
+    """Check the files of one model (or of every manifest entry) offline.
 
-    ``hf-hub:`` names are checked against the Hub's LFS sha256 recorded in the cache. Nothing is downloaded:
-    files that are not cached are reported as ``not-cached``.
+    Published manifest entries: the cached files are re-hashed against the manifest's sha256 and size.
+    ``hf-hub:`` names: against the Hub's LFS sha256 recorded in the cache. Folders (``local-dir:``, a path) and the
+    local store of unpublished entries: every file present, the weights readable in full and fitting
+    ``config.json`` (status ``no-hash``: a folder records no sha256). Nothing is downloaded: files that are not
+    cached are reported as ``not-cached``.
     """
-    if name is not None and name.startswith(HF_HUB_PREFIX):
-        repo, rev = split_hub_spec(name[len(HF_HUB_PREFIX):])
-        try:
-            path = hub_download(repo, "model.safetensors", revision=rev, cache_dir=cache_dir, local_files_only=True)
-        except NotCachedError:
-            return [VerifyResult(name, "model.safetensors", "not-cached")]
-        try:
-            checked = verify_lfs_blob(path)
-        except ChecksumMismatchError as e:
-            return [VerifyResult(name, "model.safetensors", "mismatch", path, str(e))]
-        return [VerifyResult(name, "model.safetensors", "ok" if checked else "no-hash", path)]
-    man = load_manifest(manifest)
+    from .factory import resolve
+
     if name is not None:
-        return _verify_entry(man.resolve(name), cache_dir)
+        src = resolve(name, manifest=manifest)
+        if src.local:
+            return _verify_folder(src)
+        if src.kind == "hf-hub":
+            return _verify_hub(src, cache_dir)
+        return _verify_entry(src.entry, cache_dir)
+    man = load_manifest(manifest)
     results: list[VerifyResult] = []
     for entry in man.models.values():
-        results.extend(_verify_entry(entry, cache_dir))
+        src = resolve(entry.name, manifest=man)
+        results.extend(_verify_folder(src) if src.local else _verify_entry(entry, cache_dir))
     if not results:
         raise ManifestError(f"Manifest {man.source} lists no models.", path=man.source)
     return results

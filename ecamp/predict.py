@@ -33,7 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import DENSE_TASKS, TASKS, ecamp_cfg_of
 from .errors import InvalidArgumentError
+from .folders import kind_of, num_outputs
 
 __all__ = ["predict", "predict_files", "iter_predictions", "input_transform", "model_task", "PredictResult",
            "INDEX_NAME"]
@@ -53,19 +55,11 @@ class PredictResult:
     failures: dict[str, str] = field(default_factory=dict)
 
 
-def _is_dense(model: nn.Module) -> bool:
-    from .models.heads import HEAD_KINDS
-
-    return isinstance(model, tuple(HEAD_KINDS.values()))
-
-
 def model_task(model: nn.Module) -> str:
     """``"classification"``, ``"segmentation"`` or ``"detection"``; an encoder without a head is refused."""
-    if _is_dense(model):
-        return model.task
-    task = (getattr(model, "ecamp_cfg", None) or {}).get("task")
-    if task == "classification" or (task is None and getattr(model, "num_classes", 0)):
-        return "classification"
+    kind = kind_of(model)
+    if kind in TASKS:
+        return kind
     raise InvalidArgumentError(f"{type(model).__name__} is an image encoder without a classification, segmentation "
                                f"or detection head; `ecamp embed` gives its embeddings, `ecamp train finetune` "
                                f"trains a head.")
@@ -76,24 +70,19 @@ def _label_names(model: nn.Module, n: int) -> list[str]:
     return [str(v) for v in names] if names and len(names) == n else [f"class_{i}" for i in range(n)]
 
 
-def _num_outputs(model: nn.Module, task: str) -> int:
-    if task == "classification":
-        return int(model.num_classes)
-    args = model.head_args
-    return int(args.get("num_classes", args.get("outputs", 1)))
-
-
 def input_transform(model: nn.Module) -> Any:
     """The preprocessing ``model`` was trained on: :func:`ecamp.get_transform` for a classifier, the whole-image
     resize of :class:`~ecamp.transforms.DenseTransform` (returning the input and the original size) for a
     segmentation or detection model."""
-    from .transforms import DenseTransform, get_transform
+    from .factory import get_transform
+    from .transforms import DenseTransform
 
-    if not _is_dense(model):
+    if kind_of(model) not in DENSE_TASKS:
         return get_transform(model)
-    block = dict(getattr(model, "ecamp_cfg", None) or getattr(model.encoder, "ecamp_cfg", None) or {})
-    cfg = {**dict(model.encoder.pretrained_cfg), "ecamp": block}
-    return DenseTransform(cfg, **dict(block.get("dense_input") or {}))
+    block = ecamp_cfg_of(model) if getattr(model, "ecamp_cfg", None) else ecamp_cfg_of(model.encoder)
+    cfg = {**dict(model.encoder.pretrained_cfg), "ecamp": block.to_dict()}
+    dense = block.dense_input
+    return DenseTransform(cfg, **({"resize": dense.resize, "rgb": dense.rgb} if dense else {}))
 
 
 def iter_predictions(model: nn.Module, inputs: Sequence[Any], *, batch_size: int = 32, num_workers: int = 0,
@@ -106,14 +95,12 @@ def iter_predictions(model: nn.Module, inputs: Sequence[Any], *, batch_size: int
     "scores" [N], "labels" [N], "image_size" (H, W)}`` (detection). ``device`` defaults to the model's; ``dtype``
     runs it under autocast.
     """
-    from .embedding import autocast, load_batches
+    from .batching import autocast, load_batches
 
     if batch_size < 1:
         raise InvalidArgumentError(f"batch_size must be positive, got {batch_size}.")
     task = model_task(model)
-    activation = (getattr(model, "ecamp_cfg", None) or {}).get("activation")
-    if activation not in (None, "sigmoid", "softmax"):
-        raise InvalidArgumentError(f"ecamp_cfg['activation'] is {activation!r}; use sigmoid or softmax.")
+    activation = ecamp_cfg_of(model).activation
     if activation is None:  # a timm classifier from elsewhere: softmax, as timm's own, unless it has one output
         activation = "sigmoid" if getattr(model, "num_classes", 0) == 1 else "softmax"
     transform = input_transform(model)
@@ -231,7 +218,7 @@ def predict_files(model: nn.Module, files: Sequence[str | os.PathLike], out: str
     out = Path(out)
     task = model_task(model)
     _check_out(out, task)
-    labels = _label_names(model, _num_outputs(model, task))
+    labels = _label_names(model, num_outputs(model))
     if task == "segmentation" and len(labels) > 8:
         raise InvalidArgumentError(f"Mask PNGs hold at most 8 outputs as bits; this model has {len(labels)}.")
     failures: dict[str, str] = {}

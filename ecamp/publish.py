@@ -1,4 +1,5 @@
-"""Publish a timm-format ecamp folder to the Hub and record it as a pinned manifest entry.
+"""Publish an ecamp model folder (any kind: encoder, classifier, segmentation, detection, pre-training) to the Hub
+and record it as a pinned manifest entry.
 
 :func:`push` checks the folder and hashes every file locally before any request, then creates the repo and uploads
 the folder with ``huggingface_hub`` (so its token lookup, ``HF_ENDPOINT`` and Xet or LFS transfers all apply),
@@ -67,7 +68,7 @@ def _folder_files(folder: Path) -> list[str]:
                 raise ModelFolderError(f"{path} is not a regular file; remove it and push again.", path=path)
     missing = [f for f in ENCODER_FILES if f not in found]
     if missing:
-        raise ModelFolderError(f"{folder} lacks {', '.join(missing)}: it is not a timm-format ecamp folder "
+        raise ModelFolderError(f"{folder} lacks {', '.join(missing)}: it is not an ecamp model folder "
                                f"(config.json + model.safetensors, as ecamp.save_pretrained writes).", path=folder)
     return sorted(found)
 
@@ -164,7 +165,7 @@ def push(folder: PathLike, repo_id: str, *, name: str | None = None, private: bo
     """Upload the ecamp folder ``folder`` to Hub repo ``repo_id`` and return its pinned manifest entry.
 
     Args:
-        folder: a timm-format ecamp folder (``config.json``, ``model.safetensors``, usually ``README.md``; any head
+        folder: an ecamp model folder (``config.json``, ``model.safetensors``, usually ``README.md``; any head
             or extra files go along). Symlinks and temporary files are refused.
         repo_id: ``org/name``; created (``private`` or public) unless it exists or ``create=False``.
         name: the entry's manifest name (default: the folder's own, else the repo's name).
@@ -181,9 +182,9 @@ def push(folder: PathLike, repo_id: str, *, name: str | None = None, private: bo
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
-    from .factory import load
-    from .hub import manifest_entry
-    from .registry import LOCAL_DIR_PREFIX
+    from .cards import manifest_entry
+    from .config import ModelConfig
+    from .factory import LOCAL_DIR_PREFIX, load, load_pretrain
     from .version import __version__
 
     folder = Path(folder).expanduser()
@@ -200,8 +201,8 @@ def push(folder: PathLike, repo_id: str, *, name: str | None = None, private: bo
                                    f"another file.", path=out)
     # everything about the folder is checked before the first request: layout, that ecamp loads it, the entry
     paths = _folder_files(folder)
-    load(LOCAL_DIR_PREFIX + str(folder))
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config = ModelConfig.read(folder / "config.json")
+    (load_pretrain if config.kind == "pretrain" else load)(LOCAL_DIR_PREFIX + str(folder))
     known = out if out is not None and out.exists() else None
     name = name or manifest_entry(config, manifest=known)[0] or _default_name(repo_id)
     stats = {p: (folder / p).stat() for p in paths}
@@ -211,7 +212,7 @@ def push(folder: PathLike, repo_id: str, *, name: str | None = None, private: bo
     if not entry["provenance"]:
         raise ModelFolderError(f"{folder}/config.json names no ECAMP modality (its 'ecamp' block lacks 'modality'), "
                                f"so it is not an ecamp folder; write it with ecamp.save_pretrained from a model "
-                               f"ecamp.load built.", path=folder / "config.json")
+                               f"ecamp.load or ecamp.load_pretrain built.", path=folder / "config.json")
     _merged(out, name, entry)  # schema, name and alias clashes: refused here, before anything is uploaded
     card = folder / "README.md"
     if not card.is_file() or f"hf-hub:{repo_id}" not in card.read_text(encoding="utf-8", errors="replace"):

@@ -1,31 +1,25 @@
 """Downstream heads on a frozen ECAMP encoder: segmentation (the authors' SegViT decoder and a feature pyramid)
 and detection (the authors' ViTDetector: three-scale neck and YOLOv3 head), with YOLO decoding and NMS.
 
-These are what a fine-tuned model needs at inference: the models and their folder format (:func:`save_dense_model`,
-:func:`build_dense_model`), which ``ecamp.load("local-dir:...")`` reads; the input they were trained on is
+These are what a fine-tuned model needs at inference; their folder format is :mod:`ecamp.folders`, which
+``ecamp.load("local-dir:...")`` reads, and the input they were trained on is
 :class:`ecamp.transforms.DenseTransform`. Their losses, data and training loop live in the training package
 (``downstream``).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, InvalidArgumentError, WeightsMismatchError
+from ..errors import InvalidArgumentError
 from ..finetune import FrozenEncoder, multiscale_features
 
 __all__ = ["SegmentationModel", "PyramidSegmentationModel", "Bottleneck", "DetectionNeck", "YOLOv3Head",
-           "DetectionModel", "YOLOV3_ANCHORS", "split_predictions", "decode", "postprocess", "DENSE_TASKS",
-           "HEAD_KINDS", "save_dense_model", "build_dense_model", "load_dense_state_dict"]
+           "DetectionModel", "YOLOV3_ANCHORS", "split_predictions", "decode", "postprocess", "HEAD_KINDS"]
 
 # YOLOv3's anchors (w, h) for a 416-px input, coarsest scale first
 YOLOV3_ANCHORS = (((116, 90), (156, 198), (373, 326)), ((30, 61), (62, 45), (59, 119)), ((10, 13), (16, 30), (33, 23)))
@@ -291,152 +285,6 @@ def postprocess(decoded: torch.Tensor, conf_threshold: float = 0.5, iou_threshol
     return results
 
 
-# -- the folder of a fine-tuned dense model: config.json + model.safetensors -----------------------------------------
-DENSE_TASKS = ("segmentation", "detection")
+# -- the head classes by the name a folder's config.json records (``head.kind``; ecamp.folders reads and writes it)
 HEAD_KINDS: dict[str, type[nn.Module]] = {"segvit": SegmentationModel, "pyramid": PyramidSegmentationModel,
                                           "yolov3": DetectionModel}
-# a config.json is checked against these before anything is built (a hostile file must not exhaust the machine)
-_MAX_OUTPUTS, _MAX_WIDTH, _MAX_LIST, _MAX_HEAD_PARAMS = 1024, 16384, 16, 2_000_000_000
-
-
-def _num_outputs(model: nn.Module) -> int:
-    args = model.head_args
-    return int(args["num_classes"] if "num_classes" in args else args["outputs"])
-
-
-def _encoder_config(encoder: nn.Module) -> dict[str, Any]:
-    """The timm-format config that rebuilds ``encoder`` (as ``ecamp.save_pretrained`` writes it). Its
-    ``pretrained_cfg`` says ``crop_mode="squash"``: a dense head sees the whole image resized, never a crop."""
-    from timm.models import filter_pretrained_cfg, get_model_args
-
-    pcfg = filter_pretrained_cfg({k: v for k, v in dict(encoder.pretrained_cfg).items() if k != "state_dict"},
-                                 remove_source=True, remove_null=True)
-    pcfg.update(crop_mode="squash", crop_pct=1.0)
-    args = {k: list(v) if isinstance(v, tuple) else v for k, v in get_model_args(encoder).items()
-            if k != "num_classes"}
-    return {"architecture": pcfg.pop("architecture"), "num_classes": int(encoder.num_classes),
-            "num_features": int(encoder.num_features), "model_args": args, "pretrained_cfg": pcfg}
-
-
-def save_dense_model(model: nn.Module, out_dir: str | os.PathLike, *, label_names: Sequence[str] | None = None,
-                     ecamp_cfg: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Write a segmentation or detection model (encoder and head) as ``config.json`` + ``model.safetensors``, which
-    ``ecamp.load("local-dir:out_dir")`` rebuilds without the training package; returns the config.
-
-    ``config.json`` holds the head (``head.kind`` and the constructor ``head.args``), ``num_classes``,
-    ``label_names`` (default: ``model.label_names``), ``input_size``, the encoder's timm config (``encoder``) and the
-    ``ecamp`` block (``model.ecamp_cfg`` updated by ``ecamp_cfg``: image policy, ``task``, ``dense_input``). Each
-    file is written to a temporary name and renamed.
-    """
-    from safetensors.torch import save_file
-
-    from ..fileio import atomic_write
-
-    kind = next((k for k, cls in HEAD_KINDS.items() if type(model) is cls), None)
-    if kind is None:
-        raise InvalidArgumentError(f"save_dense_model writes {', '.join(c.__name__ for c in HEAD_KINDS.values())}, "
-                                   f"not {type(model).__name__}; save timm classifiers with ecamp.save_pretrained.")
-    n_out = _num_outputs(model)
-    labels = [str(v) for v in (label_names if label_names is not None else getattr(model, "label_names", None)
-                               or [])]
-    if labels and len(labels) != n_out:
-        raise InvalidArgumentError(f"{len(labels)} label names for a {type(model).__name__} with {n_out} outputs; "
-                                   f"give one name per output.")
-    encoder = model.encoder
-    block = {k: v for k, v in dict(getattr(model, "ecamp_cfg", None) or getattr(encoder, "ecamp_cfg", None)
-                                   or {}).items() if k != "source"}
-    block.update(ecamp_cfg or {})
-    block["task"] = model.task
-    enc = _encoder_config(encoder)
-    config = {"head": {"kind": kind, "args": dict(model.head_args)}, "num_classes": n_out, "label_names": labels,
-              "input_size": list(enc["pretrained_cfg"]["input_size"]), "encoder": enc, "ecamp": block}
-    try:
-        config = json.loads(json.dumps(config))
-    except (TypeError, ValueError) as e:
-        raise InvalidArgumentError(f"The config of this {type(model).__name__} is not JSON: {e}.") from e
-    with torch.device("meta"):  # refuse a folder that would not load back
-        probe = build_dense_model(config, config_file="the config being written")
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
-    if want != got:
-        diff = sorted(set(want) ^ set(got)) or sorted(k for k in want if want[k] != got[k])
-        raise InvalidArgumentError(f"config.json would not rebuild this {type(model).__name__} (differs in "
-                                   f"{diff[:5]}); was the head changed after it was built?")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    atomic_write(out / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8"))
-    return config
-
-
-def _check_head_args(args: Any, where: str) -> dict[str, Any]:
-    if not isinstance(args, Mapping):
-        raise ConfigError(f"{where}: head.args must be a JSON object, got {type(args).__name__}.")
-
-    def fail(name: str, value: Any, what: str):
-        raise ConfigError(f"{where}: head.args.{name} {value!r} is not {what}; fix config.json or re-export the "
-                          f"folder.")
-
-    for name, value in args.items():
-        top = _MAX_OUTPUTS if name in ("outputs", "num_classes") else _MAX_WIDTH
-        if isinstance(value, bool) or isinstance(value, str):
-            continue
-        if isinstance(value, float):
-            if not 0.0 <= value <= 1.0:
-                fail(name, value, "a threshold in [0, 1]")
-        elif isinstance(value, int):
-            if not 1 <= value <= top:
-                fail(name, value, f"a size in 1..{top}")
-        elif isinstance(value, list):
-            if not 1 <= len(value) <= _MAX_LIST or not all(
-                    isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= _MAX_WIDTH for v in value):
-                fail(name, value, f"a list of at most {_MAX_LIST} sizes in 1..{_MAX_WIDTH}")
-        else:
-            fail(name, value, "a number, string or list of sizes")
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
-
-
-def build_dense_model(config: Mapping[str, Any], *, config_file: str | os.PathLike = "config.json",
-                      label: str = "") -> nn.Module:
-    """The (randomly initialised) model a :func:`save_dense_model` config describes, in eval mode; every size is
-    checked before anything is allocated. Load its weights with :func:`load_dense_state_dict`."""
-    from .encoder import build_encoder, check_encoder_config
-
-    where = f"{config_file}{f' ({label})' if label else ''}"
-    head, enc = config.get("head"), config.get("encoder")
-    if not isinstance(head, Mapping) or head.get("kind") not in HEAD_KINDS or not isinstance(enc, Mapping):
-        raise ConfigError(f"{where}: a fine-tuned {(config.get('ecamp') or {}).get('task')} model needs head.kind "
-                          f"(one of {sorted(HEAD_KINDS)}), head.args and an encoder block; re-export the folder.",
-                          path=config_file)
-    cls = HEAD_KINDS[head["kind"]]
-    args = _check_head_args(head.get("args") or {}, where)
-    check_encoder_config(enc, config_file=config_file, label=label)
-    try:
-        with torch.device("meta"):
-            probe = cls(build_encoder(enc), **args)
-    except (TypeError, InvalidArgumentError) as e:
-        raise ConfigError(f"{where}: {cls.__name__} cannot be built from head.args {dict(head.get('args'))}: "
-                          f"{e}", path=config_file) from e
-    size = sum(p.numel() for p in probe.parameters()) - sum(p.numel() for p in probe.encoder.parameters())
-    if size > _MAX_HEAD_PARAMS:
-        raise ConfigError(f"{where}: head.args give a head of {size:.2g} parameters, over the "
-                          f"{_MAX_HEAD_PARAMS:.0e} ecamp.load builds.", path=config_file)
-    return cls(build_encoder(enc), **args).eval()
-
-
-def load_dense_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str) -> None:
-    """Load encoder and head weights strictly: any missing, unexpected or mis-shaped key raises
-    :class:`~ecamp.errors.WeightsMismatchError`."""
-    target = model.state_dict()
-    missing = [k for k in target if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in target]
-    bad = [f"{k}: weights {tuple(state_dict[k].shape)} vs model {tuple(target[k].shape)}" for k in state_dict
-           if k in target and state_dict[k].shape != target[k].shape]
-    if missing or unexpected or bad:
-        parts = [f"{what} {', '.join(keys[:6])}" + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
-                 for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", bad)) if keys]
-        raise WeightsMismatchError(f"Weights from {source} do not fit {type(model).__name__}: {'; '.join(parts)}. "
-                                   f"config.json and model.safetensors do not belong together; re-export the "
-                                   f"folder.")
-    model.load_state_dict(state_dict)

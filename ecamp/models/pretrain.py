@@ -28,7 +28,7 @@ from .pretrain_config import ECAMPPretrainConfig
 from .text_model import TextModel
 
 __all__ = ["ECAMPPretrainConfig", "ECAMPPretrainModel", "random_masking", "sincos_pos_embed_2d", "BatchError",
-           "upstream_to_ecamp_key", "read_upstream_checkpoint", "encoder_config", "ENCODER_ARCHITECTURE",
+           "authors_to_ecamp_key", "read_authors_checkpoint", "encoder_config", "ENCODER_ARCHITECTURE",
            "ENCODER_KEYS"]
 
 # The timm architecture the encoder is built as; non-default sizes travel in ``model_args`` (as timm's Hub
@@ -90,8 +90,8 @@ class SuperResolutionHead(nn.Module):
         return F.relu(out) if self.final_relu else out
 
 
-# Upstream checkpoint key prefixes (dossier section 8) -> this module's names.
-_UPSTREAM_PREFIXES = (
+# The authors' checkpoint key prefixes (dossier section 8) -> this module's names.
+_AUTHORS_PREFIXES = (
     ("bert_encoder.model.bert.cross_attn_layer.", "text.context_fusion_layer."),
     ("bert_encoder.model.bert.context_fusion_layer.", "text.context_fusion_layer."),
     ("bert_encoder.model.bert.embeddings.", "text.embeddings."),
@@ -99,17 +99,17 @@ _UPSTREAM_PREFIXES = (
     ("bert_encoder.model.cls.", "text.cls."),
 )
 ENCODER_KEYS = re.compile(r"^(patch_embed\.|cls_token$|pos_embed$|blocks\.|norm\.)")
-# Upstream keys with no counterpart here: the unused pooler and a non-persistent buffer of old transformers.
-_UPSTREAM_UNUSED = re.compile(r"^bert_encoder\.model\.bert\.pooler\.|\.position_ids$|\.token_type_ids$")
+# The authors' keys with no counterpart here: the unused pooler and a non-persistent buffer of old transformers.
+_AUTHORS_UNUSED = re.compile(r"^bert_encoder\.model\.bert\.pooler\.|\.position_ids$|\.token_type_ids$")
 
 
-def upstream_to_ecamp_key(key: str) -> str | None:
+def authors_to_ecamp_key(key: str) -> str | None:
     """Map one key of the authors' state dict to this model's name; None for keys with no counterpart."""
-    if _UPSTREAM_UNUSED.search(key):
+    if _AUTHORS_UNUSED.search(key):
         return None
     if ENCODER_KEYS.match(key):
         return "encoder." + key
-    for old, new in _UPSTREAM_PREFIXES:
+    for old, new in _AUTHORS_PREFIXES:
         if key.startswith(old):
             return new + key[len(old):]
     return key
@@ -305,26 +305,31 @@ class ECAMPPretrainModel(nn.Module):
 
         enc = build_encoder(encoder_config(self.config, pretrained_cfg))
         enc.load_state_dict(self.encoder.state_dict(), strict=True)
-        enc.ecamp_cfg = dict(ecamp_cfg)
+        enc.ecamp_cfg = EcampCfg.from_dict(ecamp_cfg)
         return enc.eval()
 
     # -- ecamp's own folder format -------------------------------------------------------------------------------
-    def save_pretrained(self, out_dir: str | Path, *, tokenizer: Any = None, ecamp_cfg: Mapping[str, Any] | None = None
-                        ) -> dict[str, Any]:
-        """Write ``config.json`` (architecture ``ecamp_pretrain`` and the config), ``model.safetensors`` and, if
-        given, ``tokenizer.json``; each file atomically. Returns its manifest entry (name, architecture, files with
-        sha256 and size, the ``ecamp`` block), shaped as :func:`ecamp.save_pretrained`'s."""
+    def save_pretrained(self, out_dir: str | Path, *, tokenizer: Any = None, ecamp_cfg: Any = None,
+                        hf_repo: str | None = None) -> dict[str, Any]:
+        """Write ``config.json`` (architecture ``ecamp_pretrain``, the model's sizes and the ``ecamp`` block, an
+        :class:`~ecamp.config.EcampCfg` or its fields), ``model.safetensors``, ``tokenizer.json`` if given and a
+        model card; each file atomically. Returns its manifest entry (:func:`ecamp.cards.manifest_entry`, with the
+        files' sha256 and size, and its ``name``), shaped as :func:`ecamp.save_pretrained`'s."""
         import json
 
         from safetensors.torch import save_model
 
+        from ..cards import manifest_entry, model_card
+        from ..config import PRETRAIN_ARCHITECTURE, EcampCfg, ModelConfig
         from ..fileio import atomic_write, sha256_file
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        config = {"architecture": "ecamp_pretrain", "ecamp_pretrain_config": self.config.to_dict(),
-                  "ecamp": dict(ecamp_cfg or {})}
-        files = []
+        block = EcampCfg.from_dict(ecamp_cfg).replace(source=None)
+        config = {"architecture": PRETRAIN_ARCHITECTURE, "ecamp_pretrain_config": self.config.to_dict(),
+                  "ecamp": block.to_dict()}
+        cfg = ModelConfig.from_dict(config)
+        card = model_card(cfg, name=block.name, hf_repo=hf_repo)
         writers = [("config.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n")),
                    ("model.safetensors", lambda p: save_model(self, str(p)))]
         if tokenizer is not None:
@@ -332,13 +337,14 @@ class ECAMPPretrainModel(nn.Module):
 
             tok = load_tokenizer(tokenizer)
             writers.append(("tokenizer.json", lambda p: p.write_text(tok.to_str())))
+        writers.append(("README.md", lambda p: card.save(p)))
+        files = []
         for name, write in writers:
             atomic_write(out / name, write)
             files.append({"path": name, "sha256": sha256_file(out / name), "size": (out / name).stat().st_size})
-        block = config["ecamp"]
-        # the same shape as ecamp.save_pretrained's manifest entry
-        return {"name": block.get("name"), "hf_repo": block.get("hf_repo"), "architecture": "ecamp_pretrain",
-                "files": files, "ecamp": block}
+        own_name, entry = manifest_entry(cfg, hf_repo=hf_repo)
+        entry["files"] = files
+        return {"name": own_name or block.name, **entry}
 
     @classmethod
     def from_folder(cls, folder: str | Path, *, config_path: str | Path | None = None,
@@ -348,6 +354,8 @@ class ECAMPPretrainModel(nn.Module):
         import json
 
         from safetensors.torch import load_model
+
+        from ..config import EcampCfg
 
         folder = Path(folder)
         config_path = Path(config_path or folder / "config.json")
@@ -366,26 +374,26 @@ class ECAMPPretrainModel(nn.Module):
         if missing or unexpected:
             raise WeightsMismatchError(f"{weights_path} does not fit its config.json: missing {sorted(missing)[:6]}, "
                                        f"unexpected {sorted(unexpected)[:6]}.", path=weights_path)
-        model.ecamp_cfg = dict(config.get("ecamp") or {})
+        model.ecamp_cfg = EcampCfg.from_dict(config.get("ecamp"), where=f"{config_path}: ecamp")
         model.source_folder = folder
         return model
 
     @classmethod
-    def from_upstream(cls, path_or_state_dict: str | Path | Mapping[str, torch.Tensor],
-                      config: ECAMPPretrainConfig | None = None) -> ECAMPPretrainModel:
+    def from_authors(cls, path_or_state_dict: str | Path | Mapping[str, torch.Tensor],
+                     config: ECAMPPretrainConfig | None = None) -> ECAMPPretrainModel:
         """Load an authors'-format pre-training checkpoint (``{"model": ...}`` or a bare state dict, with the
         released ``cross_attn_layer`` or the later ``context_fusion_layer`` names) strictly. Only the unused pooler
         is dropped; anything else missing or unexpected raises :class:`WeightsMismatchError`."""
         if isinstance(path_or_state_dict, (str, Path)):
             source = str(path_or_state_dict)
-            state = read_upstream_checkpoint(path_or_state_dict)
+            state = read_authors_checkpoint(path_or_state_dict)
         else:
             source = "state dict"
             state = _unwrap(path_or_state_dict, source)
         model = cls(config or ECAMPPretrainConfig())
         mapped: dict[str, torch.Tensor] = {}
         for key, value in state.items():
-            new = upstream_to_ecamp_key(key)
+            new = authors_to_ecamp_key(key)
             if new is not None:
                 mapped[new] = value
         model.load_strict(mapped, source=source)
@@ -403,10 +411,10 @@ class ECAMPPretrainModel(nn.Module):
                 f"unexpected {unexpected[:6]}, mis-shaped {shapes[:4]}. Pass the matching ECAMPPretrainConfig.")
         self.load_state_dict(dict(state), strict=True)
 
-    def to_upstream_state_dict(self) -> dict[str, torch.Tensor]:
+    def to_authors_state_dict(self) -> dict[str, torch.Tensor]:
         """This model's weights under the authors' key names (``context_fusion_layer`` spelling)."""
         out = {}
-        inverse = [(new, old) for old, new in _UPSTREAM_PREFIXES if "cross_attn" not in old]
+        inverse = [(new, old) for old, new in _AUTHORS_PREFIXES if "cross_attn" not in old]
         for key, value in self.state_dict().items():
             if key.startswith("encoder."):
                 out[key[len("encoder."):]] = value
@@ -440,7 +448,7 @@ def encoder_config(cfg: ECAMPPretrainConfig, pretrained_cfg: Mapping[str, Any]) 
             "pretrained_cfg": dict(pretrained_cfg)}
 
 
-def read_upstream_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+def read_authors_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict of an authors'-format ``.pth``, read with ``torch.load(weights_only=True)`` (no arbitrary
     unpickling; the ``args`` Namespace the authors store is the only extra class allowed)."""
     path = Path(path)

@@ -1,5 +1,5 @@
 """Export a training checkpoint: to the folders ``ecamp.load`` and ``ecamp.load_pretrain`` read, or to a ``.pth``
-file in the authors' format that their ``Fine-tuning/*`` scripts and ``ECAMPPretrainModel.from_upstream`` read."""
+file in the authors' format that their ``Fine-tuning/*`` scripts and ``ECAMPPretrainModel.from_authors`` read."""
 
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, name: str, *, hf_
     """Write ``<out>/encoder`` (timm format) and ``<out>/pretrain`` (model, config, tokenizer) from a checkpoint;
     returns both manifest entries with sha256 and size. ``name`` is the encoder's manifest name or alias (e.g.
     ``cxr-vit-b``), which decides the modality and the preprocessing cfg."""
+    from ecamp.config import EcampCfg
     from ecamp.convert import encoder_for, export_encoder
     from ecamp.registry import load_manifest
 
@@ -53,19 +54,20 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, name: str, *, hf_
     repo = hf_repo or entry.hf_repo
     enc_entry = export_encoder(encoder, entry, out / "encoder", hf_repo=repo,
                                provenance={"checkpoint": str(path), "training_config": cfg.to_dict()})
-    block = dict(entry.ecamp, name=entry.name.replace("vit_base_patch16_224", "ecamp_vit_base_patch16"),
-                 data=cfg.to_dict()["data"])  # how the run read its images (sr-windows reads them the same way)
+    block = EcampCfg.from_dict(entry.ecamp).replace(
+        name=entry.name.replace("vit_base_patch16_224", "ecamp_vit_base_patch16"),
+        data=cfg.to_dict()["data"])  # how the run read its images (sr-windows reads them the same way)
     full = model.save_pretrained(out / "pretrain", tokenizer=tok, ecamp_cfg=block)
     return {"encoder": {"name": entry.name, "hf_repo": repo, "files": enc_entry["files"]},
             "pretrain": {"files": full["files"], "tokenizer": str(tok) if tok else None}}
 
 
 def export_authors(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
-    """Write ``{"model": state_dict}`` under the authors' key names (``ECAMPPretrainModel.to_upstream_state_dict``)
+    """Write ``{"model": state_dict}`` under the authors' key names (``ECAMPPretrainModel.to_authors_state_dict``)
     to ``out`` (a ``.pth``), and the model's sizes to ``<out stem>.config.json``; both atomically.
 
     The authors' fine-tuning scripts read ``checkpoint["model"]`` and take the ViT keys (``patch_embed.*``,
-    ``blocks.N.*``, ``cls_token``, ``pos_embed``, ``norm.*``) by name, ignoring the rest; ``from_upstream`` (and
+    ``blocks.N.*``, ``cls_token``, ``pos_embed``, ``norm.*``) by name, ignoring the rest; ``from_authors`` (and
     ``ecamp convert``) read it strictly. A model with non-default sizes needs the sidecar config there:
     ``ecamp convert FILE.pth --name cxr-vit-b --config FILE.config.json``. The BERT pooler, which their model holds
     but never uses, is left out (their pre-training load filters keys by name and keeps its own).
@@ -80,7 +82,7 @@ def export_authors(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
         raise InvalidArgumentError(f"--out {out} is a folder; --format authors writes one file, e.g. {out}/ecamp.pth.")
     out.parent.mkdir(parents=True, exist_ok=True)
     # clones: no tensor shares storage with another, so each is saved on its own, as the authors' files hold them
-    state = {k: v.detach().cpu().clone() for k, v in model.to_upstream_state_dict().items()}
+    state = {k: v.detach().cpu().clone() for k, v in model.to_authors_state_dict().items()}
     atomic_write(out, lambda p: torch.save({"model": state}, p))
     config = out.with_name(out.stem + ".config.json")
     atomic_write(config, lambda p: p.write_text(json.dumps(model.config.to_dict(), indent=2) + "\n"))

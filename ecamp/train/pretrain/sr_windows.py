@@ -83,7 +83,7 @@ def load_stage1(source: str | Path) -> tuple[Any, Any, DataConfig]:
     path = Path(source)
     if path.is_dir() and (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         model, folder = ECAMPPretrainModel.from_folder(path), path
-        saved = (model.ecamp_cfg or {}).get("data") or {}
+        saved = model.ecamp_cfg.data
         data = dataclasses.replace(DataConfig(), **{k: saved[k] for k in _READER_FIELDS if k in saved})
     else:
         model, run_cfg, ckpt = model_from_checkpoint(path)
