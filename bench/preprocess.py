@@ -56,9 +56,9 @@ def main() -> None:
     import ecamp.io
 
     if args.no_opencv:
-        ecamp.io._CV2 = False
-    elif ecamp.io._opencv() is not None:
-        ecamp.io._opencv().setNumThreads(1)  # one core, as for the others
+        ecamp.io.tables._CV2 = False
+    elif ecamp.io.tables._opencv() is not None:
+        ecamp.io.tables._opencv().setNumThreads(1)  # one core, as for the others
 
     from pydicom.data import get_testdata_file
 
@@ -103,7 +103,7 @@ def main() -> None:
         theirs = {"DICOM (mimic-cxr-jpg policy)": xrv_dcm, "DICOM (bits policy)": xrv_dcm, "PNG 8-bit": xrv_png,
                   "DICOM (CPU half, gpu mode)": xrv_dcm}
 
-    print(f"OpenCV look-up: {'on' if ecamp.io._opencv() is not None else 'off'}")
+    print(f"OpenCV look-up: {'on' if ecamp.io.tables._opencv() is not None else 'off'}")
     print(f"{'input':<30} {'ecamp ms':>9} {'xrv ms':>8} {'ecamp img/s':>12} {'xrv img/s':>10} {'ratio':>7}")
     for name, fn in ours.items():
         if name in theirs:

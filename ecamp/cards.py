@@ -143,12 +143,11 @@ def _entry(cfg: ModelConfig, origin: _Origin, *, name: str | None, hf_repo: str 
         "model_args": _plain(timm.get("model_args") or {}),
         "hf_repo": hf_repo, "revision": revision, "published": revision is not None,
         "files": [dict(f) for f in files], "pretrained_cfg": _plain(pcfg),
-        "ecamp": {k: v for k, v in block.to_dict().items() if k in ECAMP_BLOCK_FIELDS},
+        "ecamp": {k: v for k, v in (block.replace(task="classification") if cfg.kind == "classification"
+                                    else block).to_dict().items() if k in ECAMP_BLOCK_FIELDS},
         "license": pcfg.get("license") or "other", "license_note": "", "provenance": {}, "training": {},
         "metrics": [],
     }
-    if cfg.kind == "classification" and "task" not in entry["ecamp"]:
-        entry["ecamp"]["task"] = "classification"
     if base is None:
         return entry
     prov = dict(base.provenance)

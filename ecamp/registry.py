@@ -24,8 +24,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Union
 
+from .config import MODALITIES, POLICIES
 from .errors import ManifestError, UnknownModelError
-from .io import POLICIES
 from .schema import from_mapping
 
 __all__ = [
@@ -36,17 +36,12 @@ __all__ = [
     "ManifestLike",
     "load_manifest",
     "parse_manifest",
-    "resolve_name",
     "list_models",
-    "HF_HUB_PREFIX",
-    "LOCAL_DIR_PREFIX",
     "PRETRAINED_CFG_FIELDS",
     "ECAMP_BLOCK_FIELDS",
 ]
 
 SCHEMA_VERSION = 1
-HF_HUB_PREFIX = "hf-hub:"
-LOCAL_DIR_PREFIX = "local-dir:"
 MANIFEST_ENV = "ECAMP_MANIFEST"
 
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
@@ -55,9 +50,7 @@ _REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 
 KINDS = ("encoder", "pretrain")
-MODALITIES = ("cxr", "fundus")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
-IMAGE_POLICIES = POLICIES  # the reader's list: a manifest names one of them
 # Files an encoder repo must hold: timm reads exactly these two.
 ENCODER_FILES = ("config.json", "model.safetensors")
 
@@ -192,14 +185,16 @@ class _PretrainedCfg:
 @dataclass(frozen=True)
 class _EcampBlock:
     modality: str = field(metadata={"choices": MODALITIES})
-    image_policy: str = field(metadata={"choices": IMAGE_POLICIES})
+    image_policy: str = field(metadata={"choices": POLICIES})
     grayscale: bool = False
     fov_crop: bool = False
     notes: str = ""
+    # a fine-tuned model's task (ecamp.config.TASKS); absent for encoders and pre-training models
+    task: str | None = field(default=None, metadata={"choices": (None, "classification", "segmentation", "detection")})
 
 
 # The keys an entry's pretrained_cfg and ecamp block may hold: what a folder's config is filtered to when it becomes
-# a manifest entry (ecamp.hub.manifest_entry)
+# a manifest entry (ecamp.cards.manifest_entry)
 PRETRAINED_CFG_FIELDS = frozenset(f.name for f in fields(_PretrainedCfg))
 ECAMP_BLOCK_FIELDS = frozenset(f.name for f in fields(_EcampBlock))
 
@@ -344,11 +339,6 @@ def load_manifest(manifest: ManifestLike = None) -> Manifest:
         raise ManifestError(f"Weights manifest {p} (from {origin}) does not exist; fix the path or unset it "
                             f"to use the packaged manifest.", path=p)
     return _read(p)
-
-
-def resolve_name(name: str, manifest: ManifestLike = None) -> ModelEntry:
-    """The manifest entry for a canonical name or alias."""
-    return load_manifest(manifest).resolve(name)
 
 
 def list_models(filter: str = "", *, published_only: bool = False, manifest: ManifestLike = None) -> list[str]:

@@ -28,11 +28,11 @@ from PIL import Image
 from .errors import ConfigError, InvalidArgumentError, InvalidImageError
 from .fundus import fov_crop
 
-__all__ = ["EcampTransform", "DecodedImage", "JointTransform", "DenseTransform", "get_transform", "to_pil",
-           "read_dense_image", "requantize", "to_uint8", "normalize_grey"]
+__all__ = ["EcampTransform", "DecodedImage", "JointTransform", "DenseTransform", "transform_from_cfg", "to_pil",
+           "read_dense_image", "requantize", "to_uint8", "normalize_grey", "LUMA"]
 
 # ITU-R 601-2 luma, the weights PIL's convert("L") uses; for float colour input.
-_LUMA = (0.299, 0.587, 0.114)
+LUMA = (0.299, 0.587, 0.114)
 _INTERP = {"nearest": "NEAREST", "bilinear": "BILINEAR", "bicubic": "BICUBIC"}
 # timm's eval crop modes: "center" (resize the shorter side, centre crop: the authors' pipeline) and "squash"
 _CROP_MODES = ("center", "squash")
@@ -133,14 +133,14 @@ def _read_file(image: Any, what: str, policy: str, fov: bool, frame: int | None 
     linearly (:attr:`ecamp.io.TableImage.affine`): the image is then the stored values as float, and the caller maps
     them after the geometry, which commutes with a linear map (to float32 rounding) and so runs the map on 224x224
     pixels instead of the full film."""
-    from .io import TableImage, _resolve, _source_path, decode_image
+    from .io import TableImage, as_array, decode_image, source_path
 
     decoded = decode_image(image, policy=policy, frame=frame)
     if linear_first and not fov and isinstance(decoded, TableImage) and decoded.affine is not None:
         return Image.fromarray(np.ascontiguousarray(decoded.index)).convert("F"), decoded.affine
-    arr = _resolve(decoded)
+    arr = as_array(decoded)
     return _from_array(fov_crop(arr) if fov else arr, what if what != "image" else str(image)[:200],
-                       path=_source_path(image), checked=True), None
+                       path=source_path(image), checked=True), None
 
 
 def _size2(value: Any) -> tuple[int, int]:
@@ -178,14 +178,10 @@ class EcampTransform:
 
         self.cfg = cfg
         self.train = train
-        block = cfg.get("ecamp") or {}
-        self.grayscale = bool(block.get("grayscale", False))
-        self.policy = block.get("image_policy", "bits")
-        self.fov_crop = bool(block.get("fov_crop", False))
-        from .io import POLICIES
+        from .config import EcampCfg
 
-        if self.policy not in POLICIES:
-            raise ConfigError(f"Unknown image policy {self.policy!r}; use one of {POLICIES}.")
+        self.ecamp = EcampCfg.from_dict(cfg.get("ecamp"), where="the cfg's ecamp block")
+        self.grayscale, self.policy, self.fov_crop = self.ecamp.grayscale, self.ecamp.image_policy, self.ecamp.fov_crop
         h, w = _size2(cfg.get("input_size", (3, 224, 224)))
         interp_name = cfg.get("interpolation", "bilinear")
         if interp_name not in _INTERP:
@@ -220,7 +216,7 @@ class EcampTransform:
         """Luma weights, mean and std on ``device``, copied there once: a copy from pageable memory per batch would
         wait for the device's queue."""
         if str(device) not in self._on_device:
-            self._on_device[str(device)] = tuple(t.to(device) for t in (torch.tensor(_LUMA).view(3, 1, 1),
+            self._on_device[str(device)] = tuple(t.to(device) for t in (torch.tensor(LUMA).view(3, 1, 1),
                                                                         self.mean, self.std))
         return self._on_device[str(device)]
 
@@ -243,9 +239,9 @@ class EcampTransform:
         if x.shape[-3] == 1 and self.out_channels == 3:
             x = x.expand(*x.shape[:-3], 3, -1, -1)
         elif x.shape[-3] != self.out_channels:
-            from .io import _source_path
+            from .io import source_path
 
-            path = _source_path(image) if _is_file_source(image) else None
+            path = source_path(image) if _is_file_source(image) else None
             raise InvalidImageError(f"{what} has {x.shape[-3]} channels after conversion but the model expects "
                                     f"{self.out_channels}.", path=path)
         return ((x - mean) / std).contiguous()
@@ -260,12 +256,12 @@ class EcampTransform:
         """
         if self.train or not _is_file_source(image):
             return DecodedImage(ready=self(image))
-        from .io import TableImage, _resolve, _source_path, decode_image
+        from .io import TableImage, as_array, decode_image, source_path
 
-        what, path = str(image)[:200], _source_path(image)
+        what, path = str(image)[:200], source_path(image)
         decoded = decode_image(image, policy=self.policy)
         if self.fov_crop:
-            decoded = fov_crop(_resolve(decoded))
+            decoded = fov_crop(as_array(decoded))
         arr = decoded.index if isinstance(decoded, TableImage) else decoded
         channels = 1 if arr.ndim == 2 or self.grayscale else 3
         if not (channels == self.out_channels or (channels == 1 and self.out_channels == 3)):
@@ -313,9 +309,8 @@ class EcampTransform:
         return self._one(images, "image")
 
     def __repr__(self) -> str:
-        block = self.cfg.get("ecamp") or {}
         lines = [f"{type(self).__name__}(mode={'train' if self.train else 'eval'}, "
-                 f"modality={block.get('modality')}, image_policy={self.policy}, fov_crop={self.fov_crop},"]
+                 f"modality={self.ecamp.modality}, image_policy={self.policy}, fov_crop={self.fov_crop},"]
         lines += [f"    {step}," for step in self.steps]
         if self.grayscale:
             lines.append(f"    grey -> {self.out_channels} channels,")
@@ -379,28 +374,19 @@ def _intensities(item: DecodedImage) -> torch.Tensor:
     return x[None] if x.ndim == 2 else x.permute(2, 0, 1)
 
 
-def get_transform(name_or_model: Any, *, train: bool = False, **overrides: Any) -> EcampTransform:
-    """The preprocessing for a model name, a loaded model or a cfg dict.
+def transform_from_cfg(cfg: Mapping[str, Any], *, train: bool = False, **overrides: Any) -> EcampTransform:
+    """The preprocessing of a pretrained_cfg dict with ecamp's settings under ``"ecamp"`` (what
+    :func:`ecamp.get_transform` resolves a name or a model to).
 
     ``overrides`` replace cfg fields: ``input_size``/``img_size``, ``mean``, ``std``, ``interpolation``,
-    ``crop_pct``, ``crop_mode`` (``center`` or ``squash``), and the ecamp settings ``grayscale``, ``image_policy``.
+    ``crop_pct``, ``crop_mode`` (``center`` or ``squash``), and the ecamp settings ``grayscale``, ``image_policy``,
+    ``fov_crop``.
     """
-    from .factory import get_pretrained_cfg, resolve_model_cfg
+    from .config import EcampCfg
 
-    if isinstance(name_or_model, (str, os.PathLike)):
-        cfg = get_pretrained_cfg(str(name_or_model))
-    elif isinstance(name_or_model, dict):
-        cfg = dict(name_or_model)
-    elif isinstance(name_or_model, torch.nn.Module):
-        cfg = resolve_model_cfg(name_or_model)
-    else:
-        raise InvalidArgumentError(f"get_transform takes a model name, a model or a cfg dict, not "
-                                   f"{type(name_or_model).__name__}.")
     cfg = dict(cfg)
-    block = dict(cfg.get("ecamp") or {})
-    for key in ("grayscale", "image_policy", "fov_crop"):
-        if key in overrides:
-            block[key] = overrides.pop(key)
+    block = EcampCfg.from_dict(cfg.get("ecamp"), where="the cfg's ecamp block")
+    changes = {key: overrides.pop(key) for key in ("grayscale", "image_policy", "fov_crop") if key in overrides}
     if "img_size" in overrides:
         size = _size2(overrides.pop("img_size"))
         overrides["input_size"] = (cfg.get("input_size", (3,))[0], *size)
@@ -408,7 +394,7 @@ def get_transform(name_or_model: Any, *, train: bool = False, **overrides: Any) 
     if unknown:
         raise InvalidArgumentError(f"Unknown transform override(s) {sorted(unknown)}.")
     cfg.update(overrides)
-    cfg["ecamp"] = block
+    cfg["ecamp"] = block.replace(**changes).to_dict(with_source=True) if changes else cfg.get("ecamp") or {}
     return EcampTransform(cfg, train=train)
 
 
@@ -460,7 +446,9 @@ class JointTransform:
         from torchvision.transforms import v2 as T
 
         size = _size2(cfg.get("input_size", (3, 224, 224)))
-        self.policy = (cfg.get("ecamp") or {}).get("image_policy", "bits")
+        from .config import EcampCfg
+
+        self.policy = EcampCfg.from_dict(cfg.get("ecamp"), where="the cfg's ecamp block").image_policy
         self.mean, self.std = float(cfg["mean"][0]), float(cfg["std"][0])
         self.channels = int(cfg.get("input_size", (3,))[0])
         self.resize = T.Resize(size, antialias=antialias)

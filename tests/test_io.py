@@ -13,12 +13,12 @@ import pytest
 import torch
 from PIL import Image
 from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 import ecamp
 from ecamp.errors import EcampError, ImageReadError, InvalidImageError, MissingDecoderError
 from ecamp.io import equalize_hist, read_image
+
+from helpers.builders import write_dicom
 
 
 def _all_pydicom_files() -> list[Path]:
@@ -89,40 +89,10 @@ def test_equalize_hist_matches_opencv_formula():
     assert np.array_equal(equalize_hist(np.full((3, 3), 7, np.uint8)), np.full((3, 3), 7, np.uint8))
 
 
-def _dicom(tmp_path: Path, arr: np.ndarray, name: str = "x.dcm", **attrs) -> Path:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    frames = arr.shape[0] if arr.ndim == 3 and "SamplesPerPixel" not in attrs else 1
-    ds.Rows, ds.Columns = arr.shape[-2:] if frames > 1 else arr.shape[:2]
-    if frames > 1:
-        ds.NumberOfFrames = frames
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = arr.dtype.itemsize * 8
-    ds.BitsStored = ds.BitsAllocated
-    ds.HighBit = ds.BitsStored - 1
-    ds.PixelRepresentation = 1 if arr.dtype.kind == "i" else 0
-    for k, v in attrs.items():
-        setattr(ds, k, v)
-    if ds.SamplesPerPixel == 3:
-        ds.PlanarConfiguration = 0
-    ds.PixelData = arr.tobytes()
-    path = tmp_path / name
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
 def test_monochrome1_is_inverted(tmp_path):
     ramp = np.tile(np.arange(0, 4096, 16, dtype=np.uint16), (8, 1))
-    m2 = read_image(_dicom(tmp_path, ramp, "m2.dcm", BitsStored=12, HighBit=11))
-    m1 = read_image(_dicom(tmp_path, ramp, "m1.dcm", BitsStored=12, HighBit=11,
+    m2 = read_image(write_dicom(tmp_path, ramp, "m2.dcm", BitsStored=12, HighBit=11))
+    m1 = read_image(write_dicom(tmp_path, ramp, "m1.dcm", BitsStored=12, HighBit=11,
                            PhotometricInterpretation="MONOCHROME1"))
     assert np.allclose(m1, 1 - m2, atol=1e-6)
     assert m2[0, 0] == 0 and m2[0, -1] == pytest.approx(4080 / 4095)
@@ -131,7 +101,7 @@ def test_monochrome1_is_inverted(tmp_path):
 def test_bits_policy_uses_bitsstored_not_image_range(tmp_path):
     small = np.full((4, 4), 100, np.uint16)
     small[0, 0] = 200
-    img = read_image(_dicom(tmp_path, small, BitsStored=12, HighBit=11))
+    img = read_image(write_dicom(tmp_path, small, BitsStored=12, HighBit=11))
     assert img[1, 1] == pytest.approx(100 / 4095) and img[0, 0] == pytest.approx(200 / 4095)
     mm = read_image(tmp_path / "x.dcm", policy="minmax")
     assert mm[1, 1] == 0 and mm[0, 0] == 1
@@ -139,13 +109,13 @@ def test_bits_policy_uses_bitsstored_not_image_range(tmp_path):
 
 def test_rescale_slope_intercept_and_signed(tmp_path):
     stored = np.array([[-2048, 0], [1000, 2047]], dtype=np.int16)
-    path = _dicom(tmp_path, stored, BitsStored=12, HighBit=11, RescaleSlope=2, RescaleIntercept=-1000)
+    path = write_dicom(tmp_path, stored, BitsStored=12, HighBit=11, RescaleSlope=2, RescaleIntercept=-1000)
     img = read_image(path)
     # the 12-bit signed range [-2048, 2047] maps through the modality LUT to [-5096, 3094]
     expected = (stored.astype(float) * 2 - 1000 + 5096) / (3094 + 5096)
     assert np.allclose(img, expected, atol=1e-6)
     # windowing in modality units: centre 0, width 2000 -> stored 500 (value 0) is mid-grey
-    win = _dicom(tmp_path, np.array([[0, 500], [1000, 2047]], np.int16), "w.dcm", BitsStored=12, HighBit=11,
+    win = write_dicom(tmp_path, np.array([[0, 500], [1000, 2047]], np.int16), "w.dcm", BitsStored=12, HighBit=11,
                  RescaleSlope=2, RescaleIntercept=-1000, WindowCenter=0, WindowWidth=2000)
     w = read_image(win, policy="voi")
     assert w[0, 0] == 0 and w[0, 1] == pytest.approx(0.5, abs=0.01) and w[1, 0] == 1 and w[1, 1] == 1
@@ -157,7 +127,7 @@ def test_pixel_padding_is_excluded_and_black(tmp_path):
     arr = np.full((8, 8), 500, np.uint16)
     arr[2:6, 2:6] = 1500
     arr[:, 0] = 4095  # padding (as some MONOCHROME1 detectors write it)
-    img = read_image(_dicom(tmp_path, arr, BitsStored=12, HighBit=11, PixelPaddingValue=4095), policy="minmax")
+    img = read_image(write_dicom(tmp_path, arr, BitsStored=12, HighBit=11, PixelPaddingValue=4095), policy="minmax")
     assert img[0, 0] == 0 and img[3, 3] == 1 and img[0, 4] == 0
     eq = read_image(tmp_path / "x.dcm", policy="mimic-cxr-jpg")
     assert eq[:, 0].max() == 0 and eq[3, 3] == 1
@@ -202,10 +172,10 @@ def test_multipage_tiff_needs_a_frame(tmp_path):
 def test_rgb_and_multiframe_dicom(tmp_path):
     rgb = np.zeros((6, 5, 3), np.uint8)
     rgb[..., 0] = 255
-    img = read_image(_dicom(tmp_path, rgb, "rgb.dcm", SamplesPerPixel=3, PhotometricInterpretation="RGB"))
+    img = read_image(write_dicom(tmp_path, rgb, "rgb.dcm", SamplesPerPixel=3, PhotometricInterpretation="RGB"))
     assert img.shape == (6, 5, 3) and img[..., 0].min() == 1 and img[..., 1].max() == 0
     frames = np.stack([np.full((4, 4), v, np.uint16) for v in (0, 4095)])
-    path = _dicom(tmp_path, frames, "mf.dcm", BitsStored=12, HighBit=11)
+    path = write_dicom(tmp_path, frames, "mf.dcm", BitsStored=12, HighBit=11)
     with pytest.raises(InvalidImageError, match="2 frames"):
         read_image(path)
     assert read_image(path, frame=1).min() == 1
@@ -397,7 +367,7 @@ def test_dicom_policy_tables_equal_the_per_pixel_definition(tmp_path, signed, bi
     attrs = dict(BitsStored=bits, HighBit=bits - 1, PhotometricInterpretation=photometric)
     if slope is not None:
         attrs.update(RescaleSlope=slope, RescaleIntercept=intercept)
-    path = _dicom(tmp_path, stored, **attrs)
+    path = write_dicom(tmp_path, stored, **attrs)
     for policy in ("bits", "minmax", "mimic-cxr-jpg"):
         expected = _policy_reference(stored, policy, slope or 1.0, intercept or 0.0, bits, signed,
                                      photometric == "MONOCHROME1")
@@ -443,7 +413,7 @@ def test_unused_high_bits_are_cleared_as_pydicom_does(tmp_path):
     dirty_signed = (signed & 0x0FFF | 0x5000).astype(np.uint16).view(np.int16)  # 12-bit two's complement, junk above
     cases = [(dirty, stored, False), (stored, stored, False), (dirty_signed, signed, True)]
     for k, (raw, clean, is_signed) in enumerate(cases):
-        path = _dicom(tmp_path, raw, f"u{k}.dcm", BitsStored=12, HighBit=11)
+        path = write_dicom(tmp_path, raw, f"u{k}.dcm", BitsStored=12, HighBit=11)
         assert np.array_equal(pydicom.dcmread(path).pixel_array, clean)  # pydicom's own correction, the reference
         for policy in ("bits", "minmax", "mimic-cxr-jpg"):
             expected = _policy_reference(clean, policy, 1.0, 0.0, 12, is_signed, False)
@@ -463,7 +433,7 @@ def test_decoded_tables_apply_to_what_read_image_native_returns(rg1, tmp_path):
     arr = np.full((8, 8), 500, np.uint16)
     arr[2:6, 2:6] = 1500
     arr[:, 0] = 4095
-    padded = decode_image(_dicom(tmp_path, arr, BitsStored=12, HighBit=11, PixelPaddingValue=4095),
+    padded = decode_image(write_dicom(tmp_path, arr, BitsStored=12, HighBit=11, PixelPaddingValue=4095),
                           policy="mimic-cxr-jpg")
     assert padded.pad is not None and padded.pad[:, 0].all() and not padded.pad[:, 1:].any()
     assert decode_image(tmp_path / "x.dcm", policy="minmax").affine is None  # padding to black is not linear
@@ -478,7 +448,8 @@ def test_one_pass_8bit_map_is_taken_only_where_it_equals_the_table(rg1, tmp_path
     ramp = rng.integers(40, 3000, (64, 48)).astype(np.uint16)
     cases = {  # (file, policy): whether OpenCV's convertScaleAbs reproduces the 8-bit table
         rg1["UNCR"]: True,  # 15-bit MONOCHROME1: inverted
-        _dicom(tmp_path, ramp, "slope.dcm", BitsStored=12, HighBit=11, RescaleSlope=2.5, RescaleIntercept=-1024): True,
+        write_dicom(tmp_path, ramp, "slope.dcm", BitsStored=12, HighBit=11, RescaleSlope=2.5,
+                    RescaleIntercept=-1024): True,
         get_testdata_file("mlut_18.dcm"): False,  # a modality LUT table: not linear in the stored value
     }
     Image.fromarray(ramp * 16).save(tmp_path / "x16.png")
@@ -488,15 +459,15 @@ def test_one_pass_8bit_map_is_taken_only_where_it_equals_the_table(rg1, tmp_path
         assert (decoded.scale_abs is not None) == fast, path
         if fast:
             one_pass = cv2.convertScaleAbs(decoded.index, alpha=decoded.scale_abs[0], beta=decoded.scale_abs[1])
-            assert np.array_equal(one_pass, eio._gather(decoded.table, decoded.index)), path
+            assert np.array_equal(one_pass, eio.tables._gather(decoded.table, decoded.index)), path
     # the check is what guards it: a table one entry away from OpenCV's arithmetic is refused
     decoded = eio.decode_image(rg1["UNCR"], policy="mimic-cxr-jpg")
     lo, hi = int(decoded.index.min()), int(decoded.index.max())
     values = np.arange(65536, dtype=np.float64)
     table = decoded.table.copy()
-    assert eio._scale_abs(table, values, lo, hi, True, lo, hi) is not None
+    assert eio.tables._scale_abs(table, values, lo, hi, True, lo, hi) is not None
     table[(lo + hi) // 2] ^= 1
-    assert eio._scale_abs(table, values, lo, hi, True, lo, hi) is None
+    assert eio.tables._scale_abs(table, values, lo, hi, True, lo, hi) is None
 
 
 def test_opencv_look_up_equals_numpy(rg1, monkeypatch):
@@ -504,6 +475,6 @@ def test_opencv_look_up_equals_numpy(rg1, monkeypatch):
     import ecamp.io as eio
 
     with_cv2 = eio.read_image_native(rg1["UNCR"], policy="mimic-cxr-jpg")
-    monkeypatch.setattr(eio, "_CV2", False)  # as if OpenCV were not installed
-    assert eio._opencv() is None
+    monkeypatch.setattr(eio.tables, "_CV2", False)  # as if OpenCV were not installed
+    assert eio.tables._opencv() is None
     assert np.array_equal(eio.read_image_native(rg1["UNCR"], policy="mimic-cxr-jpg"), with_cv2)

@@ -11,7 +11,7 @@ import torch
 
 import ecamp
 
-from conftest import folder_files, make_tiny_encoder
+from helpers.builders import folder_files, make_tiny_encoder
 
 
 def _x() -> torch.Tensor:
@@ -57,7 +57,7 @@ def test_converted_authors_weights_load_in_every_auto_class(hub, tmp_path):
 
     cfg = ECAMPPretrainConfig.tiny()
     torch.manual_seed(0)
-    state = ECAMPPretrainModel(cfg).to_upstream_state_dict()
+    state = ECAMPPretrainModel(cfg).to_authors_state_dict()
     torch.save({"model": state, "args": argparse.Namespace(epochs=1)}, tmp_path / "ckpt.pth")
     (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
     convert(tmp_path / "ckpt.pth", "cxr-vit-b", out=tmp_path / "conv", config=tmp_path / "cfg.json")
@@ -80,7 +80,7 @@ def test_fine_tuned_classifier_keeps_its_labels_everywhere(hub, tmp_path, tiny_f
     torch.nn.init.normal_(clf.head.weight)
     labels = ["effusion", "nodule", "pneumothorax"]
     ecamp.save_pretrained(clf, tmp_path / "clf", label_names=labels)
-    with pytest.raises(ecamp.errors.InvalidArgumentError, match="one name per class"):
+    with pytest.raises(ecamp.errors.InvalidArgumentError, match="one name per output"):
         ecamp.save_pretrained(clf, tmp_path / "bad", label_names=labels[:2])
     repo = _publish(hub, "ecamp-test/hf-classifier", tmp_path / "clf")
     ours = ecamp.load(f"hf-hub:{repo}", cache_dir=tmp_path / "cache")

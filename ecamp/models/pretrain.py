@@ -301,6 +301,7 @@ class ECAMPPretrainModel(nn.Module):
         ``ecamp.save_pretrained``: pooled embedding = mean of the normed patch tokens, trainable position embedding
         (as downstream code has it). The caller gives the preprocessing cfg the export carries
         (:func:`ecamp.convert.encoder_cfgs` reads it from the manifest)."""
+        from ..config import EcampCfg
         from ..models.encoder import build_encoder
 
         enc = build_encoder(encoder_config(self.config, pretrained_cfg))

@@ -64,7 +64,7 @@ class RunConfig:
     save_every: int = 1000  # optimizer steps
     keep_last: int = 3
     log: str = "csv"  # "csv" or "tensorboard"
-    init_from: str | None = None  # ImageNet MAE ViT-B/16 weights: a file or "hf-hub:org/repo"
+    init_from: str | None = None  # ImageNet MAE ViT-B/16 weights: a file or a model name (hf-hub:org/repo, ...)
     deterministic: bool = False  # torch's deterministic algorithms (GPU); the CPU repeats runs without it
     compile: bool = False  # torch.compile the model's forward and backward (first steps compile; then faster)
 
@@ -130,7 +130,7 @@ class PretrainRunConfig:
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(f"Invalid config: {msg}.")
-        from ecamp.io import POLICIES as IMAGE_POLICIES
+        from ecamp.config import POLICIES as IMAGE_POLICIES
 
         if d.image_policy not in IMAGE_POLICIES:
             raise ConfigError(f"data.image_policy must be one of {IMAGE_POLICIES}.")
