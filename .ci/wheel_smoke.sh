@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The wheel smoke stage of .ci/run: build a wheel of SRC, install it (non-editable, no extras) into a second fresh
-# virtual environment and run tests/smoke_wheel.py there, from a folder outside SRC.
+# virtual environment and run tests/helpers/smoke_wheel.py there, from a folder outside SRC.
 #
 #   bash .ci/wheel_smoke.sh SRC WORK      (with the first stage's venv active: `pip install -e ".[dev]"`)
 #
@@ -110,5 +110,5 @@ wpy="$work/wheel-venv/bin/python"
 mkdir -p "$work/run"
 cd "$work/run"
 HF_HUB_OFFLINE=1 ECAMP_HOME="$work/run/ecamp-home" HF_HOME="$work/run/hf-home" \
-    "$wpy" -I "$src/tests/smoke_wheel.py" --checkout "$src" --presets "$n_presets" --no-train-deps
+    "$wpy" -I "$src/tests/helpers/smoke_wheel.py" --checkout "$src" --presets "$n_presets" --no-train-deps
 echo "wheel smoke stage: $((SECONDS - start)) s"

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import EcampCfg, ecamp_cfg_of
 from .errors import (
     ChecksumMismatchError,
     DownloadError,
@@ -29,33 +30,33 @@ from .errors import (
     WeightsMismatchError,
 )
 from .fileio import sha256_file
-from .models.pretrain import ENCODER_KEYS, ECAMPPretrainConfig, encoder_config, read_upstream_checkpoint
+from .models.pretrain import ENCODER_KEYS, ECAMPPretrainConfig, encoder_config, read_authors_checkpoint
 from .registry import ManifestLike, ModelEntry, load_manifest
 
 __all__ = ["read_authors_checkpoint", "encoder_from_authors", "encoder_cfgs", "encoder_for", "export_encoder",
            "convert", "convert_from_authors"]
 
 PathLike = str | os.PathLike
-read_authors_checkpoint = read_upstream_checkpoint
 
 
-def encoder_cfgs(entry: ModelEntry, img_size: int, in_chans: int = 3) -> tuple[dict[str, Any], dict[str, Any]]:
+def encoder_cfgs(entry: ModelEntry, img_size: int, in_chans: int = 3) -> tuple[dict[str, Any], EcampCfg]:
     """The ``pretrained_cfg`` and ``ecamp`` block an exported encoder of ``entry`` carries (input size from the
     weights: a non-default ``img_size`` keeps its own)."""
     pcfg = {k: v for k, v in entry.pretrained_cfg.items() if k != "hf_hub_id"}
     pcfg["input_size"] = [in_chans, img_size, img_size]
-    return pcfg, dict(entry.ecamp)
+    return pcfg, EcampCfg.from_dict(entry.ecamp)
 
 
 def encoder_from_authors(checkpoint: PathLike | Mapping[str, torch.Tensor], *, pretrained_cfg: Mapping[str, Any],
-                         ecamp_cfg: Mapping[str, Any], config: ECAMPPretrainConfig | None = None) -> nn.Module:
+                         ecamp_cfg: EcampCfg | Mapping[str, Any], config: ECAMPPretrainConfig | None = None
+                         ) -> nn.Module:
     """The image encoder of an authors'-format checkpoint: its ViT keys loaded strictly into a timm
     ``VisionTransformer`` (trainable position embedding, mean-pooled after the final norm)."""
     from .models.encoder import build_encoder
 
     cfg = config or ECAMPPretrainConfig()
     source = str(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "state dict"
-    state = read_upstream_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else dict(checkpoint)
+    state = read_authors_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else dict(checkpoint)
     vit = {k: v for k, v in state.items() if ENCODER_KEYS.match(k)}
     if not any(k.startswith("blocks.") for k in vit):
         raise WeightsMismatchError(f"{source} holds no ViT encoder keys (patch_embed, blocks.*, norm); it is not an "
@@ -70,7 +71,7 @@ def encoder_from_authors(checkpoint: PathLike | Mapping[str, torch.Tensor], *, p
                                    f"{cfg.img_size}-px input: missing {missing[:6]}, unexpected {unexpected[:6]}, "
                                    f"mis-shaped {shapes[:4]}. Pass --config with the checkpoint's sizes.")
     encoder.load_state_dict(vit, strict=True)
-    encoder.ecamp_cfg = dict(ecamp_cfg)
+    encoder.ecamp_cfg = EcampCfg.from_dict(ecamp_cfg)
     return encoder.eval()
 
 
@@ -87,9 +88,9 @@ def encoder_for(model: Any, name: str, manifest: ManifestLike = None) -> nn.Modu
 def export_encoder(encoder: nn.Module, entry: ModelEntry, out: PathLike, *, provenance: Mapping[str, Any],
                    hf_repo: str | None = None) -> dict[str, Any]:
     """Write ``encoder`` as the timm-format folder of ``entry`` with its provenance; returns the manifest entry."""
-    from .hub import save_pretrained
+    from .folders import save_pretrained
 
-    encoder.ecamp_cfg = {**dict(getattr(encoder, "ecamp_cfg", None) or {}), "provenance": dict(provenance)}
+    encoder.ecamp_cfg = ecamp_cfg_of(encoder).replace(provenance=dict(provenance))
     return save_pretrained(encoder, out, name=entry.name, hf_repo=hf_repo or entry.hf_repo)
 
 
@@ -127,8 +128,8 @@ def _convert(checkpoint: PathLike, entry: ModelEntry, folder: Path, *, config: P
     if entry.kind == "pretrain":
         from .models.pretrain import ECAMPPretrainModel
 
-        model = ECAMPPretrainModel.from_upstream(checkpoint, config=cfg)
-        block = dict(entry.ecamp, name=entry.name, provenance=prov)
+        model = ECAMPPretrainModel.from_authors(checkpoint, config=cfg)
+        block = EcampCfg.from_dict(entry.ecamp).replace(name=entry.name, provenance=prov)
         files = model.save_pretrained(folder, tokenizer=tokenizer, ecamp_cfg=block)["files"]
     else:
         c = cfg or ECAMPPretrainConfig()
@@ -247,7 +248,7 @@ def convert_from_authors(name: str, *, out: PathLike | None = None, config: Path
         label = f"{original} downloaded from {url} (sha256 {sha256})"
         try:
             if before and before != sha256 and not force:
-                read_upstream_checkpoint(path)  # bytes that are no checkpoint at all are reported as such
+                read_authors_checkpoint(path)  # bytes that are no checkpoint at all are reported as such
                 raise ChecksumMismatchError(
                     f"{folder} holds weights converted from a file with sha256 {before}, but {url} now sends "
                     f"{original} with sha256 {sha256}. The authors' release should not change: retry in case the "

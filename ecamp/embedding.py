@@ -7,7 +7,6 @@ last finished chunk.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -22,12 +21,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import CheckpointError, DataError, EcampError, InvalidArgumentError
+from .batching import autocast, collect_rows, load_batches, prefetched
+from .errors import CheckpointError, DataError, InvalidArgumentError
 from .fileio import atomic_write
 from .io import DICOM_SUFFIXES, is_dicom
 
-__all__ = ["embed", "embed_files", "merge_embeddings", "parse_shard", "EmbedResult", "find_images", "IMAGE_SUFFIXES",
-           "autocast", "load_batches"]
+__all__ = ["embed", "embed_files", "merge_embeddings", "parse_shard", "EmbedResult", "find_images", "IMAGE_SUFFIXES"]
 
 logger = logging.getLogger("ecamp")
 
@@ -45,56 +44,6 @@ def _has_dicom_preamble(path: Path) -> bool:
         return False
 
 
-class _Images(torch.utils.data.Dataset):
-    """Item i -> (i, tensor or None, error message or None); decoding errors stay per item."""
-
-    def __init__(self, inputs: Sequence[Any], transform: Callable[[Any], torch.Tensor]):
-        self.inputs = inputs
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.inputs)
-
-    def __getitem__(self, i: int):
-        try:
-            return i, self.transform(self.inputs[i]), None
-        except EcampError as e:
-            return i, None, str(e)
-        except MemoryError:
-            raise
-        except Exception as e:  # noqa: BLE001 - one bad input must never stop a run
-            return i, None, f"{str(self.inputs[i])[:200]}: {type(e).__name__}: {e}"
-
-
-def _collate(items):
-    return items
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None or dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def load_batches(inputs: Sequence[Any], transform: Callable[[Any], Any], *, batch_size: int, num_workers: int = 0,
-                 progress: bool = True, desc: str = "embed", pin_memory: bool = False):
-    """Yield ``(ok [(index, transform(input))], failures {index: message})`` per batch, in input order, decoded by
-    DataLoader workers under a progress bar; an input that cannot be read is a failure, never an exception.
-    ``pin_memory``: the batches' tensors come in page-locked memory (for non-blocking copies to a GPU)."""
-    from .console import progress_bar
-
-    loader = torch.utils.data.DataLoader(_Images(inputs, transform), batch_size=batch_size, shuffle=False,
-                                         num_workers=num_workers, collate_fn=_collate,
-                                         persistent_workers=False, pin_memory=pin_memory)
-    bar = progress_bar(total=len(inputs), desc=desc, unit="img", disable=not progress)
-    try:
-        for items in loader:
-            yield [(i, x) for i, x, err in items if x is not None], {i: err for i, x, err in items if x is None}
-            bar.update(len(items))
-    finally:
-        bar.close()
-
-
 def _on_device(preprocess_on: str, transform: Any, device: torch.device) -> bool:
     """Whether the transform's torch half runs on the embedding device (see PREPROCESS_ON)."""
     from .transforms import EcampTransform
@@ -108,37 +57,6 @@ def _on_device(preprocess_on: str, transform: Any, device: torch.device) -> bool
     return fits and (preprocess_on == "gpu" or device.type == "cuda")
 
 
-def _prefetched(batches, device: torch.device):
-    """``load_batches``' batches with their decoded images moved to ``device``. On CUDA the next batch's copies
-    (from pinned memory) are issued on a side stream before the current batch is handed out, so that they overlap
-    its compute."""
-    def move(batch):
-        ok, failures = batch
-        return [(i, x.to(device, non_blocking=True)) for i, x in ok], failures
-
-    if device.type != "cuda":
-        yield from map(move, batches)
-        return
-    stream, current = torch.cuda.Stream(device), torch.cuda.current_stream(device)
-
-    def issue(batch):
-        with torch.cuda.stream(stream):
-            return move(batch)
-
-    batches = iter(batches)
-    nxt = next(batches, None)
-    ready = None if nxt is None else issue(nxt)
-    while ready is not None:
-        current.wait_stream(stream)
-        for _, x in ready[0]:  # made on the side stream, used on this one: the allocator must not reuse them early
-            for t in vars(x).values():
-                if isinstance(t, torch.Tensor):
-                    t.record_stream(current)
-        nxt = next(batches, None)
-        batch, ready = ready, None if nxt is None else issue(nxt)
-        yield batch
-
-
 def _batches(model: nn.Module, inputs: Sequence[Any], transform, batch_size: int, num_workers: int,
              device: torch.device, dtype: torch.dtype | None, progress: bool, desc: str, preprocess_on: str = "cpu"):
     """Yield ``(indices, embeddings [b, D] float32 numpy, failures {index: message})`` in input order."""
@@ -146,7 +64,7 @@ def _batches(model: nn.Module, inputs: Sequence[Any], transform, batch_size: int
     batches = load_batches(inputs, transform.decode if on_device else transform, batch_size=batch_size,
                            num_workers=num_workers, progress=progress, desc=desc,
                            pin_memory=on_device and device.type == "cuda")
-    for ok, failures in (_prefetched(batches, device) if on_device else batches):
+    for ok, failures in (prefetched(batches, device) if on_device else batches):
         out = np.zeros((0,), np.float32)
         if ok:
             with torch.inference_mode():
@@ -168,7 +86,7 @@ def embed(model: nn.Module, inputs: Sequence[Any], *, batch_size: int = 32, num_
     intensity policy, resize and normalisation run on ``device``, in batches; in-memory images still take the CPU
     path) or ``"auto"`` (``"gpu"`` when ``device`` is CUDA).
     """
-    from .transforms import get_transform
+    from .factory import get_transform
 
     if batch_size < 1:
         raise InvalidArgumentError(f"batch_size must be positive, got {batch_size}.")
@@ -178,15 +96,8 @@ def embed(model: nn.Module, inputs: Sequence[Any], *, batch_size: int = 32, num_
     transform = transform or get_transform(model)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(dev).eval()
-    rows: np.ndarray | None = None
-    failures: dict[int, str] = {}
-    for idx, out, failed in _batches(model, inputs, transform, batch_size, num_workers, dev, dtype, progress,
-                                     "embed", preprocess_on):
-        failures.update(failed)
-        if len(idx):
-            if rows is None:
-                rows = np.full((len(inputs), out.shape[1]), np.nan, dtype=np.float32)
-            rows[idx] = out
+    rows, failures = collect_rows(_batches(model, inputs, transform, batch_size, num_workers, dev, dtype, progress,
+                                           "embed", preprocess_on), len(inputs))
     if rows is None:
         raise DataError(f"None of the {len(inputs)} inputs could be read; first error: "
                         f"{next(iter(failures.values()))}")
@@ -291,15 +202,8 @@ def _prepare(partial: Path, key: str, files: list[str], chunk_size: int, model_n
 
 def _embed_chunk(model, files: list[str], transform, batch_size: int, num_workers: int, dev, dtype,
                  progress: bool, desc: str, preprocess_on: str = "cpu") -> tuple[np.ndarray, dict[int, str]]:
-    rows = None
-    failed: dict[int, str] = {}
-    for idx, emb, fails in _batches(model, files, transform, batch_size, num_workers, dev, dtype, progress, desc,
-                                    preprocess_on):
-        failed.update(fails)
-        if len(idx):
-            if rows is None:
-                rows = np.full((len(files), emb.shape[1]), np.nan, dtype=np.float32)
-            rows[idx] = emb
+    rows, failed = collect_rows(_batches(model, files, transform, batch_size, num_workers, dev, dtype, progress,
+                                         desc, preprocess_on), len(files))
     if rows is None:  # nothing readable in this chunk: width 0, padded to the real width at the end
         rows = np.full((len(files), 0), np.nan, dtype=np.float32)
     return rows, failed
@@ -322,7 +226,7 @@ def embed_files(model: nn.Module, files: Sequence[str], out: str | os.PathLike, 
     a resume only re-uses chunks preprocessed the same way.
     """
     from .distributed import init_distributed
-    from .transforms import get_transform
+    from .factory import get_transform
 
     out = Path(out)
     if out.suffix not in (".npy", ".safetensors"):

@@ -24,7 +24,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Union
 
-from .config import MODALITIES, POLICIES
+from .config import MODALITIES, POLICIES, TASKS
 from .errors import ManifestError, UnknownModelError
 from .schema import from_mapping
 
@@ -190,7 +190,7 @@ class _EcampBlock:
     fov_crop: bool = False
     notes: str = ""
     # a fine-tuned model's task (ecamp.config.TASKS); absent for encoders and pre-training models
-    task: str | None = field(default=None, metadata={"choices": (None, "classification", "segmentation", "detection")})
+    task: str | None = field(default=None, metadata={"choices": (None, *TASKS)})
 
 
 # The keys an entry's pretrained_cfg and ecamp block may hold: what a folder's config is filtered to when it becomes

@@ -6,15 +6,15 @@ environment is set here, at conftest import time, before any test imports it.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
 from pathlib import Path
 
+# tests/ on sys.path: test modules import the shared helpers as ``from helpers.X import Y`` (tests/helpers/)
 sys.path.insert(0, str(Path(__file__).parent))
 
-from loopback_hub import LoopbackHub  # noqa: E402
+from helpers.loopback_hub import LoopbackHub  # noqa: E402
 
 _HUB = LoopbackHub().start()
 _ROOT = Path(tempfile.mkdtemp(prefix="ecamp-tests-"))
@@ -30,7 +30,7 @@ for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HUGGING_FACE_
 
 import pytest  # noqa: E402
 
-TINY_ARGS = {"embed_dim": 48, "depth": 2, "num_heads": 3, "img_size": 64}
+from helpers.builders import folder_files, make_tiny_encoder, write_manifest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -44,26 +44,6 @@ def _clean_hub_log(hub: LoopbackHub):
     yield
 
 
-def make_tiny_encoder(seed: int = 0, modality: str = "cxr"):
-    """A small randomly initialised ECAMP-style encoder (timm ViT, avg pool of patch tokens, no fc_norm)."""
-    import timm
-    import torch
-
-    import ecamp
-
-    cfg = ecamp.get_pretrained_cfg("cxr-vit-b" if modality == "cxr" else "fundus-vit-b")
-    block = cfg.pop("ecamp")
-    cfg["input_size"] = [3, 64, 64]
-    for key in ("hf_hub_id", "tag"):
-        cfg.pop(key, None)
-    torch.manual_seed(seed)
-    model = timm.create_model("vit_base_patch16_224", pretrained=False, pretrained_cfg=cfg, num_classes=0,
-                              global_pool="avg", fc_norm=False, **TINY_ARGS)
-    block.pop("name", None)
-    model.ecamp_cfg = block
-    return model.eval()
-
-
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory) -> Path:
     """A timm-format folder (config.json, model.safetensors, README.md) of a tiny encoder."""
@@ -72,29 +52,6 @@ def tiny_folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-encoder")
     ecamp.save_pretrained(make_tiny_encoder(), folder, name="tiny-cxr")
     return folder
-
-
-def folder_files(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
-
-
-def write_manifest(path: Path, repo: str, revision: str, files: dict[str, bytes], *, name: str = "tiny.ecamp_test",
-                   alias: str = "tiny-cxr") -> Path:
-    """A manifest with one published entry for ``repo`` at ``revision`` (built from the packaged CXR entry)."""
-    import hashlib
-
-    import ecamp
-
-    packaged = json.loads((Path(ecamp.__file__).parent / "weights_manifest.json").read_text())
-    entry = dict(packaged["models"]["vit_base_patch16_224.ecamp_mimic_cxr"])
-    config = json.loads(files["config.json"])
-    entry.update(
-        aliases=[alias], hf_repo=repo, revision=revision, published=True,
-        model_args=config["model_args"], pretrained_cfg={**entry["pretrained_cfg"], "input_size": [3, 64, 64]},
-        files=[{"path": p, "sha256": hashlib.sha256(b).hexdigest(), "size": len(b)} for p, b in files.items()],
-    )
-    path.write_text(json.dumps({"schema_version": 1, "models": {name: entry}}, indent=2))
-    return path
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_pretrain import _batch
 
 import ecamp
 from ecamp.models.pretrain import ECAMPPretrainConfig, ECAMPPretrainModel
@@ -20,7 +19,7 @@ from ecamp.train.demo import demo_config, probe_classifier, run_demo, write_repo
 from ecamp.train.downstream.probe import fit_linear_probe
 from ecamp.train.phantom import FINDINGS, write_phantom
 
-from conftest import make_tiny_encoder
+from helpers.builders import make_tiny_encoder, pretrain_batch
 
 
 def _pngs(report: Path) -> list[Path]:
@@ -95,7 +94,7 @@ def test_with_mlm_weight_0_the_reports_do_not_reach_the_encoder(mlm_weight):
     cfg = ECAMPPretrainConfig.tiny(mlm_weight=mlm_weight)
     torch.manual_seed(0)
     model = ECAMPPretrainModel(cfg).train()
-    batch = _batch(cfg)
+    batch = pretrain_batch(cfg)
     other = dict(batch, input_ids=torch.randint(5, cfg.vocab_size, batch["input_ids"].shape),
                  weights=torch.rand(batch["weights"].shape) + 0.5)
     noise = torch.rand(batch["image"].shape[0], cfg.grid ** 2, generator=torch.Generator().manual_seed(1))

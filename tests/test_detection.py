@@ -91,7 +91,7 @@ def test_decode_inverts_the_targets_and_the_metric_scores_it(tiny_folder):
     assert not model.encoder.training and model.neck.training
 
 
-def test_fixed_and_upstream_metric_protocols():
+def test_fixed_and_authors_metric_protocols():
     box = torch.tensor([[10.0, 10.0, 30.0, 30.0]])
     hit = {"boxes": box, "scores": torch.tensor([0.9]), "labels": torch.zeros(1, dtype=torch.long)}
     nothing = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
@@ -101,7 +101,7 @@ def test_fixed_and_upstream_metric_protocols():
     fp = {"boxes": torch.tensor([[50.0, 50.0, 60.0, 60.0]]), "scores": torch.tensor([0.95]),
           "labels": torch.zeros(1, dtype=torch.long)}
     preds, truths = [hit, fp, nothing], [truth, empty_truth, truth]
-    assert mean_average_precision(preds, truths, upstream=True) == pytest.approx(1.0)  # both ignored (#42)
+    assert mean_average_precision(preds, truths, authors=True) == pytest.approx(1.0)  # both ignored (#42)
     assert mean_average_precision(preds, truths) < 0.5
 
 
@@ -132,7 +132,7 @@ def test_phantom_detection_finds_the_boxes(phantom_det, tiny_folder, tmp_path):
     assert untrained["test_map"] < 0.05 < metrics["test_map"] - 0.25
 
 
-def test_finetune_det_cli_and_upstream_protocol(phantom_det, tiny_folder, tmp_path):
+def test_finetune_det_cli_and_authors_protocol(phantom_det, tiny_folder, tmp_path):
     args = [sys.executable, "-m", "ecamp.train", "finetune", "--head", "det", "--dataset", "phantom-det",
             "--fraction", "10", "--data-root", str(phantom_det), "--model", f"local-dir:{tiny_folder}",
             "--max-steps", "2", "--batch-size", "4", "--num-workers", "0", "--no-progress"]
@@ -145,15 +145,15 @@ def test_finetune_det_cli_and_upstream_protocol(phantom_det, tiny_folder, tmp_pa
     # the authors' protocol tests on val_list.csv: it runs without a test list at all
     (phantom_det / "test_list.csv").rename(phantom_det / "held.csv")
     try:
-        out = subprocess.run([*args, "--output-dir", str(tmp_path / "up"), "--upstream-protocol"],
+        out = subprocess.run([*args, "--output-dir", str(tmp_path / "up"), "--authors-protocol"],
                              capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr
         up = json.loads((tmp_path / "up" / "metrics.json").read_text())
-        assert up["protocol"].startswith("upstream")
+        assert up["protocol"].startswith("authors")
         # the whole authors' set ran, and metrics.json says so
-        from ecamp.train.downstream.protocol import upstream_protocol
+        from ecamp.train.downstream.protocol import authors_protocol
 
-        assert up["protocol_options"] == upstream_protocol("map").as_dict() and up["precision"] == "fp16"
+        assert up["protocol_options"] == authors_protocol("map").as_dict() and up["precision"] == "fp16"
         out = subprocess.run([*args, "--output-dir", str(tmp_path / "missing")], capture_output=True, text=True,
                              timeout=600)
         assert out.returncode == 2 and "test_list.csv does not exist" in out.stderr

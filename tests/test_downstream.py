@@ -14,7 +14,8 @@ import torch
 import ecamp
 from ecamp.errors import EcampError
 from ecamp.finetune import FeaturePyramid, LinearProbe, layer_decay_param_groups, multiscale_features
-from ecamp.train.downstream.classification import TASKS, list_file_for, read_list_file, write_splits
+from ecamp.train.common.lists import list_file_for
+from ecamp.train.downstream.classification import TASKS, read_list_file, write_splits
 from ecamp.train.downstream.recipes import RECIPES, load_preset, preset_text, recipe
 from ecamp.train.phantom import write_phantom_classification
 from ecamp.train.pretrain.data import DataError
@@ -112,15 +113,15 @@ def test_model_selection_stays_off_the_test_set(tmp_path):
         (tmp_path / name).write_text("\n".join(lines[:30] if name == "train_list.txt" else lines[30:]) + "\n")
     rows = {s: read_list_file(tmp_path / f"{s}_list.txt", task) for s in ("train", "val", "test")}
     # the authors' CheXpert lists: val equals test; without test_list_600 a seeded tenth of train validates
-    held, note = select_validation(rows, tmp_path, "chexpert", task, upstream=False, seed=0)
+    held, note = select_validation(rows, tmp_path, "chexpert", task, authors=False, seed=0)
     assert len(held["val"]) == 3 and len(held["train"]) == 27 and "10 %" in note
     assert not {r[0] for r in held["val"]} & ({r[0] for r in held["train"]} | {r[0] for r in held["test"]})
-    assert held["val"] == select_validation(rows, tmp_path, "chexpert", task, upstream=False, seed=0)[0]["val"]
+    assert held["val"] == select_validation(rows, tmp_path, "chexpert", task, authors=False, seed=0)[0]["val"]
     (tmp_path / "test_list_600.txt").write_text("official0.png 0 1 0 0 0\nofficial1.png 1 0 0 0 0\n")
-    official, note = select_validation(rows, tmp_path, "chexpert", task, upstream=False, seed=0)
+    official, note = select_validation(rows, tmp_path, "chexpert", task, authors=False, seed=0)
     assert [r[0] for r in official["test"]] == ["official0.png", "official1.png"] and official["val"] == rows["val"]
-    same, note = select_validation(rows, tmp_path, "chexpert", task, upstream=True, seed=0)
-    assert same == rows and note.startswith("upstream")
+    same, note = select_validation(rows, tmp_path, "chexpert", task, authors=True, seed=0)
+    assert same == rows and note.startswith("authors")
 
 
 def test_presets_match_the_authors_tables_and_load(tmp_path):
@@ -185,7 +186,7 @@ def test_two_process_finetuning_gathers_the_whole_evaluation(phantom_cls, tiny_f
     y = np.stack([r[1] for r in rows])
     expected = np.mean([roc_auc_score(y[:, c], logits[:, c]) for c in range(4)])
     assert metrics["test_auroc"] == pytest.approx(expected, abs=1e-6)
-    assert best.ecamp_cfg["finetune"]["step"] == metrics["best_step"] and len(rows) == 80
+    assert best.ecamp_cfg.finetune["step"] == metrics["best_step"] and len(rows) == 80
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))

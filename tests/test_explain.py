@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 from pydicom.data import get_testdata_file
-from test_io import _dicom
 from torch import nn
 
 import ecamp
@@ -17,7 +16,7 @@ from ecamp.cli import main
 from ecamp.errors import InvalidArgumentError, MissingDependencyError
 from ecamp.explain import explain, save_overlay
 
-from conftest import make_tiny_encoder
+from helpers.builders import make_tiny_encoder, write_dicom
 
 # a 200 x 300 film: the transform resizes it to 64 x 96 and keeps x in [50, 250) (input columns 16..80). The
 # square covers input rows 16..32 and columns 40..56, i.e. exactly the tokens (2..3, 5..6) of the 8-px grid.
@@ -100,7 +99,7 @@ def test_the_fundus_field_of_view_crop_is_followed_too():
 def test_a_monochrome1_dicom_gives_the_map_of_its_png(tmp_path):
     film = _film()
     stored = (4095 - film.astype(np.uint16) * 16).astype(np.uint16)  # MONOCHROME1: bright is low
-    dcm = _dicom(tmp_path, stored, PhotometricInterpretation="MONOCHROME1", BitsStored=12, HighBit=11)
+    dcm = write_dicom(tmp_path, stored, PhotometricInterpretation="MONOCHROME1", BitsStored=12, HighBit=11)
     png = tmp_path / "film.png"
     Image.fromarray(film).save(png)
     model = _probe_vit("gradcam")

@@ -1,4 +1,4 @@
-"""`ecamp train export --format authors`: a .pth the authors' fine-tuning code, from_upstream and convert read."""
+"""`ecamp train export --format authors`: a .pth the authors' fine-tuning code, from_authors and convert read."""
 
 from __future__ import annotations
 
@@ -16,10 +16,9 @@ from ecamp.train.common.checkpoint import checkpoint_name, save_checkpoint
 from ecamp.train.pretrain.config import load_config
 from ecamp.train.pretrain.loop import CHECKPOINT_FORMAT
 
-TINY = ["model.img_size=32", "model.patch_size=8", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
-        "model.decoder_embed_dim=16", "model.decoder_depth=1", "model.decoder_num_heads=2", "model.sr_window=3",
-        "model.vocab_size=256", "model.text_hidden_size=32", "model.text_layers=1", "model.text_heads=2",
-        "model.text_intermediate_size=64", "model.max_text_len=32"]
+from helpers.builders import TINY_MODEL
+
+TINY = TINY_MODEL
 
 
 def _batch(cfg: ECAMPPretrainConfig, b: int = 2, length: int = 20) -> dict[str, torch.Tensor]:
@@ -94,9 +93,9 @@ def test_the_authors_finetuning_load_takes_every_encoder_tensor(exported, run):
             assert torch.equal(loaded[key], value), key
 
 
-def test_from_upstream_gives_identical_losses(exported, run):
+def test_from_authors_gives_identical_losses(exported, run):
     _, model, cfg = run
-    again = ECAMPPretrainModel.from_upstream(exported, config=cfg.model).eval()
+    again = ECAMPPretrainModel.from_authors(exported, config=cfg.model).eval()
     batch = _batch(cfg.model)
     with torch.no_grad():
         a, b = model(batch), again(batch)

@@ -1,5 +1,5 @@
 """`ecamp convert --from-authors NAME`: gdown fetches the manifest's link from a loopback Google Drive
-(tests/drive_server.py, a real HTTP server; the Drive-host route also over TLS behind a loopback proxy), and the
+(tests/helpers/drive_server.py, a real HTTP server; the Drive-host route also over TLS behind a loopback proxy), and the
 download is converted into the local store exactly as `ecamp convert FILE` converts the same bytes."""
 
 from __future__ import annotations
@@ -16,14 +16,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from drive_server import LoopbackDrive
-from smoke_wheel import authors_checkpoint
 
 import ecamp
 from ecamp.cli import main
 from ecamp.convert import convert_from_authors
 from ecamp.errors import DownloadError, InvalidWeightsFileError, MissingDependencyError, WeightsNotPublishedError
 from ecamp.models.pretrain import ECAMPPretrainConfig
+
+from helpers.drive_server import LoopbackDrive
+from helpers.smoke_wheel import authors_checkpoint
 
 CXR = "vit_base_patch16_224.ecamp_mimic_cxr"
 FILE_ID = "1Tnj38eXDqKQAzuonaHeKhaWtpJFF7hwh"  # the packaged manifest's link

@@ -7,7 +7,7 @@ import torch
 
 import ecamp
 
-from conftest import folder_files, write_manifest
+from helpers.builders import folder_files, write_manifest
 
 pytestmark = pytest.mark.slow
 

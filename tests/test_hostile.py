@@ -13,7 +13,7 @@ import ecamp
 import ecamp.models.encoder as encoder_module
 from ecamp.errors import ConfigError, InvalidArgumentError, InvalidWeightsFileError, WeightsMismatchError
 
-from conftest import folder_files
+from helpers.builders import folder_files
 
 
 @pytest.fixture

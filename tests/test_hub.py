@@ -20,7 +20,7 @@ from ecamp.errors import (
     RevisionNotFoundError,
 )
 
-from conftest import folder_files, make_tiny_encoder, write_manifest
+from helpers.builders import folder_files, make_tiny_encoder, write_manifest
 
 
 def _x(seed: int = 1) -> torch.Tensor:
@@ -45,7 +45,7 @@ def test_first_download_verifies_and_matches_original(published, hub):
     # weights come from the "CDN" (a cross-origin redirect), as on the real Hub
     if hub.cdn_redirect:
         assert any(r.path.startswith("/cdn/") for r in hub.downloads())
-    assert model.ecamp_cfg["modality"] == "cxr"
+    assert model.ecamp_cfg.modality == "cxr"
     assert model.pretrained_cfg["mean"] == pytest.approx([0.4722] * 3)
 
 

@@ -21,7 +21,7 @@ from ecamp.errors import (
 )
 from ecamp.hub import local_store_path
 
-from conftest import make_tiny_encoder
+from helpers.builders import make_tiny_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,7 @@ def test_local_dir_roundtrip_is_bit_identical(tiny_folder):
     model = ecamp.load(f"local-dir:{tiny_folder}")
     with torch.no_grad():
         assert torch.equal(model(_x()), make_tiny_encoder()(_x()))
-    assert model.ecamp_cfg["name"] == "tiny-cxr"
+    assert model.ecamp_cfg.name == "tiny-cxr"
 
 
 def test_default_embedding_is_mean_of_normed_patch_tokens(tiny_folder):
@@ -119,7 +119,7 @@ def test_pretrain_entries_are_not_encoders():
 def test_random_init_full_size_architecture():
     model = ecamp.load("fundus-vit-b", pretrained=False)
     assert model.num_features == 768 and model.num_classes == 0
-    assert model.ecamp_cfg["modality"] == "fundus"
+    assert model.ecamp_cfg.modality == "fundus"
     assert model.patch_embed.patch_size == (16, 16)
 
 

@@ -17,7 +17,7 @@ from pydicom.data import get_testdata_file
 import ecamp
 from ecamp.cli import main
 from ecamp.errors import ConfigError, InvalidArgumentError, WeightsMismatchError
-from ecamp.models.heads import DetectionModel, PyramidSegmentationModel, SegmentationModel, save_dense_model
+from ecamp.models.heads import DetectionModel, PyramidSegmentationModel, SegmentationModel
 from ecamp.predict import INDEX_NAME, input_transform, iter_predictions, predict, predict_files
 from ecamp.train.downstream.recipes import recipe
 from ecamp.train.phantom import (
@@ -82,7 +82,7 @@ def test_the_best_classifier_is_a_timm_folder_that_scores_the_runs_test_metric(c
     assert block["finetune"]["step"] == metrics["best_step"] and block["finetune"]["dataset"] == "phantom"
 
     model = ecamp.load(f"local-dir:{run / 'best'}")
-    assert not model.training and model.label_names == list(FINDINGS) and model.ecamp_cfg["task"] == "classification"
+    assert not model.training and model.label_names == list(FINDINGS) and model.ecamp_cfg.task == "classification"
     # the in-memory best model scored the test list at the end of the run; the loaded one gives the same number
     rows = read_list_file(base / "data" / "test_list.txt", TASKS["phantom"])
     ds = ListDataset(base / "data", rows, ecamp.get_transform(model))
@@ -132,7 +132,7 @@ def test_a_multiclass_probe_is_softmax_and_written_as_the_timm_model_it_equals(t
     torch.nn.init.normal_(probe.head.weight, std=0.5)
     export_classifier(probe, tmp_path / "m", label_names=["normal", "pneumonia", "COVID-19"], multilabel=False)
     model = ecamp.load(f"local-dir:{tmp_path / 'm'}")
-    assert model.label_names == ["normal", "pneumonia", "COVID-19"] and model.ecamp_cfg["activation"] == "softmax"
+    assert model.label_names == ["normal", "pneumonia", "COVID-19"] and model.ecamp_cfg.activation == "softmax"
     x = ecamp.get_transform(model)(inputs["png"])[None]
     with torch.no_grad():
         torch.testing.assert_close(model(x), probe(x))
@@ -240,7 +240,7 @@ def test_the_best_detector_keeps_its_thresholds_and_scores_the_runs_map(detector
     model = ecamp.load(f"local-dir:{run / 'best'}")
     assert isinstance(model, DetectionModel) and model.label_names == ["finding"]
     assert (model.conf_threshold, model.iou_threshold, model.nms_iou_plus_one) == (0.6, 0.45, False)
-    assert model.ecamp_cfg["task"] == "detection" and model.ecamp_cfg["finetune"]["step"] == metrics["best_step"]
+    assert model.ecamp_cfg.task == "detection" and model.ecamp_cfg.finetune["step"] == metrics["best_step"]
     rows = read_box_list(base / "data" / "test_list.csv")
     ds = BoxDataset(base / "data", rows, {**model.encoder.pretrained_cfg, "ecamp": model.ecamp_cfg})
     preds, truths = [], []
@@ -284,14 +284,14 @@ def _dense_models(tiny_encoder):
 
 
 def test_every_dense_head_round_trips_its_folder(tmp_path):
-    from conftest import make_tiny_encoder
+    from helpers.builders import make_tiny_encoder
 
     x = torch.randn(2, 3, 64, 64)
     for k, model in enumerate(_dense_models(make_tiny_encoder)):
         model.label_names = [f"out{i}" for i in range(model.head_args.get("outputs", 1))]
         for p in model.parameters():  # a trained head: not its initialisation
             torch.nn.init.normal_(p, std=0.05)
-        save_dense_model(model.eval(), tmp_path / str(k))
+        ecamp.save_pretrained(model.eval(), tmp_path / str(k))
         loaded = ecamp.load(f"local-dir:{tmp_path / str(k)}")
         assert type(loaded) is type(model) and loaded.label_names == model.label_names
         with torch.no_grad():
@@ -302,14 +302,14 @@ def test_every_dense_head_round_trips_its_folder(tmp_path):
 
 
 def test_a_broken_or_hostile_dense_folder_is_refused(tmp_path):
-    from conftest import make_tiny_encoder
+    from helpers.builders import make_tiny_encoder
 
     model = SegmentationModel(make_tiny_encoder(), 1, (16, 8))
-    save_dense_model(model, tmp_path / "m")
+    ecamp.save_pretrained(model, tmp_path / "m")
     with pytest.raises(InvalidArgumentError, match="segmentation model; num_classes"):
         ecamp.load(f"local-dir:{tmp_path / 'm'}", num_classes=3)
     with pytest.raises(InvalidArgumentError, match="one name per output"):
-        save_dense_model(model, tmp_path / "x", label_names=["a", "b"])
+        ecamp.save_pretrained(model, tmp_path / "x", label_names=["a", "b"])
     config_path = tmp_path / "m" / "config.json"
     good = json.loads(config_path.read_text())
     for args, match in [({"outputs": 10**9}, "outputs"), ({"outputs": 1, "channels": [10**6]}, "channels"),

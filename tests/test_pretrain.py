@@ -1,4 +1,4 @@
-"""ECAMPPretrainModel: shapes, losses against hand computations, gradients, encoder export, upstream checkpoints."""
+"""ECAMPPretrainModel: shapes, losses against hand computations, gradients, encoder export, the authors' checkpoints."""
 
 from __future__ import annotations
 
@@ -18,26 +18,13 @@ from ecamp.models.pretrain import (
     BatchError,
     ECAMPPretrainConfig,
     ECAMPPretrainModel,
-    read_upstream_checkpoint,
+    read_authors_checkpoint,
     sincos_pos_embed_2d,
 )
 
-B, L = 2, 24
+from helpers.builders import BATCH_SIZE, TEXT_LEN, pretrain_batch
 
-
-def _batch(cfg: ECAMPPretrainConfig, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, cfg.vocab_size, (B, L), generator=g)
-    ids[:, 0] = 2
-    attention = torch.ones(B, L, dtype=torch.long)
-    attention[1, 18:] = 0
-    ids[1, 18:] = 0
-    masked = ids.clone()
-    masked[:, 3:9] = 3
-    weights = torch.rand(B, L, generator=g) + 0.5
-    return {"image": torch.randn(B, 3, cfg.sr_img_size, cfg.sr_img_size, generator=g), "input_ids": masked,
-            "labels": ids, "attention_mask": attention, "token_type_ids": torch.zeros(B, L, dtype=torch.long),
-            "weights": weights, "sr_window": torch.tensor([[0, 1], [1, 0]])}
+B, L = BATCH_SIZE, TEXT_LEN
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +39,7 @@ def _noise(cfg, seed=1):
 
 def test_shapes_and_finite_losses(tiny):
     cfg = tiny.config
-    out = tiny(_batch(cfg), noise=_noise(cfg))
+    out = tiny(pretrain_batch(cfg), noise=_noise(cfg))
     assert out["logits"].shape == (B, L, cfg.vocab_size)
     assert out["reconstruction"].shape == (B, 3, cfg.img_size, cfg.img_size)
     assert out["sr"].shape == (B, 3, cfg.sr_img_size, cfg.sr_img_size)
@@ -64,7 +51,7 @@ def test_shapes_and_finite_losses(tiny):
 
 def test_losses_match_hand_computation(tiny):
     cfg = tiny.config
-    batch, noise = _batch(cfg), _noise(cfg)
+    batch, noise = pretrain_batch(cfg), _noise(cfg)
     out = tiny(batch, noise=noise)
     # encoder input: the authors' torchvision tensor Resize (bicubic, no antialias)
     from torchvision.transforms import InterpolationMode
@@ -110,7 +97,7 @@ def test_losses_match_hand_computation(tiny):
 
 def test_noise_fixes_masking_and_options_change_losses(tiny):
     cfg = tiny.config
-    batch = _batch(cfg)
+    batch = pretrain_batch(cfg)
     a, b = tiny(batch, noise=_noise(cfg, 1)), tiny(batch, noise=_noise(cfg, 1))
     c = tiny(batch, noise=_noise(cfg, 2))
     assert torch.equal(a["loss"], b["loss"]) and not torch.equal(a["mim_loss"], c["mim_loss"])
@@ -127,7 +114,7 @@ def test_noise_fixes_masking_and_options_change_losses(tiny):
 def test_every_trainable_parameter_gets_a_gradient():
     torch.manual_seed(0)
     model = ECAMPPretrainModel(ECAMPPretrainConfig.tiny()).train()
-    out = model(_batch(model.config))
+    out = model(pretrain_batch(model.config))
     out["loss"].backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
     assert missing == []
@@ -148,15 +135,15 @@ def test_default_config_is_the_authors():
 
 def test_bad_batches_are_refused(tiny):
     cfg = tiny.config
-    bad = _batch(cfg)
+    bad = pretrain_batch(cfg)
     bad["sr_window"] = torch.tensor([[0, 2], [0, 0]])  # 2 + 3 > 4 cells: the authors silently truncated
     with pytest.raises(BatchError, match="sr_window"):
         tiny(bad)
-    bad = _batch(cfg)
+    bad = pretrain_batch(cfg)
     bad["image"] = bad["image"][:, :, :64, :64]
     with pytest.raises(BatchError, match="image"):
         tiny(bad)
-    bad = _batch(cfg)
+    bad = pretrain_batch(cfg)
     del bad["weights"]
     with pytest.raises(BatchError, match="weights"):
         tiny(bad)
@@ -172,7 +159,7 @@ def test_exported_encoder_gives_identical_features(tiny, tmp_path):
         assert torch.equal(inside, loaded.forward_features(x))
         assert torch.equal(tiny.encoder(x), loaded(x))
     assert loaded.pretrained_cfg["mean"] == pytest.approx([0.4722] * 3)
-    assert loaded.ecamp_cfg["modality"] == "cxr" and loaded.pos_embed.requires_grad
+    assert loaded.ecamp_cfg.modality == "cxr" and loaded.pos_embed.requires_grad
 
 
 def _authors_layout(model: ECAMPPretrainModel) -> dict[str, torch.Tensor]:
@@ -192,7 +179,7 @@ def _authors_layout(model: ECAMPPretrainModel) -> dict[str, torch.Tensor]:
             key = "bert_encoder.model.cls." + key[len("text.cls."):]
         out[key] = value.clone()
     hidden = model.config.text_hidden_size
-    out["bert_encoder.model.bert.pooler.dense.weight"] = torch.zeros(hidden, hidden)  # built but unused upstream
+    out["bert_encoder.model.bert.pooler.dense.weight"] = torch.zeros(hidden, hidden)  # built but unused by the authors
     out["bert_encoder.model.bert.pooler.dense.bias"] = torch.zeros(hidden)
     return out
 
@@ -213,24 +200,24 @@ def test_authors_checkpoint_round_trip(tiny, tmp_path):
     path = tmp_path / "ECAMP_ViT_Base_16.pth"
     torch.save(ckpt, path)
     cfg = tiny.config
-    loaded = ECAMPPretrainModel.from_upstream(path, config=cfg).eval()
+    loaded = ECAMPPretrainModel.from_authors(path, config=cfg).eval()
     for k, v in tiny.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k]), k
-    batch, noise = _batch(cfg), _noise(cfg)
+    batch, noise = pretrain_batch(cfg), _noise(cfg)
     a, b = tiny(batch, noise=noise), loaded(batch, noise=noise)
     assert all(torch.equal(a[k], b[k]) for k in ("loss", "mim_loss", "sr_loss", "mlm_loss"))
     # the bare state dict and the later `context_fusion_layer` spelling load too
     renamed = {k.replace("cross_attn_layer", "context_fusion_layer"): v for k, v in state.items()}
-    ECAMPPretrainModel.from_upstream(renamed, config=cfg)
-    assert set(tiny.to_upstream_state_dict()) == {k.replace("cross_attn_layer", "context_fusion_layer")
+    ECAMPPretrainModel.from_authors(renamed, config=cfg)
+    assert set(tiny.to_authors_state_dict()) == {k.replace("cross_attn_layer", "context_fusion_layer")
                                                    for k in state if ".pooler." not in k}
     # strict: a missing block or the wrong size is an error, not a silent partial load
     broken = dict(state)
     del broken["blocks.1.mlp.fc2.weight"]
     with pytest.raises(WeightsMismatchError, match="blocks.1.mlp.fc2.weight"):
-        ECAMPPretrainModel.from_upstream(broken, config=cfg)
+        ECAMPPretrainModel.from_authors(broken, config=cfg)
     with pytest.raises(WeightsMismatchError, match="mis-shaped"):
-        ECAMPPretrainModel.from_upstream(state, config=ECAMPPretrainConfig.tiny(text_intermediate_size=96))
+        ECAMPPretrainModel.from_authors(state, config=ECAMPPretrainConfig.tiny(text_intermediate_size=96))
 
 
 class Payload:
@@ -242,10 +229,10 @@ def test_checkpoints_are_never_unpickled_freely(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"model": {}, "extra": Payload()}, path)
     with pytest.raises(InvalidWeightsFileError, match="weights_only"):
-        read_upstream_checkpoint(path)
+        read_authors_checkpoint(path)
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(InvalidWeightsFileError):
-        read_upstream_checkpoint(tmp_path / "junk.pth")
+        read_authors_checkpoint(tmp_path / "junk.pth")
 
 
 def test_convert_cli_fills_the_local_store(tiny, tmp_path):
@@ -297,7 +284,7 @@ def test_full_model_folder_round_trip_and_store(tiny, tmp_path):
     files = tiny.save_pretrained(tmp_path / "full", tokenizer=tok)["files"]
     assert [f["path"] for f in files] == ["config.json", "model.safetensors", "tokenizer.json"]
     again = ecamp.load_pretrain(tmp_path / "full").eval()
-    batch, noise = _batch(tiny.config), _noise(tiny.config)
+    batch, noise = pretrain_batch(tiny.config), _noise(tiny.config)
     assert torch.equal(again(batch, noise=noise)["loss"], tiny(batch, noise=noise)["loss"])
     with pytest.raises(WeightsNotPublishedError, match="ecamp convert"):
         ecamp.load_pretrain("cxr-ecamp-b-pretrain")
@@ -314,7 +301,7 @@ def test_full_model_folder_round_trip_and_store(tiny, tmp_path):
         assert out.returncode == 0, out.stderr
         stored = ecamp.load_pretrain("cxr-ecamp-b-pretrain").eval()
         assert torch.equal(stored(batch, noise=noise)["loss"], tiny(batch, noise=noise)["loss"])
-        assert (store / "tokenizer.json").is_file() and stored.ecamp_cfg["modality"] == "cxr"
+        assert (store / "tokenizer.json").is_file() and stored.ecamp_cfg.modality == "cxr"
     finally:
         import shutil
 

@@ -1,4 +1,4 @@
-"""The downstream protocol options: each has its documented effect, --upstream-protocol sets the authors' whole
+"""The downstream protocol options: each has its documented effect, --authors-protocol sets the authors' whole
 set, the docs table names every option, and bad lists stop a run before its first step."""
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from torch import nn
 
 import ecamp
 from ecamp.errors import DataError, InvalidArgumentError
+from ecamp.train.common.distributed import setup_runtime
 from ecamp.train.common.lists import check_paths
-from ecamp.train.downstream.loop import setup_runtime, train_head
-from ecamp.train.downstream.protocol import Protocol, parse_protocol_options, resolve_protocol, upstream_protocol
+from ecamp.train.downstream.loop import train_head
+from ecamp.train.downstream.protocol import Protocol, authors_protocol, parse_protocol_options, resolve_protocol
 from ecamp.train.downstream.recipes import Recipe
 
 REPO = Path(__file__).resolve().parent.parent
@@ -188,10 +189,10 @@ def test_mask_dataset_affine_p_interpolation_resize_and_rgb(tmp_path):
     assert torch.allclose(rgb.mean(0), grey[0], atol=1e-4)
 
 
-def test_upstream_sets_every_option_and_options_parse():
-    up, fixed = upstream_protocol("auroc"), Protocol()
+def test_authors_sets_every_option_and_options_parse():
+    up, fixed = authors_protocol("auroc"), Protocol()
     assert resolve_protocol(None, True) == up and resolve_protocol({}, False) == fixed
-    assert upstream_protocol("accuracy").save_on_tie is False and up.save_on_tie is True  # train.py:492 vs :484
+    assert authors_protocol("accuracy").save_on_tie is False and up.save_on_tie is True  # train.py:492 vs :484
     assert up.precision == "fp16" and up.lp_head == "authors" and up.dense_tokens == "raw-block"
     changed = {k for k, v in up.as_dict().items() if v != fixed.as_dict()[k]}
     # the items where ecamp's default already is the authors' choice (docs/fidelity.md says why)
@@ -207,6 +208,22 @@ def test_upstream_sets_every_option_and_options_parse():
         resolve_protocol({"dense_tokens": "normed"}, False)
     with pytest.raises(InvalidArgumentError, match="NAME=VALUE"):
         parse_protocol_options(["drop_last"])
+
+
+def test_upstream_protocol_is_a_hidden_deprecated_alias(capsys):
+    from ecamp.train.cli import build_parser
+
+    parser = build_parser()
+    base = ["finetune", "--data-root", "d", "--output-dir", "o"]
+    assert parser.parse_args(base).authors_protocol is False and not capsys.readouterr().err
+    assert parser.parse_args([*base, "--authors-protocol"]).authors_protocol is True
+    assert parser.parse_args([*base, "--upstream-protocol"]).authors_protocol is True
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "ecamp train finetune: warning: --upstream-protocol is deprecated; use --authors-protocol."]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["finetune", "--help"])
+    shown = capsys.readouterr().out
+    assert "--authors-protocol" in shown and "--upstream-protocol" not in shown
 
 
 def test_fidelity_doc_names_every_option():

@@ -14,8 +14,8 @@ import ecamp
 from ecamp.cli import main
 from ecamp.errors import HubConnectionError, HubPermissionError, ModelFolderError, RepoNotFoundError
 
-from conftest import folder_files, make_tiny_encoder, write_manifest
-from loopback_hub import WRITE_TOKEN
+from helpers.builders import folder_files, make_tiny_encoder, write_manifest
+from helpers.loopback_hub import WRITE_TOKEN
 
 UPLOAD_ROUTES = ("/preupload/", ".git/info/lfs/objects/batch", "/lfs-upload/", ".git/info/lfs/objects/verify",
                  "/commit/")

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import TINY
 
 from ecamp.train.common.checkpoint import latest_checkpoint, load_checkpoint
 from ecamp.train.common.lists import read_table
@@ -25,8 +24,10 @@ from ecamp.train.phantom import (
     write_phantom_segmentation,
 )
 
+from helpers.builders import TINY_RUN
+
 # the tiny pre-training config, but the run trains its own tokenizer (model.vocab_size=256: a full vocabulary)
-OVERRIDES = [o for o in TINY if not o.startswith("data.tokenizer")]
+OVERRIDES = [o for o in TINY_RUN if not o.startswith("data.tokenizer")]
 
 
 def _run(args: list[str], hash_seed: str, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -8,7 +8,7 @@ import pytest
 from ecamp.text import MaskingConfig, ReportEncoder, ReportError, insert_context, train_tokenizer
 from ecamp.text.report import mask_tokens, template_weights
 
-from text_reference import reference_mask, reference_weights
+from helpers.text_reference import reference_mask, reference_weights
 
 CORPUS = [
     "there is no evidence of pneumothorax. mild cardiomegaly is present.",

@@ -8,8 +8,8 @@ import pytest
 from ecamp.text import ReportEncoder, insert_context, train_tokenizer
 from ecamp.text.report import mask_tokens, template_weights
 
-from iu_reports import iu_reports
-from text_reference import reference_mask, reference_weights
+from helpers.iu_reports import iu_reports
+from helpers.text_reference import reference_mask, reference_weights
 
 
 @pytest.fixture(scope="module")

@@ -17,15 +17,10 @@ from ecamp.train.phantom import write_phantom
 from ecamp.train.pretrain.config import ConfigError, load_config
 from ecamp.train.pretrain.data import DataError, PretrainDataset, ResumableSampler, map_window
 
+from helpers.builders import TINY_RUN
+
 ROOT = Path(__file__).resolve().parents[1]
-# A very small run: 64-px encoder input on a 4x4 grid, text of 32 tokens.
-TINY = ["model.img_size=32", "model.patch_size=8", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
-        "model.decoder_embed_dim=16", "model.decoder_depth=1", "model.decoder_num_heads=2", "model.sr_window=3",
-        "model.vocab_size=256", "model.text_hidden_size=32", "model.text_layers=1", "model.text_heads=2",
-        "model.text_intermediate_size=64", "model.max_text_len=32", "optim.batch_size=4", "optim.accum_iter=2",
-        "optim.epochs=3", "optim.warmup_epochs=1", "optim.schedule_epochs=3", "optim.lr=1e-3",
-        "run.num_workers=0", "run.precision=fp32", "run.save_every=2", "run.keep_last=2",
-        "data.tokenizer=tokenizer.json"]
+TINY = TINY_RUN  # a very small run: 64-px encoder input on a 4x4 grid, text of 32 tokens
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +209,7 @@ def test_ddp_ranks_hold_identical_parameters(phantom, tmp_path):
         "    assert all(torch.equal(got[0], g) for g in got), 'ranks differ'\n"
         f"    open({str(tmp_path)!r} + f'/rank{{dist.get_rank()}}.ok', 'w').write('identical')\n"
         "finally:\n"
-        "    from ecamp.train.common.distributed import destroy_process_group\n"
+        "    from ecamp.distributed import destroy_process_group\n"
         "    destroy_process_group()\n"
     )
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

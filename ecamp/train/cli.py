@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -58,7 +59,7 @@ def _finetune(args: argparse.Namespace) -> int:
     options = parse_protocol_options(args.protocol_option or [])
     if args.precision:  # an explicit --precision wins over the protocol's (the authors' fp16)
         options.setdefault("precision", args.precision)
-    common = dict(model_name=args.model, lists=args.lists, recipe=r, upstream_protocol=args.upstream_protocol,
+    common = dict(model_name=args.model, lists=args.lists, recipe=r, authors_protocol=args.authors_protocol,
                   protocol=options,
                   num_workers=args.num_workers, device=args.device, seed=args.seed, progress=not args.no_progress,
                   deterministic=args.deterministic)
@@ -151,6 +152,18 @@ def _cmd_sr_windows(args: argparse.Namespace) -> int:
     return 0
 
 
+class _DeprecatedFlag(argparse.Action):
+    """A store-true flag kept under an old name: it sets ``dest`` as the new flag does, with a one-line warning."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, *, new: str, **kw: Any):
+        super().__init__(option_strings, dest, nargs=0, default=False, **kw)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(f"{parser.prog}: warning: {option_string} is deprecated; use {self.new}.", file=sys.stderr)
+        setattr(namespace, self.dest, True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     # long but flat: one declaration per option, read top to bottom like --help
     parser = argparse.ArgumentParser(prog="ecamp train", description="ECAMP training.")
@@ -197,12 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--model", default="cxr-vit-b", help="manifest name, hf-hub:..., local-dir:...")
     f.add_argument("--mode", choices=MODES, default=None, help="classification only (default finetune)")
     f.add_argument("--head", choices=HEADS, default=None, help="cls, seg or det (default cls)")
-    f.add_argument("--upstream-protocol", action="store_true",
+    f.add_argument("--authors-protocol", action="store_true",
                    help="the authors' downstream behaviour for every protocol option (docs/fidelity.md, "
                         "'Downstream'): selection on the test set where their lists do it, raw block tokens, "
                         "their resize, SIIM negatives, NMS and detection metric, fp16...; metrics.json lists the set")
+    f.add_argument("--upstream-protocol", action=_DeprecatedFlag, dest="authors_protocol", new="--authors-protocol",
+                   help=argparse.SUPPRESS)
     f.add_argument("--protocol-option", action="append", default=None, metavar="NAME=VALUE",
-                   help="set one protocol option on top of the default (or --upstream-protocol) set, e.g. "
+                   help="set one protocol option on top of the default (or --authors-protocol) set, e.g. "
                         "drop_last=true or dense_tokens=raw-block; repeatable")
     f.add_argument("--seg-decoder", choices=("authors", "pyramid"), default="authors",
                    help="segmentation decoder: the authors' (one map, four up-sampling stages) or a feature pyramid "
@@ -314,6 +329,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run_command(f"ecamp train {args.command}", args, verbose=True)
     finally:
-        from ecamp.train.common.distributed import destroy_process_group
+        from ecamp.distributed import destroy_process_group
 
         destroy_process_group()

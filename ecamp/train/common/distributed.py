@@ -10,10 +10,9 @@ import torch
 from torch import nn
 
 # one process group and device selection for the library (distributed embedding) and both training loops
-from ecamp.distributed import destroy_process_group, init_distributed, select_device
+from ecamp.distributed import init_distributed, select_device
 
-__all__ = ["Runtime", "init_distributed", "select_device", "use_deterministic", "setup_runtime", "wrap_ddp",
-           "destroy_process_group", "all_reduce_mean", "gather_objects"]
+__all__ = ["Runtime", "use_deterministic", "setup_runtime", "wrap_ddp", "gather_objects"]
 
 # the values torch accepts for deterministic cuBLAS (docs: "Reproducibility")
 _CUBLAS_DETERMINISTIC = (":4096:8", ":16:8")
@@ -50,11 +49,15 @@ def use_deterministic(enabled: bool) -> None:
     torch.backends.cudnn.deterministic = True
 
 
-def setup_runtime(device: str | None = None, *, deterministic: bool = False) -> Runtime:
-    """Determinism settings, process group and device of this process: the one setup both training loops use."""
+def setup_runtime(device: str | None = None, *, seed: int | None = None, deterministic: bool = False) -> Runtime:
+    """Determinism settings, process group and device of this process: the one setup both training loops use.
+    ``seed``: seed torch's global generator, the same on every rank (fine-tuning: the heads start identical)."""
     use_deterministic(deterministic)
     rank, world, local_rank = init_distributed()
-    return Runtime(rank, world, local_rank, select_device(device, local_rank))
+    rt = Runtime(rank, world, local_rank, select_device(device, local_rank))
+    if seed is not None:
+        torch.manual_seed(seed)
+    return rt
 
 
 def wrap_ddp(model: nn.Module, rt: Runtime) -> nn.Module:
@@ -63,14 +66,6 @@ def wrap_ddp(model: nn.Module, rt: Runtime) -> nn.Module:
         return model
     return nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda"
                                                else None)
-
-
-def all_reduce_mean(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
-    """Mean over the processes, reduced on ``t``'s device (an NCCL group has no CPU backend)."""
-    if rt.world == 1:
-        return t
-    torch.distributed.all_reduce(t)
-    return t / rt.world
 
 
 def gather_objects(obj, rt: Runtime) -> list:

@@ -1,5 +1,6 @@
-"""The one reader of data-set lists: CSV tables with required columns, and the authors' space-separated label lists,
-and the one check that every path a list names is a file (:func:`check_paths`, before any training step).
+"""The one reader of data-set lists: the authors' list-file names (:func:`list_file_for`), CSV tables with required
+columns, and the authors' space-separated label lists, and the one check that every path a list names is a file
+(:func:`check_paths`, before any training step).
 
 Errors name the file (``.path``), the line and what would fit; an empty list is an error unless allowed. Where a
 list has several bad lines, the first :data:`SHOWN` are shown with the total count.
@@ -14,14 +15,26 @@ from pathlib import Path
 
 import numpy as np
 
-from ecamp.errors import DataError, EcampError
+from ecamp.errors import DataError, EcampError, InvalidArgumentError
 
-__all__ = ["LAYOUT_HINT", "SHOWN", "read_table", "read_label_list", "list_lines", "check_paths", "raise_problems"]
+__all__ = ["LAYOUT_HINT", "SHOWN", "list_file_for", "read_table", "read_label_list", "list_lines", "check_paths",
+           "raise_problems"]
 
 SHOWN = 5  # bad lines shown in one error
 
 LAYOUT_HINT = ("the pre-training layout is described in the README, and `ecamp train phantom` writes an "
                "example")
+
+
+def list_file_for(split: str, fraction: int = 100, suffix: str = ".txt") -> str:
+    """The authors' list-file name: ``train_list{,_1,_10}``, ``val_list`` or ``test_list`` plus ``suffix``."""
+    if split == "train":
+        if fraction not in (1, 10, 100):
+            raise InvalidArgumentError(f"--fraction must be 1, 10 or 100, got {fraction}.")
+        return ("train_list" if fraction == 100 else f"train_list_{fraction}") + suffix
+    if split not in ("val", "test"):
+        raise InvalidArgumentError(f"Unknown split {split!r}.")
+    return f"{split}_list{suffix}"
 
 
 def read_table(path: str | Path, required: Sequence[str], *, missing_hint: str = "",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ecamp.embedding import autocast as _autocast
+from ecamp.batching import autocast as _autocast
 from ecamp.errors import InvalidArgumentError
 
 __all__ = ["PRECISIONS", "dtype_of", "autocast", "grad_scaler"]

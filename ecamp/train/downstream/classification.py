@@ -11,7 +11,7 @@ clamped (#35), the scheduler steps after the optimizer (#36), the linear probe i
 mode, #39), and model selection never happens on the test set (#40). The authors' CheXpert ``val_list.txt`` equals
 its ``test_list.txt``; ecamp then tests on ``test_list_600.txt`` (the official CheXpert test images, in the same
 folder of their repository) when it is there, and otherwise validates on a seeded 10 % of the training list.
-``upstream_protocol=True`` (``--upstream-protocol``) keeps the authors' behaviour, for comparison with the paper;
+``authors_protocol=True`` (``--authors-protocol``) keeps the authors' behaviour, for comparison with the paper;
 each difference is also a named :class:`~ecamp.train.downstream.protocol.Protocol` option (``protocol=``).
 
 Every path of the train, validation and test lists is checked before the model is built
@@ -31,11 +31,12 @@ from torch import nn
 
 from ecamp.errors import DataError, InvalidArgumentError
 from ecamp.train.common.lists import check_paths, read_label_list
-from ecamp.train.downstream.protocol import Protocol, resolve_protocol
+from ecamp.train.downstream.protocol import Protocol
 from ecamp.train.downstream.recipes import Recipe
+from ecamp.train.downstream.task import FinetuneRun, HeadTask, run_finetune
 
-__all__ = ["TASKS", "Task", "read_list_file", "list_file_for", "ListDataset", "split_indices", "write_splits",
-           "select_validation", "finetune_classification", "export_classifier"]
+__all__ = ["TASKS", "Task", "read_list_file", "ListDataset", "split_indices", "write_splits", "select_validation",
+           "ClassificationTask", "finetune_classification", "export_classifier"]
 
 logger = logging.getLogger("ecamp")
 
@@ -65,17 +66,6 @@ TASKS: dict[str, Task] = {
     # ecamp phantom --kind classification: ecamp.train.phantom.FINDINGS
     "phantom": Task(4, True, "auroc", ("effusion", "nodule", "cardiomegaly", "pneumothorax")),
 }
-
-def list_file_for(split: str, fraction: int = 100, suffix: str = ".txt") -> str:
-    """The authors' list-file name: ``train_list{,_1,_10}``, ``val_list`` or ``test_list`` plus ``suffix``."""
-    if split == "train":
-        if fraction not in (1, 10, 100):
-            raise InvalidArgumentError(f"--fraction must be 1, 10 or 100, got {fraction}.")
-        return ("train_list" if fraction == 100 else f"train_list_{fraction}") + suffix
-    if split not in ("val", "test"):
-        raise InvalidArgumentError(f"Unknown split {split!r}.")
-    return f"{split}_list{suffix}"
-
 
 def read_list_file(path: str | Path, task: Task) -> list[tuple[str, np.ndarray]]:
     """Rows of an authors'-format list file: (relative path, float labels [C] or class index [1])."""
@@ -118,14 +108,14 @@ def write_splits(items: list[tuple[str, list[float]]], out_dir: str | Path, *, s
     return {f"{stem}.txt": len(idx) for stem, idx in parts.items()}
 
 
-def select_validation(rows: dict[str, list], lists: Path, task_key: str, task: Task, *, upstream: bool,
+def select_validation(rows: dict[str, list], lists: Path, task_key: str, task: Task, *, authors: bool,
                       seed: int) -> tuple[dict[str, list], str]:
     """Keep model selection off the test set (dossier #40); returns the rows and a note on what was done."""
     if [r[0] for r in rows["val"]] != [r[0] for r in rows["test"]]:
         return rows, "val_list as validation, test_list as test"
-    if upstream:
-        logger.warning("val_list equals test_list: model selection happens on the test set (upstream protocol).")
-        return rows, "upstream: val_list equals test_list; model selected on the test set"
+    if authors:
+        logger.warning("val_list equals test_list: model selection happens on the test set (authors' protocol).")
+        return rows, "authors: val_list equals test_list; model selected on the test set"
     official = lists / "test_list_600.txt"
     if task_key == "chexpert" and official.is_file():
         return {**rows, "test": read_list_file(official, task)}, \
@@ -133,7 +123,7 @@ def select_validation(rows: dict[str, list], lists: Path, task_key: str, task: T
     train = rows["train"]
     if len(train) < 2:
         raise DataError("val_list equals test_list and the training list is too small to hold out a validation "
-                        "set; pass --upstream-protocol to select on the test set knowingly.", path=lists)
+                        "set; pass --authors-protocol to select on the test set knowingly.", path=lists)
     order = np.random.default_rng(seed).permutation(len(train))
     n_val = max(1, len(train) // 10)
     logger.warning("val_list equals test_list: validating on a seeded %d of the %d training images instead.",
@@ -176,9 +166,109 @@ def export_classifier(model: nn.Module, folder: str | Path, *, label_names: list
     return save_pretrained(model, folder, label_names=label_names, ecamp_cfg=block)
 
 
+class ClassificationTask(HeadTask):
+    """Fine-tuning or linear probing of a classifier (:func:`finetune_classification`)."""
+
+    head, suffix = "cls", ".txt"
+
+    def __init__(self, task_name: str, fraction: int, mode: str = "finetune"):
+        key = task_name.lower()
+        if key not in TASKS:
+            raise InvalidArgumentError(f"Unknown task {task_name!r}; known: {sorted(TASKS)}.")
+        if mode not in ("finetune", "linear-probe"):
+            raise InvalidArgumentError(f"--mode must be finetune or linear-probe, got {mode!r}.")
+        super().__init__(key, fraction)
+        self.task, self.mode, self.metric = TASKS[key], mode, TASKS[key].metric
+        self.loss_fn = nn.BCEWithLogitsLoss() if self.task.multilabel else nn.CrossEntropyLoss()
+
+    @property
+    def desc(self) -> str:
+        return f"{self.mode} {self.key} {self.fraction}%"
+
+    def default_recipe(self) -> Recipe:
+        from ecamp.train.downstream.recipes import recipe
+
+        return recipe("cls", self.key, self.fraction, self.mode)
+
+    def read_list(self, path: Path) -> list[tuple[str, np.ndarray]]:
+        return read_list_file(path, self.task)
+
+    def prepare_rows(self, run: FinetuneRun) -> dict[str, list]:
+        listed_test = run.rows["test"]
+        rows, self.note = select_validation(run.rows, run.lists, self.key, self.task,
+                                            authors=run.protocol.select_on_test, seed=run.seed)
+        if rows["test"] is not listed_test:  # CheXpert's official test list replaced it
+            check_paths({run.lists / "test_list_600.txt": [name for name, _ in rows["test"]]}, run.data_root)
+        return rows
+
+    def build_model(self, run: FinetuneRun) -> nn.Module:
+        import ecamp
+        from ecamp.finetune import LinearProbe
+
+        proto, task = run.protocol, self.task
+        if self.mode == "finetune" or proto.lp_head in ("authors", "full-finetune"):
+            # the authors' classifier: fresh fc_norm over the mean patch token, drop-path 0.1, head std 2e-5
+            model = ecamp.load(run.model_name, num_classes=task.num_classes, fc_norm=True, drop_path_rate=0.1)
+            nn.init.trunc_normal_(model.head.weight, std=2e-5)
+            if self.mode == "linear-probe" and proto.lp_head == "authors":  # their --mode LinearProbe (#39)
+                for name, p in model.named_parameters():
+                    p.requires_grad_(name.startswith("head"))
+            self.trunk = model
+        else:
+            model = LinearProbe(ecamp.load(run.model_name), task.num_classes)
+            self.trunk = model.encoder
+        return model
+
+    def datasets(self, run: FinetuneRun) -> dict[str, torch.utils.data.Dataset]:
+        import ecamp
+
+        tf_train, tf_eval = ecamp.get_transform(self.trunk, train=True), ecamp.get_transform(self.trunk)
+        return {s: ListDataset(run.data_root, run.rows[s], tf_train if s == "train" else tf_eval) for s in run.rows}
+
+    def describe(self, model: nn.Module, run: FinetuneRun) -> None:
+        from ecamp.train.downstream.loop import finetuned_block
+
+        task = self.task
+        self.labels = list(task.labels) or [f"class_{c}" for c in range(task.num_classes)]
+        self.block = block = finetuned_block(self.trunk, run.model_name,
+                                             {"dataset": self.key, "fraction": self.fraction, "mode": self.mode})
+        model.label_names, model.ecamp_cfg = self.labels, {**block, "task": "classification",
+                                                           "activation": "sigmoid" if task.multilabel else "softmax"}
+
+    def train_loss(self, net: nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
+        x, y = batch
+        return self.loss_fn(net(x.to(device)), y.to(device) if self.task.multilabel else y[:, 0].long().to(device))
+
+    def predict(self, net: nn.Module, batch: Any, device: torch.device) -> list:
+        x, y = batch
+        return list(zip(net(x.to(device)).float().cpu(), y, strict=True))
+
+    def score(self, outputs: list) -> tuple[float, list[float]]:
+        return _metric(self.task, torch.stack([p for p, _ in outputs]).numpy(),
+                       torch.stack([t for _, t in outputs]).numpy())
+
+    def val_value(self, scored: tuple[float, list[float]]) -> float:
+        return scored[0]
+
+    def export(self, model: nn.Module, folder: Path, info: dict[str, Any]) -> None:
+        block = self.block
+        export_classifier(model, folder, label_names=self.labels, multilabel=self.task.multilabel,
+                          ecamp_cfg={**block, "finetune": {**block["finetune"], **info}})
+
+    def protocol_note(self, run: FinetuneRun) -> str:
+        return self.note
+
+    def metrics_fields(self, run: FinetuneRun) -> dict[str, Any]:
+        return {"mode": self.mode}
+
+    def test_fields(self, scored: tuple[float, list[float]]) -> dict[str, Any]:
+        test, per = scored
+        return {f"test_{self.metric}": test, "test_per_class": per}
+
+
 def finetune_classification(task_name: str, fraction: int, data_root: str | Path, output_dir: str | Path, *,
                             model_name: str = "cxr-vit-b", lists: str | Path | None = None, mode: str = "finetune",
-                            recipe: Recipe | None = None, upstream_protocol: bool = False, num_workers: int = 4,
+                            recipe: Recipe | None = None, authors_protocol: bool = False, num_workers: int = 4,
                             device: str | None = None, seed: int = 42, progress: bool = True,
                             deterministic: bool = False,
                             protocol: Protocol | dict[str, Any] | None = None) -> dict[str, Any]:
@@ -187,75 +277,9 @@ def finetune_classification(task_name: str, fraction: int, data_root: str | Path
     (:func:`ecamp.train.downstream.recipes.recipe`): SGD momentum 0.9, linear warm-up then cosine, gradient
     clipping at 1.0, validation every epoch, best checkpoint by the validation metric, early stopping after 20
     evaluations. ``protocol``: a :class:`Protocol`, or option overrides on top of ecamp's (or, with
-    ``upstream_protocol``, the authors') protocol. The best model is written to ``output_dir/best``
+    ``authors_protocol``, the authors') protocol. The best model is written to ``output_dir/best``
     (:func:`export_classifier`), which ``ecamp.load("local-dir:OUTPUT_DIR/best")`` and ``ecamp predict`` read."""
-    import ecamp
-    from ecamp.finetune import LinearProbe
-    from ecamp.train.downstream.loop import evaluate, finetuned_block, setup_runtime, train_head, write_metrics
-    from ecamp.train.downstream.recipes import recipe as authors_recipe
-
-    key = task_name.lower()
-    if key not in TASKS:
-        raise InvalidArgumentError(f"Unknown task {task_name!r}; known: {sorted(TASKS)}.")
-    if mode not in ("finetune", "linear-probe"):
-        raise InvalidArgumentError(f"--mode must be finetune or linear-probe, got {mode!r}.")
-    task = TASKS[key]
-    proto = resolve_protocol(protocol, upstream_protocol, task.metric)
-    r = proto.recipe(recipe or authors_recipe("cls", key, fraction, mode))
-    lists = Path(lists or data_root)
-    files = {s: lists / list_file_for(s, fraction) for s in ("train", "val", "test")}
-    rows = {s: read_list_file(files[s], task) for s in files}
-    check_paths({files[s]: [name for name, _ in rows[s]] for s in files}, data_root)
-    rt = setup_runtime(device, seed, deterministic)
-    listed_test = rows["test"]
-    rows, note = select_validation(rows, lists, key, task, upstream=proto.select_on_test, seed=seed)
-    if rows["test"] is not listed_test:  # CheXpert's official test list replaced it
-        check_paths({lists / "test_list_600.txt": [name for name, _ in rows["test"]]}, data_root)
-    if mode == "finetune" or proto.lp_head in ("authors", "full-finetune"):
-        # the authors' classifier: fresh fc_norm over the mean patch token, drop-path 0.1, head std 2e-5
-        model = ecamp.load(model_name, num_classes=task.num_classes, fc_norm=True, drop_path_rate=0.1)
-        nn.init.trunc_normal_(model.head.weight, std=2e-5)
-        if mode == "linear-probe" and proto.lp_head == "authors":  # their --mode LinearProbe (#39)
-            for name, p in model.named_parameters():
-                p.requires_grad_(name.startswith("head"))
-        trunk = model
-    else:
-        model = LinearProbe(ecamp.load(model_name), task.num_classes)
-        trunk = model.encoder
-    tf_train, tf_eval = ecamp.get_transform(trunk, train=True), ecamp.get_transform(trunk)
-    sets = {s: ListDataset(data_root, rows[s], tf_train if s == "train" else tf_eval) for s in rows}
-    loss_fn = nn.BCEWithLogitsLoss() if task.multilabel else nn.CrossEntropyLoss()
-
-    def train_loss(net, batch, dev):
-        x, y = batch
-        return loss_fn(net(x.to(dev)), y.to(dev) if task.multilabel else y[:, 0].long().to(dev))
-
-    def predict(net, batch):
-        x, y = batch
-        return list(zip(net(x.to(rt.device)).float().cpu(), y, strict=True))
-
-    def score(pairs):
-        return _metric(task, torch.stack([p for p, _ in pairs]).numpy(), torch.stack([t for _, t in pairs]).numpy())
-
-    def run_eval(split):
-        return evaluate(model, sets[split], predict, score, rt, batch_size=r.eval_batch_size, num_workers=num_workers)
-
-    labels = list(task.labels) or [f"class_{c}" for c in range(task.num_classes)]
-    block = finetuned_block(trunk, model_name, {"dataset": key, "fraction": fraction, "mode": mode})
-    model.label_names, model.ecamp_cfg = labels, {**block, "task": "classification",
-                                                  "activation": "sigmoid" if task.multilabel else "softmax"}
-
-    def export(net, folder, info):
-        export_classifier(net, folder, label_names=labels, multilabel=task.multilabel,
-                          ecamp_cfg={**block, "finetune": {**block["finetune"], **info}})
-
-    summary = train_head(model, sets["train"], train_loss, lambda: run_eval("val")[0], r, rt, output_dir,
-                         metric=task.metric, num_workers=num_workers, seed=seed, progress=progress,
-                         desc=f"{mode} {key} {fraction}%", protocol=proto, export=export)
-    test, per = run_eval("test")
-    metrics = {"task": key, "fraction": fraction, "mode": mode, "model": model_name, "steps": r.steps,
-               "protocol": note, "protocol_options": proto.as_dict(), "precision": r.precision,
-               "deterministic": deterministic, **summary,
-               f"test_{task.metric}": test, "test_per_class": per}
-    write_metrics(rt, output_dir, metrics)
-    return metrics
+    return run_finetune(ClassificationTask(task_name, fraction, mode), data_root, output_dir, model_name=model_name,
+                        lists=lists, recipe=recipe, authors_protocol=authors_protocol, num_workers=num_workers,
+                        device=device, seed=seed, progress=progress, deterministic=deterministic,
+                        protocol=protocol)

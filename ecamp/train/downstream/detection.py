@@ -19,7 +19,7 @@ Evaluation: objectness >= 0.5, NMS at IoU 0.5, then ``torchmetrics.detection.Mea
 0.40, 0.45, ..., 0.75; the reported number is its ``map``. Fixed relative to the authors, by default: testing uses
 ``test_list.csv`` (theirs read ``val_list.csv``, #41) and every test image counts, negatives and images without a
 prediction included (theirs skipped both, #42); stored boxes are never modified in place (#43).
-``upstream_protocol=True`` brings back #41, #42 and the other :class:`~ecamp.train.downstream.protocol.Protocol`
+``authors_protocol=True`` brings back #41, #42 and the other :class:`~ecamp.train.downstream.protocol.Protocol`
 items (raw block tokens, 8-bit resize, class loss over all cells, +1-pixel NMS) for comparison with the paper.
 
 Lists: ``image_path,bbox`` CSVs (``train_list{,_1,_10}.csv``, ``val_list.csv``, ``test_list.csv``) with boxes as
@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ecamp.errors import InvalidArgumentError, MissingDependencyError
 from ecamp.models.heads import (  # noqa: F401 - the heads are part of this task's API
@@ -47,14 +48,15 @@ from ecamp.models.heads import (  # noqa: F401 - the heads are part of this task
     postprocess,
     split_predictions,
 )
-from ecamp.train.common.lists import check_paths, list_lines, raise_problems, read_table
-from ecamp.train.downstream.protocol import Protocol, resolve_protocol
+from ecamp.train.common.lists import list_file_for, list_lines, raise_problems, read_table
+from ecamp.train.downstream.protocol import Protocol
 from ecamp.train.downstream.recipes import Recipe
+from ecamp.train.downstream.task import FinetuneRun, HeadTask, run_finetune
 from ecamp.transforms import requantize
 
 __all__ = ["DET_TASKS", "DET_LABELS", "YOLOV3_ANCHORS", "read_box_list", "BoxDataset", "collate_boxes", "Bottleneck",
            "DetectionNeck", "YOLOv3Head", "DetectionModel", "yolo_loss", "decode", "postprocess",
-           "mean_average_precision", "finetune_detection"]
+           "mean_average_precision", "DetectionTask", "finetune_detection"]
 
 DET_TASKS = ("rsna", "phantom-det")
 DET_LABELS = {"rsna": ("pneumonia",), "phantom-det": ("finding",)}  # the box class names of each task
@@ -182,15 +184,15 @@ def yolo_loss(outputs: list[torch.Tensor], boxes: list[torch.Tensor], anchors: l
     return total
 
 
-def mean_average_precision(preds: list[dict], targets: list[dict], *, upstream: bool = False) -> float:
-    """torchmetrics mAP over IoU 0.40-0.75 (the reported ``map``). ``upstream``: only images with a ground-truth
+def mean_average_precision(preds: list[dict], targets: list[dict], *, authors: bool = False) -> float:
+    """torchmetrics mAP over IoU 0.40-0.75 (the reported ``map``). ``authors``: only images with a ground-truth
     box and at least one prediction count, as in the authors' evaluation (#42)."""
     try:
         from torchmetrics.detection import MeanAveragePrecision
     except ImportError as e:
         raise MissingDependencyError("Detection metrics need torchmetrics and pycocotools: "
                                      "pip install 'ecamp[train]'.") from e
-    if upstream:
+    if authors:
         pairs = [(p, t) for p, t in zip(preds, targets, strict=True) if len(t["boxes"]) and len(p["boxes"])]
         preds, targets = [p for p, _ in pairs], [t for _, t in pairs]
     if not preds:
@@ -200,9 +202,92 @@ def mean_average_precision(preds: list[dict], targets: list[dict], *, upstream: 
     return max(0.0, float(metric.compute()["map"]))  # torchmetrics gives -1 when no image has a box
 
 
+class DetectionTask(HeadTask):
+    """The detector on a frozen encoder (:func:`finetune_detection`)."""
+
+    head, metric = "det", "map"
+    collate_fn = staticmethod(collate_boxes)
+
+    def __init__(self, task: str, fraction: int, widths: tuple[int, int, int] = (512, 1024, 2048),
+                 head_width: int = 512, conf_threshold: float = 0.5, iou_threshold: float = 0.5):
+        key = task.lower()
+        if key not in DET_TASKS:
+            raise InvalidArgumentError(f"Unknown detection task {task!r}; known: {list(DET_TASKS)}.")
+        super().__init__(key, fraction)
+        self.widths, self.head_width = widths, head_width
+        self.conf_threshold, self.iou_threshold = conf_threshold, iou_threshold
+
+    def default_recipe(self) -> Recipe:
+        from ecamp.train.downstream.recipes import recipe
+
+        return recipe("det", self.key, self.fraction)
+
+    def list_files(self, lists: Path, protocol: Protocol) -> dict[str, Path]:
+        files = {s: lists / list_file_for(s, self.fraction, suffix=".csv") for s in ("train", "val")}
+        files["test"] = lists / list_file_for(protocol.det_test_split, suffix=".csv")  # the authors': val_list (#41)
+        return files
+
+    def read_list(self, path: Path) -> list[tuple[str, np.ndarray]]:
+        return read_box_list(path)
+
+    def build_model(self, run: FinetuneRun) -> nn.Module:
+        import ecamp
+
+        proto = run.protocol
+        self.expansion = run.recipe.expansion or (4 if self.fraction == 100 else 8)
+        self.encoder = encoder = ecamp.load(run.model_name)
+        self.model = DetectionModel(encoder, 1, self.expansion, self.widths, self.head_width,
+                                    dense_tokens=proto.dense_tokens, conf_threshold=self.conf_threshold,
+                                    iou_threshold=self.iou_threshold, nms_iou_plus_one=proto.nms_iou_plus_one)
+        self.class_loss_over, self.skip_empty = proto.yolo_class_loss_over, proto.map_skip_empty
+        return self.model
+
+    def datasets(self, run: FinetuneRun) -> dict[str, torch.utils.data.Dataset]:
+        from ecamp.factory import resolve_model_cfg
+
+        cfg = resolve_model_cfg(self.encoder)  # the encoder's size, normalisation and image policy
+        return {s: BoxDataset(run.data_root, run.rows[s], cfg, resize=run.protocol.resize) for s in run.rows}
+
+    def describe(self, model: nn.Module, run: FinetuneRun) -> None:
+        from ecamp.train.downstream.loop import finetuned_block
+
+        model.label_names = list(DET_LABELS[self.key])
+        finetune = {"dataset": self.key, "fraction": self.fraction}
+        model.ecamp_cfg = finetuned_block(self.encoder, run.model_name, finetune, task="detection",
+                                          dense_input={"resize": run.protocol.resize, "rgb": False})
+
+    def train_loss(self, net: nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
+        x, boxes = batch
+        return yolo_loss(net(x.to(device)), boxes, self.model.anchors, self.model.img_size,
+                         class_loss_over=self.class_loss_over)
+
+    def predict(self, net: nn.Module, batch: Any, device: torch.device) -> list:
+        x, boxes = batch
+        size = self.model.img_size
+        dets = net.detect(x.to(device))
+        truth = [{"boxes": b * size, "labels": torch.zeros(len(b), dtype=torch.long)} for b in boxes]
+        return [({k: v.cpu() for k, v in d.items()}, t) for d, t in zip(dets, truth, strict=True)]
+
+    def score(self, outputs: list) -> float:
+        return mean_average_precision([p for p, _ in outputs], [t for _, t in outputs], authors=self.skip_empty)
+
+    def export(self, model: nn.Module, folder: Path, info: dict[str, Any]) -> None:
+        from ecamp.train.downstream.loop import export_dense
+
+        export_dense(model, folder, info)
+
+    def protocol_note(self, run: FinetuneRun) -> str:
+        note = (f"tested on {run.files['test'].name}, "
+                + ("images without boxes or predictions skipped" if self.skip_empty else "every image counts"))
+        return f"{'authors' if run.authors_protocol else 'fixed'}: {note}"
+
+    def metrics_fields(self, run: FinetuneRun) -> dict[str, Any]:
+        return {"expansion": self.expansion}
+
+
 def finetune_detection(task: str, fraction: int, data_root: str | Path, output_dir: str | Path, *,
                        model_name: str = "cxr-vit-b", lists: str | Path | None = None, recipe: Recipe | None = None,
-                       upstream_protocol: bool = False, widths: tuple[int, int, int] = (512, 1024, 2048),
+                       authors_protocol: bool = False, widths: tuple[int, int, int] = (512, 1024, 2048),
                        head_width: int = 512, conf_threshold: float = 0.5, iou_threshold: float = 0.5,
                        num_workers: int = 4, device: str | None = None, seed: int = 42,
                        deterministic: bool = False,
@@ -210,71 +295,10 @@ def finetune_detection(task: str, fraction: int, data_root: str | Path, output_d
     """Train the detector on a frozen encoder; ``metrics.json`` gets validation and test mAP (``test_map``).
     ``recipe`` defaults to the authors' row (AdamW 5e-4, weight decay 0.05, early stopping after 20 evaluations,
     neck expansion 8 or 4). ``protocol``: a :class:`Protocol`, or option overrides on top of ecamp's (or, with
-    ``upstream_protocol``, the authors'). The best model is written to ``output_dir/best``
+    ``authors_protocol``, the authors'). The best model is written to ``output_dir/best``
     (:func:`ecamp.models.heads.save_dense_model`, thresholds included), which ``ecamp.load`` and ``ecamp predict``
     read."""
-    import ecamp
-    from ecamp.factory import resolve_model_cfg
-    from ecamp.train.downstream.classification import list_file_for
-    from ecamp.train.downstream.loop import (
-        evaluate,
-        export_dense,
-        finetuned_block,
-        setup_runtime,
-        train_head,
-        write_metrics,
-    )
-    from ecamp.train.downstream.recipes import recipe as authors_recipe
-
-    key = task.lower()
-    if key not in DET_TASKS:
-        raise InvalidArgumentError(f"Unknown detection task {task!r}; known: {list(DET_TASKS)}.")
-    proto = resolve_protocol(protocol, upstream_protocol, "map")
-    r = proto.recipe(recipe or authors_recipe("det", key, fraction))
-    expansion = r.expansion or (4 if fraction == 100 else 8)
-    lists = Path(lists or data_root)
-    files = {s: lists / list_file_for(s, fraction, suffix=".csv") for s in ("train", "val")}
-    files["test"] = lists / list_file_for(proto.det_test_split, suffix=".csv")  # the authors': val_list.csv (#41)
-    rows = {s: read_box_list(files[s]) for s in files}
-    check_paths({files[s]: [name for name, _ in rows[s]] for s in files}, data_root)
-    rt = setup_runtime(device, seed, deterministic)
-    encoder = ecamp.load(model_name)
-    model = DetectionModel(encoder, 1, expansion, widths, head_width, dense_tokens=proto.dense_tokens,
-                           conf_threshold=conf_threshold, iou_threshold=iou_threshold,
-                           nms_iou_plus_one=proto.nms_iou_plus_one)
-    model.label_names = list(DET_LABELS[key])
-    model.ecamp_cfg = finetuned_block(encoder, model_name, {"dataset": key, "fraction": fraction},
-                                      task="detection", dense_input={"resize": proto.resize, "rgb": False})
-    cfg = resolve_model_cfg(encoder)  # the encoder's size, normalisation and image policy
-    sets = {s: BoxDataset(Path(data_root), rows[s], cfg, resize=proto.resize) for s in rows}
-    size = model.img_size
-
-    def train_loss(net, batch, dev):
-        x, boxes = batch
-        return yolo_loss(net(x.to(dev)), boxes, model.anchors, size, class_loss_over=proto.yolo_class_loss_over)
-
-    def predict(net, batch):
-        x, boxes = batch
-        dets = net.detect(x.to(rt.device))
-        truth = [{"boxes": b * size, "labels": torch.zeros(len(b), dtype=torch.long)} for b in boxes]
-        return [({k: v.cpu() for k, v in d.items()}, t)
-                for d, t in zip(dets, truth, strict=True)]
-
-    def score(pairs):
-        return mean_average_precision([p for p, _ in pairs], [t for _, t in pairs], upstream=proto.map_skip_empty)
-
-    def run_eval(split):
-        return evaluate(model, sets[split], predict, score, rt, batch_size=r.eval_batch_size,
-                        num_workers=num_workers, collate_fn=collate_boxes)
-
-    summary = train_head(model, sets["train"], train_loss, lambda: run_eval("val"), r, rt, output_dir, metric="map",
-                         num_workers=num_workers, collate_fn=collate_boxes, seed=seed, progress=progress,
-                         desc=f"det {key} {fraction}%", protocol=proto, export=export_dense)
-    note = (f"tested on {files['test'].name}, "
-            + ("images without boxes or predictions skipped" if proto.map_skip_empty else "every image counts"))
-    metrics = {"task": key, "fraction": fraction, "model": model_name, "steps": r.steps, "expansion": expansion,
-               "protocol": f"{'upstream' if upstream_protocol else 'fixed'}: {note}",
-               "protocol_options": proto.as_dict(), "precision": r.precision, "deterministic": deterministic,
-               **summary, "test_map": run_eval("test")}
-    write_metrics(rt, output_dir, metrics)
-    return metrics
+    return run_finetune(DetectionTask(task, fraction, widths, head_width, conf_threshold, iou_threshold), data_root,
+                        output_dir, model_name=model_name, lists=lists, recipe=recipe,
+                        authors_protocol=authors_protocol, num_workers=num_workers, device=device, seed=seed,
+                        progress=progress, deterministic=deterministic, protocol=protocol)

@@ -26,23 +26,15 @@ from torch import nn
 from ecamp.errors import DataError, InvalidArgumentError
 from ecamp.fileio import atomic_folder, atomic_write
 from ecamp.train.common.distributed import Runtime, gather_objects, wrap_ddp
-from ecamp.train.common.distributed import setup_runtime as _setup
 from ecamp.train.common.metrics import MetricsLog
 from ecamp.train.common.precision import autocast, grad_scaler
 from ecamp.train.common.schedule import warmup_cosine_factor
 from ecamp.train.downstream.protocol import Protocol
 from ecamp.train.downstream.recipes import Recipe
 
-__all__ = ["Runtime", "setup_runtime", "evaluate", "train_head", "write_metrics", "finetuned_block",
-           "export_dense"]
+__all__ = ["Runtime", "evaluate", "train_head", "write_metrics", "finetuned_block", "export_dense"]
 
 logger = logging.getLogger("ecamp")
-
-
-def setup_runtime(device: str | None = None, seed: int = 42, deterministic: bool = False) -> Runtime:
-    rt = _setup(device, deterministic=deterministic)
-    torch.manual_seed(seed)  # the same seed on every rank: heads start identical
-    return rt
 
 
 @torch.no_grad()

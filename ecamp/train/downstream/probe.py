@@ -9,7 +9,7 @@ import numpy as np
 
 from ecamp.errors import InvalidArgumentError, MissingDependencyError
 
-__all__ = ["ProbeFit", "fit_linear_probe", "linear_probe_auroc"]
+__all__ = ["ProbeFit", "fit_linear_probe"]
 
 
 @dataclass(frozen=True)
@@ -41,8 +41,3 @@ def fit_linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarra
     scores = clf.predict_proba(test_x)[:, 1]
     return ProbeFit(float(roc_auc_score(test_y, scores)), scores, clf)
 
-
-def linear_probe_auroc(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, *,
-                       c: float = 1.0, seed: int = 0) -> float:
-    """The test AUROC of :func:`fit_linear_probe`."""
-    return fit_linear_probe(train_x, train_y, test_x, test_y, c=c, seed=seed).auroc

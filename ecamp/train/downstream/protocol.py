@@ -1,8 +1,8 @@
 """The downstream protocol: every choice where ecamp's fine-tuning can differ from the authors' ``Fine-tuning/*``
-code, as one named option each (docs/fidelity.md, "Downstream", has the table with upstream file:line).
+code, as one named option each (docs/fidelity.md, "Downstream", has the table with the authors' file:line).
 
 ``Protocol()`` is ecamp's default: the fixed behaviour, or the authors' where their choice is right.
-:func:`upstream_protocol` gives the authors' behaviour for every item (``--upstream-protocol``), bugs included on
+:func:`authors_protocol` gives the authors' behaviour for every item (``--authors-protocol``), bugs included on
 purpose. ``ecamp train finetune --protocol-option NAME=VALUE`` changes one item on top of either; ``metrics.json``
 records the resolved set under ``protocol_options``.
 """
@@ -17,7 +17,7 @@ from typing import Any
 from ecamp.errors import InvalidArgumentError
 from ecamp.schema import update
 
-__all__ = ["Protocol", "upstream_protocol", "resolve_protocol", "parse_protocol_options"]
+__all__ = ["Protocol", "authors_protocol", "resolve_protocol", "parse_protocol_options"]
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class Protocol:
         return recipe if self.precision is None else recipe.replace(precision=self.precision)
 
 
-def upstream_protocol(metric: str = "auroc") -> Protocol:
+def authors_protocol(metric: str = "auroc") -> Protocol:
     """The authors' behaviour for every item. ``metric``: the task's validation metric, since their
     classification code saves on ties for AUROC but not for accuracy (``train.py:484`` vs ``:492``)."""
     return Protocol(drop_last=False, save_on_tie=metric != "accuracy", start_eval_strict=True,
@@ -71,13 +71,13 @@ def upstream_protocol(metric: str = "auroc") -> Protocol:
                     map_skip_empty=True)
 
 
-def resolve_protocol(protocol: Protocol | Mapping[str, Any] | None, upstream: bool, metric: str = "auroc"
+def resolve_protocol(protocol: Protocol | Mapping[str, Any] | None, authors: bool, metric: str = "auroc"
                      ) -> Protocol:
-    """A :class:`Protocol` as given, or the base (``upstream``: the authors', else ecamp's) with the options of a
+    """A :class:`Protocol` as given, or the base (``authors``: the authors', else ecamp's) with the options of a
     mapping applied."""
     if isinstance(protocol, Protocol):
         return protocol
-    base = upstream_protocol(metric) if upstream else Protocol()
+    base = authors_protocol(metric) if authors else Protocol()
     if not protocol:
         return base
     out = update(base, dict(protocol), error=InvalidArgumentError, source="--protocol-option", noun="option")

@@ -12,7 +12,7 @@ Training augmentation, as the authors': with probability 0.5 one random affine (
 Fixed relative to the authors: image and mask are augmented together (their SIIM masks were not, #44), and masks
 are resized with nearest neighbour (their INTER_AREA made fractional labels, #46). These and the other differences
 (raw or normed tokens, SIIM negative sampling, resize, RIGA colour and loss) are
-:class:`~ecamp.train.downstream.protocol.Protocol` options; ``--upstream-protocol`` sets all of them to the authors'.
+:class:`~ecamp.train.downstream.protocol.Protocol` options; ``--authors-protocol`` sets all of them to the authors'.
 """
 
 from __future__ import annotations
@@ -29,14 +29,15 @@ from torch import nn
 from ecamp.errors import DataError, InvalidArgumentError
 from ecamp.fileio import write_csv
 from ecamp.models.heads import PyramidSegmentationModel, SegmentationModel
-from ecamp.train.common.lists import check_paths, read_table
-from ecamp.train.downstream.protocol import Protocol, resolve_protocol
+from ecamp.train.common.lists import list_file_for, read_table
+from ecamp.train.downstream.protocol import Protocol
 from ecamp.train.downstream.recipes import Recipe
+from ecamp.train.downstream.task import FinetuneRun, HeadTask, run_finetune
 from ecamp.transforms import read_dense_image, requantize
 
 __all__ = ["rle_decode", "read_siim", "read_rsna_boxes", "read_mask_list", "SegmentationModel",
-           "PyramidSegmentationModel", "mixed_loss", "dice_per_image", "finetune_segmentation", "convert_lists",
-           "balance_negatives", "SEG_TASKS", "SEG_LABELS"]  # the models are re-exported from ecamp.models.heads
+           "PyramidSegmentationModel", "mixed_loss", "dice_per_image", "SegmentationTask", "finetune_segmentation",
+           "convert_lists", "balance_negatives", "SEG_TASKS", "SEG_LABELS"]  # the models: from ecamp.models.heads
 
 # task -> number of outputs
 SEG_TASKS = {"siim": 1, "rsna": 1, "riga": 2, "phantom-seg": 1}
@@ -190,9 +191,102 @@ def dice_per_image(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.where(total == 0, torch.ones_like(total), 2 * inter / total.clamp_min(1e-9))
 
 
+class SegmentationTask(HeadTask):
+    """The segmentation head on a frozen encoder (:func:`finetune_segmentation`)."""
+
+    head, metric = "seg", "dice"
+
+    def __init__(self, task: str, fraction: int, decoder: str = "authors",
+                 decoder_channels: tuple[int, ...] = (512, 256, 128, 64)):
+        key = task.lower()
+        if key not in SEG_TASKS:
+            raise InvalidArgumentError(f"Unknown segmentation task {task!r}; known: {sorted(SEG_TASKS)}.")
+        if decoder not in ("authors", "pyramid"):
+            raise InvalidArgumentError(f"--seg-decoder must be authors or pyramid, got {decoder!r}.")
+        super().__init__(key, fraction)
+        self.task, self.outputs, self.decoder, self.decoder_channels = task, SEG_TASKS[key], decoder, decoder_channels
+
+    def check_lists(self, lists: Path) -> None:
+        if self.key in ("siim", "rsna"):
+            val_list = lists / list_file_for("val", suffix=".csv")
+            if not val_list.is_file() or "mask_path" not in val_list.read_text(encoding="utf-8").split("\n", 1)[0]:
+                raise DataError(f"{self.task}: convert the authors' {self.key.upper()} list CSVs once with "
+                                f"ecamp.train.downstream.segmentation.convert_lists({self.key!r}, LISTS_DIR, OUT_DIR) "
+                                f"and pass --lists OUT_DIR.", path=val_list)
+
+    def default_recipe(self) -> Recipe:
+        from ecamp.train.downstream.recipes import recipe
+
+        return recipe("seg", self.key, self.fraction)
+
+    def read_list(self, path: Path) -> list[tuple[str, str]]:
+        return read_mask_list(path)
+
+    def list_paths(self, rows: list) -> list:
+        return rows  # image and mask
+
+    def prepare_rows(self, run: FinetuneRun) -> dict[str, list]:
+        rows = run.rows
+        if self.key == "siim" and run.protocol.siim_balance_negatives:
+            rows["train"] = balance_negatives(rows["train"], _positives(run.files["train"], run.data_root,
+                                                                        rows["train"]), run.seed)
+        return rows
+
+    def build_model(self, run: FinetuneRun) -> nn.Module:
+        import ecamp
+        from ecamp.factory import resolve_model_cfg
+
+        self.encoder = encoder = ecamp.load(run.model_name)
+        self.cfg = resolve_model_cfg(encoder)  # the encoder's size, normalisation and image policy
+        self.per_output = run.protocol.riga_loss == "mean-of-two"
+        if self.decoder == "authors":
+            return SegmentationModel(encoder, self.outputs, self.decoder_channels,
+                                     dense_tokens=run.protocol.dense_tokens)
+        return PyramidSegmentationModel(encoder, self.outputs)
+
+    def datasets(self, run: FinetuneRun) -> dict[str, torch.utils.data.Dataset]:
+        proto, key = run.protocol, self.key
+        augment_mask = proto.siim_augment_mask or key != "siim"
+        return {s: MaskDataset(run.data_root, run.rows[s], self.cfg, self.outputs, train=s == "train",
+                               augment_mask=augment_mask, affine_p=proto.affine_p,
+                               interpolation=proto.image_interpolation, resize=proto.resize,
+                               rgb=proto.riga_rgb and key == "riga") for s in run.rows}
+
+    def describe(self, model: nn.Module, run: FinetuneRun) -> None:
+        from ecamp.train.downstream.loop import finetuned_block
+
+        model.label_names = list(SEG_LABELS[self.key])
+        finetune = {"dataset": self.key, "fraction": self.fraction}
+        model.ecamp_cfg = finetuned_block(self.encoder, run.model_name, finetune, task="segmentation",
+                                          dense_input={"resize": run.protocol.resize,
+                                                       "rgb": run.protocol.riga_rgb and self.key == "riga"})
+
+    def train_loss(self, net: nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
+        x, y = batch
+        return mixed_loss(net(x.to(device)).float(), y.to(device), per_output=self.per_output)
+
+    def predict(self, net: nn.Module, batch: Any, device: torch.device) -> list:
+        x, y = batch
+        return list(dice_per_image(net(x.to(device)).float(), y.to(device)).mean(1).cpu())
+
+    def score(self, outputs: list) -> float:
+        return float(torch.stack(outputs).mean())
+
+    def export(self, model: nn.Module, folder: Path, info: dict[str, Any]) -> None:
+        from ecamp.train.downstream.loop import export_dense
+
+        export_dense(model, folder, info)
+
+    def protocol_note(self, run: FinetuneRun) -> str:
+        return "authors" if run.authors_protocol else "fixed"
+
+    def metrics_fields(self, run: FinetuneRun) -> dict[str, Any]:
+        return {"decoder": self.decoder, "train_images": len(run.rows["train"])}
+
+
 def finetune_segmentation(task: str, fraction: int, data_root: str | Path, output_dir: str | Path, *,
                           model_name: str = "cxr-vit-b", lists: str | Path | None = None, recipe: Recipe | None = None,
-                          upstream_protocol: bool = False, decoder: str = "authors",
+                          authors_protocol: bool = False, decoder: str = "authors",
                           decoder_channels: tuple[int, ...] = (512, 256, 128, 64), num_workers: int = 4,
                           device: str | None = None, seed: int = 42, progress: bool = True,
                           deterministic: bool = False,
@@ -204,84 +298,14 @@ def finetune_segmentation(task: str, fraction: int, data_root: str | Path, outpu
     :func:`read_rsna_boxes`); convert them to mask images and such lists first (:func:`convert_lists`).
     ``recipe`` defaults to the authors' row (AdamW, weight decay 0.05, early stopping after 40 evaluations).
     ``decoder="pyramid"`` swaps the authors' decoder for :class:`PyramidSegmentationModel`'s. ``protocol``: a
-    :class:`Protocol`, or option overrides on top of ecamp's (or, with ``upstream_protocol``, the authors').
+    :class:`Protocol`, or option overrides on top of ecamp's (or, with ``authors_protocol``, the authors').
     The best model is written to ``output_dir/best`` (:func:`ecamp.models.heads.save_dense_model`, with the input
     settings :class:`~ecamp.transforms.DenseTransform` needs), which ``ecamp.load`` and ``ecamp predict`` read.
     """
-    import ecamp
-    from ecamp.factory import resolve_model_cfg
-    from ecamp.train.downstream.classification import list_file_for
-    from ecamp.train.downstream.loop import (
-        evaluate,
-        export_dense,
-        finetuned_block,
-        setup_runtime,
-        train_head,
-        write_metrics,
-    )
-    from ecamp.train.downstream.recipes import recipe as authors_recipe
-
-    key = task.lower()
-    if key not in SEG_TASKS:
-        raise InvalidArgumentError(f"Unknown segmentation task {task!r}; known: {sorted(SEG_TASKS)}.")
-    lists = Path(lists or data_root)
-    if key in ("siim", "rsna"):
-        val_list = lists / list_file_for("val", suffix=".csv")
-        if not val_list.is_file() or "mask_path" not in val_list.read_text(encoding="utf-8").split("\n", 1)[0]:
-            raise DataError(f"{task}: convert the authors' {key.upper()} list CSVs once with "
-                           f"ecamp.train.downstream.segmentation.convert_lists({key!r}, LISTS_DIR, OUT_DIR) and pass "
-                           f"--lists OUT_DIR.", path=val_list)
-    outputs = SEG_TASKS[key]
-    proto = resolve_protocol(protocol, upstream_protocol, "dice")
-    r = proto.recipe(recipe or authors_recipe("seg", key, fraction))
-    if decoder not in ("authors", "pyramid"):
-        raise InvalidArgumentError(f"--seg-decoder must be authors or pyramid, got {decoder!r}.")
-    files = {s: lists / list_file_for(s, fraction, suffix=".csv") for s in ("train", "val", "test")}
-    rows = {s: read_mask_list(files[s]) for s in files}
-    check_paths({files[s]: rows[s] for s in files}, data_root)
-    rt = setup_runtime(device, seed, deterministic)
-    if key == "siim" and proto.siim_balance_negatives:
-        rows["train"] = balance_negatives(rows["train"], _positives(files["train"], Path(data_root), rows["train"]),
-                                          seed)
-    encoder = ecamp.load(model_name)
-    cfg = resolve_model_cfg(encoder)  # the encoder's size, normalisation and image policy
-    if decoder == "authors":
-        model: nn.Module = SegmentationModel(encoder, outputs, decoder_channels, dense_tokens=proto.dense_tokens)
-    else:
-        model = PyramidSegmentationModel(encoder, outputs)
-    augment_mask = proto.siim_augment_mask or key != "siim"
-    sets = {s: MaskDataset(Path(data_root), rows[s], cfg, outputs, train=s == "train", augment_mask=augment_mask,
-                           affine_p=proto.affine_p, interpolation=proto.image_interpolation, resize=proto.resize,
-                           rgb=proto.riga_rgb and key == "riga") for s in rows}
-    per_output = proto.riga_loss == "mean-of-two"
-
-    def train_loss(net, batch, dev):
-        x, y = batch
-        return mixed_loss(net(x.to(dev)).float(), y.to(dev), per_output=per_output)
-
-    def predict(net, batch):
-        x, y = batch
-        return list(dice_per_image(net(x.to(rt.device)).float(), y.to(rt.device)).mean(1).cpu())
-
-    def run_eval(split):
-        return evaluate(model, sets[split], predict, lambda d: float(torch.stack(d).mean()), rt,
-                        batch_size=r.eval_batch_size, num_workers=num_workers)
-
-    model.label_names = list(SEG_LABELS[key])
-    model.ecamp_cfg = finetuned_block(encoder, model_name, {"dataset": key, "fraction": fraction},
-                                      task="segmentation",
-                                      dense_input={"resize": proto.resize, "rgb": proto.riga_rgb and key == "riga"})
-
-    summary = train_head(model, sets["train"], train_loss, lambda: run_eval("val"), r, rt, output_dir,
-                         metric="dice", num_workers=num_workers, seed=seed, progress=progress,
-                         desc=f"seg {key} {fraction}%", protocol=proto, export=export_dense)
-    metrics = {"task": key, "fraction": fraction, "model": model_name, "decoder": decoder, "steps": r.steps,
-               "protocol": "upstream" if upstream_protocol else "fixed", "protocol_options": proto.as_dict(),
-               "precision": r.precision, "deterministic": deterministic, "train_images": len(rows["train"]),
-               **summary,
-               "test_dice": run_eval("test")}
-    write_metrics(rt, output_dir, metrics)
-    return metrics
+    return run_finetune(SegmentationTask(task, fraction, decoder, decoder_channels), data_root, output_dir,
+                        model_name=model_name, lists=lists, recipe=recipe, authors_protocol=authors_protocol,
+                        num_workers=num_workers, device=device, seed=seed, progress=progress,
+                        deterministic=deterministic, protocol=protocol)
 
 
 def convert_lists(task: str, lists_dir: str | Path, out_dir: str | Path, *,

@@ -86,13 +86,11 @@ def _init_from(model, source: str) -> dict[str, int]:
     from safetensors.torch import load_file
 
     from ecamp.convert import read_authors_checkpoint
-    from ecamp.hub import hub_download, split_hub_spec
+    from ecamp.factory import resolve_files
 
-    if source.startswith("hf-hub:"):
-        repo, rev = split_hub_spec(source[len("hf-hub:"):])
-        path = hub_download(repo, "model.safetensors", revision=rev)
-    else:
-        path = Path(source)
+    path = Path(source)
+    if not path.is_file():  # a model name (hf-hub:, a manifest name, a folder): its weights, verified
+        path = resolve_files(source, ["model.safetensors"])[1]["model.safetensors"]
     state = load_file(str(path)) if str(path).endswith(".safetensors") else read_authors_checkpoint(path)
     target = model.state_dict()
     taken, mis_shaped = {}, []

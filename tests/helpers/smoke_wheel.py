@@ -1,8 +1,8 @@
 """Smoke test of an installed ecamp wheel (no extras), run by .ci/wheel_smoke.sh in a second virtual environment.
 
-Not a pytest module: run it as ``python -I tests/smoke_wheel.py --checkout SRC --presets N`` from a folder outside
-the checkout (``-I`` keeps the script's folder and PYTHON* variables off sys.path, so only the installed package
-can be imported). It checks what a plain ``pip install ecamp`` promises:
+Not a pytest module: run it as ``python -I tests/helpers/smoke_wheel.py --checkout SRC --presets N`` from a folder
+outside the checkout (``-I`` keeps the script's folder and PYTHON* variables off sys.path, so only the installed
+package can be imported). It checks what a plain ``pip install ecamp`` promises:
 
 * ``ecamp`` is imported from site-packages, never from the checkout;
 * ``save_pretrained`` -> ``load("local-dir:...")`` -> ``get_transform`` -> ``embed`` work, and neither
@@ -42,7 +42,7 @@ def check_not_imported(where: str) -> None:
 
 
 def tiny_encoder(seed: int = 0):
-    """A small random ECAMP-style encoder (as tests/conftest.py's make_tiny_encoder)."""
+    """A small random ECAMP-style encoder (as tests/helpers/builders.py's make_tiny_encoder)."""
     import timm
     import torch
 
