@@ -31,11 +31,9 @@ from .registry import ModelEntry
 __all__ = [
     "ecamp_home",
     "local_store_path",
-    "sha256_file",
     "hub_download",
     "download_entry",
     "verify_entry",
-    "verify_files",
     "file_problem",
     "verify_lfs_blob",
     "split_hub_spec",
@@ -158,7 +156,7 @@ def download_entry(entry: ModelEntry, *, revision: str | None = None, cache_dir:
 def verify_entry(entry: ModelEntry, paths: dict[str, Path]) -> None:
     """Raise :class:`ChecksumMismatchError` unless every file matches the manifest's size and sha256."""
     expected = {f.path: (f.sha256, f.size) for f in entry.files}
-    verify_files(paths, expected, refetch=f"ecamp download {entry.aliases[0] if entry.aliases else entry.name} "
+    _verify_files(paths, expected, refetch=f"ecamp download {entry.aliases[0] if entry.aliases else entry.name} "
                                           f"--force")
 
 
@@ -173,7 +171,7 @@ def file_problem(path: str | os.PathLike, sha256: str | None, size: int | None) 
     return None if actual == sha256 else f"sha256 {actual}, expected {sha256}"
 
 
-def verify_files(paths: dict[str, Path], expected: dict[str, tuple[str | None, int | None]], refetch: str) -> None:
+def _verify_files(paths: dict[str, Path], expected: dict[str, tuple[str | None, int | None]], refetch: str) -> None:
     for name, path in paths.items():
         sha, size = expected[name]
         problem = file_problem(path, sha, size)

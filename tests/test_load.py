@@ -148,7 +148,7 @@ def test_save_pretrained_writes_card_and_returns_entry(tmp_path):
     entry = ecamp.save_pretrained(make_tiny_encoder(), tmp_path / "out", name="tiny-cxr", hf_repo="org/tiny")
     files = {f["path"]: f for f in entry["files"]}
     assert set(files) == {"config.json", "model.safetensors", "README.md"}
-    from ecamp.hub import sha256_file
+    from ecamp.fileio import sha256_file
 
     for name, f in files.items():
         assert sha256_file(tmp_path / "out" / name) == f["sha256"]
