@@ -1,5 +1,5 @@
 """Report encoding on the Indiana University reports: rule statistics, and time per report against a
-straightforward per-token Python implementation of the same rules (tests/text_reference.py).
+straightforward per-token Python implementation of the same rules (tests/helpers/text_reference.py).
 
     pip install torchxrayvision        # ships the report texts; read in place, never copied
     python bench/text_pipeline.py
@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from ecamp.text import ReportEncoder, insert_context, train_tokenizer  # noqa: E402
 from ecamp.text.report import mask_tokens, template_weights  # noqa: E402
 
-from iu_reports import iu_reports  # noqa: E402
-from text_reference import reference_mask, reference_weights  # noqa: E402
+from helpers.iu_reports import iu_reports  # noqa: E402
+from helpers.text_reference import reference_mask, reference_weights  # noqa: E402
 
 
 def main() -> None:
