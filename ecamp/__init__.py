@@ -30,7 +30,7 @@ _LAZY = {
     "push": "publish",
 }
 _SUBMODULES = ("errors", "config", "registry", "hub", "cards", "folders", "factory", "convert", "io", "transforms",
-               "fundus", "embedding", "finetune", "integrity", "models", "text", "fileio", "cli", "predict",
+               "batching", "fundus", "embedding", "finetune", "integrity", "models", "text", "fileio", "cli", "predict",
                "publish", "explain")
 
 __all__ = ["__version__", "EcampError", *_LAZY, *_SUBMODULES]

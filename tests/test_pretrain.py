@@ -282,7 +282,7 @@ def test_full_model_folder_round_trip_and_store(tiny, tmp_path):
 
     tok = train_tokenizer(["small left pleural effusion.", "no pneumothorax."] * 5, vocab_size=60, min_frequency=1)
     files = tiny.save_pretrained(tmp_path / "full", tokenizer=tok)["files"]
-    assert [f["path"] for f in files] == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert [f["path"] for f in files] == ["config.json", "model.safetensors", "tokenizer.json", "README.md"]
     again = ecamp.load_pretrain(tmp_path / "full").eval()
     batch, noise = pretrain_batch(tiny.config), _noise(tiny.config)
     assert torch.equal(again(batch, noise=noise)["loss"], tiny(batch, noise=noise)["loss"])

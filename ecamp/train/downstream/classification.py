@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ecamp.config import EcampCfg, ecamp_cfg_of
 from ecamp.errors import DataError, InvalidArgumentError
 from ecamp.train.common.lists import check_paths, read_label_list
 from ecamp.train.downstream.protocol import Protocol
@@ -146,7 +147,7 @@ def _metric(task: Task, logits: np.ndarray, targets: np.ndarray) -> tuple[float,
 
 
 def export_classifier(model: nn.Module, folder: str | Path, *, label_names: list[str], multilabel: bool,
-                      ecamp_cfg: dict[str, Any] | None = None) -> dict:
+                      ecamp_cfg: EcampCfg | None = None) -> dict:
     """Write a fine-tuned classifier as a timm-format folder (:func:`ecamp.save_pretrained`) that
     ``ecamp.load`` and transformers' ``TimmWrapper`` read: ``num_classes``, ``label_names`` and, in the ``ecamp``
     block, ``task``, ``activation`` (sigmoid for multi-label, softmax for multi-class) and ``ecamp_cfg``. A
@@ -155,14 +156,17 @@ def export_classifier(model: nn.Module, folder: str | Path, *, label_names: list
     import copy
 
     from ecamp.finetune import LinearProbe
-    from ecamp.hub import save_pretrained
+    from ecamp.folders import save_pretrained
 
     if isinstance(model, LinearProbe):
         probe, model = model, copy.deepcopy(model.encoder)
         model.reset_classifier(probe.head.out_features)
         model.head.load_state_dict(probe.head.state_dict())
-        model.ecamp_cfg = dict(getattr(probe, "ecamp_cfg", None) or model.ecamp_cfg)  # not the base encoder's name
-    block = {"task": "classification", "activation": "sigmoid" if multilabel else "softmax", **(ecamp_cfg or {})}
+        # not the base encoder's name
+        model.ecamp_cfg = ecamp_cfg_of(probe) if getattr(probe, "ecamp_cfg", None) else ecamp_cfg_of(model)
+    block = ecamp_cfg if ecamp_cfg is not None else ecamp_cfg_of(model)
+    block = block.replace(task=block.task or "classification",
+                          activation=block.activation or ("sigmoid" if multilabel else "softmax"))
     return save_pretrained(model, folder, label_names=label_names, ecamp_cfg=block)
 
 
@@ -232,8 +236,8 @@ class ClassificationTask(HeadTask):
         self.labels = list(task.labels) or [f"class_{c}" for c in range(task.num_classes)]
         self.block = block = finetuned_block(self.trunk, run.model_name,
                                              {"dataset": self.key, "fraction": self.fraction, "mode": self.mode})
-        model.label_names, model.ecamp_cfg = self.labels, {**block, "task": "classification",
-                                                           "activation": "sigmoid" if task.multilabel else "softmax"}
+        model.label_names = self.labels
+        model.ecamp_cfg = block.replace(task="classification", activation="sigmoid" if task.multilabel else "softmax")
 
     def train_loss(self, net: nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
         x, y = batch
@@ -253,7 +257,7 @@ class ClassificationTask(HeadTask):
     def export(self, model: nn.Module, folder: Path, info: dict[str, Any]) -> None:
         block = self.block
         export_classifier(model, folder, label_names=self.labels, multilabel=self.task.multilabel,
-                          ecamp_cfg={**block, "finetune": {**block["finetune"], **info}})
+                          ecamp_cfg=block.replace(finetune={**block.finetune, **info}))
 
     def protocol_note(self, run: FinetuneRun) -> str:
         return self.note

@@ -296,7 +296,7 @@ def finetune_detection(task: str, fraction: int, data_root: str | Path, output_d
     ``recipe`` defaults to the authors' row (AdamW 5e-4, weight decay 0.05, early stopping after 20 evaluations,
     neck expansion 8 or 4). ``protocol``: a :class:`Protocol`, or option overrides on top of ecamp's (or, with
     ``authors_protocol``, the authors'). The best model is written to ``output_dir/best``
-    (:func:`ecamp.models.heads.save_dense_model`, thresholds included), which ``ecamp.load`` and ``ecamp predict``
+    (:func:`ecamp.save_pretrained`, thresholds included), which ``ecamp.load`` and ``ecamp predict``
     read."""
     return run_finetune(DetectionTask(task, fraction, widths, head_width, conf_threshold, iou_threshold), data_root,
                         output_dir, model_name=model_name, lists=lists, recipe=recipe,

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ecamp.config import EcampCfg, ecamp_cfg_of
 from ecamp.errors import DataError, InvalidArgumentError
 from ecamp.fileio import atomic_folder, atomic_write
 from ecamp.train.common.distributed import Runtime, gather_objects, wrap_ddp
@@ -175,23 +176,20 @@ def train_head(model: nn.Module, train_set: torch.utils.data.Dataset,
             "stopped_early": step < recipe.steps}
 
 
-def finetuned_block(encoder: nn.Module, model_name: str, finetune: dict[str, Any], **fields: Any) -> dict[str, Any]:
+def finetuned_block(encoder: nn.Module, model_name: str, finetune: dict[str, Any], **fields: Any) -> EcampCfg:
     """The ``ecamp`` block of a fine-tuned model: the encoder's image settings (modality, intensity policy...), the
     model it started from (``base_model``), how it was trained (``finetune``) and ``fields`` (task, activation...)."""
-    block = dict(getattr(encoder, "ecamp_cfg", None) or {})
-    base = block.pop("name", None) or model_name
-    block.pop("source", None)
-    return {**block, "base_model": base, "finetune": dict(finetune), **fields}
+    own = ecamp_cfg_of(encoder)
+    return own.replace(name=None, source=None, base_model=own.name or model_name, finetune=dict(finetune), **fields)
 
 
 def export_dense(model: nn.Module, folder: Path, info: dict[str, Any]) -> None:
     """``train_head``'s ``export`` for segmentation and detection: the model's folder, with the best step and
     validation score under ``ecamp.finetune``."""
-    from ecamp.models.heads import save_dense_model
+    from ecamp.folders import save_pretrained
 
-    block = dict(model.ecamp_cfg)
-    block["finetune"] = {**block.get("finetune", {}), **info}
-    save_dense_model(model, folder, ecamp_cfg=block)
+    block = ecamp_cfg_of(model)
+    save_pretrained(model, folder, ecamp_cfg=block.replace(finetune={**block.finetune, **info}))
 
 
 def write_metrics(rt: Runtime, output_dir: str | Path, metrics: dict[str, Any]) -> None:

@@ -299,7 +299,7 @@ def finetune_segmentation(task: str, fraction: int, data_root: str | Path, outpu
     ``recipe`` defaults to the authors' row (AdamW, weight decay 0.05, early stopping after 40 evaluations).
     ``decoder="pyramid"`` swaps the authors' decoder for :class:`PyramidSegmentationModel`'s. ``protocol``: a
     :class:`Protocol`, or option overrides on top of ecamp's (or, with ``authors_protocol``, the authors').
-    The best model is written to ``output_dir/best`` (:func:`ecamp.models.heads.save_dense_model`, with the input
+    The best model is written to ``output_dir/best`` (:func:`ecamp.save_pretrained`, with the input
     settings :class:`~ecamp.transforms.DenseTransform` needs), which ``ecamp.load`` and ``ecamp predict`` read.
     """
     return run_finetune(SegmentationTask(task, fraction, decoder, decoder_channels), data_root, output_dir,
