@@ -1,7 +1,7 @@
 """The batch machinery that embedding, prediction and training share: one DataLoader runner over inputs that may
 fail to read, one autocast spelling, one copy-ahead to the device and one fill of the rows a run could not read.
 
-Kept apart from :mod:`ecamp.embedding` so that :mod:`ecamp.predict` and ``ecamp.train`` read images exactly as
+Kept apart from :mod:`ecamp.embedding` so that prediction and the training loops read images exactly as
 ``ecamp embed`` does without importing the embedding code.
 """
 

@@ -126,7 +126,7 @@ def test_phantom_detection_finds_the_boxes(phantom_det, tiny_folder, tmp_path):
     assert metrics["test_map"] > 0.3, metrics
     logged = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in logged] == [50, 100, 150, 200]
-    assert {p.name for p in (tmp_path / "run" / "best").iterdir()} == {"config.json", "model.safetensors"}
+    assert {p.name for p in (tmp_path / "run" / "best").iterdir()} == {"config.json", "model.safetensors", "README.md"}
     untrained = finetune_detection("phantom-det", 100, phantom_det, tmp_path / "u", **{**kw, "recipe": r.replace(
         steps=1, lr=1e-9)})
     assert untrained["test_map"] < 0.05 < metrics["test_map"] - 0.25

@@ -252,7 +252,8 @@ def test_export_then_load(phantom, tmp_path):
     assert out.returncode == 0, out.stderr
     entry = json.loads(out.stdout)
     assert {f["path"] for f in entry["encoder"]["files"]} == {"config.json", "model.safetensors", "README.md"}
-    assert {f["path"] for f in entry["pretrain"]["files"]} == {"config.json", "model.safetensors", "tokenizer.json"}
+    assert {f["path"] for f in entry["pretrain"]["files"]} == {"config.json", "model.safetensors", "tokenizer.json",
+                                                               "README.md"}
     enc = ecamp.load(f"local-dir:{tmp_path / 'exp' / 'encoder'}")
     full = ecamp.load_pretrain(tmp_path / "exp" / "pretrain")
     x = torch.randn(1, 3, 32, 32)
