@@ -71,9 +71,10 @@ def _modality_entry(modality: object, manifests: Sequence[ManifestLike], kind: s
     return None
 
 
-def find_encoder_entry(name: object) -> ModelEntry | None:
-    """The image-encoder entry of the default manifest that ``name`` resolves to (None when there is none)."""
-    return _find_entry(name, [None])
+def find_entry(name: object, kind: str = "encoder") -> ModelEntry | None:
+    """The ``kind`` entry (``"encoder"`` or ``"pretrain"``) of the default manifest that ``name`` resolves to (None
+    when there is none)."""
+    return _find_entry(name, [None], kind)
 
 
 def _origin(cfg: ModelConfig, manifest: ManifestLike = None) -> _Origin:
@@ -137,14 +138,14 @@ def _entry(cfg: ModelConfig, origin: _Origin, *, name: str | None, hf_repo: str 
     timm = cfg.timm or {}
     entry: dict[str, Any] = {
         "aliases": [], "kind": "pretrain" if cfg.kind == "pretrain" else "encoder",
-        "description": block.description or (f"{what} in timm format, exported by ecamp." if cfg.kind in
-                                             ("encoder", "classification") else f"{what}, exported by ecamp."),
+        "description": block.description or (f"{what} ({cfg.architecture}) in timm format, exported by ecamp."
+                                             if cfg.kind in ("encoder", "classification")
+                                             else f"{what}, exported by ecamp."),
         "architecture": PRETRAIN_ARCHITECTURE if cfg.kind == "pretrain" else cfg.architecture,
         "model_args": _plain(timm.get("model_args") or {}),
         "hf_repo": hf_repo, "revision": revision, "published": revision is not None,
         "files": [dict(f) for f in files], "pretrained_cfg": _plain(pcfg),
-        "ecamp": {k: v for k, v in (block.replace(task="classification") if cfg.kind == "classification"
-                                    else block).to_dict().items() if k in ECAMP_BLOCK_FIELDS},
+        "ecamp": {k: v for k, v in block.to_dict().items() if k in ECAMP_BLOCK_FIELDS},
         "license": pcfg.get("license") or "other", "license_note": "", "provenance": {}, "training": {},
         "metrics": [],
     }
@@ -152,7 +153,9 @@ def _entry(cfg: ModelConfig, origin: _Origin, *, name: str | None, hf_repo: str 
         return entry
     prov = dict(base.provenance)
     derived_prov = {"paper": prov["paper"], "original_file": None, "original_url": None,
-                    "conversion": "Saved by ecamp as a model folder (config.json and safetensors).",
+                    "conversion": "Saved by ecamp.save_pretrained as timm-format config.json and safetensors."
+                    if cfg.kind in ("encoder", "classification") else
+                    "Saved by ecamp.save_pretrained as config.json and safetensors.",
                     **({"code": prov["code"]} if prov.get("code") else {})}
     entry.update(license=base.license, license_note=base.license_note)
     if origin.relation == "is":
@@ -262,7 +265,8 @@ def model_card(config: ModelConfig | Mapping[str, Any], *, name: str | None = No
         lines.append(f"- input size {pcfg['input_size']}, interpolation {pcfg.get('interpolation')}, "
                      f"crop_pct {pcfg.get('crop_pct')} ({pcfg.get('crop_mode', 'center')} crop)")
     lines += [f"- mean {pcfg['mean']}, std {pcfg['std']}",
-              f"- modality: {modality or 'not recorded'}; image policy: {block.image_policy}"
+              f"- modality: {modality or 'not recorded'}; image policy: "
+              f"{block.image_policy if 'image_policy' in block.keys else 'not recorded'}"
               + ("; grey converted to 3 channels" if block.grayscale else ""), ""]
     training = entry["training"]
     if training:

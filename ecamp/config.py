@@ -36,9 +36,10 @@ PRETRAIN_ARCHITECTURE = "ecamp_pretrain"
 @dataclass(frozen=True)
 class DenseInput:
     """How a segmentation or detection model reads its images: the whole image resized to the input size
-    (``resize``: ``"bilinear"`` or the authors' ``"nearest"``), grey or ``rgb`` (RIGA's colour fundus photos)."""
+    (``resize``: ``"antialias-float"``, or the authors' ``"linear-uint8"``: cv2's bilinear resize of the 8-bit
+    image), grey or ``rgb`` (RIGA's colour fundus photos)."""
 
-    resize: str = "bilinear"
+    resize: str = "antialias-float"
     rgb: bool = False
 
 
@@ -46,7 +47,7 @@ class DenseInput:
 class EcampCfg:
     """ecamp's settings of one model (the ``ecamp`` block of its ``config.json``).
 
-    Image settings: ``modality`` (``"cxr"`` or ``"fundus"``), ``image_policy`` (one of :data:`POLICIES`),
+    Image settings: ``modality`` (:data:`MODALITIES` for ECAMP's weights), ``image_policy`` (one of :data:`POLICIES`),
     ``grayscale`` (grey read as three equal channels), ``fov_crop`` (crop a fundus photo to its field of view).
     Identity: ``name`` (the manifest name it is, or was exported as), ``derived_from`` (the manifest entry its
     weights come from, under another name), ``base_model`` (the model a fine-tuning started from),
@@ -55,6 +56,9 @@ class EcampCfg:
     classifier (``"sigmoid"`` multi-label, ``"softmax"`` multi-class), ``dense_input`` of a segmentation or
     detection model, ``finetune`` (data set, fraction, mode, best step and score). Full pre-training models:
     ``data`` (how the run read its images).
+
+    :meth:`to_dict` writes the keys a block was read with, in their order (explicit defaults included), then the
+    fields set since, so a folder re-saved unchanged keeps its bytes.
     """
 
     modality: str | None = None
@@ -74,12 +78,12 @@ class EcampCfg:
     data: Mapping[str, Any] = field(default_factory=dict)
     source: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # the written keys in order: those read, then those set since (a dict's insertion order)
+    keys: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.image_policy not in POLICIES:
             raise ConfigError(f"Unknown image policy {self.image_policy!r}; use one of {POLICIES}.")
-        if self.modality is not None and self.modality not in MODALITIES:
-            raise ConfigError(f"Unknown modality {self.modality!r}; use one of {MODALITIES}.")
         if self.task is not None and self.task not in TASKS:
             raise ConfigError(f"Unknown task {self.task!r}; use one of {TASKS} (or none for an encoder).")
         if self.activation is not None and self.activation not in ACTIVATIONS:
@@ -100,9 +104,13 @@ class EcampCfg:
             return data
         if not isinstance(data, Mapping):
             raise ConfigError(f"{where} must be a JSON object, got {type(data).__name__}.")
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        values: dict[str, Any] = {k: copy.deepcopy(v) for k, v in data.items() if k in known}
-        extra = {k: copy.deepcopy(v) for k, v in data.items() if k not in known}
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra", "keys"}
+        try:
+            values: dict[str, Any] = {k: copy.deepcopy(v) for k, v in data.items() if k in known}
+            extra = {k: copy.deepcopy(v) for k, v in data.items() if k not in known}
+        except RecursionError as e:
+            raise ConfigError(f"{where} is nested too deeply to be an ecamp block.") from e
+        keys = tuple(k for k in data if k in known and k != "source")
         for key in ("provenance", "finetune", "data"):
             if values.get(key) is None:
                 values.pop(key, None)
@@ -124,22 +132,22 @@ class EcampCfg:
         if "notes" in values and values["notes"] is None:
             values["notes"] = ""
         try:
-            return cls(**values, extra=extra)
+            return cls(**values, extra=extra, keys=keys)
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from e
 
     def to_dict(self, *, with_source: bool = False) -> dict[str, Any]:
-        """The JSON form: fields that differ from their defaults (``image_policy`` always), then ``extra``.
-        ``source`` belongs to a loaded copy, not to a folder, so it is left out unless asked for."""
+        """The JSON form: the keys the block was read or set with, in that order, then fields that differ from
+        their defaults, then ``extra``. ``source`` belongs to a loaded copy, not to a folder, so it is left out
+        unless asked for."""
+        defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                    for f in dataclasses.fields(self)}
+        order = [*self.keys, *(k for k in defaults if k not in self.keys and k not in ("extra", "source", "keys")
+                               and getattr(self, k) != defaults[k])]
         out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            if f.name in ("extra", "source"):
-                continue
-            value = getattr(self, f.name)
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            if value == default and f.name != "image_policy":
-                continue
-            out[f.name] = dataclasses.asdict(value) if isinstance(value, DenseInput) else copy.deepcopy(
+        for key in order:
+            value = getattr(self, key)
+            out[key] = dataclasses.asdict(value) if isinstance(value, DenseInput) else copy.deepcopy(
                 dict(value) if isinstance(value, Mapping) else value)
         out.update(copy.deepcopy(dict(self.extra)))
         if with_source and self.source is not None:
@@ -147,15 +155,18 @@ class EcampCfg:
         return out
 
     def replace(self, **changes: Any) -> EcampCfg:
-        """A copy with ``changes`` (``finetune`` and ``provenance`` given as mappings replace the old ones)."""
+        """A copy with ``changes``, as a dict update would make it: a new key goes last, ``None`` removes one
+        (``finetune`` and ``provenance`` given as mappings replace the old ones)."""
         if isinstance(changes.get("dense_input"), Mapping):
             changes["dense_input"] = DenseInput(**changes["dense_input"])
-        return dataclasses.replace(self, **changes)
+        keys = [k for k in self.keys if not (k in changes and changes[k] is None)]
+        keys += [k for k, v in changes.items() if k not in keys and k != "source" and v is not None]
+        return dataclasses.replace(self, **changes, keys=tuple(keys))
 
     def image_settings(self) -> EcampCfg:
         """Only what decides how images are read (modality, policy, grey, field-of-view crop)."""
-        return EcampCfg(modality=self.modality, image_policy=self.image_policy, grayscale=self.grayscale,
-                        fov_crop=self.fov_crop, notes=self.notes)
+        keep = ("modality", "image_policy", "grayscale", "fov_crop", "notes")
+        return EcampCfg.from_dict({k: v for k, v in self.to_dict().items() if k in keep})
 
 
 def ecamp_cfg_of(model: Any) -> EcampCfg:
@@ -190,14 +201,14 @@ class ModelConfig:
             return cls("pretrain", ecamp, data, None)
         if ecamp.dense:
             encoder = data.get("encoder")
-            if not isinstance(encoder, Mapping) or "architecture" not in encoder:
+            if not isinstance(encoder, Mapping) or not isinstance(encoder.get("architecture"), str):
                 raise InvalidWeightsFileError(f"{where} describes a fine-tuned {ecamp.task} model without an "
                                               f"'encoder' block naming its architecture; re-export the folder.",
                                               path=path)
             return cls(ecamp.task, ecamp, data, encoder)
-        if "architecture" not in data:
-            raise InvalidWeightsFileError(f"{where} has no 'architecture' field; it is not a timm-format "
-                                          f"config.json.", path=path)
+        if not isinstance(data.get("architecture"), str) or not data["architecture"]:
+            raise InvalidWeightsFileError(f"{where} has no 'architecture' field naming a timm model; it is not a "
+                                          f"timm-format config.json.", path=path)
         n = data.get("num_classes") or 0
         classifier = ecamp.task == "classification" or (ecamp.task is None and isinstance(n, int) and n > 0)
         return cls("classification" if classifier else "encoder", ecamp, data, data)
@@ -211,7 +222,7 @@ class ModelConfig:
         where = f"{path}{f' ({label})' if label else ''}"
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise InvalidWeightsFileError(f"{where} is not a readable config.json: {e}", path=path) from e
         return cls.from_dict(data, where=where, path=path)
 

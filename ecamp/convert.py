@@ -130,7 +130,9 @@ def _convert(checkpoint: PathLike, entry: ModelEntry, folder: Path, *, config: P
 
         model = ECAMPPretrainModel.from_authors(checkpoint, config=cfg)
         block = EcampCfg.from_dict(entry.ecamp).replace(name=entry.name, provenance=prov)
-        files = model.save_pretrained(folder, tokenizer=tokenizer, ecamp_cfg=block)["files"]
+        from .folders import save_pretrained
+
+        files = save_pretrained(model, folder, tokenizer=tokenizer, ecamp_cfg=block)["files"]
     else:
         c = cfg or ECAMPPretrainConfig()
         pcfg, block = encoder_cfgs(entry, c.img_size, c.in_chans)

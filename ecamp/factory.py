@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import EcampCfg, ModelConfig
+from .config import DENSE_TASKS, EcampCfg, ModelConfig
 from .errors import (
     InvalidArgumentError,
     ModelFolderError,
@@ -64,20 +64,24 @@ class Source:
         return self.kind in ("local-dir", "local-store")
 
 
-def _is_folder_name(name: str) -> bool:
-    """A bare path to an existing folder, written like a path (a separator, ``.``, ``~``)."""
-    path = Path(name).expanduser()
-    if not path.is_dir():
-        return False
+def _looks_like_path(name: str) -> bool:
+    """Written like a path (a separator, ``.``, ``~``): manifest names never are."""
     return os.sep in name or "/" in name or name.startswith((".", "~"))
+
+
+def _is_dir(name: str) -> bool:
+    try:
+        return Path(name).expanduser().is_dir()
+    except (OSError, RuntimeError, ValueError):  # an unknown ~user, a name too long for the file system
+        return False
 
 
 def resolve(name: str | os.PathLike, revision: str | None = None, manifest: ManifestLike = None) -> Source:
     """The one place a model name is interpreted: ``hf-hub:org/repo[@rev]``, ``local-dir:/path``, a path to a
     folder, or a manifest name or alias (case-insensitive; unpublished entries resolve to the local store when it
     holds them). Nothing is downloaded."""
-    if isinstance(name, os.PathLike):
-        name = os.fspath(name)
+    if isinstance(name, os.PathLike):  # a path is always a folder
+        return Source("local-dir", LOCAL_DIR_PREFIX + os.fspath(name), folder=Path(name).expanduser())
     if not isinstance(name, str) or not name.strip():
         raise UnknownModelError(f"Model name must be a non-empty string, got {name!r}; `ecamp list` shows the names.")
     name = name.strip()
@@ -89,12 +93,16 @@ def resolve(name: str | os.PathLike, revision: str | None = None, manifest: Mani
         return Source("hf-hub", name, repo=repo, revision=rev or revision)
     if name.startswith(LOCAL_DIR_PREFIX):
         return Source("local-dir", name, folder=Path(name[len(LOCAL_DIR_PREFIX):]).expanduser())
-    if _is_folder_name(name):
+    if _looks_like_path(name):
+        if not _is_dir(name):
+            raise ModelFolderError(f"{name!r} is not a folder (no such directory). Give the folder ecamp wrote, a "
+                                   f"manifest name (`ecamp list`), or write a Hub repo as 'hf-hub:org/name'.",
+                                   path=name)
         return Source("local-dir", LOCAL_DIR_PREFIX + name, folder=Path(name).expanduser())
     try:
         entry = load_manifest(manifest).resolve(name)
     except UnknownModelError:
-        if Path(name).is_dir():  # a folder in the working directory, named like no model
+        if _is_dir(name):  # a folder in the working directory, named like no model
             return Source("local-dir", LOCAL_DIR_PREFIX + name, folder=Path(name))
         raise
     label = entry.name if name.lower() == entry.name else f"{name} ({entry.name})"
@@ -178,7 +186,8 @@ def _fetch(src: Source, *, pretrained: bool, cache_dir: PathLike | None, local_f
     image model."""
     entry = src.entry
     if not pretrained and src.kind == "manifest" and entry is not None and entry.kind == "encoder" \
-            and not entry.published:  # the architecture alone needs no weights: build it from the manifest
+            and not entry.published and entry.ecamp.get("task") not in DENSE_TASKS:
+        # an encoder's architecture alone needs no weights: build it from the manifest
         config = {"architecture": entry.architecture, "num_classes": entry.pretrained_cfg.get("num_classes", 0),
                   "model_args": dict(entry.model_args), "pretrained_cfg": dict(entry.pretrained_cfg),
                   "ecamp": dict(entry.ecamp)}
@@ -192,9 +201,12 @@ def _fetch(src: Source, *, pretrained: bool, cache_dir: PathLike | None, local_f
 def _loaded_cfg(cfg: ModelConfig, src: Source) -> EcampCfg:
     """The block a model from ``src`` carries: the folder's own, completed by its manifest entry's image settings,
     with the entry's name and where it came from (``source``)."""
-    block = cfg.ecamp
-    if src.entry is not None:
-        missing = {k: v for k, v in src.entry.ecamp.items() if k not in block.to_dict()}
+    return _with_entry(cfg.ecamp, src)
+
+
+def _with_entry(block: EcampCfg, src: Source) -> EcampCfg:
+    if src.entry is not None:  # the folder's own keys win; the entry fills in what it does not say
+        missing = {k: v for k, v in src.entry.ecamp.items() if k not in block.keys}
         block = EcampCfg.from_dict({**block.to_dict(), **missing, "name": src.entry.name})
     return block.replace(source=src.label)
 
@@ -294,12 +306,9 @@ def get_pretrained_cfg(name: str | os.PathLike, *, revision: str | None = None, 
     settings (:class:`~ecamp.config.EcampCfg` as a dict) under the ``"ecamp"`` key, the same block
     ``load(name).ecamp_cfg`` carries. Manifest names need no download."""
     src = resolve(name, revision, manifest)
-    if src.kind == "manifest":
-        assert src.entry is not None
+    if src.entry is not None:  # the manifest says it all, published or in the local store
         cfg = src.entry.full_pretrained_cfg()
-        block = _loaded_cfg(ModelConfig.from_dict({"architecture": src.entry.architecture,
-                                                   "ecamp": dict(src.entry.ecamp)}), src)
-        cfg["ecamp"] = block.to_dict(with_source=True)
+        cfg["ecamp"] = _with_entry(EcampCfg.from_dict(src.entry.ecamp), src).to_dict(with_source=True)
         return cfg
     src, config, _, _ = _fetch(src, pretrained=False, cache_dir=cache_dir, local_files_only=local_files_only)
     cfg = config.pretrained_cfg

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .cards import find_encoder_entry, manifest_entry, model_card
+from .cards import find_entry, manifest_entry, model_card
 from .config import DENSE_TASKS, EcampCfg, ModelConfig, ecamp_cfg_of
 from .errors import ConfigError, InvalidArgumentError, InvalidWeightsFileError, WeightsMismatchError
 from .fileio import atomic_write, sha256_file
@@ -91,14 +91,14 @@ def _block(model: nn.Module, ecamp_cfg: EcampCfg | Mapping[str, Any] | None, fal
     return block
 
 
-def _named(block: EcampCfg, name: str | None) -> EcampCfg:
+def _named(block: EcampCfg, name: str | None, kind: str = "encoder") -> EcampCfg:
     """``block`` under manifest name ``name``: a model that came from another entry records it as
     ``derived_from``."""
     if not name:
         return block
     previous = block.name
     if previous and previous != name and block.derived_from is None:
-        was, now = find_encoder_entry(previous), find_encoder_entry(name)
+        was, now = find_entry(previous, kind), find_entry(name, kind)
         if was is None or now is None or was.name != now.name:
             block = block.replace(derived_from=previous)
     return block.replace(name=name)
@@ -127,7 +127,11 @@ def _finish(tmp: Path, out: Path, cfg: ModelConfig, *, name: str | None, hf_repo
     files = [{"path": f, "sha256": sha256_file(tmp / f), "size": (tmp / f).stat().st_size}
              for f in (*names, CARD_NAME)]
     out.mkdir(parents=True, exist_ok=True)
-    for f in files:
+    stale = [f for f in (TOKENIZER_NAME,) if f not in names and (out / f).is_file()]
+    for f in stale:  # a tokenizer of an earlier save would be read as this model's
+        (out / f).unlink()
+    # weights before config.json: an interrupted overwrite never pairs a new config with old weights
+    for f in sorted(files, key=lambda f: f["path"] == CONFIG_NAME):
         os.replace(tmp / f["path"], out / f["path"])
     own_name, entry = manifest_entry(cfg, hf_repo=hf_repo)
     entry["files"] = files
@@ -158,14 +162,17 @@ def save_pretrained(model: nn.Module, out_dir: PathLike, *, name: str | None = N
     """
     kind = kind_of(model)
     out = Path(out_dir)
-    if kind == "pretrain":
-        block = _named(_block(model, ecamp_cfg), name)
-        return model.save_pretrained(out, tokenizer=tokenizer, ecamp_cfg=block, hf_repo=hf_repo)
-    if tokenizer is not None:
+    if kind == "pretrain" and (model_args or label_names is not None):
+        raise InvalidArgumentError("model_args= and label_names= apply to image models; the pre-training model "
+                                   "records its sizes itself and has no classes.")
+    if kind != "pretrain" and tokenizer is not None:
         raise InvalidArgumentError("tokenizer= belongs to the full pre-training model; an image model has none.")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        if kind == "pretrain":
+            cfg, names = _write_pretrain(model, tmp, _named(_block(model, ecamp_cfg), name, "pretrain"), tokenizer)
+            return _finish(tmp, out, cfg, name=name, hf_repo=hf_repo, names=names)
         if kind in DENSE_TASKS:
             if model_args:
                 raise InvalidArgumentError("model_args= applies to timm encoders and classifiers; a dense model's "
@@ -234,6 +241,28 @@ def _write_timm(model: nn.Module, tmp: Path, block: EcampCfg, model_args: dict |
         config["pretrained_cfg"]["hf_hub_id"] = hf_repo
     (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return ModelConfig.from_dict(config)
+
+
+# -- the full pre-training model ------------------------------------------------------------------------------------
+def _write_pretrain(model: nn.Module, tmp: Path, block: EcampCfg, tokenizer: Any) -> tuple[ModelConfig, list[str]]:
+    """``config.json`` (architecture ``ecamp_pretrain``, the model's sizes, the block), the weights and, if given,
+    ``tokenizer.json``; :meth:`ECAMPPretrainModel.from_folder <ecamp.models.ECAMPPretrainModel.from_folder>` reads
+    them."""
+    from safetensors.torch import save_model
+
+    from .config import PRETRAIN_ARCHITECTURE
+
+    config = {"architecture": PRETRAIN_ARCHITECTURE, "ecamp_pretrain_config": model.config.to_dict(),
+              "ecamp": block.to_dict()}
+    (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    save_model(model, str(tmp / WEIGHTS_NAME))
+    names = [CONFIG_NAME, WEIGHTS_NAME]
+    if tokenizer is not None:
+        from .text import load_tokenizer
+
+        (tmp / TOKENIZER_NAME).write_text(load_tokenizer(tokenizer).to_str())
+        names.append(TOKENIZER_NAME)
+    return ModelConfig.from_dict(config), names
 
 
 # -- segmentation and detection models --------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ from .errors import ChecksumMismatchError, EcampError, ManifestError, NotCachedE
 from .hub import file_problem, hub_download, verify_lfs_blob
 from .registry import ManifestLike, ModelEntry, load_manifest
 
+__all__ = ["verify", "VerifyResult"]
+
 
 @dataclass(frozen=True)
 class VerifyResult:
@@ -57,7 +59,7 @@ def _weights_problem(folder: Path, label: str) -> str | None:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as e:
         return f"not a complete safetensors file: {e}"
-    if cfg.kind == "pretrain":
+    if cfg.kind == "pretrain":  # building the model to compare needs the train extra; the file is complete
         return None if shapes else "holds no tensors"
     with torch.device("meta"):
         model = build(cfg, config_file=folder / CONFIG_NAME, label=label)
@@ -71,6 +73,7 @@ def _weights_problem(folder: Path, label: str) -> str | None:
 
 
 def _verify_folder(src) -> list[VerifyResult]:
+    from .config import ModelConfig
     from .folders import CONFIG_NAME, WEIGHTS_NAME
 
     folder, label = src.folder, src.label.split(" ")[0]
@@ -79,13 +82,16 @@ def _verify_folder(src) -> list[VerifyResult]:
         return [VerifyResult(label, f, "mismatch", folder / f, f"missing from {folder}") for f in missing]
     try:
         problem = _weights_problem(folder, src.label)
-    except EcampError as e:
-        return [VerifyResult(label, CONFIG_NAME, "mismatch", folder / CONFIG_NAME, str(e))]
+    except Exception as e:  # noqa: BLE001 - whatever stops the config from building is a broken folder
+        why = str(e) if isinstance(e, EcampError) else f"config.json does not build: {type(e).__name__}: {e}"
+        return [VerifyResult(label, CONFIG_NAME, "mismatch", folder / CONFIG_NAME, why)]
     if problem:
         return [VerifyResult(label, WEIGHTS_NAME, "mismatch", folder / WEIGHTS_NAME, problem)]
     # a folder records no sha256 of its own: complete and consistent is what can be known
-    return [VerifyResult(label, f, "no-hash", folder / f, "complete and consistent with config.json; a folder "
-                         "records no sha256") for f in (CONFIG_NAME, WEIGHTS_NAME)]
+    what = "complete" if ModelConfig.read(folder / CONFIG_NAME).kind == "pretrain" else \
+        "complete and consistent with config.json"
+    return [VerifyResult(label, f, "no-hash", folder / f, f"{what}; a folder records no sha256")
+            for f in (CONFIG_NAME, WEIGHTS_NAME)]
 
 
 def _verify_hub(src, cache_dir: str | os.PathLike | None) -> list[VerifyResult]:

@@ -44,7 +44,7 @@ def _probe_vit(kind: str) -> nn.Module:
     model = timm.create_model("vit_base_patch16_224", pretrained=False, pretrained_cfg=cfg, global_pool="avg",
                               fc_norm=False, num_classes=2 if kind == "gradcam" else 0, embed_dim=48, depth=1,
                               num_heads=3, img_size=64, patch_size=8)
-    model.ecamp_cfg = block
+    model.ecamp_cfg = ecamp.config.EcampCfg.from_dict(block)
     dim, head_dim = 48, 16
     with torch.no_grad():
         for p in model.parameters():

@@ -153,3 +153,40 @@ def test_typed_block_round_trips_and_refuses_bad_values():
     for bad in ({"image_policy": "gamma"}, {"task": "captioning"}, {"grayscale": "yes"}, {"finetune": 3}):
         with pytest.raises(ConfigError):
             EcampCfg.from_dict(bad)
+
+
+def test_a_folder_saved_again_unchanged_keeps_its_ecamp_block_byte_for_byte(tiny_folder, tmp_path):
+    ecamp.save_pretrained(ecamp.load(tiny_folder), tmp_path / "again")
+    before = json.loads((tiny_folder / "config.json").read_text())["ecamp"]
+    after = json.loads((tmp_path / "again" / "config.json").read_text())["ecamp"]
+    assert json.dumps(after) == json.dumps(before)  # same keys, same order, explicit defaults kept
+    block = EcampCfg.from_dict({"modality": "fundus", "image_policy": "bits", "grayscale": True, "fov_crop": False})
+    assert list(block.replace(provenance={"a": 1}, name="x").to_dict()) == [
+        "modality", "image_policy", "grayscale", "fov_crop", "provenance", "name"]
+    assert "name" not in block.replace(name="x").replace(name=None).to_dict()
+
+
+def test_names_that_look_like_paths_are_folders(tmp_path):
+    from ecamp.errors import ModelFolderError
+
+    with pytest.raises(ModelFolderError, match="not a folder"):
+        ecamp.load(str(tmp_path / "runs" / "bset"))
+    with pytest.raises(ModelFolderError, match="hf-hub:org/name"):
+        ecamp.load("org/repo")
+    with pytest.raises(ModelFolderError):  # an unknown ~user is a missing folder, not a crash
+        ecamp.load("~no-such-user-anywhere/x")
+    with pytest.raises(ecamp.errors.UnknownModelError):
+        ecamp.load("x" * 5000)
+
+
+def test_the_folders_own_keys_win_over_its_manifest_entry(tmp_path, monkeypatch):
+    from ecamp.hub import local_store_path
+
+    model = make_tiny_encoder(5)
+    model.ecamp_cfg = EcampCfg.from_dict({"modality": "cxr", "image_policy": "minmax", "grayscale": False})
+    monkeypatch.setenv("ECAMP_HOME", str(tmp_path / "home"))
+    ecamp.save_pretrained(model, local_store_path("vit_base_patch16_224.ecamp_mimic_cxr"))
+    loaded = ecamp.load("cxr-vit-b")  # unpublished: the local store serves it
+    assert loaded.ecamp_cfg.grayscale is False and loaded.ecamp_cfg.image_policy == "minmax"
+    assert loaded.ecamp_cfg.name == "vit_base_patch16_224.ecamp_mimic_cxr"
+    assert ecamp.get_pretrained_cfg("cxr-vit-b")["input_size"] == [3, 224, 224]  # the manifest's, not the store's

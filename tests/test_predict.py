@@ -175,7 +175,7 @@ def test_the_best_segmenter_loads_without_training_code_and_scores_the_runs_dice
     model = ecamp.load(f"local-dir:{run / 'best'}")
     assert isinstance(model, SegmentationModel) and not model.training and model.label_names == ["finding"]
     rows = read_mask_list(base / "data" / "test_list.csv")
-    encoder_cfg = {**model.encoder.pretrained_cfg, "ecamp": model.ecamp_cfg}
+    encoder_cfg = {**model.encoder.pretrained_cfg, "ecamp": model.ecamp_cfg.to_dict()}
     ds = MaskDataset(base / "data", rows, encoder_cfg, 1, train=False)
     tf = input_transform(model)
     x0, _ = ds[0]
@@ -242,7 +242,7 @@ def test_the_best_detector_keeps_its_thresholds_and_scores_the_runs_map(detector
     assert (model.conf_threshold, model.iou_threshold, model.nms_iou_plus_one) == (0.6, 0.45, False)
     assert model.ecamp_cfg.task == "detection" and model.ecamp_cfg.finetune["step"] == metrics["best_step"]
     rows = read_box_list(base / "data" / "test_list.csv")
-    ds = BoxDataset(base / "data", rows, {**model.encoder.pretrained_cfg, "ecamp": model.ecamp_cfg})
+    ds = BoxDataset(base / "data", rows, {**model.encoder.pretrained_cfg, "ecamp": model.ecamp_cfg.to_dict()})
     preds, truths = [], []
     for x, boxes in torch.utils.data.DataLoader(ds, batch_size=8, collate_fn=collate_boxes):
         preds += model.detect(x)

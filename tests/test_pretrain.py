@@ -281,7 +281,7 @@ def test_full_model_folder_round_trip_and_store(tiny, tmp_path):
     from ecamp.text import train_tokenizer
 
     tok = train_tokenizer(["small left pleural effusion.", "no pneumothorax."] * 5, vocab_size=60, min_frequency=1)
-    files = tiny.save_pretrained(tmp_path / "full", tokenizer=tok)["files"]
+    files = ecamp.save_pretrained(tiny, tmp_path / "full", tokenizer=tok)["files"]
     assert [f["path"] for f in files] == ["config.json", "model.safetensors", "tokenizer.json", "README.md"]
     again = ecamp.load_pretrain(tmp_path / "full").eval()
     batch, noise = pretrain_batch(tiny.config), _noise(tiny.config)

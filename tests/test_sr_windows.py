@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import ecamp
 from ecamp.models.pretrain import ECAMPPretrainConfig, ECAMPPretrainModel
 from ecamp.text import ReportEncoder, train_tokenizer
 from ecamp.train.phantom import write_phantom
@@ -51,7 +52,7 @@ def test_windows_from_a_first_stage_model(tmp_path):
     tok = train_tokenizer([r["report"] for r in rows], vocab_size=200, min_frequency=1)
     cfg = ECAMPPretrainConfig.tiny(vocab_size=200, img_size=32, patch_size=8, sr_window=3, max_text_len=32)
     torch.manual_seed(0)
-    ECAMPPretrainModel(cfg).save_pretrained(tmp_path / "stage1", tokenizer=tok)
+    ecamp.save_pretrained(ECAMPPretrainModel(cfg), tmp_path / "stage1", tokenizer=tok)
     out = subprocess.run([sys.executable, "-m", "ecamp", "train", "sr-windows", "--checkpoint",
                           str(tmp_path / "stage1"), "--data", str(root), "--out", str(tmp_path / "w.csv"),
                           "--no-progress"],
@@ -164,7 +165,7 @@ def test_save_maps_draws_the_first_films(tmp_path):
     reports = [r["report"] for r in csv.DictReader(open(root / "mimic-cxr-2.0.0-entity-llm.csv"))]
     tok = train_tokenizer(reports * 4, vocab_size=200, min_frequency=1)
     cfg = ECAMPPretrainConfig.tiny(vocab_size=200, img_size=32, patch_size=8, sr_window=3, max_text_len=32)
-    ECAMPPretrainModel(cfg).save_pretrained(tmp_path / "stage1", tokenizer=tok)
+    ecamp.save_pretrained(ECAMPPretrainModel(cfg), tmp_path / "stage1", tokenizer=tok)
     compute_windows(tmp_path / "stage1", root, tmp_path / "w.csv", save_maps=tmp_path / "maps", n_maps=3,
                     progress=False)
     pngs = sorted((tmp_path / "maps").iterdir())

@@ -309,48 +309,11 @@ class ECAMPPretrainModel(nn.Module):
         enc.ecamp_cfg = EcampCfg.from_dict(ecamp_cfg)
         return enc.eval()
 
-    # -- ecamp's own folder format -------------------------------------------------------------------------------
-    def save_pretrained(self, out_dir: str | Path, *, tokenizer: Any = None, ecamp_cfg: Any = None,
-                        hf_repo: str | None = None) -> dict[str, Any]:
-        """Write ``config.json`` (architecture ``ecamp_pretrain``, the model's sizes and the ``ecamp`` block, an
-        :class:`~ecamp.config.EcampCfg` or its fields), ``model.safetensors``, ``tokenizer.json`` if given and a
-        model card; each file atomically. Returns its manifest entry (:func:`ecamp.cards.manifest_entry`, with the
-        files' sha256 and size, and its ``name``), shaped as :func:`ecamp.save_pretrained`'s."""
-        import json
-
-        from safetensors.torch import save_model
-
-        from ..cards import manifest_entry, model_card
-        from ..config import PRETRAIN_ARCHITECTURE, EcampCfg, ModelConfig
-        from ..fileio import atomic_write, sha256_file
-
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        block = EcampCfg.from_dict(ecamp_cfg).replace(source=None)
-        config = {"architecture": PRETRAIN_ARCHITECTURE, "ecamp_pretrain_config": self.config.to_dict(),
-                  "ecamp": block.to_dict()}
-        cfg = ModelConfig.from_dict(config)
-        card = model_card(cfg, name=block.name, hf_repo=hf_repo)
-        writers = [("config.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n")),
-                   ("model.safetensors", lambda p: save_model(self, str(p)))]
-        if tokenizer is not None:
-            from ..text import load_tokenizer
-
-            tok = load_tokenizer(tokenizer)
-            writers.append(("tokenizer.json", lambda p: p.write_text(tok.to_str())))
-        writers.append(("README.md", lambda p: card.save(p)))
-        files = []
-        for name, write in writers:
-            atomic_write(out / name, write)
-            files.append({"path": name, "sha256": sha256_file(out / name), "size": (out / name).stat().st_size})
-        own_name, entry = manifest_entry(cfg, hf_repo=hf_repo)
-        entry["files"] = files
-        return {"name": own_name or block.name, **entry}
-
+    # -- ecamp's own folder format (written by ecamp.save_pretrained, ecamp.folders) -----------------------------
     @classmethod
     def from_folder(cls, folder: str | Path, *, config_path: str | Path | None = None,
                     weights_path: str | Path | None = None) -> ECAMPPretrainModel:
-        """Read a folder written by :meth:`save_pretrained` (``ecamp.load_pretrain`` resolves names and Hub repos
+        """Read a folder written by :func:`ecamp.save_pretrained` (``ecamp.load_pretrain`` resolves names and Hub repos
         to such a folder and verifies it)."""
         import json
 

@@ -38,8 +38,9 @@ def make_tiny_encoder(seed: int = 0, modality: str = "cxr"):
     torch.manual_seed(seed)
     model = timm.create_model("vit_base_patch16_224", pretrained=False, pretrained_cfg=cfg, num_classes=0,
                               global_pool="avg", fc_norm=False, **TINY_ARGS)
-    block.pop("name", None)
-    model.ecamp_cfg = block
+    from ecamp.config import EcampCfg
+
+    model.ecamp_cfg = EcampCfg.from_dict(block).replace(name=None, source=None)
     return model.eval()
 
 

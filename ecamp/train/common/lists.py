@@ -22,8 +22,8 @@ __all__ = ["LAYOUT_HINT", "SHOWN", "list_file_for", "read_table", "read_label_li
 
 SHOWN = 5  # bad lines shown in one error
 
-LAYOUT_HINT = ("the pre-training layout is described in the README, and `ecamp train phantom` writes an "
-               "example")
+LAYOUT_HINT = ("the pre-training layout is described in docs/reproducing/pretraining.md, and `ecamp train phantom` "
+               "writes an example")
 
 
 def list_file_for(split: str, fraction: int = 100, suffix: str = ".txt") -> str:

@@ -44,6 +44,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, name: str, *, hf_
     ``cxr-vit-b``), which decides the modality and the preprocessing cfg."""
     from ecamp.config import EcampCfg
     from ecamp.convert import encoder_for, export_encoder
+    from ecamp.folders import save_pretrained
     from ecamp.registry import load_manifest
 
     entry = load_manifest(manifest).resolve(name)
@@ -57,7 +58,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, name: str, *, hf_
     block = EcampCfg.from_dict(entry.ecamp).replace(
         name=entry.name.replace("vit_base_patch16_224", "ecamp_vit_base_patch16"),
         data=cfg.to_dict()["data"])  # how the run read its images (sr-windows reads them the same way)
-    full = model.save_pretrained(out / "pretrain", tokenizer=tok, ecamp_cfg=block)
+    full = save_pretrained(model, out / "pretrain", tokenizer=tok, ecamp_cfg=block)
     return {"encoder": {"name": entry.name, "hf_repo": repo, "files": enc_entry["files"]},
             "pretrain": {"files": full["files"], "tokenizer": str(tok) if tok else None}}
 
