@@ -224,6 +224,39 @@ def test_library_works_without_transformers_and_tokenizers(tiny_folder, tmp_path
 # ---------------------------------------------------------------------------------------------------- presets
 
 
+# what each lower layer may never import (at any depth of its source, functions included)
+NEVER = {
+    "ecamp.transforms": ("ecamp.factory", "ecamp.hub", "ecamp.registry", "ecamp.folders", "ecamp.cards"),
+    "ecamp.io": ("ecamp.factory", "ecamp.hub", "ecamp.registry", "ecamp.folders", "ecamp.transforms"),
+    "ecamp.registry": ("ecamp.io", "ecamp.transforms", "ecamp.factory", "ecamp.folders"),
+    "ecamp.config": ("ecamp.registry", "ecamp.hub", "ecamp.factory", "ecamp.folders", "ecamp.models"),
+    "ecamp.cards": ("ecamp.folders", "ecamp.factory", "ecamp.models"),
+    "ecamp.hub": ("ecamp.folders", "ecamp.factory", "ecamp.cards", "ecamp.models"),
+    "ecamp.models": ("ecamp.folders", "ecamp.factory", "ecamp.publish"),
+}
+
+
+@pytest.mark.parametrize("layer", sorted(NEVER))
+def test_lower_layers_never_reach_up(layer):
+    root = PACKAGE / layer.split(".", 1)[1]
+    files = sorted(root.rglob("*.py")) if root.is_dir() else [root.with_suffix(".py")]
+    for path in files:
+        module = "ecamp." + ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+        is_package = path.name == "__init__.py"
+        if is_package:
+            module = module.removesuffix(".__init__")
+        for name, line, _ in _imports_of(path.read_text(), module, is_package=is_package):
+            bad = [b for b in NEVER[layer] if name == b or name.startswith(b + ".")]
+            assert not bad, f"{path}:{line} imports {name}"
+
+
+def test_only_the_resolver_spells_the_name_prefixes():
+    for path in PACKAGE.rglob("*.py"):
+        if path.name != "factory.py" or path.parent != PACKAGE:
+            text = path.read_text()
+            assert '"hf-hub:"' not in text and '"local-dir:"' not in text, path
+
+
 def test_presets_are_listed():
     from ecamp.train.presets import list_presets
 
