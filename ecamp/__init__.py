@@ -31,7 +31,7 @@ _LAZY = {
 }
 _SUBMODULES = ("errors", "config", "registry", "hub", "cards", "folders", "factory", "convert", "io", "transforms",
                "batching", "fundus", "embedding", "finetune", "integrity", "models", "text", "fileio", "cli", "predict",
-               "publish", "explain")
+               "publish", "explain", "export")
 
 __all__ = ["__version__", "EcampError", *_LAZY, *_SUBMODULES]
 

@@ -20,13 +20,20 @@ from .config import PRETRAIN_ARCHITECTURE, ModelConfig
 from .errors import ManifestError, UnknownModelError
 from .registry import ECAMP_BLOCK_FIELDS, PRETRAINED_CFG_FIELDS, ManifestLike, ModelEntry, load_manifest
 
-__all__ = ["manifest_entry", "model_card"]
+__all__ = ["manifest_entry", "model_card", "notice_text", "credentialed_text", "NOTICE_NAME"]
 
 logger = logging.getLogger("ecamp")
 
 # Tags the Hub filters on, and the data sets ECAMP pre-trains on, per modality
 _CARD_TAGS = {"cxr": ["chest-x-ray", "radiology"], "fundus": ["fundus", "ophthalmology"]}
 _CARD_DATASETS = {"cxr": ["mimic-cxr"], "fundus": ["ffa-ir"]}
+# The file a card's ``license_link`` names when the licence is "other" (the Hub links it from the repo page)
+NOTICE_NAME = "NOTICE"
+# The credentialed data each modality's reports come from, and its licence
+_REPORTS = {"cxr": ("MIMIC-CXR 2.0.0 reports", "PhysioNet Credentialed Health Data License 1.5.0",
+                    "https://physionet.org/content/mimic-cxr/view-license/2.0.0/"),
+            "fundus": ("FFA-IR 1.0.0 reports", "PhysioNet Credentialed Health Data License 1.5.0",
+                       "https://physionet.org/content/ffa-ir-medical-report/view-license/1.0.0/")}
 # The Hub's pipeline tag of each folder kind
 _PIPELINE = {"encoder": "image-feature-extraction", "classification": "image-classification",
              "segmentation": "image-segmentation", "detection": "object-detection",
@@ -198,6 +205,38 @@ def manifest_entry(config: ModelConfig | Mapping[str, Any], *, name: str | None 
     return name, _entry(cfg, origin, name=name, hf_repo=hf_repo, files=files, revision=revision)
 
 
+def credentialed_text(config: ModelConfig | Mapping[str, Any], files: Sequence[str] = ()
+                      ) -> tuple[str, str, str] | None:
+    """``(reports, licence, licence URL)`` when a folder holds a text side trained on credentialed reports (the full
+    pre-training model's report encoder, or a ``tokenizer.json``), else None. ECAMP's reports are MIMIC-CXR's or
+    FFA-IR's, both under PhysioNet's credentialed licence, which forbids sharing them (or what memorises them) with
+    people who have not signed it."""
+    cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_dict(config)
+    if cfg.kind != "pretrain" and "tokenizer.json" not in files:
+        return None
+    return _REPORTS.get(cfg.ecamp.modality or "cxr", _REPORTS["cxr"])
+
+
+def notice_text(config: ModelConfig | Mapping[str, Any], *, manifest: ManifestLike = None) -> str | None:
+    """The ``NOTICE`` file of a folder whose licence is ``"other"`` (None otherwise): the terms its card's
+    ``license_link`` points to."""
+    cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_dict(config)
+    entry = _entry(cfg, _origin(cfg, manifest), name=None, hf_repo=None)
+    if entry["license"] != "other":
+        return None
+    lines = ["Terms of use of these weights", "", entry["license_note"] or
+             "No licence is recorded for these weights; ask their publisher before redistribution or commercial use.",
+             ""]
+    reports = credentialed_text(cfg)
+    if reports is not None:
+        lines += [f"This folder holds a text model trained on {reports[0]}, which are under the {reports[1]} "
+                  f"({reports[2]}). Share it only with people bound by that licence (a gated or private repo).", ""]
+    paper = (entry["provenance"].get("paper") or {})
+    if paper.get("doi"):
+        lines += [f"Paper: {paper['title']}, https://doi.org/{paper['doi']}", ""]
+    return "\n".join(lines)
+
+
 def _bibtex(paper: Mapping[str, Any]) -> str:
     key = re.sub(r"[^a-z0-9]", "", paper["title"].split()[0].lower()) + str(paper.get("year") or "")
     fields = [("title", paper["title"]), ("journal", paper.get("venue")), ("year", paper.get("year")),
@@ -224,6 +263,35 @@ def _use(cfg: ModelConfig, repo: str) -> list[str]:
             f'Without ecamp: `timm.create_model("hf-hub:{repo}", pretrained=True)` builds the same model.', ""]
 
 
+def _scope(cfg: ModelConfig) -> list[str]:
+    """The card's intended use, out-of-scope use and limitations."""
+    if cfg.kind == "pretrain":
+        intended = ("continued pre-training and research on ECAMP's method (`ecamp train pretrain --init-from`); "
+                    "its image encoder (`model.encoder`) for features and fine-tuning")
+    elif cfg.dense:
+        intended = f"research on {cfg.kind} of the findings it was fine-tuned for, on images like its training data"
+    elif cfg.num_classes:
+        intended = "research on classifying the findings it was fine-tuned for, on images like its training data"
+    else:
+        intended = "research: image features for linear probes, retrieval among images, and fine-tuning"
+    modality = {"cxr": "chest radiographs", "fundus": "fundus angiography images"}.get(cfg.ecamp.modality or "",
+                                                                                        "the images it was trained on")
+    out = ["diagnosis, triage or any clinical decision about a patient (it is not a medical device)",
+           f"images other than {modality} (other modalities, views or body parts) without validation",
+           "populations, scanners and hospitals unlike its training data without re-validation"]
+    if cfg.kind == "pretrain":
+        out.append("report generation, image-text retrieval or zero-shot classification: the text side is a "
+                   "masked-language model with no contrastive head")
+    limits = [f"trained on {modality} from a small number of institutions; its biases carry over",
+              "the preprocessing (intensity policy, size, normalisation; see below) must match, or outputs drift",
+              "no calibration or uncertainty estimate is provided"]
+    if cfg.kind == "pretrain":
+        limits.append("its text side was trained on credentialed reports: share it only with people bound by their "
+                      "licence (see Licence)")
+    return ["## Intended use", "", f"- {intended}", "", "## Out-of-scope use", "", *(f"- {v}" for v in out), "",
+            "## Limitations", "", *(f"- {v}" for v in limits), ""]
+
+
 def model_card(config: ModelConfig | Mapping[str, Any], *, name: str | None = None, hf_repo: str | None = None,
                manifest: ManifestLike = None):
     """The ``huggingface_hub.ModelCard`` of a folder of any kind: metadata for the Hub, then use, preprocessing,
@@ -241,6 +309,7 @@ def model_card(config: ModelConfig | Mapping[str, Any], *, name: str | None = No
     data = ModelCardData(
         library_name="timm" if cfg.kind in ("encoder", "classification") else "ecamp", license=lic,
         license_name="see-model-card" if lic == "other" else None,
+        license_link=NOTICE_NAME if lic == "other" else None,
         pipeline_tag=task, tags=["timm", task, "ecamp", "medical", *_CARD_TAGS.get(modality, [])]
         if cfg.kind in ("encoder", "classification") else [task, "ecamp", "medical", *_CARD_TAGS.get(modality, [])],
         datasets=_CARD_DATASETS.get(modality) if base is not None and origin.relation != "family" else None,
@@ -251,8 +320,12 @@ def model_card(config: ModelConfig | Mapping[str, Any], *, name: str | None = No
     repo = hf_repo or "<org>/<repo>"
     title = name or block.name or hf_repo or entry["architecture"]
     lines = [f"# {title}", "", entry["description"], "",
-             "Research use only; not a medical device and not validated for clinical decisions.", "",
-             "## Use", "", *_use(cfg, repo)]
+             "Research use only; not a medical device and not validated for clinical decisions.", ""]
+    if cfg.kind == "pretrain":
+        lines += ["ECAMP's text side is a masked-language model (a BERT report encoder trained to fill in masked "
+                  "entities and descriptors, with the image as context); it has no contrastive head. It gives no "
+                  "image-text similarity, no retrieval and no zero-shot classification.", ""]
+    lines += ["## Use", "", *_use(cfg, repo), *_scope(cfg)]
     if cfg.label_names:
         lines += [f"Classes, in output order: {', '.join(cfg.label_names)}.", ""]
     pcfg = entry["pretrained_cfg"]
@@ -289,14 +362,20 @@ def model_card(config: ModelConfig | Mapping[str, Any], *, name: str | None = No
     if prov:
         lines += ["## Provenance", ""]
         if paper:
-            lines.append(f"- paper: {paper['title']} (doi:{paper['doi']})")
+            links = [f"https://doi.org/{paper['doi']}"] + ([f"https://arxiv.org/abs/{paper['arxiv']}"]
+                                                          if paper.get("arxiv") else [])
+            lines.append(f"- paper: {paper['title']} (doi:{paper['doi']}; {', '.join(links)})")
         for key in ("original_file", "original_url", "conversion", "code", "code_commit", "notes"):
             if prov.get(key):
                 lines.append(f"- {key.replace('_', ' ')}: {prov[key]}")
         lines.append("")
-    if entry["license_note"]:
-        lines += ["## Licence", "", entry["license_note"], ""]
+    if entry["license_note"] or lic == "other":
+        lines += ["## Licence", "", entry["license_note"] or "No licence is recorded for these weights."]
+        if lic == "other":
+            lines.append(f"The terms are also in the [{NOTICE_NAME}]({NOTICE_NAME}) file beside the weights.")
+        lines.append("")
     if paper:
         lines += ["## Citation", "", "```bibtex", _bibtex(paper), "```", ""]
-    order = ["library_name", "license", "license_name", "pipeline_tag", "tags", "datasets", "base_model", "metrics"]
+    order = ["library_name", "license", "license_name", "license_link", "pipeline_tag", "tags", "datasets",
+             "base_model", "metrics"]
     return ModelCard(f"---\n{data.to_yaml(original_order=order)}\n---\n\n" + "\n".join(lines))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 __all__ = [
     "EcampError",
+    "ExportParityError",
+    "RestrictedDataError",
     "InvalidArgumentError",
     "ConfigError",
     "DataError",
@@ -362,4 +364,30 @@ class MissingDecoderError(ImageReadError, MissingDependencyError):
     the message names the file and the transfer syntax.
 
     What to do: ``pip install "ecamp[dicom]"`` (pylibjpeg, pylibjpeg-openjpeg, pyjpegls).
+    """
+
+
+class ExportParityError(EcampError, RuntimeError):
+    """An exported graph's outputs differ from the torch model's by more than the tolerance.
+
+    Raised by :func:`ecamp.export.export` (``ecamp export``) after running the graph (ONNX Runtime or the
+    reloaded TorchScript module) and the torch model on the same tensors; nothing is written then.
+
+    What to do: report it with the model kind, ``--format`` and ``--opset``; another opset or the other format
+    may export it faithfully.
+    """
+
+
+class RestrictedDataError(EcampError, PermissionError):
+    """What would be shared is bound by a data-use licence that forbids sharing it openly.
+
+    Raised by ``ecamp push`` for a public push of a folder holding a text side trained on credentialed reports
+    (the full pre-training model and its tokenizer: MIMIC-CXR's and FFA-IR's reports are under the PhysioNet
+    Credentialed Health Data License), and by ``ecamp train distill`` for an LLM endpoint that is neither on
+    this machine nor on a private network (that licence forbids sending the reports to third-party services).
+    Nothing is sent in either case; the message names the licence.
+
+    What to do: push with ``--gated manual`` (or ``auto``) or ``--private``, or push the image encoder instead;
+    for distillation, use a local server, or pass ``--allow-remote-llm`` when the service is covered by the
+    licence (``--reports-not-credentialed`` for reports that are not credentialed).
     """

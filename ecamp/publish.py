@@ -30,12 +30,13 @@ from .errors import (
     ManifestError,
     ModelFolderError,
     RepoNotFoundError,
+    RestrictedDataError,
     RevisionNotFoundError,
 )
 from .fileio import atomic_write, sha256_file
 from .registry import ENCODER_FILES, SCHEMA_VERSION, parse_manifest
 
-__all__ = ["push"]
+__all__ = ["push", "GATED_MODES"]
 
 logger = logging.getLogger("ecamp")
 
@@ -43,6 +44,8 @@ PathLike = str | os.PathLike
 # Names that editors, downloads and atomic writers leave behind while a file is being written
 _TEMPORARY = re.compile(r"(^\.|~$|\.(tmp|temp|part|partial|incomplete|lock|swp)$|\.tmp-)", re.IGNORECASE)
 _PLACEHOLDER_COMMIT = "0" * 40
+# The Hub's access-request modes (``HfApi.update_repo_settings(gated=...)``): requests approved at once, or by hand
+GATED_MODES = ("auto", "manual")
 
 
 def _folder_files(folder: Path) -> list[str]:
@@ -159,9 +162,43 @@ def _check_commit(api, repo_id: str, commit: str, files: list[dict[str, Any]], f
                 f"again once the folder is final.", path=folder / f["path"], repo_id=repo_id)
 
 
+def _restricted(config, paths: list[str], folder: Path, *, private: bool, gated: str | None) -> bool:
+    """Whether the folder holds credentialed report text; refuses a public, ungated push of it."""
+    from .cards import credentialed_text
+
+    reports = credentialed_text(config, paths)
+    if reports is None:
+        return False
+    if not private and gated is None:
+        what = "the full pre-training model (its report encoder" + (" and tokenizer)" if "tokenizer.json" in paths
+                                                                   else ")") \
+            if config.kind == "pretrain" else "a tokenizer"
+        raise RestrictedDataError(
+            f"{folder} holds {what}, trained on {reports[0]}, which are under the {reports[1]} ({reports[2]}): "
+            f"they may be shared only with people who have signed it, so a public push is refused. Push with "
+            f"--gated manual (you approve each access request; --gated auto approves them at once) or --private, "
+            f"or publish the image encoder alone (`ecamp train export` writes it beside this folder). Nothing was "
+            f"sent.", path=folder)
+    return True
+
+
+def _with_notice(folder: Path, config, paths: list[str]) -> list[str]:
+    """A folder whose licence is "other" gets the ``NOTICE`` its card's ``license_link`` names, if it lacks one."""
+    from .cards import NOTICE_NAME, notice_text
+
+    if NOTICE_NAME in paths or "LICENSE" in paths:
+        return paths
+    text = notice_text(config)
+    if text is None:
+        return paths
+    atomic_write(folder / NOTICE_NAME, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    logger.info("Wrote %s: the terms the model card's license_link names.", folder / NOTICE_NAME)
+    return sorted([*paths, NOTICE_NAME])
+
+
 def push(folder: PathLike, repo_id: str, *, name: str | None = None, private: bool = False, revision: str = "main",
          token: str | None = None, commit_message: str | None = None, manifest: PathLike | None = None,
-         create: bool = True) -> dict[str, Any]:
+         create: bool = True, gated: str | None = None) -> dict[str, Any]:
     """Upload the ecamp folder ``folder`` to Hub repo ``repo_id`` and return its pinned manifest entry.
 
     Args:
@@ -174,6 +211,13 @@ def push(folder: PathLike, repo_id: str, *, name: str | None = None, private: bo
         commit_message: default ``"Upload <name> with ecamp <version>"``.
         manifest: a manifest file to add the entry to (created if missing, replaced atomically), after which
             ``ecamp.load(name, manifest=manifest)`` loads the pushed commit, verified.
+        gated: ``"auto"`` or ``"manual"``: the repo asks users to request access (``HfApi.update_repo_settings``),
+            set before any file is uploaded.
+
+    A folder holding a text side trained on credentialed reports (the full pre-training model, a tokenizer) is
+    refused for a public push (:class:`RestrictedDataError`, naming the licence) unless ``gated`` or
+    ``private``. A folder whose licence is ``"other"`` gets a ``NOTICE`` file (the terms its model card's
+    ``license_link`` names) before it is hashed, if it has none.
 
     Returns ``{"name", "repo_id", "revision", "commit_url", "entry", "manifest"}``; ``entry`` is the manifest entry
     (``docs/manifest.md``) with ``revision`` the new commit and the sha256 and size of every file.
@@ -200,11 +244,15 @@ def push(folder: PathLike, repo_id: str, *, name: str | None = None, private: bo
         raise InvalidArgumentError(f"--manifest-out {out}: folder {out.parent} does not exist; create it or name "
                                    f"another file.", path=out)
     # everything about the folder is checked before the first request: layout, that ecamp loads it, the entry
+    if gated is not None and gated not in GATED_MODES:
+        raise InvalidArgumentError(f"--gated {gated!r}: use one of {', '.join(GATED_MODES)}.", repo_id=repo_id)
     paths = _folder_files(folder)
     config = ModelConfig.read(folder / "config.json")
+    restricted = _restricted(config, paths, folder, private=private, gated=gated)
     (load_pretrain if config.kind == "pretrain" else load)(LOCAL_DIR_PREFIX + str(folder))
     known = out if out is not None and out.exists() else None
     name = name or manifest_entry(config, manifest=known)[0] or _default_name(repo_id)
+    paths = _with_notice(folder, config, paths)
     stats = {p: (folder / p).stat() for p in paths}
     files = [{"path": p, "sha256": sha256_file(folder / p), "size": stats[p].st_size} for p in paths]
     name, entry = manifest_entry(config, name=name, hf_repo=repo_id, files=files, revision=_PLACEHOLDER_COMMIT,
@@ -223,6 +271,9 @@ def push(folder: PathLike, repo_id: str, *, name: str | None = None, private: bo
     with _push_errors(folder, repo_id, revision):
         if create:
             api.create_repo(repo_id, private=private, exist_ok=True)
+        # access rules before the first file: a gated or private repo never shows its files openly
+        if gated is not None or (restricted and private):
+            api.update_repo_settings(repo_id, gated=gated, private=True if private else None)
         if revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         info = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
@@ -244,4 +295,5 @@ def push(folder: PathLike, repo_id: str, *, name: str | None = None, private: bo
         parse_manifest({"schema_version": SCHEMA_VERSION, "models": {name: entry}}, source="<push>")
     logger.info("Pushed %s to %s@%s (%s)", folder, repo_id, info.oid, info.commit_url)
     return {"name": name, "repo_id": repo_id, "revision": info.oid, "commit_url": str(info.commit_url),
-            "entry": entry, "manifest": str(out) if out is not None else None}
+            "entry": entry, "manifest": str(out) if out is not None else None, "gated": gated or False,
+            "private": private}

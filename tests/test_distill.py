@@ -244,3 +244,83 @@ def test_client_errors_fail_the_report_without_retries(llm, tmp_path):
     reports = _reports(tmp_path / "r.csv", [("s1", "s1 small effusion REJECT"), ("s2", "s2 small effusion")])
     summary = distill(reports, tmp_path / "c.jsonl", OpenAIBackend(llm.url, "m"), max_retries=4, progress=False)
     assert len(llm.auth) == 2 and "HTTP 400" in summary.failed["s1"] and summary.written == 1  # one request each
+
+
+class CountingProxy:
+    """An HTTP proxy on 127.0.0.1 standing in for a remote LLM service: every request through it is counted and
+    answered as a chat completion, so a test sees whether a report left for a "remote" host."""
+
+    def __init__(self):
+        self.requests: list[str] = []
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):  # noqa: N802
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                proxy.requests.append(self.path)
+                text = "Context: an effusion is fluid in the pleural space, dense at the lung base, often bilateral."
+                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_endpoint_classes():
+    from ecamp.train.pretrain.distill import is_private_endpoint
+
+    for url in ("http://127.0.0.1:8000/v1", "http://localhost:8000/v1", "http://10.1.2.3/v1", "http://192.168.0.5/v1",
+                "http://172.16.4.1:8080/v1", "http://[::1]:8000/v1", "http://169.254.1.1/v1"):
+        assert is_private_endpoint(url), url
+    for url in ("https://8.8.8.8/v1", "https://llm.example.invalid/v1", "not a url"):
+        assert not is_private_endpoint(url), url
+
+
+def test_remote_endpoint_needs_allow_remote_llm_and_sends_nothing_without(tmp_path, monkeypatch, capsys):
+    from ecamp.cli import main
+    from ecamp.errors import RestrictedDataError
+
+    proxy = CountingProxy()
+    try:
+        for var in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.setenv(var, proxy.url)
+        for var in ("NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(var, raising=False)
+        reports = _reports(tmp_path / "r.csv", [("s1", "s1 small left effusion"), ("s2", "s2 right effusion")])
+        remote = "http://llm.example.invalid/v1"
+        args = ["train", "distill", "--reports", str(reports), "--base-url", remote, "--model", "m",
+                "--no-progress", "--max-retries", "0"]
+        assert main([*args, "--out", str(tmp_path / "refused.jsonl")]) != 0
+        err = capsys.readouterr().err
+        assert "MIMIC-CXR" in err and "third-party" in err and "--allow-remote-llm" in err
+        assert proxy.requests == [] and not (tmp_path / "refused.jsonl").exists()
+        with pytest.raises(RestrictedDataError, match="FFA-IR"):
+            OpenAIBackend(remote, "m", modality="fundus")
+        assert proxy.requests == []
+
+        # allowed: the reports do go out (through the proxy, as they would to the service)
+        assert main([*args, "--out", str(tmp_path / "allowed.jsonl"), "--allow-remote-llm"]) == 0
+        assert len(proxy.requests) == 2 and all("llm.example.invalid" in p for p in proxy.requests)
+        assert len(_lines(tmp_path / "allowed.jsonl")) == 2
+        assert main([*args, "--out", str(tmp_path / "free.jsonl"), "--reports-not-credentialed"]) == 0
+        assert len(proxy.requests) == 4
+    finally:
+        proxy.stop()

@@ -130,7 +130,9 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     if args.backend == "openai":
         if not args.base_url:
             raise InvalidArgumentError("--backend openai needs --base-url, e.g. http://localhost:8000/v1")
-        backend = OpenAIBackend(args.base_url, args.model, api_key_env=args.api_key_env, timeout=args.timeout)
+        backend = OpenAIBackend(args.base_url, args.model, api_key_env=args.api_key_env, timeout=args.timeout,
+                                allow_remote=args.allow_remote_llm,
+                                reports_credentialed=not args.reports_not_credentialed, modality=args.modality)
     else:
         backend = TransformersBackend(args.model, batch_size=args.batch_size, device=args.device)
     summary = distill(args.reports, args.out, backend, modality=args.modality, concurrency=args.concurrency,
@@ -267,6 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://host:8000/v1 (vLLM, TGI, Ollama)")
     p.add_argument("--model", help="model name on the server, or a local/Hub causal LM for --backend transformers")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    p.add_argument("--allow-remote-llm", action="store_true",
+                   help="send the reports to a --base-url off this machine and off private networks (MIMIC-CXR's and "
+                        "FFA-IR's data-use terms forbid third-party services: only for a service they allow)")
+    p.add_argument("--reports-not-credentialed", action="store_true",
+                   help="the reports are under no credentialed data-use licence (not MIMIC-CXR or FFA-IR), so any "
+                        "endpoint may receive them")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight (openai backend)")
     p.add_argument("--max-retries", type=int, default=5)
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")

@@ -16,7 +16,9 @@ to a pre-signed ``PUT`` on ``localhost`` (as the Hub's point to S3) and whose ve
 it, and the NDJSON commit ``POST /api/models/{repo}/commit/{rev}`` (``header``, ``file`` in base64, ``lfsFile``
 naming an uploaded object, ``deletedFile`` / ``deletedFolder``). Writes need a token of :attr:`LoopbackHub.tokens`
 (``Authorization: Bearer ...``), as do reads of private repos. Route names in :attr:`LoopbackHub.failing`
-(``"create"``, ``"preupload"``, ``"lfs-batch"``, ``"lfs-upload"``, ``"lfs-verify"``, ``"commit"``) answer 500.
+(``"create"``, ``"preupload"``, ``"lfs-batch"``, ``"lfs-upload"``, ``"lfs-verify"``, ``"commit"``,
+``"settings"``) answer 500. ``PUT /api/models/{repo}/settings`` (``HfApi.update_repo_settings``) sets a repo's
+``gated`` mode and visibility; the model info reports both.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class Repo:
     commits: dict[str, dict[str, bytes]] = field(default_factory=dict)
     refs: dict[str, str] = field(default_factory=dict)
     private: bool = False
+    gated: str | bool = False  # "auto", "manual" or False, as the Hub's repo settings say
 
     def resolve(self, rev: str) -> str | None:
         if rev in self.refs:
@@ -235,6 +238,7 @@ class LoopbackHub:
             sha, files = found
             blobs = parse_qs(urlsplit(h.path).query).get("blobs", [""])[0].lower() in ("1", "true")
             info = {"id": repo_id, "modelId": repo_id, "sha": sha, "private": self.repos[repo_id].private,
+                    "gated": self.repos[repo_id].gated,
                     "siblings": [self._sibling(p, files[p], blobs) for p in sorted(files)]}
             return self._send(h, 200, {"Content-Type": "application/json"}, json.dumps(info).encode(), head)
         if tail[0] == "tree" and len(tail) >= 2:
@@ -296,7 +300,8 @@ class LoopbackHub:
         parts = path.lstrip("/").split("/")
         if method == "PUT" and parts[0] == "lfs-upload":
             return self._lfs_put(h, unquote(parts[-1]), query.get("X-Amz-Signature", [""])[0], body)
-        if method != "POST":
+        settings = method == "PUT" and len(parts) == 5 and parts[:2] == ["api", "models"] and parts[4] == "settings"
+        if method != "POST" and not settings:
             return self._error(h, 405, "MethodNotAllowed", f"{method} {path}", False)
         if path == "/api/validate-yaml":
             return self._validate_yaml(h, json.loads(body))
@@ -307,6 +312,8 @@ class LoopbackHub:
             return self._error(h, 401, "Unauthorized", "Invalid credentials in Authorization header", False)
         if path == "/api/repos/create":
             return self._create_repo(h, json.loads(body))
+        if settings:
+            return self._settings(h, f"{parts[2]}/{parts[3]}", json.loads(body or b"{}"))
         if len(parts) == 6 and parts[1].endswith(".git") and parts[2:5] == ["info", "lfs", "objects"]:
             repo_id = f"{parts[0]}/{parts[1].removesuffix('.git')}"
             if parts[5] == "batch":
@@ -322,6 +329,26 @@ class LoopbackHub:
             if action == "branch":
                 return self._create_branch(h, repo_id, rev, json.loads(body or b"{}"))
         return self._error(h, 404, "RepoNotFound", f"unknown route {method} {path}", False)
+
+    def _settings(self, h, repo_id: str, payload: dict) -> None:
+        """``PUT /api/models/{repo}/settings`` (``HfApi.update_repo_settings``): ``gated`` ("auto", "manual" or
+        false) and ``visibility`` ("public" / "private")."""
+        if self._failing(h, "settings"):
+            return None
+        with self._lock:
+            repo = self.repos.get(repo_id)
+            if repo is None:
+                return self._error(h, 404, "RepoNotFound", f"Repository Not Found for url: {repo_id}", False)
+            gated = payload.get("gated", repo.gated)
+            if gated not in ("auto", "manual", False):
+                return self._json(h, 400, {"error": f"gated must be 'auto', 'manual' or false, got {gated!r}"})
+            visibility = payload.get("visibility")
+            if visibility not in (None, "public", "private"):
+                return self._json(h, 400, {"error": f"unknown visibility {visibility!r}"})
+            repo.gated = gated
+            if visibility is not None:
+                repo.private = visibility == "private"
+        return self._json(h, 200, {})
 
     def _failing(self, h, route: str) -> bool:
         if route in self.failing:

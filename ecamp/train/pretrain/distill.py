@@ -34,10 +34,61 @@ from ecamp.fileio import write_csv
 from ecamp.text.entities import ENTITIES
 from ecamp.train.common.lists import read_table
 
-__all__ = ["PROMPT_VERSION", "PROMPTS", "DistillError", "OpenAIBackend", "TransformersBackend", "build_messages",
-           "validate_context", "find_entities", "distill", "merge_context", "DistillSummary"]
+__all__ = ["PROMPT_VERSION", "PROMPTS", "DistillError", "OpenAIBackend", "is_private_endpoint", "check_endpoint",
+           "TransformersBackend", "build_messages", "validate_context", "find_entities", "distill",
+           "merge_context", "DistillSummary"]
 
 logger = logging.getLogger("ecamp")
+
+
+def is_private_endpoint(base_url: str) -> bool:
+    """True when ``base_url``'s host is this machine or a private network: a loopback, private (RFC 1918, IPv6
+    unique-local) or link-local address, ``localhost``, or a name whose every address is one of those. A name
+    that does not resolve counts as remote."""
+    import ipaddress
+    import socket
+    from urllib.parse import urlsplit
+
+    host = urlsplit(base_url).hostname
+    if not host:
+        return False
+
+    def private(address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address.split("%")[0])
+        except ValueError:
+            return False
+        return ip.is_loopback or ip.is_private or ip.is_link_local
+
+    if host == "localhost" or host.endswith(".localhost") or private(host):
+        return True
+    try:
+        found = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except (OSError, UnicodeError):
+        return False
+    return bool(found) and all(private(a) for a in found)
+
+
+def check_endpoint(base_url: str, *, allow_remote: bool = False, reports_credentialed: bool = True,
+                   modality: str = "cxr") -> None:
+    """Refuse to send credentialed reports to an endpoint off this machine and off private networks.
+
+    MIMIC-CXR's and FFA-IR's reports are under the PhysioNet Credentialed Health Data License, whose data-use
+    terms forbid sending them to third-party services (hosted LLM APIs); so a remote ``base_url`` needs
+    ``allow_remote`` (``--allow-remote-llm``: the service is covered, e.g. a provider under an agreement that
+    allows it) unless the reports are not credentialed (``reports_credentialed=False``). Raises
+    :class:`~ecamp.publish.RestrictedDataError` before any request."""
+    if allow_remote or not reports_credentialed or is_private_endpoint(base_url):
+        return
+    from ecamp.errors import RestrictedDataError
+
+    data = "FFA-IR" if modality == "fundus" else "MIMIC-CXR"
+    raise RestrictedDataError(
+        f"--base-url {base_url} is neither on this machine nor on a private network. The data-use terms of "
+        f"{data} (PhysioNet Credentialed Health Data License 1.5.0) forbid sending its reports to third-party "
+        f"services, hosted LLM APIs included. Serve the LLM yourself (vLLM, TGI, Ollama on localhost or your own "
+        f"network); pass --allow-remote-llm only if that service is allowed to receive them, or "
+        f"--reports-not-credentialed for reports under no such terms. Nothing was sent.", path=base_url)
 
 PROMPT_VERSION = "ecamp-context-v1"
 PROMPTS = {
@@ -112,9 +163,14 @@ class OpenAIBackend:
     timeout: float = 60.0
     temperature: float = 0.2
     max_tokens: int = 400
+    allow_remote: bool = False  # send reports to an endpoint off this machine and off private networks
+    reports_credentialed: bool = True  # the reports are under a data-use licence (MIMIC-CXR's, FFA-IR's)
+    modality: str = "cxr"  # whose licence a refusal names
     name: str = field(init=False, default="openai")
 
     def __post_init__(self) -> None:
+        check_endpoint(self.base_url, allow_remote=self.allow_remote, reports_credentialed=self.reports_credentialed,
+                       modality=self.modality)
         try:
             import openai
         except ImportError as e:
