@@ -87,7 +87,9 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         result = embed_files(model, files, args.out, model_name=args.model, batch_size=args.batch_size,
                              num_workers=args.num_workers, device=select_device(args.device, local_rank),
                              dtype=dtype, progress=not args.no_progress and rank == 0, chunk_size=args.chunk_size,
-                             resume=not args.no_resume, shard=shard, preprocess_on=args.preprocess_on)
+                             resume=not args.no_resume, shard=shard, preprocess_on=args.preprocess_on,
+                             features=args.features, max_output_gb=args.max_output_gb or None,
+                             announce=lambda m: print(m, file=sys.stderr))
     finally:
         destroy_process_group()
     if not result.complete:
@@ -178,11 +180,24 @@ def _cmd_push(args: argparse.Namespace) -> int:
     from .publish import push
 
     result = push(args.folder, args.repo, name=args.name, private=args.private, token=args.token,
-                  commit_message=args.message, manifest=args.manifest_out)
+                  commit_message=args.message, manifest=args.manifest_out, gated=args.gated)
     print(json.dumps(result, indent=2))
     if args.manifest_out:
         print(f"ecamp.load({result['name']!r}, manifest={args.manifest_out!r}) loads commit {result['revision']} "
               f"(or set ECAMP_MANIFEST={args.manifest_out}).", file=sys.stderr)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    result = export(args.model, args.out, format=args.format, opset=args.opset, atol=args.atol,
+                    manifest=args.manifest)
+    parity = result["parity"]
+    opset = f", opset {result['opset']}" if result["opset"] is not None else ""
+    print(f"{result['kind']} -> {result['out']}/{result['file']} ({result['format']}{opset}, dynamic batch); "
+          f"max abs difference from torch {parity['max_abs_diff']:.3g} at batch sizes "
+          f"{', '.join(map(str, parity['batch_sizes']))} (atol {parity['atol']:g})")
     return 0
 
 
@@ -281,19 +296,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="the entry's manifest name (default: the folder's own, else the "
                                                 "repo's name)")
     p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--gated", choices=("auto", "manual"), default=None,
+                   help="users must request access (manual: you approve each request; auto: approved at once); "
+                        "needed, or --private, for a folder with a text side trained on credentialed reports")
     p.add_argument("--manifest-out", default=None, help="manifest file to add the entry to (created if missing)")
     p.add_argument("--token", default=None, help="Hub token with write access (default: HF_TOKEN or `hf auth "
                                                  "login`)")
     p.add_argument("--message", default=None, help="commit message")
 
-    p = add("embed", _cmd_embed, "embed image files and folders into .npy or .safetensors")
+    p = add("export", _cmd_export, "export an encoder, classifier, segmentation or detection model to ONNX (the "
+                                   "[onnx] extra) or TorchScript, checked against torch")
+    p.add_argument("model", help="model name, hf-hub:org/repo, local-dir:/path or a folder")
+    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    p.add_argument("--out", required=True, help="folder to write: the graph, config.json and export.json (replaced "
+                                                "if it exists)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (recorded in export.json)")
+    p.add_argument("--atol", type=float, default=1e-4, help="largest max abs difference from torch accepted")
+
+    p = add("embed", _cmd_embed, "embed image files and folders into .npy, .safetensors, .parquet or .csv")
     p.add_argument("paths", nargs="+", help="image files (DICOM, PNG, JPEG, TIFF) and folders (searched recursively)")
     p.add_argument("--model", required=True, help="model name, hf-hub:org/repo or local-dir:/path")
-    p.add_argument("--out", required=True, help="output file, .npy (plus .files.txt) or .safetensors")
+    p.add_argument("--out", required=True, help="output file: .npy (plus .files.txt), .safetensors, .parquet (the "
+                                                "parquet extra) or .csv; tables have a path column and f0, f1...")
+    p.add_argument("--features", choices=("pooled", "cls", "tokens"), default="pooled",
+                   help="pooled: the model's output [N, D]; cls: the class token [N, C]; tokens: every token [N, T, C] "
+                        "(.safetensors or .npy only)")
+    p.add_argument("--max-output-gb", type=float, default=10.0,
+                   help="refuse an output larger than this (stated before starting; 0: no limit)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes for decoding")
-    p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: this process's GPU when there is "
-                                                  "one, else the CPU)")
+    p.add_argument("--device", default="auto", help="auto (this process's GPU, else Apple's MPS, else the CPU), cpu, "
+                                                    "cuda, cuda:1, mps")
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="embed part I of N (0-based; job arrays without torchrun), then `ecamp embed merge`")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
@@ -316,13 +349,14 @@ def build_parser() -> argparse.ArgumentParser:
                                      "image files and folders")
     p.add_argument("paths", nargs="+", help="image files (DICOM, PNG, JPEG, TIFF) and folders (searched recursively)")
     p.add_argument("--model", required=True, help="local-dir:/path (a fine-tuned model's folder), hf-hub:org/repo...")
-    p.add_argument("--out", required=True, help="classification: a .csv (path, one probability per label); "
+    p.add_argument("--out", required=True, help="classification: a .csv or .parquet (path, one probability per "
+                                                "label, error); "
                                                 "segmentation: a folder of mask PNGs with predictions.csv; "
                                                 "detection: a .json (boxes in the original images' pixels)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes for decoding")
-    p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: the GPU when there is one, else "
-                                                  "the CPU)")
+    p.add_argument("--device", default="auto", help="auto (the GPU, else Apple's MPS, else the CPU), cpu, cuda, "
+                                                    "cuda:1, mps")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="autocast dtype for the model")
     p.add_argument("--no-progress", action="store_true")

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import atexit
 import gc
+import logging
 import os
 
 import torch
 
+from .errors import InvalidArgumentError
+
 __all__ = ["init_distributed", "select_device", "destroy_process_group"]
+
+logger = logging.getLogger("ecamp")
 
 
 def init_distributed() -> tuple[int, int, int]:
@@ -26,10 +31,29 @@ def init_distributed() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
 def select_device(device: str | torch.device | None, local_rank: int = 0) -> torch.device:
-    """``device``, else this process's GPU when there is one, else the CPU; a CUDA device becomes the current one
-    (NCCL needs it)."""
-    dev = torch.device(device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    """``device``; ``"auto"`` or None picks this process's GPU (``cuda:LOCAL_RANK``) when CUDA is available, else
+    Apple's MPS when it is, else the CPU, and logs the choice. A CUDA device becomes the current one (NCCL needs
+    it)."""
+    if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
+        if torch.cuda.is_available():
+            dev, why = torch.device(f"cuda:{local_rank}"), "CUDA is available"
+        elif _mps_available():
+            dev, why = torch.device("mps"), "no CUDA; Apple's MPS is available"
+        else:
+            dev, why = torch.device("cpu"), "neither CUDA nor MPS is available"
+        logger.info("device: %s (auto: %s)", dev, why)
+    else:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise InvalidArgumentError(f"Unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps.") from e
+        logger.info("device: %s", dev)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     return dev

@@ -1,8 +1,12 @@
 """Batched embedding of many images, with DataLoader workers and a progress bar.
 
+What is embedded (``features``, :data:`FEATURES`): ``"pooled"``, the model's output (an encoder's pooled
+embedding ``[N, D]``); ``"cls"``, the class token of ``forward_features`` ``[N, C]``; ``"tokens"``, every token
+of ``forward_features`` ``[N, T, C]`` (class token first, then the patches row by row).
+
 Unreadable inputs never abort a run: their rows are NaN and they are reported (logged, and returned by
-:func:`embed_files`). :func:`embed_files` writes its result atomically and resumes an interrupted run from its
-last finished chunk.
+:func:`embed_files`). :func:`embed_files` writes its result atomically (``.npy``, ``.safetensors``, ``.parquet``
+or ``.csv``, :data:`OUT_SUFFIXES`) and resumes an interrupted run from its last finished chunk.
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ import torch
 from torch import nn
 
 from .batching import autocast, collect_rows, load_batches, prefetched
-from .errors import CheckpointError, DataError, InvalidArgumentError
+from .errors import CheckpointError, DataError, InvalidArgumentError, MissingDependencyError
 from .fileio import atomic_write
 from .io import DICOM_SUFFIXES, is_dicom
 
-__all__ = ["embed", "embed_files", "merge_embeddings", "parse_shard", "EmbedResult", "find_images", "IMAGE_SUFFIXES"]
+__all__ = ["embed", "embed_files", "merge_embeddings", "parse_shard", "EmbedResult", "find_images", "IMAGE_SUFFIXES",
+           "FEATURES", "OUT_SUFFIXES", "DEFAULT_MAX_OUTPUT_GB", "output_shape"]
 
 logger = logging.getLogger("ecamp")
 
@@ -34,6 +39,14 @@ IMAGE_SUFFIXES = (*DICOM_SUFFIXES, ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".b
 # Where preprocessing runs: "cpu" (all of it in the DataLoader), "gpu" (workers decode, the rest runs on the embedding
 # device in batches: EcampTransform.decode / finish), "auto" (gpu when that device is CUDA)
 PREPROCESS_ON = ("cpu", "gpu", "auto")
+# What is embedded: the model's output, the class token, or every token of forward_features
+FEATURES = ("pooled", "cls", "tokens")
+# What embed_files writes: arrays (.npy, .safetensors) or tables with a path column (.parquet, .csv)
+OUT_SUFFIXES = (".npy", ".safetensors", ".parquet", ".csv")
+_TABLES = (".parquet", ".csv")
+# embed_files refuses an output larger than this many GB (1e9 bytes) unless given a higher limit (or None)
+DEFAULT_MAX_OUTPUT_GB = 10.0
+_CSV_BYTES_PER_VALUE = 12  # about: a float32 as text with its comma
 
 
 def _has_dicom_preamble(path: Path) -> bool:
@@ -57,9 +70,57 @@ def _on_device(preprocess_on: str, transform: Any, device: torch.device) -> bool
     return fits and (preprocess_on == "gpu" or device.type == "cuda")
 
 
+def _check_features(model: nn.Module, features: str) -> None:
+    if features not in FEATURES:
+        raise InvalidArgumentError(f"features must be one of {FEATURES}, got {features!r}.")
+    if features != "pooled" and not callable(getattr(model, "forward_features", None)):
+        raise InvalidArgumentError(f"features={features!r} needs a model with forward_features (a timm ViT); "
+                                   f"{type(model).__name__} has none: use features='pooled'.")
+    if features == "cls" and getattr(model, "cls_token", None) is None and hasattr(model, "num_prefix_tokens"):
+        raise InvalidArgumentError("This model has no class token; use features='pooled' or 'tokens'.")
+
+
+def _features_of(model: nn.Module, x: torch.Tensor, features: str) -> torch.Tensor:
+    if features == "pooled":
+        return model(x)
+    tokens = model.forward_features(x)
+    return tokens[:, 0] if features == "cls" else tokens
+
+
+def output_shape(model: nn.Module, n: int, features: str = "pooled") -> tuple[int, ...]:
+    """The shape of the embeddings of ``n`` images: ``(n, D)`` or, for ``"tokens"``, ``(n, T, C)``; found by one
+    forward pass of a blank image of the model's ``pretrained_cfg["input_size"]`` on the model's device."""
+    _check_features(model, features)
+    size = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size") or (3, 224, 224))
+    p = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            y = _features_of(model, torch.zeros((1, *size), device=p.device, dtype=p.dtype), features)
+    finally:
+        model.train(was_training)
+    return (n, *y.shape[1:])
+
+
+def _output_bytes(shape: Sequence[int], suffix: str) -> int:
+    values = int(np.prod(shape, dtype=np.int64))
+    return values * (_CSV_BYTES_PER_VALUE if suffix == ".csv" else 4)
+
+
+def _flattened(batches, shape: list):
+    """``(indices, [b, ...], failures)`` -> ``(indices, [b, prod(...)], failures)``; ``shape`` gets the row shape."""
+    for idx, out, failures in batches:
+        if len(idx):
+            shape[:] = out.shape[1:]
+            out = out.reshape(len(idx), -1)
+        yield idx, out, failures
+
+
 def _batches(model: nn.Module, inputs: Sequence[Any], transform, batch_size: int, num_workers: int,
-             device: torch.device, dtype: torch.dtype | None, progress: bool, desc: str, preprocess_on: str = "cpu"):
-    """Yield ``(indices, embeddings [b, D] float32 numpy, failures {index: message})`` in input order."""
+             device: torch.device, dtype: torch.dtype | None, progress: bool, desc: str, preprocess_on: str = "cpu",
+             features: str = "pooled"):
+    """Yield ``(indices, features [b, ...] float32 numpy, failures {index: message})`` in input order."""
     on_device = _on_device(preprocess_on, transform, device)
     batches = load_batches(inputs, transform.decode if on_device else transform, batch_size=batch_size,
                            num_workers=num_workers, progress=progress, desc=desc,
@@ -71,40 +132,46 @@ def _batches(model: nn.Module, inputs: Sequence[Any], transform, batch_size: int
                 x = transform.finish([t for _, t in ok]) if on_device else torch.stack([t for _, t in ok])
                 x = x.to(device, dtype=next(model.parameters()).dtype)
                 with autocast(device, dtype):
-                    out = model(x).float().cpu().numpy()
+                    out = _features_of(model, x, features).float().cpu().numpy()
         yield [i for i, _ in ok], out, failures
 
 
 def embed(model: nn.Module, inputs: Sequence[Any], *, batch_size: int = 32, num_workers: int = 0,
           device: str | torch.device | None = None, dtype: torch.dtype | None = None, progress: bool = True,
-          transform: Callable[[Any], torch.Tensor] | None = None, preprocess_on: str = "auto") -> np.ndarray:
-    """Embed images (paths, bytes, PIL images, arrays or tensors) with ``model``: ``[N, D]`` float32, in input order.
+          transform: Callable[[Any], torch.Tensor] | None = None, preprocess_on: str = "auto",
+          features: str = "pooled") -> np.ndarray:
+    """Embed images (paths, bytes, PIL images, arrays or tensors) with ``model``: ``[N, D]`` float32 (``[N, T, C]``
+    for ``features="tokens"``; see :data:`FEATURES`), in input order.
 
-    Inputs that cannot be read give NaN rows and a warning naming each one. ``device`` defaults to the model's;
-    ``dtype`` (e.g. ``torch.bfloat16``) runs the model under autocast. ``transform`` defaults to
+    Inputs that cannot be read give NaN rows and a warning naming each one. ``device`` defaults to the model's
+    (``"auto"``: CUDA, else MPS, else the CPU); ``dtype`` (e.g. ``torch.bfloat16``) runs the model under
+    autocast. ``transform`` defaults to
     ``ecamp.get_transform(model)``. ``preprocess_on``: ``"cpu"``, ``"gpu"`` (the workers only decode files;
     intensity policy, resize and normalisation run on ``device``, in batches; in-memory images still take the CPU
     path) or ``"auto"`` (``"gpu"`` when ``device`` is CUDA).
     """
+    from .distributed import select_device
     from .factory import get_transform
 
+    _check_features(model, features)
     if batch_size < 1:
         raise InvalidArgumentError(f"batch_size must be positive, got {batch_size}.")
     inputs = list(inputs)
     if not inputs:
         raise InvalidArgumentError("embed() got no inputs.")
     transform = transform or get_transform(model)
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    dev = select_device(device) if device is not None else next(model.parameters()).device
     model = model.to(dev).eval()
-    rows, failures = collect_rows(_batches(model, inputs, transform, batch_size, num_workers, dev, dtype, progress,
-                                           "embed", preprocess_on), len(inputs))
+    shape: list = []
+    rows, failures = collect_rows(_flattened(_batches(model, inputs, transform, batch_size, num_workers, dev, dtype,
+                                                      progress, "embed", preprocess_on, features), shape), len(inputs))
     if rows is None:
         raise DataError(f"None of the {len(inputs)} inputs could be read; first error: "
                         f"{next(iter(failures.values()))}")
     if failures:
         logger.warning("%d of %d inputs could not be read (NaN rows): %s", len(failures), len(inputs),
                        "; ".join(failures[i] for i in sorted(failures)[:10]))
-    return rows
+    return rows.reshape(len(inputs), *shape)
 
 
 def find_images(paths: Sequence[str | os.PathLike], suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[str]:
@@ -138,7 +205,7 @@ class EmbedResult:
 
 
 def _run_key(model: nn.Module, transform: Any, files: Sequence[str], model_name: str, chunk_size: int,
-             dtype: torch.dtype | None, preprocessing: str = "cpu") -> str:
+             dtype: torch.dtype | None, preprocessing: str = "cpu", features: str = "pooled") -> str:
     """Identity of an embedding run: a resume only re-uses chunks made by the same weights, preprocessing, dtype
     and the same files (path, size and modification time)."""
     h = hashlib.sha256()
@@ -153,7 +220,8 @@ def _run_key(model: nn.Module, transform: Any, files: Sequence[str], model_name:
         except OSError:
             stats.append((f, None, None))
     on_gpu = ["preprocessed on the device"] if preprocessing == "gpu" else []  # CPU runs keep their earlier keys
-    h.update(json.dumps([stats, model_name, chunk_size, str(dtype), repr(transform), *on_gpu]).encode())
+    what = [f"features={features}"] if features != "pooled" else []  # so do pooled ones
+    h.update(json.dumps([stats, model_name, chunk_size, str(dtype), repr(transform), *on_gpu, *what]).encode())
     return h.hexdigest()[:24]
 
 
@@ -179,7 +247,7 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
 
 
 def _prepare(partial: Path, key: str, files: list[str], chunk_size: int, model_name: str, *, resume: bool,
-             shared: bool) -> None:
+             shared: bool, features: str = "pooled") -> None:
     """Make ``partial`` hold this run's state. A run alone (``shared=False``) starts over when the folder holds
     another run's chunks; a shard or rank never deletes what other processes may be writing."""
     state_path = partial / "state.json"
@@ -197,53 +265,96 @@ def _prepare(partial: Path, key: str, files: list[str], chunk_size: int, model_n
         partial.mkdir(parents=True, exist_ok=True)
         atomic_write(partial / "files.json", lambda p: p.write_text(json.dumps(files)))
         atomic_write(state_path, lambda p: p.write_text(json.dumps({"key": key, "n": len(files),
-                                                                    "chunk_size": chunk_size, "model": model_name})))
+                                                                    "chunk_size": chunk_size, "model": model_name,
+                                                                    "features": features})))
 
 
 def _embed_chunk(model, files: list[str], transform, batch_size: int, num_workers: int, dev, dtype,
-                 progress: bool, desc: str, preprocess_on: str = "cpu") -> tuple[np.ndarray, dict[int, str]]:
-    rows, failed = collect_rows(_batches(model, files, transform, batch_size, num_workers, dev, dtype, progress,
-                                         desc, preprocess_on), len(files))
+                 progress: bool, desc: str, preprocess_on: str = "cpu", features: str = "pooled"
+                 ) -> tuple[np.ndarray, tuple[int, ...], dict[int, str]]:
+    """Rows ``[n, prod(row shape)]``, the row shape and the failures of one chunk."""
+    shape: list = []
+    rows, failed = collect_rows(_flattened(_batches(model, files, transform, batch_size, num_workers, dev, dtype,
+                                                    progress, desc, preprocess_on, features), shape), len(files))
     if rows is None:  # nothing readable in this chunk: width 0, padded to the real width at the end
         rows = np.full((len(files), 0), np.nan, dtype=np.float32)
-    return rows, failed
+    return rows, tuple(shape), failed
+
+
+def _check_out(out: Path, features: str) -> None:
+    if out.suffix not in OUT_SUFFIXES:
+        raise InvalidArgumentError(f"Output {out} must end in {', '.join(OUT_SUFFIXES)}.", path=out)
+    if features == "tokens" and out.suffix in _TABLES:
+        raise InvalidArgumentError(f"Token features are [N, T, C]: write them to .safetensors or .npy, not {out} "
+                                   f"(a table holds one row of columns per image: use --features pooled or cls).",
+                                   path=out)
+    if out.suffix == ".parquet":
+        _pyarrow()
+
+
+def _pyarrow():
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError as e:
+        raise MissingDependencyError("Parquet output needs pyarrow: pip install \"ecamp[parquet]\" (or write .csv, "
+                                     ".npy or .safetensors).") from e
+    return pyarrow
 
 
 def embed_files(model: nn.Module, files: Sequence[str], out: str | os.PathLike, *, model_name: str = "",
                 batch_size: int = 32, num_workers: int = 0, device: str | torch.device | None = None,
                 dtype: torch.dtype | None = None, progress: bool = True, chunk_size: int = 1024,
-                resume: bool = True, shard: tuple[int, int] = (0, 1), preprocess_on: str = "auto") -> EmbedResult:
-    """Embed ``files`` into ``out`` (``.npy`` or ``.safetensors``), resumable and order-stable.
+                resume: bool = True, shard: tuple[int, int] = (0, 1), preprocess_on: str = "auto",
+                features: str = "pooled", max_output_gb: float | None = DEFAULT_MAX_OUTPUT_GB,
+                announce: Callable[[str], None] | None = None) -> EmbedResult:
+    """Embed ``files`` into ``out`` (``.npy``, ``.safetensors``, ``.parquet`` or ``.csv``), resumable and
+    order-stable.
 
     Row i is file i (NaN for unreadable files). ``.npy`` output gets ``<out>.files.txt`` beside it (one path per
     row) and ``<out>.failed.json``; ``.safetensors`` output holds the tensor ``embeddings`` and the file list and
-    failures in its metadata. Work is saved in chunks under ``<out>.partial/``: an interrupted run started again
-    with the same files continues after the last finished chunk.
+    failures in its metadata; ``.parquet`` and ``.csv`` output is a table with a ``path`` column and one column per
+    feature (``f0``, ``f1``, ...), its failures in ``<out>.failed.json`` (Parquet: also in the file's metadata).
+    ``features`` (:data:`FEATURES`): ``"tokens"`` gives ``[N, T, C]``, written only to ``.safetensors`` or
+    ``.npy``. Work is saved in chunks under ``<out>.partial/``: an interrupted run started again with the same
+    files continues after the last finished chunk.
+
+    Before anything runs, the output's size is stated (``announce``, default: logged) and an output of more than
+    ``max_output_gb`` GB (1e9 bytes; CSV counted at about 12 bytes a value) is refused; ``None`` lifts the limit.
 
     Under torchrun every rank embeds every ``world``-th chunk and rank 0 writes the output once all are done;
     ``shard=(I, N)`` does part ``I`` of ``N`` of that work (job arrays without torchrun) and leaves the chunks for
     :func:`merge_embeddings`. The result is identical to a single process's. ``preprocess_on`` as in :func:`embed`;
     a resume only re-uses chunks preprocessed the same way.
     """
-    from .distributed import init_distributed
+    from .distributed import init_distributed, select_device
     from .factory import get_transform
 
     out = Path(out)
-    if out.suffix not in (".npy", ".safetensors"):
-        raise InvalidArgumentError(f"Output {out} must end in .npy or .safetensors.", path=out)
+    _check_features(model, features)
+    _check_out(out, features)
     files = [str(f) for f in files]
     if not files:
         raise InvalidArgumentError("No input files (folders are searched for " + ", ".join(IMAGE_SUFFIXES) + ").")
     rank, world, _ = init_distributed()
     part, parts = shard[0] * world + rank, shard[1] * world
     transform = get_transform(model)
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    dev = select_device(device) if device is not None else next(model.parameters()).device
     model = model.to(dev).eval()
     where = "gpu" if _on_device(preprocess_on, transform, dev) else "cpu"
-    key = _run_key(model, transform, files, model_name, chunk_size, dtype, where)
+    shape = output_shape(model, len(files), features)
+    size = _output_bytes(shape, out.suffix)
+    message = (f"{features} features of {len(files)} files: [{', '.join(map(str, shape))}] float32, "
+               f"{'about ' if out.suffix == '.csv' else ''}{_gb(size)} -> {out}")
+    if max_output_gb is not None and size > max_output_gb * 1e9:
+        raise InvalidArgumentError(f"{message} is over the limit of {max_output_gb:g} GB; raise it "
+                                   f"(max_output_gb=, --max-output-gb) or embed fewer files or features.", path=out)
+    if rank == 0:
+        (announce or logger.info)(message)
+    key = _run_key(model, transform, files, model_name, chunk_size, dtype, where, features)
     partial = _partial(out)
     if rank == 0:  # one process per shard decides about the folder; the others wait for it
-        _prepare(partial, key, files, chunk_size, model_name, resume=resume, shared=shard[1] > 1)
+        _prepare(partial, key, files, chunk_size, model_name, resume=resume, shared=shard[1] > 1, features=features)
     if world > 1:
         torch.distributed.barrier()  # rank 0 has (re)made the folder
     chunks = [(s, min(s + chunk_size, len(files))) for s in range(0, len(files), chunk_size)]
@@ -255,13 +366,13 @@ def embed_files(model: nn.Module, files: Sequence[str], out: str | os.PathLike, 
             resumed += 1
             continue
         s, e = chunks[c]
-        rows, failed = _embed_chunk(model, files[s:e], transform, batch_size, num_workers, dev, dtype, progress,
-                                    f"embed {c + 1}/{len(chunks)}", where)
+        rows, row_shape, failed = _embed_chunk(model, files[s:e], transform, batch_size, num_workers, dev, dtype,
+                                               progress, f"embed {c + 1}/{len(chunks)}", where, features)
         fail_json = json.dumps({files[s + i]: m for i, m in failed.items()})
 
-        def write_chunk(p: Path, rows=rows, fail_json=fail_json) -> None:
+        def write_chunk(p: Path, rows=rows, fail_json=fail_json, row_shape=row_shape) -> None:
             with open(p, "wb") as f:
-                np.savez(f, rows=rows, failures=np.array(fail_json))
+                np.savez(f, rows=rows, failures=np.array(fail_json), shape=np.array(row_shape, dtype=np.int64))
 
         atomic_write(done, write_chunk)
     if world > 1:
@@ -280,6 +391,7 @@ def merge_embeddings(out: str | os.PathLike) -> EmbedResult:
         raise DataError(f"{partial} holds no embedding run; run `ecamp embed ... --out {out} --shard I/N` first.",
                         path=partial)
     state = json.loads((partial / "state.json").read_text())
+    _check_out(out, state.get("features", "pooled"))
     files = json.loads((partial / "files.json").read_text())
     n_chunks = -(-state["n"] // state["chunk_size"])
     missing = [c for c in range(n_chunks) if not _chunk_path(partial, c).is_file()]
@@ -291,35 +403,99 @@ def merge_embeddings(out: str | os.PathLike) -> EmbedResult:
     return EmbedResult(out=out, files=files, failures=failures)
 
 
-def _assemble(partial: Path, out: Path, files: list[str], n_chunks: int, model_name: str) -> dict[str, str]:
-    """Write ``out`` (and its sidecars) from the finished chunks, then remove ``partial``; returns the failures."""
-    parts, failures = [], {}
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.3g} GB" if n >= 1e8 else f"{n / 1e6:.3g} MB"
+
+
+def _chunk_info(partial: Path, n_chunks: int) -> tuple[list[int], tuple[int, ...], dict[str, str]]:
+    """Each chunk's number of rows, the row shape of the chunks that have rows, and every failure."""
+    counts, shape, failures = [], None, {}
     for c in range(n_chunks):  # each chunk read once, its file closed at once
         with np.load(_chunk_path(partial, c)) as z:
-            parts.append(z["rows"])
+            rows = z["rows"]
             failures.update(json.loads(str(z["failures"])))
-    width = max(r.shape[1] for r in parts)
-    if width == 0:
-        raise DataError(f"None of the {len(files)} files could be read; see {partial} for the reasons.", path=partial)
-    bad = [r.shape[1] for r in parts if r.shape[1] not in (0, width)]
-    if bad:
-        raise CheckpointError(f"Chunks under {partial} have different widths {sorted(set(bad))} and {width}; "
-                              f"remove the folder and run again.", path=partial)
-    embeddings = np.concatenate([r if r.shape[1] == width else np.full((r.shape[0], width), np.nan, np.float32)
-                                 for r in parts])
+            row_shape = tuple(int(v) for v in z["shape"]) if "shape" in z.files else (rows.shape[1],)
+        counts.append(rows.shape[0])
+        if rows.shape[1] == 0:
+            continue
+        if int(np.prod(row_shape)) != rows.shape[1] or (shape is not None and row_shape != shape):
+            raise CheckpointError(f"Chunks under {partial} have different widths {row_shape} and {shape}; "
+                                  f"remove the folder and run again.", path=partial)
+        shape = row_shape
+    if shape is None:
+        raise DataError(f"None of the {sum(counts)} files could be read; see {partial} for the reasons.",
+                        path=partial)
+    return counts, shape, failures
+
+
+def _chunks(partial: Path, counts: Sequence[int], shape: tuple[int, ...]):
+    """Each chunk's rows as ``[n, *shape]`` float32, NaN for a chunk where nothing could be read."""
+    for c, n in enumerate(counts):
+        with np.load(_chunk_path(partial, c)) as z:
+            rows = z["rows"]
+        yield np.full((n, *shape), np.nan, np.float32) if rows.shape[1] == 0 else rows.reshape(n, *shape)
+
+
+def _write_safetensors(p: Path, partial: Path, counts: Sequence[int], shape: tuple[int, ...],
+                       meta: dict[str, str]) -> None:
+    """The safetensors file of one float32 tensor ``embeddings``, written chunk by chunk (never whole in memory)."""
+    full = [sum(counts), *shape]
+    nbytes = int(np.prod(full, dtype=np.int64)) * 4
+    header = json.dumps({"__metadata__": meta,
+                         "embeddings": {"dtype": "F32", "shape": full, "data_offsets": [0, nbytes]}}).encode()
+    header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
+    with open(p, "wb") as f:
+        f.write(len(header).to_bytes(8, "little"))
+        f.write(header)
+        for rows in _chunks(partial, counts, shape):
+            f.write(np.ascontiguousarray(rows, dtype="<f4").tobytes())
+
+
+def _write_table(p: Path, suffix: str, partial: Path, counts: Sequence[int], shape: tuple[int, ...],
+                 files: list[str], failures: dict[str, str], model_name: str) -> None:
+    columns = [f"f{i}" for i in range(int(np.prod(shape)))]
+    if suffix == ".csv":
+        import csv
+
+        with open(p, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["path", *columns])
+            k = 0
+            for rows in _chunks(partial, counts, shape):
+                for row in rows.reshape(len(rows), -1):
+                    w.writerow([files[k], *(repr(float(v)) for v in row)])
+                    k += 1
+        return
+    pa = _pyarrow()
+    rows = np.concatenate(list(_chunks(partial, counts, shape))).reshape(len(files), -1)
+    table = pa.table({"path": pa.array(files, pa.string()),
+                      **{name: pa.array(rows[:, i]) for i, name in enumerate(columns)}})
+    table = table.replace_schema_metadata({"ecamp.model": model_name, "ecamp.failed": json.dumps(failures)})
+    pa.parquet.write_table(table, str(p))
+
+
+def _assemble(partial: Path, out: Path, files: list[str], n_chunks: int, model_name: str) -> dict[str, str]:
+    """Write ``out`` (and its sidecars) from the finished chunks, then remove ``partial``; returns the failures."""
+    counts, shape, failures = _chunk_info(partial, n_chunks)
     if out.suffix == ".npy":
         def write_npy(p: Path) -> None:
-            with open(p, "wb") as f:
-                np.save(f, embeddings)
+            arr = np.lib.format.open_memmap(p, mode="w+", dtype=np.float32, shape=(len(files), *shape))
+            k = 0
+            for rows in _chunks(partial, counts, shape):
+                arr[k:k + len(rows)] = rows
+                k += len(rows)
+            arr.flush()
+            del arr
 
         # sidecars first, the array last: the .npy only ever appears next to its own file list
         atomic_write(out.with_name(out.name + ".files.txt"), lambda p: p.write_text("\n".join(files) + "\n"))
         atomic_write(out.with_name(out.name + ".failed.json"), lambda p: p.write_text(json.dumps(failures, indent=1)))
         atomic_write(out, write_npy)
-    else:
-        from safetensors.numpy import save_file
-
+    elif out.suffix == ".safetensors":
         meta = {"files": json.dumps(files), "failed": json.dumps(failures), "model": model_name}
-        atomic_write(out, lambda p: save_file({"embeddings": embeddings}, str(p), metadata=meta))
+        atomic_write(out, lambda p: _write_safetensors(p, partial, counts, shape, meta))
+    else:
+        atomic_write(out.with_name(out.name + ".failed.json"), lambda p: p.write_text(json.dumps(failures, indent=1)))
+        atomic_write(out, lambda p: _write_table(p, out.suffix, partial, counts, shape, files, failures, model_name))
     shutil.rmtree(partial, ignore_errors=True)
     return failures

@@ -293,8 +293,8 @@ class MissingDependencyError(EcampError, ImportError):
 
     Raised on first use of a feature whose package is missing: training and the full pre-training model
     (``ecamp[train]``: transformers, tokenizers, PyYAML, scikit-learn, torchmetrics, openai), plots and Grad-CAM
-    (``ecamp[plot]``), ``ecamp convert --from-authors`` (``ecamp[authors]``), ``run.log=tensorboard``
-    (tensorboard).
+    (``ecamp[plot]``), ``ecamp convert --from-authors`` (``ecamp[authors]``), ``ecamp export`` (``ecamp[onnx]``),
+    Parquet output (``ecamp[parquet]``), ``run.log=tensorboard`` (tensorboard).
 
     What to do: ``pip install "ecamp[EXTRA]"`` with the extra the message names.
     """

@@ -217,6 +217,29 @@ def _check_rebuild(model: nn.Module, architecture: str, args: dict) -> None:
                                    f"save_pretrained.")
 
 
+# transformers' problem_type for each activation: its image-classification pipeline applies sigmoid to a
+# multi-label model's logits and softmax to a single-label one's, as ecamp.predict does
+_PROBLEM_TYPES = {"sigmoid": "multi_label_classification", "softmax": "single_label_classification"}
+
+
+def _transformers_fields(block: EcampCfg, labels: Sequence[str], n: int) -> dict[str, Any]:
+    """What transformers' ``TimmWrapperConfig`` reads from a classifier's ``config.json`` besides timm's fields:
+    ``problem_type`` (from the head's activation) and ``id2label``/``label2id`` (it derives them from
+    ``label_names`` too; written so that readers of the plain config see them)."""
+    fields: dict[str, Any] = {}
+    if n < 1:
+        return fields
+    problem = _PROBLEM_TYPES.get(block.activation or "")
+    # transformers refuses single_label_classification with one output (softmax over one class is always 1)
+    if problem and not (problem == "single_label_classification" and n == 1):
+        fields["problem_type"] = problem
+    if labels:
+        fields["id2label"] = {str(i): name for i, name in enumerate(labels)}
+        if len(set(labels)) == len(labels):
+            fields["label2id"] = {name: i for i, name in enumerate(labels)}
+    return fields
+
+
 def _write_timm(model: nn.Module, tmp: Path, block: EcampCfg, model_args: dict | None,
                 label_names: Sequence[str] | None, hf_repo: str | None) -> ModelConfig:
     from timm.models import save_for_hf
@@ -232,6 +255,7 @@ def _write_timm(model: nn.Module, tmp: Path, block: EcampCfg, model_args: dict |
     model_config: dict[str, Any] = {"ecamp": block.to_dict()}
     if labels:
         model_config["label_names"] = labels
+    model_config.update(_transformers_fields(block, labels, int(getattr(model, "num_classes", 0) or 0)))
     save_for_hf(model, str(tmp), model_config=model_config, model_args=args, safe_serialization=True)
     config = json.loads((tmp / CONFIG_NAME).read_text())
     # num_classes stays at the config's root only: transformers' TimmWrapper passes model_args and num_classes to

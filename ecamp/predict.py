@@ -7,8 +7,9 @@
 Images are read with the preprocessing the model was trained on (:func:`input_transform`) by the same batched
 DataLoader pipeline as :func:`ecamp.embed`. What is written depends on the model's task:
 
-* classification: a CSV with ``path``, one probability column per label name (sigmoid for multi-label models,
-  softmax for multi-class ones, as ``config.json``'s ``ecamp.activation`` records) and ``error``;
+* classification: a CSV or Parquet table (by ``out``'s suffix; Parquet needs ``pyarrow``, the ``parquet`` extra)
+  with ``path``, one probability column per label name (sigmoid for multi-label models, softmax for multi-class
+  ones, as ``config.json``'s ``ecamp.activation`` records) and ``error``;
 * segmentation: a folder with one mask PNG per input at the input's own size (one output: 0/255; several: bit
   ``k`` set where output ``k`` is on) and ``predictions.csv`` (path, mask file, pixels on per label, error);
 * detection: a JSON file with, per input, its size and boxes ``[x1, y1, x2, y2]`` in the original image's pixels,
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DENSE_TASKS, TASKS, ecamp_cfg_of
+from .distributed import select_device
 from .errors import InvalidArgumentError
 from .folders import kind_of, num_outputs
 
@@ -43,7 +45,7 @@ __all__ = ["predict", "predict_files", "iter_predictions", "input_transform", "m
 logger = logging.getLogger("ecamp")
 
 INDEX_NAME = "predictions.csv"  # the index of a segmentation output folder
-_OUT_SUFFIX = {"classification": ".csv", "detection": ".json"}
+_OUT_SUFFIX = {"classification": (".csv", ".parquet"), "detection": (".json",)}
 
 
 @dataclass
@@ -92,8 +94,8 @@ def iter_predictions(model: nn.Module, inputs: Sequence[Any], *, batch_size: int
 
     A prediction is float32 probabilities ``[C]`` (classification), a bool mask ``[K, H, W]`` at the input's size
     (segmentation, on where the sigmoid exceeds 0.5) or ``{"boxes" [N, 4] x1, y1, x2, y2 in the input's pixels,
-    "scores" [N], "labels" [N], "image_size" (H, W)}`` (detection). ``device`` defaults to the model's; ``dtype``
-    runs it under autocast.
+    "scores" [N], "labels" [N], "image_size" (H, W)}`` (detection). ``device`` defaults to the model's (``"auto"``:
+    CUDA, else MPS, else the CPU); ``dtype`` runs it under autocast.
     """
     from .batching import autocast, load_batches
 
@@ -104,7 +106,7 @@ def iter_predictions(model: nn.Module, inputs: Sequence[Any], *, batch_size: int
     if activation is None:  # a timm classifier from elsewhere: softmax, as timm's own, unless it has one output
         activation = "sigmoid" if getattr(model, "num_classes", 0) == 1 else "softmax"
     transform = input_transform(model)
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    dev = select_device(device) if device is not None else next(model.parameters()).device
     model = model.to(dev).eval()
     param_dtype = next(model.parameters()).dtype
     for ok, failures in load_batches(inputs, transform, batch_size=batch_size, num_workers=num_workers,
@@ -163,12 +165,17 @@ def predict(model: nn.Module, inputs: Sequence[Any], **kwargs: Any) -> list[Any]
 
 
 def _check_out(out: Path, task: str) -> None:
-    suffix = _OUT_SUFFIX.get(task)
-    if suffix is not None and out.suffix.lower() != suffix:
-        raise InvalidArgumentError(f"A {task} model writes a {suffix} file; pass --out NAME{suffix}, not {out}.",
-                                   path=out)
-    if suffix is None:
-        if out.suffix.lower() in (".csv", ".json") or (out.exists() and not out.is_dir()):
+    suffixes = _OUT_SUFFIX.get(task)
+    suffix = suffixes[0] if suffixes else None
+    if suffixes is not None and out.suffix.lower() not in suffixes:
+        raise InvalidArgumentError(f"A {task} model writes a {' or '.join(suffixes)} file; pass --out "
+                                   f"NAME{suffix}, not {out}.", path=out)
+    if out.suffix.lower() == ".parquet":
+        from .embedding import _pyarrow
+
+        _pyarrow()
+    if suffixes is None:
+        if out.suffix.lower() in (".csv", ".json", ".parquet") or (out.exists() and not out.is_dir()):
             raise InvalidArgumentError(f"A segmentation model writes a folder of mask PNGs (and {INDEX_NAME}); "
                                        f"pass a folder as --out, not the file {out}.", path=out)
         if out.is_dir() and any(out.iterdir()) and not (out / INDEX_NAME).is_file():
@@ -204,9 +211,24 @@ def _mask_image(mask: np.ndarray) -> np.ndarray:
     return np.tensordot(weights, mask.astype(np.uint8), axes=1).astype(np.uint8)
 
 
+def _write_parquet(out: Path, header: Sequence[str], rows: Sequence[Sequence[Any]], model_name: str) -> None:
+    """The classification table as Parquet: ``path`` and ``error`` strings, one float32 column per label."""
+    from .embedding import _pyarrow
+    from .fileio import atomic_write
+
+    pa = _pyarrow()
+    last = len(header) - 1
+    arrays = [pa.array([r[k] for r in rows], pa.string() if k in (0, last) else pa.float32())
+              for k in range(len(header))]
+    table = pa.Table.from_arrays(arrays, names=list(header))
+    table = table.replace_schema_metadata({"ecamp.model": model_name})
+    atomic_write(out, lambda p: pa.parquet.write_table(table, str(p)))
+
+
 def predict_files(model: nn.Module, files: Sequence[str | os.PathLike], out: str | os.PathLike, *,
                   model_name: str = "", **kwargs: Any) -> PredictResult:
-    """Predict ``files`` and write ``out`` (module docstring: a .csv, a folder or a .json by task); ``kwargs`` as
+    """Predict ``files`` and write ``out`` (module docstring: a .csv or .parquet, a folder or a .json by task);
+    ``kwargs`` as
     :func:`iter_predictions`. Unreadable files are listed in the output with their reason."""
     from PIL import Image
 
@@ -226,11 +248,16 @@ def predict_files(model: nn.Module, files: Sequence[str | os.PathLike], out: str
 
     if task == "classification":
         rows = []
+        blank = "" if out.suffix.lower() == ".csv" else None  # Parquet: a null probability
         for i, probs, err in stream:
-            rows.append([files[i], *([float(p) for p in probs] if err is None else [""] * len(labels)), err or ""])
+            rows.append([files[i], *([float(p) for p in probs] if err is None else [blank] * len(labels)),
+                         err or ""])
             if err is not None:
                 failures[files[i]] = err
-        write_csv(out, ["path", *labels, "error"], rows)
+        if out.suffix.lower() == ".csv":
+            write_csv(out, ["path", *labels, "error"], rows)
+        else:
+            _write_parquet(out, ["path", *labels, "error"], rows, model_name)
     elif task == "segmentation":
         names = _mask_names(files)
 

@@ -253,3 +253,70 @@ def test_preprocessing_on_the_device_gives_the_cpu_embeddings(model, images, tmp
                "--preprocess-on", "gpu", "--device", "cpu", "--no-progress")
     assert out.returncode == 0, out.stderr
     assert np.allclose(np.load(tmp_path / "g.npy"), ref[1:3], atol=0.01)
+
+
+# -- features and output formats ----------------------------------------------------------------------------------
+def test_cls_and_token_features_are_forward_features(model, images, tmp_path):
+    from safetensors.numpy import load_file
+
+    from ecamp.embedding import embed, embed_files
+
+    tf = ecamp.get_transform(model)
+    with torch.no_grad():
+        tokens = np.stack([model.forward_features(tf(p)[None])[0].numpy() for p in images[:3]])
+    np.testing.assert_allclose(embed(model, images[:3], features="tokens", progress=False), tokens, atol=1e-5)
+    np.testing.assert_allclose(embed(model, images[:3], features="cls", progress=False), tokens[:, 0], atol=1e-5)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    files = [str(images[0]), str(bad), str(images[1]), str(images[2])]
+    said = []
+    embed_files(model, files, tmp_path / "t.safetensors", features="tokens", chunk_size=2, progress=False,
+                announce=said.append)
+    assert said == [f"tokens features of 4 files: [4, 17, 48] float32, {4 * 17 * 48 * 4 / 1e6:.3g} MB -> "
+                    f"{tmp_path / 't.safetensors'}"]
+    got = load_file(tmp_path / "t.safetensors")["embeddings"]
+    assert got.shape == (4, 17, 48) and np.isnan(got[1]).all()
+    np.testing.assert_allclose(got[[0, 2, 3]], tokens, atol=1e-5)
+    embed_files(model, files, tmp_path / "t.npy", features="tokens", chunk_size=2, progress=False)
+    np.testing.assert_array_equal(np.load(tmp_path / "t.npy"), got)
+    with pytest.raises(ecamp.errors.InvalidArgumentError, match="over the limit of 1e-05 GB"):
+        embed_files(model, files, tmp_path / "big.safetensors", features="tokens", max_output_gb=1e-5)
+    with pytest.raises(ecamp.errors.InvalidArgumentError, match="safetensors or .npy"):
+        embed_files(model, files, tmp_path / "t.csv", features="tokens")
+    assert not (tmp_path / "big.safetensors.partial").exists()
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_tables_have_a_path_column_and_one_column_per_feature(tiny_folder, model, images, tmp_path, suffix):
+    pd = pytest.importorskip("pandas")
+    if suffix == ".parquet":
+        pytest.importorskip("pyarrow")
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    files = [str(p) for p in images[:3]] + [str(bad)]
+    out = tmp_path / f"e{suffix}"
+    run = _cli("embed", *files, "--model", f"local-dir:{tiny_folder}", "--out", str(out), "--no-progress",
+               "--features", "cls", "--chunk-size", "2")
+    assert "cls features of 4 files: [4, 48] float32" in run.stderr
+    table = pd.read_csv(out) if suffix == ".csv" else pd.read_parquet(out)
+    assert list(table.columns) == ["path", *[f"f{i}" for i in range(48)]] and list(table["path"]) == files
+    expected = ecamp.embedding.embed(model, files, features="cls", progress=False)
+    np.testing.assert_allclose(table.iloc[:, 1:].to_numpy(np.float32), expected, atol=1e-6, equal_nan=True)
+    assert str(bad) in json.loads((tmp_path / f"e{suffix}.failed.json").read_text())
+
+
+def test_sharded_parquet_and_token_runs_merge(tiny_folder, images, tmp_path):
+    pytest.importorskip("pyarrow")
+    pd = pytest.importorskip("pandas")
+    from safetensors.numpy import load_file
+
+    model_arg = f"local-dir:{tiny_folder}"
+    for out, features in ((tmp_path / "s.parquet", "pooled"), (tmp_path / "s.safetensors", "tokens")):
+        for i in range(2):
+            _cli("embed", *map(str, images), "--model", model_arg, "--out", str(out), "--shard", f"{i}/2",
+                 "--chunk-size", "3", "--no-progress", "--features", features)
+        _cli("embed", "merge", "--out", str(out))
+        whole = ecamp.embedding.embed(ecamp.load(model_arg), images, features=features, progress=False)
+        got = pd.read_parquet(out).iloc[:, 1:].to_numpy(np.float32) if out.suffix == ".parquet" else \
+            load_file(out)["embeddings"]
+        np.testing.assert_allclose(got, whole, atol=1e-5)

@@ -121,7 +121,7 @@ def test_predict_cli_writes_probabilities_of_the_models_own_transform(classifier
     _no_leftovers(tmp_path)
     # the output kind follows the task
     assert main(["predict", "--model", best, inputs["png"], "--out", str(tmp_path / "p.json")]) == 2
-    assert "writes a .csv file" in capsys.readouterr().err
+    assert "writes a .csv or .parquet file" in capsys.readouterr().err
 
 
 def test_a_multiclass_probe_is_softmax_and_written_as_the_timm_model_it_equals(tiny_folder, inputs, tmp_path):
@@ -321,3 +321,19 @@ def test_a_broken_or_hostile_dense_folder_is_refused(tmp_path):
                                                                                    "outputs": 2}}}))
     with pytest.raises(WeightsMismatchError, match="unexpected|missing"):
         ecamp.load(f"local-dir:{tmp_path / 'm'}")
+
+
+def test_predict_writes_parquet_with_the_csvs_values(classifier_run, inputs, tmp_path):
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("pyarrow")
+    best = f"local-dir:{classifier_run[0] / 'run' / 'best'}"
+    files = [inputs["png"], inputs["broken"], inputs["dicom"]]
+    for suffix in (".csv", ".parquet"):
+        assert main(["predict", "--model", best, *files, "--out", str(tmp_path / f"p{suffix}"), "--no-progress",
+                     "--device", "auto"]) == 0
+    table = pd.read_parquet(tmp_path / "p.parquet")
+    assert list(table.columns) == ["path", *FINDINGS, "error"] and list(table["path"]) == files
+    rows = _read_csv(tmp_path / "p.csv")
+    np.testing.assert_allclose(table.loc[[0, 2], list(FINDINGS)].to_numpy(),
+                               [[float(rows[i][f]) for f in FINDINGS] for i in (0, 2)], rtol=1e-6)
+    assert table.loc[1, list(FINDINGS)].isna().all() and table.loc[1, "error"]

@@ -229,7 +229,6 @@ class TransformersBackend:
     name: str = field(init=False, default="transformers")
 
     def __post_init__(self) -> None:
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_name_or_path)
@@ -237,7 +236,9 @@ class TransformersBackend:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         self.model = AutoModelForCausalLM.from_pretrained(self.model_name_or_path).eval()
-        self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        from ecamp.distributed import select_device
+
+        self.device = select_device(self.device)
         self.model.to(self.device)
         self.model_id = str(self.model_name_or_path)
 

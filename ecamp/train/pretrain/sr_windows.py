@@ -335,7 +335,9 @@ def compute_windows(stage1: str | Path, data_root: str | Path, out_csv: str | Pa
 
         maps_out = MapWriter(save_maps, data_root, method=method)  # matplotlib checked before the long run
     model, tokenizer, data_cfg = load_stage1(stage1)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from ecamp.distributed import select_device
+
+    dev = select_device(device)
     model.to(dev)
     cfg = model.config
     enc = ReportEncoder(tokenizer, max_length=cfg.max_text_len)
