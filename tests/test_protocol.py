@@ -43,13 +43,41 @@ def _train(tmp_path, scores=None, n=10, **kw):
     model = _Scalar()
     data = torch.utils.data.TensorDataset(torch.ones(n))
     calls = iter(scores) if scores is not None else None
-    recipe = Recipe(kw.pop("steps", 6), kw.pop("lr", 0.1), kw.pop("warmup", 1), kw.pop("batch_size", 4), patience=0,
-                    eval_every=kw.pop("eval_every", None), start_eval=kw.pop("start_eval", 0))
+    recipe = Recipe(kw.pop("steps", 6), kw.pop("lr", 0.1), kw.pop("warmup", 1), kw.pop("batch_size", 4),
+                    patience=kw.pop("patience", 0), eval_every=kw.pop("eval_every", None),
+                    start_eval=kw.pop("start_eval", 0))
     summary = train_head(model, data, lambda net, b, dev: net(b[0].to(dev)).sum(),
                          (lambda: next(calls)) if calls else (lambda: 0.5), recipe, setup_runtime("cpu"),
                          tmp_path, metric="m", num_workers=0, progress=False, protocol=Protocol(**kw))
     rows = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     return summary, rows, float(model.w.detach())
+
+
+def _authors_lrs(peak: float, warmup: int, total: int) -> list[float]:
+    """The authors' learning rate at steps 1..total: their WarmupCosineSchedule (Classification/utils/
+    scheduler.py:36-40, a LambdaLR) stepped before optimizer.step() (train.py:462-463), so step k runs at
+    lr_lambda(k), written out."""
+    def lr_lambda(step):
+        if step < warmup:
+            return float(step) / float(max(1.0, warmup))
+        progress = float(step - warmup) / float(max(1, total - warmup))
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
+
+    return [peak * lr_lambda(k) for k in range(1, total + 1)]
+
+
+def _lrs_used(monkeypatch, tmp_path, **kw) -> list[float]:
+    """The learning rate of every optimizer step of a train_head run."""
+    used, step = [], torch.optim.SGD.step
+
+    def recording(self, *a, **k):
+        used.append(self.param_groups[0]["lr"])
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", recording)
+    _train(tmp_path, **kw)
+    monkeypatch.undo()
+    return used
 
 
 def test_drop_last_changes_the_steps_per_epoch(tmp_path):
@@ -69,12 +97,114 @@ def test_save_on_tie_and_strict_start_eval(tmp_path):
     assert [r["step"] for r in later] == [4, 6] and [r["step"] for r in sooner] == [2, 4, 6]
 
 
-def test_scheduler_before_optimizer_uses_the_next_steps_lr(tmp_path):
-    # one SGD step of gradient 1 at peak lr 1 with 4 warm-up steps: factor 1/4 at step 0, the authors' order 2/4
-    _, _, w = _train(tmp_path / "fixed", steps=1, lr=1.0, warmup=4, batch_size=1, n=1)
-    _, _, w_up = _train(tmp_path / "up", steps=1, lr=1.0, warmup=4, batch_size=1, n=1,
-                        scheduler_before_optimizer=True)
-    assert w == pytest.approx(-0.25) and w_up == pytest.approx(-0.5)
+def test_authors_learning_rate_at_every_step(monkeypatch, tmp_path):
+    # warm-up 4, peak 3e-2, 8 steps: the authors run 0.0075, 0.015, 0.0225, 0.03, then the cosine at k (their last
+    # step at 0); ecamp's default the same warm-up, then the cosine one step later (the peak twice, no step at 0)
+    kw = dict(steps=8, lr=3e-2, warmup=4, batch_size=1, n=1)
+    authors = _lrs_used(monkeypatch, tmp_path / "authors", scheduler_before_optimizer=True, **kw)
+    default = _lrs_used(monkeypatch, tmp_path / "default", **kw)
+    theirs = _authors_lrs(3e-2, 4, 8)
+    assert theirs[:4] == pytest.approx([0.0075, 0.015, 0.0225, 0.03]) and theirs[-1] == 0.0
+    assert authors == theirs  # bit for bit
+    assert default[:4] == theirs[:4] and default[4:] == pytest.approx([3e-2, *theirs[4:-1]])
+    assert default[4:] != pytest.approx(theirs[4:])
+
+
+def test_best_starts_at_zero(tmp_path):
+    # D14: accuracy 0, 0, 0.5 with strict saving (train.py:492): the authors' best starts at 0, so the first two are
+    # not saved and count towards patience; ecamp's -inf selects the first
+    theirs, _, _ = _train(tmp_path / "zero", scores=[0.0, 0.0, 0.5], steps=6, eval_every=2, save_on_tie=False,
+                          best_starts_at_zero=True, patience=3)
+    ours, _, _ = _train(tmp_path / "inf", scores=[0.0, 0.0, 0.5], steps=6, eval_every=2, save_on_tie=False,
+                        patience=2)
+    assert theirs["best_step"] == 6 and ours["best_step"] == 6
+    # patience 2 on accuracy 0 throughout: the authors stop one validation earlier, with nothing saved
+    ours, rows, _ = _train(tmp_path / "p-inf", scores=[0.0] * 5, steps=10, eval_every=2, save_on_tie=False,
+                           patience=2)
+    assert ours["best_step"] == 2 and [r["step"] for r in rows] == [2, 4, 6]
+    with pytest.raises(DataError, match=r"(?s)None of the 2 validation m scores was above 0.*train.py:418.*"
+                                        r"best_starts_at_zero=false"):
+        _train(tmp_path / "p-zero", scores=[0.0] * 5, steps=10, eval_every=2, save_on_tie=False, patience=2,
+               best_starts_at_zero=True)
+    rows = [json.loads(ln) for ln in (tmp_path / "p-zero" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4] and not (tmp_path / "p-zero" / "best").exists()
+    # ties save (AUROC, train.py:484 `<=`): a first score of exactly 0 is saved from 0 too
+    tie, _, _ = _train(tmp_path / "tie0", scores=[0.0, 0.0, 0.0], steps=6, eval_every=2, best_starts_at_zero=True)
+    assert tie["best_step"] == 6
+
+
+def test_replay_selection_is_the_loops_rule(tmp_path):
+    from ecamp.train.downstream.loop import replay_selection
+
+    scores = [0.0, 0.5, 0.5, 0.2, 0.1]
+    for i, proto in enumerate((Protocol(), authors_protocol("accuracy"), authors_protocol("auroc"))):
+        kw = dataclasses.asdict(proto)
+        summary, rows, _ = _train(tmp_path / str(i), scores=scores, steps=10, eval_every=2, patience=2, **kw)
+        picked, ran = replay_selection(scores, proto, 2)
+        assert (rows[picked]["step"], len(rows)) == (summary["best_step"], ran)
+    # strict from 0 (accuracy): the 0 is not saved and the tie is not either; ties from -inf: the second 0.5 wins
+    assert replay_selection(scores, authors_protocol("accuracy"), 2) == (1, 4)
+    assert replay_selection(scores, Protocol(), 2) == (2, 5)
+
+
+def _cls_lists(data: Path, val: list[str]) -> None:
+    for i in range(6):
+        _png(data / f"img{i}.png", np.full((64, 64), 40 * i, np.uint8))
+    (data / "train_list.txt").write_text("img0.png 1 0 1 0\nimg1.png 0 1 0 1\n")
+    (data / "val_list.txt").write_text("".join(f"img{2 + i}.png {labels}\n" for i, labels in enumerate(val)))
+    (data / "test_list.txt").write_text("img4.png 1 1 0 0\nimg5.png 0 0 1 1\n")
+
+
+def test_auroc_undefined_class_stop_or_skip(tmp_path, tiny_folder):
+    from ecamp.train.downstream.classification import finetune_classification
+
+    # D15: no positive for nodule, no negative for cardiomegaly in the validation list
+    data = tmp_path / "data"
+    _cls_lists(data, ["1 0 1 0", "0 0 1 1"])
+    r = Recipe(1, 0.01, 1, 2)
+    kw = dict(model_name=f"local-dir:{tiny_folder}", recipe=r, num_workers=0, progress=False)
+    with pytest.raises(DataError, match=r"(?s)validation rows \(2, from .*val_list.txt\) have no positive or no "
+                                        r"negative for nodule, cardiomegaly.*scikit-learn 1.3.2.*ValueError"
+                                        r".*auroc_undefined_class=skip") as e:
+        finetune_classification("phantom", 100, data, tmp_path / "authors", authors_protocol=True, **kw)
+    assert e.value.path == str(data / "val_list.txt") and not (tmp_path / "authors" / "metrics.jsonl").exists()
+    skipped = finetune_classification("phantom", 100, data, tmp_path / "skip", authors_protocol=True,
+                                      protocol={"auroc_undefined_class": "skip"}, **kw)
+    assert skipped["protocol_options"]["auroc_undefined_class"] == "skip"
+    metrics = finetune_classification("phantom", 100, data, tmp_path / "default", **kw)
+    assert metrics["protocol_options"]["auroc_undefined_class"] == "skip"
+    val = json.loads((tmp_path / "default" / "metrics.jsonl").read_text().splitlines()[0])["val_auroc"]
+    assert math.isfinite(val)  # the mean over effusion and pneumothorax
+    # the test list is checked too: every class is fine in validation, nodule has no negative in test
+    _cls_lists(data, ["1 0 1 0", "0 1 0 1"])
+    (data / "test_list.txt").write_text("img4.png 1 1 0 0\nimg5.png 0 1 1 1\n")
+    with pytest.raises(DataError, match=r"(?s)test rows \(2, from .*test_list.txt\).* nodule: .*in test\(\)"):
+        finetune_classification("phantom", 100, data, tmp_path / "authors-test", authors_protocol=True, **kw)
+
+
+def test_auroc_of_float32_sigmoid_or_logits(tmp_path):
+    from types import SimpleNamespace
+
+    from ecamp.train.downstream.classification import ClassificationTask
+
+    # positives at logits 5e-8 and 2, negatives at -3e-8 and 1e-8: the logits rank every positive first (AUROC 1),
+    # while float32 sigmoid maps the three near-zero logits all to 0.5, a three-way tie (AUROC 0.75)
+    logits = torch.tensor([[-3e-8], [1e-8], [5e-8], [2.0]])
+    y = torch.tensor([[0.0], [0.0], [1.0], [1.0]])
+    rows = [(f"{i}.png", y[i].numpy()) for i in range(4)]
+    assert torch.equal(torch.sigmoid(logits[:3]), torch.full((3, 1), 0.5))
+
+    def scored(protocol: Protocol) -> float:
+        task = ClassificationTask("rsna", 100)
+        run = SimpleNamespace(rows={"train": rows, "val": rows, "test": rows[::-1]}, lists=tmp_path, protocol=protocol,
+                              seed=0, data_root=tmp_path, files={s: tmp_path / f"{s}.txt" for s in ("train", "val",
+                                                                                                      "test")})
+        task.prepare_rows(run)
+        return task.score(task.predict(lambda x: logits, (torch.zeros(4), y), torch.device("cpu")))[0]
+
+    assert scored(Protocol()) == 1.0
+    assert scored(authors_protocol()) == 0.75 and authors_protocol().auroc_scores == "sigmoid-fp32"
+    assert scored(Protocol(auroc_scores="sigmoid-fp32")) == 0.75
 
 
 def test_yolo_class_loss_over_all_cells_or_positives():
@@ -232,7 +362,7 @@ def test_fidelity_doc_names_every_option():
     section = section[:section.find("\n## ", 5)] if "\n## " in section[5:] else section
     for f in dataclasses.fields(Protocol):
         assert re.search(rf"`{f.name}`", section), f"docs/fidelity.md, Downstream: no row for {f.name}"
-    for item in [f"D{k}" for k in range(1, 14)] + ["#35", "#38", "#39", "#43", "#45", "#46"]:
+    for item in [f"D{k}" for k in range(1, 17)] + ["#35", "#38", "#39", "#43", "#45", "#46"]:
         assert re.search(rf"(?<![\w#]){re.escape(item)}(?!\d)", section), item
 
 

@@ -8,7 +8,8 @@ point ``--lists`` at them. :func:`write_splits` writes seeded splits of your own
 
 Protocol fixes relative to the authors (dossier 12), on by default: the step budget is enforced and the schedule
 clamped (#35), the scheduler steps after the optimizer (#36), the linear probe is a true one (frozen trunk in eval
-mode, #39), and model selection never happens on the test set (#40). The authors' CheXpert ``val_list.txt`` equals
+mode, #39), and model selection never happens on the test set (#40). The mean AUROC is over the classes that have a
+positive and a negative in the split (D15), computed on the logits (D16). The authors' CheXpert ``val_list.txt`` equals
 its ``test_list.txt``; ecamp then tests on ``test_list_600.txt`` (the official CheXpert test images, in the same
 folder of their repository) when it is there, and otherwise validates on a seeded 10 % of the training list.
 ``authors_protocol=True`` (``--authors-protocol``) keeps the authors' behaviour, for comparison with the paper;
@@ -37,7 +38,8 @@ from ecamp.train.downstream.recipes import Recipe
 from ecamp.train.downstream.task import FinetuneRun, HeadTask, run_finetune
 
 __all__ = ["TASKS", "Task", "read_list_file", "ListDataset", "split_indices", "write_splits", "select_validation",
-           "ClassificationTask", "finetune_classification", "export_classifier"]
+           "undefined_auroc_classes", "refuse_undefined_auroc", "ClassificationTask", "finetune_classification",
+           "export_classifier"]
 
 logger = logging.getLogger("ecamp")
 
@@ -146,8 +148,36 @@ def _metric(task: Task, logits: np.ndarray, targets: np.ndarray) -> tuple[float,
     return float(np.nanmean(per)), per
 
 
+def undefined_auroc_classes(targets: np.ndarray) -> list[int]:
+    """The classes whose AUROC is undefined on ``targets`` [N, C]: no positive, or no negative."""
+    return [c for c in range(targets.shape[1]) if not 0 < targets[:, c].sum() < len(targets)]
+
+
+def refuse_undefined_auroc(rows: dict[str, list], sources: dict[str, Path], task: Task) -> None:
+    """``auroc_undefined_class="stop"`` (D15): refuse, before training, validation or test rows on which a class's
+    AUROC is undefined, saying what the authors' code would have done with them."""
+    for split, what in (("val", "validation"), ("test", "test")):
+        if not rows[split]:
+            continue
+        bad = undefined_auroc_classes(np.stack([y for _, y in rows[split]]))
+        if not bad:
+            continue
+        names = ", ".join(task.labels[c] if c < len(task.labels) else f"class {c}" for c in bad)
+        then = ("at the first validation (Classification/train.py:477 -> :245 -> :69); with a later scikit-learn, "
+                "which returns NaN, the mean is NaN, `best_auc <= nan` (:484) never saves a checkpoint and test() "
+                "fails to load one" if split == "val" else
+                "in test() after training (:337 -> :69); with a later scikit-learn the test AUROC is NaN")
+        raise DataError(
+            f"The {what} rows ({len(rows[split])}, from {sources[split]}) have no positive or no negative for "
+            f"{names}: the authors' code averages AUROC over every class (Classification/train.py:65-71, :246), "
+            f"and with their scikit-learn 1.3.2 roc_auc_score raises ValueError ('Only one class present in y_true') "
+            f"{then}. Refused before training (auroc_undefined_class=stop, D15); pass --protocol-option "
+            f"auroc_undefined_class=skip to leave such classes out of the mean, as ecamp does by default.",
+            path=sources[split])
+
+
 def export_classifier(model: nn.Module, folder: str | Path, *, label_names: list[str], multilabel: bool,
-                      ecamp_cfg: EcampCfg | None = None) -> dict:
+                      ecamp_cfg: EcampCfg | dict[str, Any] | None = None) -> dict:
     """Write a fine-tuned classifier as a timm-format folder (:func:`ecamp.save_pretrained`) that
     ``ecamp.load`` and transformers' ``TimmWrapper`` read: ``num_classes``, ``label_names`` and, in the ``ecamp``
     block, ``task``, ``activation`` (sigmoid for multi-label, softmax for multi-class) and ``ecamp_cfg``. A
@@ -164,9 +194,12 @@ def export_classifier(model: nn.Module, folder: str | Path, *, label_names: list
         model.head.load_state_dict(probe.head.state_dict())
         # not the base encoder's name
         model.ecamp_cfg = ecamp_cfg_of(probe) if getattr(probe, "ecamp_cfg", None) else ecamp_cfg_of(model)
-    block = ecamp_cfg if ecamp_cfg is not None else ecamp_cfg_of(model)
-    block = block.replace(task=block.task or "classification",
-                          activation=block.activation or ("sigmoid" if multilabel else "softmax"))
+    activation = "sigmoid" if multilabel else "softmax"
+    if ecamp_cfg is None:  # the model's own block, told what it now is
+        block = ecamp_cfg_of(model).replace(task="classification", activation=activation)
+    else:  # the given block decides; multilabel fills in what it does not say
+        block = EcampCfg.from_dict(ecamp_cfg)
+        block = block.replace(task=block.task or "classification", activation=block.activation or activation)
     return save_pretrained(model, folder, label_names=label_names, ecamp_cfg=block)
 
 
@@ -184,6 +217,7 @@ class ClassificationTask(HeadTask):
         super().__init__(key, fraction)
         self.task, self.mode, self.metric = TASKS[key], mode, TASKS[key].metric
         self.loss_fn = nn.BCEWithLogitsLoss() if self.task.multilabel else nn.CrossEntropyLoss()
+        self.sigmoid_scores = False  # D16, set by prepare_rows from the run's protocol
 
     @property
     def desc(self) -> str:
@@ -203,6 +237,11 @@ class ClassificationTask(HeadTask):
                                             authors=run.protocol.select_on_test, seed=run.seed)
         if rows["test"] is not listed_test:  # CheXpert's official test list replaced it
             check_paths({run.lists / "test_list_600.txt": [name for name, _ in rows["test"]]}, run.data_root)
+        if self.task.metric == "auroc" and run.protocol.auroc_undefined_class == "stop":
+            sources = {"val": run.files["val"] if rows["val"] is run.rows["val"] else run.files["train"],
+                       "test": run.files["test"] if rows["test"] is listed_test else run.lists / "test_list_600.txt"}
+            refuse_undefined_auroc(rows, sources, self.task)
+        self.sigmoid_scores = self.task.multilabel and run.protocol.auroc_scores == "sigmoid-fp32"
         return rows
 
     def build_model(self, run: FinetuneRun) -> nn.Module:
@@ -245,7 +284,10 @@ class ClassificationTask(HeadTask):
 
     def predict(self, net: nn.Module, batch: Any, device: torch.device) -> list:
         x, y = batch
-        return list(zip(net(x.to(device)).float().cpu(), y, strict=True))
+        out = net(x.to(device)).float()
+        if self.sigmoid_scores:  # D16: the authors score float32 sigmoid probabilities
+            out = out.sigmoid()
+        return list(zip(out.cpu(), y, strict=True))
 
     def score(self, outputs: list) -> tuple[float, list[float]]:
         return _metric(self.task, torch.stack([p for p, _ in outputs]).numpy(),

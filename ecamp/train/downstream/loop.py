@@ -33,7 +33,8 @@ from ecamp.train.common.schedule import warmup_cosine_factor
 from ecamp.train.downstream.protocol import Protocol
 from ecamp.train.downstream.recipes import Recipe
 
-__all__ = ["Runtime", "evaluate", "train_head", "write_metrics", "finetuned_block", "export_dense"]
+__all__ = ["Runtime", "evaluate", "train_head", "initial_best", "improves", "replay_selection", "write_metrics",
+           "finetuned_block", "export_dense"]
 
 logger = logging.getLogger("ecamp")
 
@@ -55,6 +56,30 @@ def evaluate(model: nn.Module, dataset: torch.utils.data.Dataset, predict: Calla
     for batch in loader:
         outputs.extend(predict(model, batch))
     return score([o for part in gather_objects(outputs, rt) for o in (part or [])])
+
+
+def initial_best(protocol: Protocol) -> float:
+    """The best score before the first validation: 0 as the authors' (``best_starts_at_zero``, D14), else -inf."""
+    return 0.0 if protocol.best_starts_at_zero else float("-inf")
+
+
+def improves(val: float, best: float, protocol: Protocol) -> bool:
+    """Whether a validation score replaces the best checkpoint: above it, or equal with ``save_on_tie`` (D2)."""
+    return val > best or (protocol.save_on_tie and val == best)
+
+
+def replay_selection(scores: Sequence[float], protocol: Protocol, patience: int) -> tuple[int | None, int]:
+    """:func:`train_head`'s model selection on a sequence of validation scores: (the index of the selected one,
+    None if none was saved; how many validations run before early stopping ends the run)."""
+    best, selected, bad = initial_best(protocol), None, 0
+    for i, val in enumerate(scores):
+        if improves(val, best, protocol):
+            best, selected, bad = val, i, 0
+        else:
+            bad += 1
+        if patience and bad >= patience:
+            return selected, i + 1
+    return selected, len(scores)
 
 
 def _optimizer(params: Sequence[nn.Parameter], r: Recipe) -> torch.optim.Optimizer:
@@ -85,7 +110,8 @@ def train_head(model: nn.Module, train_set: torch.utils.data.Dataset,
 
     ``loss_fn(model, batch, device)`` gives the training loss of a batch (``model`` may be wrapped in DDP);
     ``validate()`` scores the current weights on the validation split (higher is better). ``protocol`` supplies
-    ``drop_last``, ``save_on_tie``, ``start_eval_strict`` and ``scheduler_before_optimizer`` (default: ecamp's).
+    ``drop_last``, ``save_on_tie``, ``start_eval_strict``, ``scheduler_before_optimizer`` and
+    ``best_starts_at_zero`` (default: ecamp's).
     ``export(model, folder, {"step", "val_<metric>"})`` writes the model into a folder; each new best is written
     to a temporary folder that then replaces ``output_dir/best`` (the main process only).
     """
@@ -118,11 +144,13 @@ def train_head(model: nn.Module, train_set: torch.utils.data.Dataset,
     if len(loader) == 0:
         raise DataError(f"The training split has {len(train_set)} samples: too few for {rt.world} processes.")
     opt = _optimizer(params, recipe)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine_factor(recipe.warmup, recipe.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine_factor(
+        recipe.warmup, recipe.steps, scheduler_first=proto.scheduler_before_optimizer))
     scaler = grad_scaler(rt.device, recipe.precision)
     eval_every = recipe.eval_every or len(loader)
     log = MetricsLog(out, enabled=rt.main, fresh=True)
-    best, best_state, best_step, bad, step = float("-inf"), None, 0, 0, 0
+    best = initial_best(proto)  # the authors' 0 (D14): a first score that does not beat it is not saved
+    best_state, best_step, bad, step, evaluations = None, 0, 0, 0, 0
     losses: list[float] = []
     bar = progress_bar(total=recipe.steps, desc=desc, unit="step", disable=not progress or not rt.main)
     try:
@@ -134,7 +162,7 @@ def train_head(model: nn.Module, train_set: torch.utils.data.Dataset,
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
-            if proto.scheduler_before_optimizer:  # the authors' order (#36): every step uses the next step's lr
+            if proto.scheduler_before_optimizer:  # the authors' order (#36): step k runs at their factor(k)
                 with warnings.catch_warnings():
                     warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*before.*optimizer.step")
                     sched.step()
@@ -149,10 +177,11 @@ def train_head(model: nn.Module, train_set: torch.utils.data.Dataset,
             started = step > recipe.start_eval if proto.start_eval_strict else step >= recipe.start_eval
             if (started and step % eval_every == 0) or step == recipe.steps:
                 val = validate()
+                evaluations += 1
                 row = {"step": step, "loss": sum(losses) / len(losses), "lr": sched.get_last_lr()[0],
                        f"val_{metric}": val}
                 losses = []
-                if val > best or (proto.save_on_tie and val == best):
+                if improves(val, best, proto):
                     best, best_step, bad = val, step, 0
                     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                     if rt.main and export is not None:
@@ -170,6 +199,14 @@ def train_head(model: nn.Module, train_set: torch.utils.data.Dataset,
     finally:
         bar.close()
         log.close()
+    if best_state is None and proto.best_starts_at_zero:
+        rule = "at least 0" if proto.save_on_tie else "above 0"
+        raise DataError(
+            f"None of the {evaluations} validation {metric} scores was {rule}, and the authors' best score starts "
+            f"at 0 (best_starts_at_zero, D14; Classification/train.py:418, :484/:492, Segmentation/train.py:358, "
+            f"Detection/train.py:441): their code would have saved no checkpoint, so its test() would fail to load "
+            f"one. Stopped without testing; {out / 'metrics.jsonl'} has the validation scores. Pass --protocol-option "
+            f"best_starts_at_zero=false to select the first validation instead.", path=out / "metrics.jsonl")
     if best_state is not None:
         model.load_state_dict(best_state)
     return {"steps_run": step, f"val_{metric}": best, "best_step": best_step,

@@ -26,7 +26,10 @@ class Protocol:
     drop_last: bool = False  # D1: keep the last, partial batch of each epoch (the authors'; also ecamp's default)
     save_on_tie: bool = True  # D2: a validation score equal to the best replaces the checkpoint
     start_eval_strict: bool = True  # D11: first validation after step > start_eval (the authors' ``>``)
-    scheduler_before_optimizer: bool = False  # #36: the authors stepped the schedule before the optimizer
+    # #36: the authors' learning rates: their schedule stepped before the optimizer, so step k runs at their
+    # factor(k) (k / warmup, then the cosine at k); ecamp's runs k / warmup, then the cosine at k - 1
+    scheduler_before_optimizer: bool = False
+    best_starts_at_zero: bool = False  # D14: the best score starts at 0, not -inf (a first score of 0 may not save)
     precision: str | None = field(default=None, metadata={"choices": (None, "fp32", "bf16", "fp16")})  # D13
     # -- classification -------------------------------------------------------------------------------------------
     # D12: "true-probe" (frozen trunk in eval mode), "authors" (their --mode LinearProbe: only head.* trains, the
@@ -34,6 +37,11 @@ class Protocol:
     # their run_lp.sh ran: it never passes --mode LinearProbe)
     lp_head: str = field(default="true-probe", metadata={"choices": ("true-probe", "authors", "full-finetune")})
     select_on_test: bool = False  # #40: where val_list equals test_list, select on it anyway
+    # D15: a class whose validation or test labels are all alike: left out of the mean AUROC ("skip"), or the run
+    # refused before training ("stop": the authors' roc_auc_score raises, or its NaN mean saves nothing)
+    auroc_undefined_class: str = field(default="skip", metadata={"choices": ("skip", "stop")})
+    # D16: AUROC of the logits, or of their float32 sigmoid (which ties logits closer than about 2.4e-7 near 0)
+    auroc_scores: str = field(default="logits", metadata={"choices": ("logits", "sigmoid-fp32")})
     # -- segmentation and detection -------------------------------------------------------------------------------
     # D3: dense heads read the tokens after the encoder's final LayerNorm, or the raw block-12 tokens
     dense_tokens: str = field(default="final-norm", metadata={"choices": ("final-norm", "raw-block")})
@@ -64,7 +72,8 @@ def authors_protocol(metric: str = "auroc") -> Protocol:
     """The authors' behaviour for every item. ``metric``: the task's validation metric, since their
     classification code saves on ties for AUROC but not for accuracy (``train.py:484`` vs ``:492``)."""
     return Protocol(drop_last=False, save_on_tie=metric != "accuracy", start_eval_strict=True,
-                    scheduler_before_optimizer=True, precision="fp16", lp_head="authors", select_on_test=True,
+                    scheduler_before_optimizer=True, best_starts_at_zero=True, precision="fp16", lp_head="authors",
+                    select_on_test=True, auroc_undefined_class="stop", auroc_scores="sigmoid-fp32",
                     dense_tokens="raw-block", resize="linear-uint8", siim_balance_negatives=True,
                     siim_augment_mask=False, affine_p=0.5, image_interpolation="bilinear", riga_rgb=True,
                     riga_loss="mean-of-two", yolo_class_loss_over="all", nms_iou_plus_one=True, det_test_split="val",
