@@ -1,0 +1,714 @@
+"""ecamp's downstream fine-tuning under ``--authors-protocol`` beside the authors' own script, on phantom lists.
+
+    python bench/vs_authors_finetune.py --authors PATH/TO/ECAMP-checkout --authors-pythonpath DIR --head cls
+    python bench/vs_authors_finetune.py --authors PATH/TO/ECAMP-checkout --authors-pythonpath DIR --head cls \\
+        --mode linear-probe
+    python bench/vs_authors_finetune.py --authors PATH/TO/ECAMP-checkout --authors-pythonpath DIR --head seg
+
+The authors' ``ECAMP/Fine-tuning/Classification/train.py`` (``--head cls``) or ``Segmentation/train.py`` with
+``--task RSNA`` (``--head seg``) is imported at run time from the checkout given and run through its own
+``main()``; nothing of it is copied here. ``ecamp train phantom`` writes the lists in the authors' formats:
+``--kind classification`` for classification, ``--kind detection`` (``image_path,bbox``) at 1024 px for RSNA
+segmentation, whose masks are the filled boxes on a 1024 x 1024 grid (ecamp reads them after
+``ecamp.train.downstream.segmentation.convert_lists``). Their ``./datasets/<task>/`` layout is made in a scratch
+folder that is their working directory. Both sides start from the same encoder weights (the authors' side reads
+them as a ``{"model": state_dict}`` file, as it reads ECAMP's release), train with the same recipe, and run
+``--seeds`` (two) seeds each. The table gives steps per epoch, the learning rate at every step, the evaluation
+points, the selected step, the test metric of each side's selected weights scored by both sides' test code, and
+each side's end-to-end test metric. The script exits 1 on a difference that ``docs/fidelity.md`` does not name.
+
+What is compared, and how:
+
+- steps per epoch: the length of each side's training loader;
+- learning rate: the value in the optimizer at every ``optimizer.step()`` (a wrapper records it), bit for bit;
+- evaluation points: the steps at which each side validated;
+- selected step: each side's (the authors': their last ``save_model_*``). The two runs see different validation
+  scores (their random streams differ: data order, augmentation, head init), so the rule is checked instead:
+  ecamp's selection (``ecamp.train.downstream.loop.replay_selection``, what its loop runs) replayed on the
+  authors' validation scores must pick their saved step and stop where they stopped;
+- test metric on the same weights: the authors' selected weights scored by ecamp's test code, and ecamp's
+  selected weights (written as their ``<name>_best{auc,acc,dice}_checkpoint.bin``; the segmentation keys mapped
+  onto their ``SegViT``) by their ``test()``; each must equal the other side's own score of them. For
+  segmentation their test tensors are also saved and scored by ecamp's model, which must give their Dice exactly,
+  and the two sides' test inputs are compared: masks must be identical, images may be one 8-bit level apart
+  (their cv2 ``INTER_LINEAR`` on 8-bit images against ecamp's ``resize=linear-uint8``, D6), and then the Dice of
+  each side's own inputs may differ by that;
+- end-to-end: each side's test metric of its own run, per seed (reported, not compared: the random streams
+  differ).
+
+The budget is a whole number of epochs (``--epochs``), since the authors check it only at epoch ends (#35, not
+reproduced by ecamp). Both sides train in fp32: the authors' ``--fp16`` needs apex and CUDA (D13), so it is not
+passed, and ecamp gets ``--precision fp32``.
+
+The authors' process gets ``--authors-pythonpath`` first on its path, holding their pinned packages for Python
+3.11 (``pip install --target DIR --no-deps timm==0.4.12 scikit-learn==1.3.2 numpy==1.24.4 scipy==1.10.1
+pandas==2.0.3 pytz tzdata python-dateutil six ml-collections==0.1.1 absl-py contextlib2
+opencv-python-headless==4.10.0.84``, and for segmentation ``albumentations==1.4.18 albucore==0.0.17
+eval-type-backport scikit-image==0.21.0 einops``, with pydantic >= 2.7 from this environment or added there);
+torch, torchvision and Pillow are this environment's. To run their files unedited it also, where they are
+missing, provides an empty ``apex`` (imported at ``train.py:18-19``, used only with ``--fp16``), an empty ``ipdb``,
+a ``SummaryWriter`` that writes nothing (``torch.utils.tensorboard`` needs the tensorboard package) and, for
+segmentation, an empty ``segmentation_models_pytorch`` (only their ResNet-50 U-Net uses it). With ``--model tiny``
+(the default: a randomly initialised ViT of width 48, depth 2, 3 heads, written by this script at 64 px for
+classification and 224 px for segmentation) their ``models_vit.vit_base_patch16`` or ``SegViT`` is built, from
+their own classes, at that size (their segmentation decoder as it is). Each change is printed. Their data loaders
+keep their 16 workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+# per head: the authors' folder and --task (whose ./datasets/<task>/ holds the lists), the metric, the list suffix,
+# their checkpoint name, the tiny encoder's input size (their SegViT is built at timm's default 224), the default lr
+HEADS = {
+    "cls": {"folder": "Classification", "task": "ChestX-ray14", "metric": "auroc", "suffix": ".txt",
+            "checkpoint": "ecamp_bestauc_checkpoint.bin", "img_size": 64, "lr": 3e-2},
+    "seg": {"folder": "Segmentation", "task": "RSNA", "metric": "dice", "suffix": ".csv",
+            "checkpoint": "ecamp_bestdice_checkpoint.bin", "img_size": 224, "lr": 5e-4},
+}
+TINY = {"patch_size": 16, "embed_dim": 48, "depth": 2, "num_heads": 3, "mlp_ratio": 4.0}
+
+
+# -- the authors' process ----------------------------------------------------------------------------------------
+def _shim_authors(changes: list[str], head: str) -> None:
+    """Make the authors' Classification code importable here without editing it; each change goes to ``changes``."""
+    import types
+
+    try:
+        import apex  # noqa: F401
+    except ImportError:
+        apex = types.ModuleType("apex")
+        apex.amp = types.ModuleType("apex.amp")
+        apex.parallel = types.ModuleType("apex.parallel")
+        apex.parallel.DistributedDataParallel = None
+        sys.modules.update({"apex": apex, "apex.amp": apex.amp, "apex.parallel": apex.parallel})
+        changes.append("apex is not installed: an empty apex module lets train.py:18-19 import (apex is used only "
+                       "with --fp16, which is not passed)")
+    try:
+        import ipdb  # noqa: F401
+    except ImportError:
+        sys.modules["ipdb"] = types.ModuleType("ipdb")
+        changes.append("ipdb is not installed: an empty module (train.py:32, models_vit.py:21, my_dataset.py:9 "
+                       "import it; nothing calls it)")
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError:
+        board = types.ModuleType("torch.utils.tensorboard")
+
+        class SummaryWriter:  # their scalars only go to TensorBoard
+            def __init__(self, *a, **k):
+                pass
+
+            def add_scalar(self, *a, **k):
+                pass
+
+            def close(self):
+                pass
+
+        board.SummaryWriter = SummaryWriter
+        sys.modules["torch.utils.tensorboard"] = board
+        changes.append("tensorboard is not installed: a SummaryWriter that writes nothing (train.py:16, :367)")
+    try:
+        if head == "seg":
+            import segmentation_models_pytorch  # noqa: F401
+    except ImportError:
+        sys.modules["segmentation_models_pytorch"] = types.ModuleType("segmentation_models_pytorch")
+        changes.append("segmentation_models_pytorch is not installed: an empty module (Segmentation/train.py:27 "
+                       "imports it; only its ResNet-50 U-Net branch uses it)")
+
+
+def _size_authors_model(mod, head: str, vit: dict | None, changes: list[str]) -> None:
+    """Build the authors' model at the encoder's size where it is not their ViT-B/16 (their own classes)."""
+    if vit is None:
+        return
+    from functools import partial
+
+    from torch import nn
+
+    if head == "cls":
+        import models_vit
+
+        models_vit.vit_base_patch16 = partial(models_vit.VisionTransformer, in_chans=3, qkv_bias=True,
+                                              norm_layer=partial(nn.LayerNorm, eps=1e-6), **vit)
+        changes.append(f"models_vit.vit_base_patch16 builds their VisionTransformer at {vit} (the encoder's size) "
+                       f"instead of ViT-B/16 at 224")
+    else:
+        seg_vit = mod.SegViT
+        size = {"patch_size": vit["patch_size"], "hidden_size": vit["embed_dim"], "num_hidden_layers": vit["depth"],
+                "num_attention_heads": vit["num_heads"], "mlp_ratio": vit["mlp_ratio"]}
+        mod.SegViT = lambda **kw: seg_vit(**{**kw, **size})
+        changes.append(f"train.py's SegViT is built with {size} (the encoder's size) instead of ViT-B/16; its "
+                       f"decoder is theirs as it is")
+
+
+def _authors_worker(spec: dict) -> dict:
+    """Run the authors' train.py ``main()`` with ``spec["argv"]``; record what the table needs."""
+    import importlib.util
+
+    import numpy as np
+    import torch
+
+    head = spec["head"]
+    root = Path(spec["authors"]) / "ECAMP" / "Fine-tuning" / HEADS[head]["folder"]
+    os.chdir(spec["cwd"])  # their data sets read ./datasets/<task>/<list>
+    sys.path.insert(0, str(root))
+    changes: list[str] = []
+    _shim_authors(changes, head)
+    module_spec = importlib.util.spec_from_file_location(f"authors_{HEADS[head]['folder'].lower()}_train",
+                                                         root / "train.py")
+    mod = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(mod)
+    _size_authors_model(mod, head, spec["vit"], changes)
+    rec: dict = {"changes": changes, "lrs": [], "evals": [], "saves": [], "steps_per_epoch": None, "test": None,
+                 "test_per_class": None, "missing_keys": None}
+    phase = {"now": "train", "step": None}
+    test_parts: list = []
+
+    # recording wrappers: each calls the authors' function and returns its result unchanged
+    def recording(cls):
+        step = cls.step
+
+        def optimizer_step(self, *a, **k):
+            rec["lrs"].append(self.param_groups[0]["lr"])
+            return step(self, *a, **k)
+
+        cls.step = optimizer_step
+
+    recording(torch.optim.SGD)  # classification
+    recording(torch.optim.AdamW)  # segmentation
+    get_loader, valid, test = mod.get_loader, mod.valid, mod.test
+    load_name = "load_weight" if hasattr(mod, "load_weight") else "load_weights"
+    load_weight = getattr(mod, load_name)
+
+    def get_loader_rec(args):
+        out = get_loader(args)
+        if isinstance(out, tuple):
+            rec["steps_per_epoch"] = len(out[0])
+        return out
+
+    def valid_rec(args, model, writer, loader, global_step):
+        phase.update(now="valid", step=global_step)
+        result = valid(args, model, writer, loader, global_step)
+        rec["evals"].append([global_step, float(result[0])])
+        phase["now"] = "train"
+        return result
+
+    def test_rec(*a, **k):
+        phase["now"] = "test"
+        if head == "seg" and spec.get("dump_inputs"):  # their test inputs, for ecamp's model to score as well
+            xs, ys = zip(*list(a[2]), strict=True)
+            torch.save({"x": torch.cat(xs), "y": torch.cat(ys)}, spec["dump_inputs"])
+        return test(*a, **k)
+
+    def load_weight_rec(model, weight_path, args):
+        if args.stage == "test":
+            have = torch.load(weight_path, map_location="cpu")
+            rec["missing_keys"] = sorted(set(model.state_dict()) - set(have))
+        return load_weight(model, weight_path, args)
+
+    def save_rec(save):
+        def saving(args, model):
+            rec["saves"].append(phase["step"])
+            return save(args, model)
+        return saving
+
+    if head == "cls":
+        auc, accuracy = mod.auc, mod.simple_accuracy
+
+        def auc_rec(pred, labels, num_classes):
+            out = auc(pred, labels, num_classes)
+            if phase["now"] == "test":
+                rec["test_per_class"] = [float(v) for v in out]
+                rec["test"] = float(np.array(out).mean())  # their test(): np.array(aurocs).mean()
+            return out
+
+        def accuracy_rec(preds, labels):
+            out = accuracy(preds, labels)
+            if phase["now"] == "test" and not spec["multilabel"]:
+                rec["test"] = float(out)
+            return out
+
+        mod.auc, mod.simple_accuracy = auc_rec, accuracy_rec
+        mod.save_model_auc, mod.save_model_acc = save_rec(mod.save_model_auc), save_rec(mod.save_model_acc)
+    else:
+        get_dice = mod.get_dice
+
+        def dice_rec(probability, truth, threshold=0.5):
+            out = get_dice(probability, truth, threshold)
+            if phase["now"] == "test":
+                test_parts.append(out)
+                rec["test"] = float(np.concatenate(test_parts).mean())  # their test(): the mean Dice per image
+            return out
+
+        mod.get_dice = dice_rec
+        mod.save_model_dice = save_rec(mod.save_model_dice)
+    mod.get_loader, mod.valid, mod.test = get_loader_rec, valid_rec, test_rec
+    setattr(mod, load_name, load_weight_rec)
+    sys.argv = ["train.py", *spec["argv"]]
+    try:
+        mod.main()
+    except Exception as e:  # noqa: BLE001 - reported in the table: what their code did
+        import traceback
+
+        tb = traceback.extract_tb(e.__traceback__)
+        where = next((f"{Path(f.filename).name}:{f.lineno}" for f in reversed(tb) if str(root) in f.filename),
+                     f"{tb[-1].filename}:{tb[-1].lineno}")
+        rec["error"] = f"{type(e).__name__}: {e} (at {where})"
+    return rec
+
+
+# -- ecamp's process ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _record_ecamp(rec: dict):
+    import torch
+
+    from ecamp.train.downstream import loop
+
+    saved = {cls: cls.step for cls in (torch.optim.SGD, torch.optim.AdamW)}
+    endless = loop._endless
+
+    def recording(step):
+        def optimizer_step(self, *a, **k):
+            rec["lrs"].append(self.param_groups[0]["lr"])
+            return step(self, *a, **k)
+        return optimizer_step
+
+    def endless_rec(loader, sampler):
+        rec["steps_per_epoch"] = len(loader)
+        return endless(loader, sampler)
+
+    for cls, step in saved.items():
+        cls.step = recording(step)
+    loop._endless = endless_rec
+    try:
+        yield
+    finally:
+        for cls, step in saved.items():
+            cls.step = step
+        loop._endless = endless
+
+
+# the authors' SegViT keys <-> ecamp's SegmentationModel keys (their decoder_k stage j = ecamp's layer 4(k-1)+j)
+def _seg_key_to_ecamp(key: str) -> str:
+    if key.startswith("encoder.seg_head."):
+        return key[len("encoder."):]
+    if key.startswith("decoder.final_out."):
+        return "decoders.0.16." + key[len("decoder.final_out."):]
+    if key.startswith("decoder.decoder_"):
+        stage, layer, rest = key[len("decoder.decoder_"):].split(".", 2)
+        return f"decoders.0.{4 * (int(stage) - 1) + int(layer)}.{rest}"
+    return key
+
+
+def _seg_key_to_authors(key: str) -> str | None:
+    if key.startswith("seg_head."):
+        return "encoder." + key
+    if key.startswith("decoders.0."):
+        layer, rest = key[len("decoders.0."):].split(".", 1)
+        layer = int(layer)
+        return f"decoder.final_out.{rest}" if layer == 16 else f"decoder.decoder_{layer // 4 + 1}.{layer % 4}.{rest}"
+    if key.startswith("encoder.norm."):
+        return None  # their encoder has no final norm (D3); ecamp's is frozen and unused under raw-block
+    return key
+
+
+def _ecamp_run(spec: dict):
+    """The head, FinetuneRun and runtime ``run_finetune`` sets up for this comparison (the authors' protocol)."""
+    from ecamp.train.common.distributed import setup_runtime
+    from ecamp.train.downstream.classification import ClassificationTask
+    from ecamp.train.downstream.protocol import resolve_protocol
+    from ecamp.train.downstream.segmentation import SegmentationTask
+    from ecamp.train.downstream.task import FinetuneRun
+
+    head = ClassificationTask("phantom", 100, spec["mode"]) if spec["head"] == "cls" else SegmentationTask("rsna", 100)
+    proto = resolve_protocol({"precision": "fp32"}, True, head.metric)
+    data, lists = Path(spec["data"]), Path(spec["lists"])
+    files = head.list_files(lists, proto)
+    rows = {s: head.read_list(f) for s, f in files.items()}
+    rt = setup_runtime("cpu", seed=0)
+    run = FinetuneRun(spec["model"], data, lists, True, proto, head.default_recipe(), 0, files, rows, rt)
+    run.rows = head.prepare_rows(run)
+    return head, run, rt
+
+
+def _ecamp_test_of(spec: dict, state: dict) -> dict:
+    """ecamp's test score of the authors' selected weights ``state`` (run_finetune's test step: the same data
+    set, predictions and score); for segmentation also the score of their own test tensors and how far the two
+    sides' test inputs are apart."""
+    import ecamp
+    from ecamp.train.downstream.loop import evaluate
+
+    head, run, rt = _ecamp_run(spec)
+    if spec["head"] == "cls":
+        model = ecamp.load(spec["model"], num_classes=head.task.num_classes, fc_norm=True)
+        model.load_state_dict(state, strict=True)
+        head.trunk = model
+    else:
+        model = head.build_model(run)
+        mapped = {_seg_key_to_ecamp(k): v for k, v in state.items()}
+        own = model.state_dict()
+        missing = sorted(set(own) - set(mapped) - {k for k in own if k.startswith("encoder.norm.")})
+        if missing or set(mapped) - set(own):
+            raise KeyError(f"the authors' SegViT keys do not map onto ecamp's model: missing {missing[:5]}, "
+                           f"unexpected {sorted(set(mapped) - set(own))[:5]}")
+        model.load_state_dict({**own, **mapped}, strict=True)
+    sets = head.datasets(run)
+
+    def score(dataset):
+        scored = evaluate(model, dataset, lambda net, batch: head.predict(net, batch, rt.device), head.score, rt,
+                          batch_size=16)
+        return scored[0] if isinstance(scored, tuple) else scored
+
+    out = {"own_inputs": score(sets["test"])}
+    dump = Path(spec.get("authors_inputs", ""))
+    if spec["head"] == "seg" and dump.is_file():  # their test tensors through ecamp's model and score
+        import torch
+
+        theirs = torch.load(dump)
+        x, y = theirs["x"], theirs["y"].unsqueeze(1)
+        out["their_inputs"] = score(torch.utils.data.TensorDataset(x, y))
+        ours = [sets["test"][i] for i in range(len(sets["test"]))]
+        ox, oy = torch.stack([t[0] for t in ours]), torch.stack([t[1] for t in ours])
+        std = head.cfg["std"][0]  # normalised units -> 8-bit levels
+        out["inputs"] = {"mask_pixels_differing": int((oy != y).sum()),
+                         "image_max_levels": float((ox - x).abs().max() * std * 255),
+                         "image_share_differing": float(((ox - x).abs() * std * 255 > 0.5).float().mean())}
+    return out
+
+
+def _ecamp_worker(spec: dict) -> dict:
+    import torch
+    from safetensors.torch import load_file
+
+    from ecamp.train.cli import main
+
+    rec: dict = {"lrs": [], "steps_per_epoch": None}
+    out, metric = Path(spec["out"]), HEADS[spec["head"]]["metric"]
+    task = ["--dataset", "phantom", "--mode", spec["mode"]] if spec["head"] == "cls" else \
+        ["--head", "seg", "--dataset", "rsna", "--lists", spec["lists"]]
+    with _record_ecamp(rec):
+        rc = main(["finetune", *task, "--fraction", "100", "--data-root", spec["data"], "--output-dir", str(out),
+                   "--model", spec["model"], "--authors-protocol", "--precision", "fp32", "--max-steps",
+                   str(spec["steps"]), "--lr", str(spec["lr"]), "--batch-size", str(spec["batch_size"]), "--warmup",
+                   str(spec["warmup"]), "--seed", str(spec["seed"]), "--num-workers", "0", "--no-progress"])
+    if rc:
+        return {**rec, "error": f"ecamp train finetune exited {rc}"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    rec.update(evals=[[r["step"], r[f"val_{metric}"]] for r in rows], selected=metrics["best_step"],
+               test=metrics[f"test_{metric}"])
+    # ecamp's selected weights as the authors' test() reads them (their setup() for --stage test)
+    best = load_file(str(out / "best" / "model.safetensors"))
+    if spec["head"] == "seg":
+        best = {_seg_key_to_authors(k): v for k, v in best.items() if _seg_key_to_authors(k)}
+    Path(spec["as_authors"]).mkdir(parents=True, exist_ok=True)
+    torch.save(best, Path(spec["as_authors"]) / HEADS[spec["head"]]["checkpoint"])
+    # the authors' selected weights, scored by ecamp's test code
+    theirs = Path(spec["authors_best"])
+    if theirs.is_file():
+        rec["test_of_authors"] = _ecamp_test_of(spec, torch.load(theirs, map_location="cpu"))
+    return rec
+
+
+# -- the parent --------------------------------------------------------------------------------------------------
+def _run_worker(kind: str, spec: dict, work: Path, env: dict, log: Path) -> dict:
+    spec_file, result = work / f"{log.stem}.spec.json", work / f"{log.stem}.result.json"
+    spec_file.write_text(json.dumps(spec))
+    with open(log, "w") as f:
+        p = subprocess.run([sys.executable, str(HERE), "--worker", kind, "--spec", str(spec_file), "--result",
+                            str(result)], env=env, stdout=f, stderr=subprocess.STDOUT, cwd=str(work))
+    if not result.is_file():
+        tail = log.read_text().splitlines()[-15:]
+        raise SystemExit(f"The {kind} process exited {p.returncode} without a result; the end of {log}:\n"
+                         + "\n".join(tail))
+    return json.loads(result.read_text())
+
+
+def _tiny_encoder(folder: Path, img_size: int) -> None:
+    """A randomly initialised ECAMP-style encoder at the size of :data:`TINY`, as an ecamp folder."""
+    import timm
+    import torch
+
+    import ecamp
+    from ecamp.config import EcampCfg
+
+    cfg = ecamp.get_pretrained_cfg("cxr-vit-b")
+    block = cfg.pop("ecamp")
+    cfg["input_size"] = [3, img_size, img_size]
+    for key in ("hf_hub_id", "tag"):
+        cfg.pop(key, None)
+    torch.manual_seed(0)
+    model = timm.create_model("vit_base_patch16_224", pretrained=False, pretrained_cfg=cfg, num_classes=0,
+                              global_pool="avg", fc_norm=False, img_size=img_size,
+                              **{k: v for k, v in TINY.items() if k != "mlp_ratio"})
+    model.ecamp_cfg = EcampCfg.from_dict(block).replace(name=None, source=None)
+    ecamp.save_pretrained(model, folder, name="tiny-cxr")
+
+
+def _vit_size(model_name: str) -> dict | None:
+    """The authors' ``VisionTransformer`` arguments for the encoder, or None where it is their ViT-B/16 at 224."""
+    import ecamp
+
+    enc = ecamp.load(model_name)
+    size = {"img_size": enc.patch_embed.img_size[0], "patch_size": enc.patch_embed.patch_size[0],
+            "embed_dim": enc.embed_dim, "depth": len(enc.blocks), "num_heads": enc.blocks[0].attn.num_heads,
+            "mlp_ratio": enc.blocks[0].mlp.fc1.out_features / enc.embed_dim}
+    base = {"img_size": 224, "patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12, "mlp_ratio": 4.0}
+    return None if size == base else size
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.6g}"
+    if isinstance(v, list):
+        return ", ".join(_fmt(x) for x in v) if v else "none"
+    return str(v)
+
+
+def _phantom(args, work: Path) -> tuple[Path, Path]:
+    """The phantom films and lists (data root, the lists ecamp reads) of the head."""
+    data = work / f"data-{args.head}"
+    kind = "classification" if args.head == "cls" else "detection"  # RSNA segmentation reads the box lists
+    if not (data / f"test_list{HEADS[args.head]['suffix']}").is_file():
+        subprocess.run([sys.executable, "-m", "ecamp", "train", "phantom", "--kind", kind, "--out", str(data), "--n",
+                        str(args.n), "--seed", "0", "--size", str(args.size)], check=True, stdout=subprocess.DEVNULL)
+    if args.head == "cls":
+        return data, data
+    from ecamp.train.downstream.segmentation import convert_lists
+
+    # ecamp reads converted lists (img_path, mask_path) whose masks lie under its data root: one that links the
+    # films and holds the masks
+    root = work / "root-seg"
+    if not (root / "test_list.csv").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        if not (root / "images").exists():
+            (root / "images").symlink_to(data / "images", target_is_directory=True)
+        convert_lists("rsna", data, root, size=args.size)  # the authors' RSNA masks: the filled boxes
+    return data, root
+
+
+def compare(args) -> int:
+    if args.head == "det":
+        raise SystemExit("--head det: Detection/train.py is not compared by this script yet.")
+    spec_head = HEADS[args.head]
+    if args.head == "seg" and args.mode != "finetune":
+        raise SystemExit("--mode linear-probe exists for --head cls only.")
+    if args.head == "seg" and args.size != 1024:
+        raise SystemExit("--head seg needs --size 1024: the authors' RSNA masks are 1024 x 1024 "
+                         "(Segmentation/utils/my_dataset.py:237) and augmented with the image.")
+    checkout = Path(args.authors).resolve()
+    script = checkout / "ECAMP" / "Fine-tuning" / spec_head["folder"] / "train.py"
+    if not script.is_file():
+        raise SystemExit(f"{checkout} is not a checkout of ToniChopp/ECAMP (no {script.relative_to(checkout)}); "
+                         f"pass the folder that holds ECAMP/.")
+    import torch
+
+    import ecamp
+
+    args.lr = args.lr if args.lr is not None else spec_head["lr"]
+    work = Path(args.work or tempfile.mkdtemp(prefix="vs-authors-ft-"))
+    work.mkdir(parents=True, exist_ok=True)
+    data, lists_dir = _phantom(args, work)
+    model = args.model
+    if model == "tiny":
+        folder = work / f"tiny-encoder-{spec_head['img_size']}"
+        if not (folder / "config.json").is_file():
+            _tiny_encoder(folder, spec_head["img_size"])
+        model = f"local-dir:{folder}"
+    vit = _vit_size(model)
+    img_size = vit["img_size"] if vit else 224
+    if args.head == "seg" and img_size != 224:
+        raise SystemExit(f"--head seg: their SegViT is built at 224 px; the encoder takes {img_size}.")
+    pretrained = work / f"pretrained-{args.head}.pth"  # the encoder as the authors' setup() reads ECAMP's release
+    torch.save({"model": ecamp.load(model).state_dict()}, pretrained)
+    lists = {p.name: p for p in data.glob(f"*{spec_head['suffix']}")}
+    n_train = sum(1 for ln in lists[f"train_list{spec_head['suffix']}"].read_text().splitlines()[
+        1 if args.head == "seg" else 0:] if ln.strip())
+    per_epoch = -(-n_train // args.batch_size)
+    steps = args.epochs * per_epoch
+    env = dict(os.environ)
+    authors_env = dict(env)
+    if args.authors_pythonpath:
+        authors_env["PYTHONPATH"] = os.pathsep.join([args.authors_pythonpath, env.get("PYTHONPATH", "")]).rstrip(
+            os.pathsep)
+    runs = []
+    for seed in args.seeds:
+        tag = f"{args.head}-{args.mode}-s{seed}"
+        cwd = work / f"authors-{tag}"
+        shutil.rmtree(cwd, ignore_errors=True)
+        (cwd / "datasets" / spec_head["task"]).mkdir(parents=True)
+        for name, path in lists.items():
+            shutil.copy(path, cwd / "datasets" / spec_head["task"] / name)
+        out = cwd / "output"
+        argv = ["--name", "ecamp", "--stage", "train", "--model", "vit_base_patch16", "--task", spec_head["task"],
+                "--pretrained_path", str(pretrained), "--dataset_path", str(data), "--output_dir", str(out),
+                "--data_volume", "100", "--num_steps", str(steps), "--img_size", str(img_size), "--learning_rate",
+                str(args.lr), "--warmup_steps", str(args.warmup), "--train_batch_size", str(args.batch_size),
+                "--seed", str(seed)]
+        if args.head == "cls":
+            argv += ["--num_classes", "4", "--eval_batch_size", "64"]
+            argv += ["--mode", "LinearProbe"] if args.mode == "linear-probe" else []
+        else:  # their run.sh passes --weight_decay 0.05 (also their default)
+            argv += ["--eval_batch_size", "16", "--weight_decay", "0.05"]
+        base = {"authors": str(checkout), "head": args.head, "vit": vit, "multilabel": True}
+        inputs = work / f"authors-test-inputs-{tag}.pt"
+        theirs = _run_worker("authors", {**base, "cwd": str(cwd), "argv": argv, "dump_inputs": str(inputs)}, work,
+                             authors_env, work / f"authors-{tag}.log")
+        as_authors = work / f"ecamp-weights-{tag}"
+        ours = _run_worker("ecamp", {"head": args.head, "data": str(data if args.head == "cls" else lists_dir),
+                                     "lists": str(lists_dir), "model": model,
+                                     "mode": args.mode, "steps": steps, "lr": args.lr, "batch_size": args.batch_size,
+                                     "warmup": args.warmup, "seed": seed, "out": str(work / f"ecamp-{tag}"),
+                                     "as_authors": str(as_authors), "authors_best": str(out / spec_head["checkpoint"]),
+                                     "authors_inputs": str(inputs)},
+                           work, env, work / f"ecamp-{tag}.log")
+        test_argv = [a if a != "train" else "test" for a in argv]
+        test_argv[test_argv.index("--output_dir") + 1] = str(as_authors)
+        cross = _run_worker("authors", {**base, "cwd": str(cwd), "argv": test_argv}, work, authors_env,
+                            work / f"authors-test-{tag}.log")
+        runs.append((seed, theirs, ours, cross))
+    return _report(args, runs, vit, n_train, steps, per_epoch, work)
+
+
+def _report(args, runs, vit, n_train, steps, per_epoch, work: Path) -> int:
+    from ecamp.train.downstream.loop import replay_selection
+    from ecamp.train.downstream.protocol import resolve_protocol
+
+    spec_head = HEADS[args.head]
+    metric, name = spec_head["metric"], {"auroc": "AUROC", "dice": "Dice"}[spec_head["metric"]]
+    patience = 20 if args.head == "cls" else 40  # Classification/train.py:427, Segmentation/train.py:416
+    proto = resolve_protocol({"precision": "fp32"}, True, metric)
+    script = f"{spec_head['folder']}/train.py"
+    print(f"ecamp train finetune --authors-protocol vs the authors' {script}; {datetime.date.today()}")
+    what = f"mode {args.mode}" if args.head == "cls" else f"task {spec_head['task']} (the box lists)"
+    print(f"head {args.head}, {what}, model {args.model}{f' {vit}' if vit else ''}, phantom n={args.n} at "
+          f"{args.size} px ({n_train} training images), batch {args.batch_size}, lr {args.lr}, warm-up "
+          f"{args.warmup}, {args.epochs} epochs = {steps} steps, fp32 on the CPU, seeds {args.seeds}")
+    changes = runs[0][1].get("changes", [])
+    print("Run-time changes to the authors' code (their files are not edited):")
+    for c in changes or ["none"]:
+        print(f"  - {c}")
+    rows, failures = [], []
+
+    def row(item, theirs, ours, same, note=""):
+        rows.append((item, _fmt(theirs), _fmt(ours), "yes" if same is True else ("no" if same is False else same),
+                     note))
+        if same is False:
+            failures.append(item)
+
+    tol = 1e-6
+    for seed, theirs, ours, cross in runs:
+        for side, rec in (("authors", theirs), ("ecamp", ours), ("authors test()", cross)):
+            if rec.get("error"):
+                row(f"seed {seed}: {side} run", rec["error"], "", False)
+        row(f"seed {seed}: steps per epoch", theirs.get("steps_per_epoch"), ours.get("steps_per_epoch"),
+            theirs.get("steps_per_epoch") == ours.get("steps_per_epoch") == per_epoch)
+        la, le = theirs.get("lrs", []), ours.get("lrs", [])
+        diff = [i + 1 for i, (a, b) in enumerate(zip(la, le, strict=False)) if a != b]
+        row(f"seed {seed}: LR at every step ({len(la)} / {len(le)} steps)",
+            f"steps 1-{min(len(la), 5)}: {_fmt(la[:5])}", "bit for bit" if not diff and len(la) == len(le) else
+            f"differs at steps {diff[:5]}", not diff and len(la) == len(le) == steps)
+        ea, ee = [s for s, _ in theirs.get("evals", [])], [s for s, _ in ours.get("evals", [])]
+        row(f"seed {seed}: evaluation points", ea, ee, ea == ee)
+        scores = [v for _, v in theirs.get("evals", [])]
+        picked, ran = replay_selection(scores, proto, patience)
+        replayed = ea[picked] if picked is not None else None
+        their_pick = theirs["saves"][-1] if theirs.get("saves") else None
+        row(f"seed {seed}: selected step", their_pick, ours.get("selected"), replayed == their_pick and ran == len(ea),
+            f"ecamp's rule on their validation scores {_fmt(scores)}: step {_fmt(replayed)}")
+        scored = ours.get("test_of_authors") or {}
+        ta, te = theirs.get("test"), scored.get("own_inputs")
+        # D6: their cv2 INTER_LINEAR on 8-bit images (11-bit fixed-point weights) against ecamp's linear-uint8
+        # (bilinear, no antialias, rounded to 8 bits) may differ by one level; masks must agree exactly
+        named = None
+        if "inputs" in scored:
+            d = scored["inputs"]
+            ok = d["mask_pixels_differing"] == 0 and d["image_max_levels"] <= 1.0 + 1e-3
+            row(f"seed {seed}: test inputs (their data set / ecamp's)", "images, masks",
+                f"{100 * d['image_share_differing']:.1f} % of pixels 1 level apart (max {d['image_max_levels']:.3g}), "
+                f"masks {'identical' if not d['mask_pixels_differing'] else 'differ'}", "D6" if ok else False)
+            named = "D6" if ok else None
+            tt = scored.get("their_inputs")
+            row(f"seed {seed}: test {name} of the authors' weights on their test tensors", ta, tt,
+                ta is not None and tt is not None and abs(ta - tt) <= tol, "their test() / ecamp's model and score")
+
+        def agree(a, b, named=named):
+            if a is None or b is None:
+                return False
+            return True if abs(a - b) <= tol else (named or False)
+
+        row(f"seed {seed}: test {name} of the authors' weights", ta, te, agree(ta, te),
+            "their test() / ecamp's test code")
+        ca, ce = cross.get("test"), ours.get("test")
+        same = agree(ca, ce) if not cross.get("missing_keys") else False
+        row(f"seed {seed}: test {name} of ecamp's weights", ca, ce, same,
+            "their test() / ecamp's" + (f"; keys missing: {cross['missing_keys']}" if cross.get("missing_keys")
+                                        else ""))
+    for seed, theirs, ours, _ in runs:
+        row(f"seed {seed}: end-to-end test {name}", theirs.get("test"), ours.get("test"), "-",
+            "each side's own run (random streams differ)")
+    head = ("item", "authors", "ecamp --authors-protocol", "same")
+    width = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    print("  ".join(h.ljust(w) for h, w in zip(head, width, strict=True)) + "  note")
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r[:4], width, strict=True)) + (f"  {r[4]}" if r[4] else ""))
+    print(f"LR by step (seed {runs[0][0]}): step, authors, ecamp")
+    la, le = runs[0][1].get("lrs", []), runs[0][2].get("lrs", [])
+    for i in range(max(len(la), len(le))):
+        print(f"  {i + 1:>3} {_fmt(la[i] if i < len(la) else None):>12} {_fmt(le[i] if i < len(le) else None):>12}")
+    print(f"logs and outputs: {work}")
+    if failures:
+        print(f"{len(failures)} difference(s) that docs/fidelity.md does not name: {failures}")
+        return 1
+    print("no difference beyond those docs/fidelity.md names")
+    return 0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--authors", required=False, metavar="CHECKOUT", help="a ToniChopp/ECAMP checkout (holds ECAMP/)")
+    p.add_argument("--authors-pythonpath", default=None, metavar="DIR",
+                   help="put DIR (their pinned timm 0.4.12, scikit-learn 1.3.2, numpy 1.24...) first on the "
+                        "authors' process's path")
+    p.add_argument("--head", choices=("cls", "seg", "det"), default="cls")
+    p.add_argument("--mode", choices=("finetune", "linear-probe"), default="finetune")
+    p.add_argument("--model", default="tiny", help="tiny (written here, random weights) or an ecamp model name")
+    p.add_argument("--n", type=int, default=80, help="phantom films (20 %% test, 10 %% validation)")
+    p.add_argument("--size", type=int, default=None, help="phantom film side in pixels (default: 96; seg 1024)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=None, help="default: 3e-2 cls, 5e-4 seg")
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--seeds", type=int, nargs="+", default=[42, 43])
+    p.add_argument("--work", default=None, help="scratch folder (default: a new temporary one, kept)")
+    p.add_argument("--worker", default=None, choices=["authors", "ecamp"], help=argparse.SUPPRESS)
+    p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        spec = json.loads(Path(args.spec).read_text())
+        rec = _authors_worker(spec) if args.worker == "authors" else _ecamp_worker(spec)
+        Path(args.result).write_text(json.dumps(rec))
+        return
+    if not args.authors:
+        p.error("--authors CHECKOUT is required")
+    args.size = args.size or (1024 if args.head == "seg" else 96)
+    sys.exit(compare(args))
+
+
+if __name__ == "__main__":
+    main()
