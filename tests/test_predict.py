@@ -15,6 +15,7 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 import ecamp
+from ecamp.calibration import probabilities
 from ecamp.cli import main
 from ecamp.errors import ConfigError, InvalidArgumentError, WeightsMismatchError
 from ecamp.models.heads import DetectionModel, PyramidSegmentationModel, SegmentationModel
@@ -107,16 +108,20 @@ def test_predict_cli_writes_probabilities_of_the_models_own_transform(classifier
     assert "predicted 4 of 5 files" in captured.out
     assert "1 file(s) could not be read" in captured.err and inputs["broken"] in captured.err
     rows = _read_csv(out)
-    assert list(rows[0]) == ["path", *FINDINGS, "error"]
+    # the run fitted operating points: a 0/1 decision per finding follows the probabilities
+    assert list(rows[0]) == ["path", *FINDINGS, *[f"{f}_decision" for f in FINDINGS], "error"]
     assert [r["path"] for r in rows] == [*files, str(folder / "copy.png")]
     assert rows[1]["error"] and all(rows[1][f] == "" for f in FINDINGS)
     model = ecamp.load(best)
     tf = ecamp.get_transform(model)
     readable = [r for r in rows if not r["error"]]
-    with torch.no_grad():
-        expected = torch.sigmoid(model(torch.stack([tf(r["path"]) for r in readable]))).numpy()
+    with torch.no_grad():  # calibrated by the fit the run stored in the folder
+        expected = probabilities(model(torch.stack([tf(r["path"]) for r in readable])), "sigmoid",
+                                 model.ecamp_cfg.calibration).numpy()
     got = np.array([[float(r[f]) for f in FINDINGS] for r in readable])
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    thresholds = np.array(model.ecamp_cfg.operating_points.thresholds)
+    assert [[int(r[f"{f}_decision"]) for f in FINDINGS] for r in readable] == (got >= thresholds).astype(int).tolist()
     np.testing.assert_allclose(got[0], got[-1], rtol=1e-6)  # the same image through the folder
     _no_leftovers(tmp_path)
     # the output kind follows the task
@@ -332,8 +337,10 @@ def test_predict_writes_parquet_with_the_csvs_values(classifier_run, inputs, tmp
         assert main(["predict", "--model", best, *files, "--out", str(tmp_path / f"p{suffix}"), "--no-progress",
                      "--device", "auto"]) == 0
     table = pd.read_parquet(tmp_path / "p.parquet")
-    assert list(table.columns) == ["path", *FINDINGS, "error"] and list(table["path"]) == files
+    decisions = [f"{f}_decision" for f in FINDINGS]
+    assert list(table.columns) == ["path", *FINDINGS, *decisions, "error"] and list(table["path"]) == files
     rows = _read_csv(tmp_path / "p.csv")
     np.testing.assert_allclose(table.loc[[0, 2], list(FINDINGS)].to_numpy(),
                                [[float(rows[i][f]) for f in FINDINGS] for i in (0, 2)], rtol=1e-6)
+    assert table.loc[[0, 2], decisions].to_numpy().tolist() == [[int(rows[i][d]) for d in decisions] for i in (0, 2)]
     assert table.loc[1, list(FINDINGS)].isna().all() and table.loc[1, "error"]

@@ -59,6 +59,17 @@ def _finetune(args: argparse.Namespace) -> int:
     options = parse_protocol_options(args.protocol_option or [])
     if args.precision:  # an explicit --precision wins over the protocol's (the authors' fp16)
         options.setdefault("precision", args.precision)
+    own = [f for f, v in (("--labels", args.labels), ("--label-names", args.label_names),
+                          ("--label-type", args.label_type), ("--val-fraction", args.val_fraction),
+                          ("--test-fraction", args.test_fraction)) if v is not None]
+    if own and (head != "cls" or dataset.lower() != "custom"):
+        raise InvalidArgumentError(f"{', '.join(own)} describe your own data: pass them with --dataset custom "
+                                   f"(classification).")
+    cls_only = [f for f, v in (("--pos-weight", args.pos_weight), ("--class-weights", args.class_weights),
+                               ("--calibration", args.calibration), ("--operating-point", args.operating_point))
+                if v is not None]
+    if cls_only and head != "cls":
+        raise InvalidArgumentError(f"{', '.join(cls_only)} belong to classification (--head cls).")
     common = dict(model_name=args.model, lists=args.lists, recipe=r, authors_protocol=args.authors_protocol,
                   protocol=options,
                   num_workers=args.num_workers, device=args.device, seed=args.seed, progress=not args.no_progress,
@@ -75,10 +86,35 @@ def _finetune(args: argparse.Namespace) -> int:
     else:
         from ecamp.train.downstream.classification import finetune_classification
 
-        metrics = finetune_classification(dataset, fraction, args.data_root, args.output_dir, mode=mode, **common)
+        custom = None
+        if dataset.lower() == "custom":
+            from pathlib import Path
+
+            from ecamp.train.downstream.custom import CustomSpec
+
+            custom = CustomSpec(Path(args.data_root), labels_csv=Path(args.labels) if args.labels else None,
+                                lists=Path(args.lists) if args.lists else None,
+                                label_names=tuple(n.strip() for n in (args.label_names or "").split(",") if n.strip()),
+                                label_type=args.label_type or "auto", val_fraction=args.val_fraction or 0.1,
+                                test_fraction=args.test_fraction or 0.2)
+        metrics = finetune_classification(
+            dataset, fraction, args.data_root, args.output_dir, mode=mode, custom=custom,
+            calibration=args.calibration or "auto", operating_point=args.operating_point or "youden",
+            pos_weight=_weights(args.pos_weight, "--pos-weight"),
+            class_weights=_weights(args.class_weights, "--class-weights"), **common)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in metrics.items() if k != "test_per_class"}))
     return 0
+
+
+def _weights(text: str | None, flag: str) -> str | list[float] | None:
+    """auto, none, or comma-separated numbers (one per label)."""
+    if text is None or text in ("auto", "none"):
+        return text
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise InvalidArgumentError(f"{flag} takes auto, none or comma-separated numbers, got {text!r}.") from None
 
 
 def _cmd_phantom(args: argparse.Namespace) -> int:
@@ -202,8 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--config", default=None, help="preset name (e.g. cls_chexpert_10_linear-probe) or a YAML "
                                                   "file; flags override it")
     f.add_argument("--dataset", default=None, help="cls: chestx-ray14, chexpert, rsna, covidx, aptos-2019, "
-                                                   "odir-5k, mured, spinexr, phantom; seg: siim, rsna, riga, "
-                                                   "phantom-seg; det: rsna, phantom-det")
+                                                   "odir-5k, mured, spinexr, phantom, or custom (your own class "
+                                                   "folders, labels CSV or lists: docs/own-data.md); seg: siim, "
+                                                   "rsna, riga, phantom-seg; det: rsna, phantom-det")
     f.add_argument("--fraction", type=int, choices=(1, 10, 100), default=None,
                    help="percent of training labels (default 100)")
     f.add_argument("--data-root", required=True, help="image paths in the lists are relative to this folder")
@@ -224,6 +261,34 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--seg-decoder", choices=("authors", "pyramid"), default="authors",
                    help="segmentation decoder: the authors' (one map, four up-sampling stages) or a feature pyramid "
                         "over four blocks (forward_intermediates)")
+    g = f.add_argument_group("your own data (--dataset custom)")
+    g.add_argument("--labels", default=None, metavar="CSV",
+                   help="a labels CSV with a header: path (relative to --data-root), optional split (train, val, "
+                        "test), and label (class names) or one 0/1 column per label; without --labels and --lists, "
+                        "the folders under --data-root are the classes")
+    g.add_argument("--label-names", default=None, metavar="A,B,...",
+                   help="the label columns of --lists files in order (needed there), or the classes and their order "
+                        "for --labels")
+    g.add_argument("--label-type", choices=("auto", "multi-label", "multi-class"), default=None,
+                   help="auto (default): label column and class folders are multi-class, 0/1 columns multi-label; "
+                        "multi-class reads one-hot 0/1 columns as classes")
+    g.add_argument("--val-fraction", type=float, default=None,
+                   help="share of the images for validation when the data has no split (default 0.1)")
+    g.add_argument("--test-fraction", type=float, default=None,
+                   help="share of the images for the test when the data has no split (default 0.2)")
+    g = f.add_argument_group("classification: imbalance, calibration and decisions")
+    g.add_argument("--pos-weight", default=None, metavar="auto|none|W1,W2,...",
+                   help="multi-label: weight each label's positives in the BCE loss; auto: negatives / positives of "
+                        "the training split (default none, as the authors)")
+    g.add_argument("--class-weights", default=None, metavar="auto|none|W1,W2,...",
+                   help="multi-class: cross-entropy class weights; auto: N / (classes x images of the class) on the "
+                        "training split (default none)")
+    g.add_argument("--calibration", choices=("auto", "temperature", "platt", "none"), default=None,
+                   help="fitted on the validation split after training and stored in best/config.json: auto "
+                        "(default) is one temperature for multi-class, Platt scaling per label for multi-label")
+    g.add_argument("--operating-point", default=None, metavar="RULE",
+                   help="per-label decision thresholds fitted on the validation split: youden (default), "
+                        "sensitivity=0.9 or specificity=0.95")
     f.add_argument("--max-steps", type=int, default=None, help="cap the recipe's step count")
     f.add_argument("--lr", type=float, default=None)
     f.add_argument("--batch-size", type=int, default=None,

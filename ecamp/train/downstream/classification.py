@@ -22,9 +22,10 @@ Every path of the train, validation and test lists is checked before the model i
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -38,8 +39,8 @@ from ecamp.train.downstream.recipes import Recipe
 from ecamp.train.downstream.task import FinetuneRun, HeadTask, run_finetune
 
 __all__ = ["TASKS", "Task", "read_list_file", "ListDataset", "split_indices", "write_splits", "select_validation",
-           "undefined_auroc_classes", "refuse_undefined_auroc", "ClassificationTask", "finetune_classification",
-           "export_classifier"]
+           "undefined_auroc_classes", "refuse_undefined_auroc", "class_weights", "ClassificationTask",
+           "finetune_classification", "export_classifier"]
 
 logger = logging.getLogger("ecamp")
 
@@ -203,21 +204,73 @@ def export_classifier(model: nn.Module, folder: str | Path, *, label_names: list
     return save_pretrained(model, folder, label_names=label_names, ecamp_cfg=block)
 
 
+def class_weights(option: str | Sequence[float] | None, train: list[tuple[str, np.ndarray]], task: Task
+                  ) -> list[float] | None:
+    """The loss weights of ``option``: ``"auto"`` gives, from the training rows, BCE's ``pos_weight`` per label
+    (negatives / positives; multi-label) or cross-entropy's class weights (``N / (C * n_c)``; multi-class);
+    explicit values are checked against the labels; None or ``"none"``: unweighted, as the authors."""
+    if option is None or option == "none":
+        return None
+    which = "--pos-weight" if task.multilabel else "--class-weights"
+    if option == "auto":
+        y = np.stack([r for _, r in train])
+        if task.multilabel:
+            pos = y.sum(0)
+            if (pos == 0).any():
+                missing = [task.labels[c] if c < len(task.labels) else str(c) for c in np.nonzero(pos == 0)[0]]
+                raise DataError(f"{which} auto: no training image is positive for {missing}; add positives or "
+                                f"drop the label.")
+            return [float(v) for v in (len(y) - pos) / pos]
+        counts = np.bincount(y[:, 0].astype(int), minlength=task.num_classes)
+        if (counts == 0).any():
+            raise DataError(f"{which} auto: classes {np.nonzero(counts == 0)[0].tolist()} have no training image.")
+        return [float(v) for v in len(y) / (task.num_classes * counts)]
+    values = [float(v) for v in option]
+    if len(values) != task.num_classes or not all(np.isfinite(v) and v > 0 for v in values):
+        raise InvalidArgumentError(f"{which} takes auto, none or {task.num_classes} positive numbers, got {option!r}.")
+    return values
+
+
 class ClassificationTask(HeadTask):
     """Fine-tuning or linear probing of a classifier (:func:`finetune_classification`)."""
 
     head, suffix = "cls", ".txt"
+    task_from_data: ClassVar[bool] = False  # the labels are known once the data is read (load_rows sets the task)
 
-    def __init__(self, task_name: str, fraction: int, mode: str = "finetune"):
+    def __init__(self, task_name: str, fraction: int, mode: str = "finetune", *, task: Task | None = None,
+                 calibration: str = "auto", operating_point: str = "youden",
+                 pos_weight: str | Sequence[float] | None = None,
+                 class_weights: str | Sequence[float] | None = None):
+        from ecamp.train.downstream.calibrate import CALIBRATION_CHOICES, parse_rule
+
         key = task_name.lower()
-        if key not in TASKS:
-            raise InvalidArgumentError(f"Unknown task {task_name!r}; known: {sorted(TASKS)}.")
+        if task is None and key not in TASKS and not self.task_from_data:
+            raise InvalidArgumentError(f"Unknown task {task_name!r}; known: {sorted(TASKS)}, or custom for your own "
+                                       f"data (docs/own-data.md).")
         if mode not in ("finetune", "linear-probe"):
             raise InvalidArgumentError(f"--mode must be finetune or linear-probe, got {mode!r}.")
+        if calibration not in CALIBRATION_CHOICES:
+            raise InvalidArgumentError(f"--calibration {calibration!r}: use one of {CALIBRATION_CHOICES}.")
+        parse_rule(operating_point)
         super().__init__(key, fraction)
-        self.task, self.mode, self.metric = TASKS[key], mode, TASKS[key].metric
-        self.loss_fn = nn.BCEWithLogitsLoss() if self.task.multilabel else nn.CrossEntropyLoss()
+        self.mode, self.calibration, self.operating_point = mode, calibration, operating_point
+        self.weight_options, self.class_weights = {"pos_weight": pos_weight, "class_weights": class_weights}, None
+        if not self.task_from_data:
+            self.set_task(task or TASKS[key])
         self.sigmoid_scores = False  # D16, set by prepare_rows from the run's protocol
+
+    def set_task(self, task: Task) -> None:
+        """The labels this run learns (a custom task knows them once its data is read)."""
+        if self.calibration == "platt" and not task.multilabel:
+            raise InvalidArgumentError("--calibration platt is for multi-label (sigmoid) heads; this task is "
+                                       "multi-class: use --calibration temperature or auto.")
+        wrong = "class_weights" if task.multilabel else "pos_weight"
+        if self.weight_options[wrong] not in (None, "none"):
+            right = "--pos-weight" if task.multilabel else "--class-weights"
+            kind = "multi-label" if task.multilabel else "multi-class"
+            raise InvalidArgumentError(f"--{wrong.replace('_', '-')} does not apply: this task is {kind}; use "
+                                       f"{right}.")
+        self.task, self.metric = task, task.metric
 
     @property
     def desc(self) -> str:
@@ -242,6 +295,8 @@ class ClassificationTask(HeadTask):
                        "test": run.files["test"] if rows["test"] is listed_test else run.lists / "test_list_600.txt"}
             refuse_undefined_auroc(rows, sources, self.task)
         self.sigmoid_scores = self.task.multilabel and run.protocol.auroc_scores == "sigmoid-fp32"
+        option = self.weight_options["pos_weight" if self.task.multilabel else "class_weights"]
+        self.class_weights = class_weights(option, rows["train"], self.task)
         return rows
 
     def build_model(self, run: FinetuneRun) -> nn.Module:
@@ -272,7 +327,7 @@ class ClassificationTask(HeadTask):
         from ecamp.train.downstream.loop import finetuned_block
 
         task = self.task
-        self.labels = list(task.labels) or [f"class_{c}" for c in range(task.num_classes)]
+        self.labels = self.labels_of()
         self.block = block = finetuned_block(self.trunk, run.model_name,
                                              {"dataset": self.key, "fraction": self.fraction, "mode": self.mode})
         model.label_names = self.labels
@@ -280,7 +335,10 @@ class ClassificationTask(HeadTask):
 
     def train_loss(self, net: nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
         x, y = batch
-        return self.loss_fn(net(x.to(device)), y.to(device) if self.task.multilabel else y[:, 0].long().to(device))
+        w = None if self.class_weights is None else torch.tensor(self.class_weights, device=device)
+        if self.task.multilabel:  # BCE, positives weighted by pos_weight
+            return nn.functional.binary_cross_entropy_with_logits(net(x.to(device)), y.to(device), pos_weight=w)
+        return nn.functional.cross_entropy(net(x.to(device)), y[:, 0].long().to(device), weight=w)
 
     def predict(self, net: nn.Module, batch: Any, device: torch.device) -> list:
         x, y = batch
@@ -305,11 +363,26 @@ class ClassificationTask(HeadTask):
         return self.note
 
     def metrics_fields(self, run: FinetuneRun) -> dict[str, Any]:
-        return {"mode": self.mode}
+        fields: dict[str, Any] = {"mode": self.mode}
+        if self.class_weights is not None:
+            fields["pos_weight" if self.task.multilabel else "class_weights"] = dict(
+                zip(self.labels_of(), self.class_weights, strict=True))
+        return fields
+
+    def labels_of(self) -> list[str]:
+        return list(self.task.labels) or [f"class_{c}" for c in range(self.task.num_classes)]
 
     def test_fields(self, scored: tuple[float, list[float]]) -> dict[str, Any]:
         test, per = scored
         return {f"test_{self.metric}": test, "test_per_class": per}
+
+    def finish(self, model: nn.Module, run: FinetuneRun, outputs, summary: dict[str, Any],
+               output_dir: Path) -> dict[str, Any]:
+        """Fit the calibration and the operating points on the validation split, score them on validation and
+        test, write them into ``best/config.json`` and draw the test split's reliability diagram."""
+        from ecamp.train.downstream.calibrate import finish_classifier
+
+        return finish_classifier(self, model, run, outputs, summary, output_dir)
 
 
 def finetune_classification(task_name: str, fraction: int, data_root: str | Path, output_dir: str | Path, *,
@@ -317,15 +390,32 @@ def finetune_classification(task_name: str, fraction: int, data_root: str | Path
                             recipe: Recipe | None = None, authors_protocol: bool = False, num_workers: int = 4,
                             device: str | None = None, seed: int = 42, progress: bool = True,
                             deterministic: bool = False,
-                            protocol: Protocol | dict[str, Any] | None = None) -> dict[str, Any]:
+                            protocol: Protocol | dict[str, Any] | None = None, calibration: str = "auto",
+                            operating_point: str = "youden", pos_weight: str | Sequence[float] | None = None,
+                            class_weights: str | Sequence[float] | None = None, custom: Any = None
+                            ) -> dict[str, Any]:
     """Fine-tune (or linear-probe) an encoder on a classification task; writes ``metrics.json`` in
     ``output_dir`` with the validation and test metric by name. ``recipe`` defaults to the authors' row
     (:func:`ecamp.train.downstream.recipes.recipe`): SGD momentum 0.9, linear warm-up then cosine, gradient
     clipping at 1.0, validation every epoch, best checkpoint by the validation metric, early stopping after 20
     evaluations. ``protocol``: a :class:`Protocol`, or option overrides on top of ecamp's (or, with
     ``authors_protocol``, the authors') protocol. The best model is written to ``output_dir/best``
-    (:func:`export_classifier`), which ``ecamp.load("local-dir:OUTPUT_DIR/best")`` and ``ecamp predict`` read."""
-    return run_finetune(ClassificationTask(task_name, fraction, mode), data_root, output_dir, model_name=model_name,
+    (:func:`export_classifier`), which ``ecamp.load("local-dir:OUTPUT_DIR/best")`` and ``ecamp predict`` read,
+    with the ``calibration`` (auto, temperature, platt, none) and the ``operating_point`` rule's thresholds
+    fitted on the validation split (:mod:`~ecamp.train.downstream.calibrate`). ``pos_weight`` (multi-label) and
+    ``class_weights`` (multi-class): ``"auto"`` weights the loss by the training frequencies
+    (:func:`class_weights`). ``custom``: a :class:`~ecamp.train.downstream.custom.CustomSpec` for your own data
+    (``task_name`` ``"custom"``)."""
+    options = dict(calibration=calibration, operating_point=operating_point, pos_weight=pos_weight,
+                   class_weights=class_weights)
+    if custom is not None or task_name.lower() == "custom":
+        from ecamp.train.downstream.custom import CustomClassificationTask, CustomSpec
+
+        head: ClassificationTask = CustomClassificationTask(custom or CustomSpec(Path(data_root)), fraction, mode,
+                                                            seed=seed, **options)
+    else:
+        head = ClassificationTask(task_name, fraction, mode, **options)
+    return run_finetune(head, data_root, output_dir, model_name=model_name,
                         lists=lists, recipe=recipe, authors_protocol=authors_protocol, num_workers=num_workers,
                         device=device, seed=seed, progress=progress, deterministic=deterministic,
                         protocol=protocol)

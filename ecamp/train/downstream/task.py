@@ -4,7 +4,8 @@ every head shares.
 The runner resolves the protocol and the recipe, reads the train, validation and test lists and checks every path
 they name before anything is built, sets up the runtime (process group, device, seed), then asks the head for its
 model, data sets and ``ecamp`` block, trains it with :func:`~ecamp.train.downstream.loop.train_head`, tests the
-best weights and writes ``metrics.json``. A head fills in only what differs: how its lists read, its model, data
+best weights, lets the head finish (a classifier fits its calibration and operating points) and writes
+``metrics.json``. A head fills in only what differs: how its lists read, its model, data
 sets, loss, predictions, score and export (:mod:`~ecamp.train.downstream.classification`,
 :mod:`~ecamp.train.downstream.segmentation`, :mod:`~ecamp.train.downstream.detection`).
 """
@@ -49,6 +50,7 @@ class FinetuneRun:
     files: dict[str, Path]
     rows: dict[str, list]
     runtime: Runtime
+    output_dir: Path | None = None
 
 
 class HeadTask(ABC):
@@ -93,6 +95,16 @@ class HeadTask(ABC):
     def list_paths(self, rows: list) -> list:
         """What :func:`~ecamp.train.common.lists.check_paths` checks of each row (default: its first field)."""
         return [row[0] for row in rows]
+
+    def load_rows(self, lists: Path, protocol: Protocol) -> tuple[dict[str, Path], dict[str, list]]:
+        """The source and the rows of each split (default: :meth:`list_files`, each read by :meth:`read_list`)."""
+        files = self.list_files(lists, protocol)
+        return files, {s: self.read_list(files[s]) for s in files}
+
+    def check_rows(self, files: dict[str, Path], rows: dict[str, list], data_root: Path) -> None:
+        """Refuse rows naming no file under ``data_root``, before anything is built (default:
+        :func:`~ecamp.train.common.lists.check_paths` on :meth:`list_paths`)."""
+        check_paths({files[s]: self.list_paths(rows[s]) for s in files}, data_root)
 
     def prepare_rows(self, run: FinetuneRun) -> dict[str, list]:
         """The rows the run trains, validates and tests on, once the runtime is set up (default: as listed)."""
@@ -144,6 +156,12 @@ class HeadTask(ABC):
         """metrics.json's test scores (default: ``test_<metric>``)."""
         return {f"test_{self.metric}": scored}
 
+    def finish(self, model: nn.Module, run: FinetuneRun, outputs: Callable[[str, Callable], list],
+               summary: dict[str, Any], output_dir: Path) -> dict[str, Any]:
+        """After the test, with the best weights loaded: more metrics.json fields; may rewrite ``best/`` (default:
+        nothing). ``outputs(split, fn)`` gathers ``fn(net, batch, device)``'s entries over a split."""
+        return {}
+
 
 def run_finetune(head: HeadTask, data_root: str | Path, output_dir: str | Path, *, model_name: str = "cxr-vit-b",
                  lists: str | Path | None = None, recipe: Recipe | None = None, authors_protocol: bool = False,
@@ -157,11 +175,11 @@ def run_finetune(head: HeadTask, data_root: str | Path, output_dir: str | Path, 
     head.check_lists(lists_dir)
     proto = resolve_protocol(protocol, authors_protocol, head.metric)
     r = proto.recipe(recipe or head.default_recipe())
-    files = head.list_files(lists_dir, proto)
-    rows = {s: head.read_list(files[s]) for s in files}
-    check_paths({files[s]: head.list_paths(rows[s]) for s in files}, data_root)
+    files, rows = head.load_rows(lists_dir, proto)
+    head.check_rows(files, rows, Path(data_root))
     rt = setup_runtime(device, seed=seed, deterministic=deterministic)
-    run = FinetuneRun(model_name, Path(data_root), lists_dir, authors_protocol, proto, r, seed, files, rows, rt)
+    run = FinetuneRun(model_name, Path(data_root), lists_dir, authors_protocol, proto, r, seed, files, rows, rt,
+                      Path(output_dir))
     run.rows = head.prepare_rows(run)
     model = head.build_model(run)
     sets = head.datasets(run)
@@ -175,10 +193,16 @@ def run_finetune(head: HeadTask, data_root: str | Path, output_dir: str | Path, 
                          output_dir, metric=head.metric, num_workers=num_workers, collate_fn=head.collate_fn,
                          seed=seed, progress=progress, desc=head.desc, protocol=proto, export=head.export)
     test = run_eval("test")
+
+    def outputs(split: str, fn: Callable) -> list:
+        return evaluate(model, sets[split], lambda net, batch: fn(net, batch, rt.device), lambda o: o, rt,
+                        batch_size=r.eval_batch_size, num_workers=num_workers, collate_fn=head.collate_fn)
+
+    finished = head.finish(model, run, outputs, summary, Path(output_dir))
     fields = {"task": head.key, "fraction": head.fraction, "model": model_name, "steps": r.steps,
               "protocol": head.protocol_note(run), "protocol_options": proto.as_dict(), "precision": r.precision,
               "deterministic": deterministic, **head.metrics_fields(run)}
     order = [k for k in _FIELDS if k in fields] + [k for k in fields if k not in _FIELDS]
-    metrics = {**{k: fields[k] for k in order}, **summary, **head.test_fields(test)}
+    metrics = {**{k: fields[k] for k in order}, **summary, **head.test_fields(test), **finished}
     write_metrics(rt, output_dir, metrics)
     return metrics
