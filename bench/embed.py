@@ -14,15 +14,31 @@ fully hidden). ``--model`` defaults to a randomly initialised encoder built as `
 builds the CXR encoder (``cxr-vit-b``'s preprocessing cfg), so it runs offline; any ``ecamp.load`` name works
 too. ``--files`` defaults to copies of the real radiograph RG1_UNCR (1955x1841, 15-bit DICOM, from pydicom-data)
 and of the same film as an 8-bit PNG, written to a temporary folder.
+
+CPU runtimes, side by side in one run (``--cpu-runtimes``; needs the onnx and openvino extras and scikit-learn):
+
+    python bench/embed.py --cpu-runtimes [--probe-films 96] [--repeats 5] [--no-compile]
+
+Rows: torch eager float32 (the baseline), torch under bfloat16 autocast (where the CPU has bf16), ``torch.compile``,
+ONNX Runtime and OpenVINO in float32 (``ecamp.runtime.runtime_model``, what ``--runtime`` runs), OpenVINO in
+bfloat16, and dynamic int8 quantisation of the linear layers (ONNX Runtime's ``quantize_dynamic`` on the same graph,
+and torch's). Images/s: the model alone on a batch of the preprocessed real films, every row timed once per repeat
+in turn (so machine noise hits all alike); the median over repeats, with the lowest and highest. Fidelity, against
+the fp32 eager embeddings: the cosine on RG1 and on the demo's phantom films (lowest and mean), and the linear-probe
+AUROC of the demo task (``ecamp demo``'s phantom findings, first half of the films to train, second half to test;
+mean over the four findings) minus eager's. The target: >= 2x eager images/s at cosine >= 0.999 and AUROC within
+0.005.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +76,105 @@ def _default_files(n: int, root: Path) -> list[str]:
     return files
 
 
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def _cpu_rows(model: torch.nn.Module, compile_: bool, tmp: Path) -> dict:
+    """{row name: (forward on a float32 batch -> float32 embeddings, what it is)}."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from ecamp.runtime import runtime_model
+
+    def torch_forward(m, dtype=None):
+        def forward(x):
+            with torch.inference_mode(), torch.autocast("cpu", dtype or torch.float32, enabled=dtype is not None):
+                return m(x).float()
+        return forward
+
+    rows = {"torch eager fp32": (torch_forward(model), "baseline")}
+    if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        rows["torch bf16 autocast"] = (torch_forward(model, torch.bfloat16), "torch.autocast('cpu', bfloat16)")
+    if compile_:
+        rows["torch.compile fp32"] = (torch_forward(torch.compile(model)), "inductor; compiled on first call")
+    ort_model = runtime_model(model, "onnxruntime", cache_dir=tmp / "cache")
+    rows["onnxruntime fp32"] = (ort_model, "--runtime onnxruntime")
+    rows["openvino fp32"] = (runtime_model(model, "openvino", cache_dir=tmp / "cache"), "--runtime openvino")
+    rows["openvino bf16"] = (runtime_model(model, "openvino", dtype=torch.bfloat16, cache_dir=tmp / "cache"),
+                             "--runtime openvino --dtype bfloat16")
+    quantised = tmp / "int8.onnx"
+    quantize_dynamic(str(ort_model.folder / "model.onnx"), str(quantised), weight_type=QuantType.QInt8)
+    session = ort.InferenceSession(str(quantised), providers=["CPUExecutionProvider"])
+    rows["onnxruntime int8 dynamic"] = (lambda x: torch.from_numpy(session.run(None, {"pixel_values": x.numpy()})[0]),
+                                        "onnxruntime.quantization.quantize_dynamic (QInt8 weights)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notice
+        q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+    rows["torch int8 dynamic"] = (torch_forward(q), "torch.ao.quantization.quantize_dynamic (nn.Linear)")
+    return rows
+
+
+def _run_cpu_runtimes(args: argparse.Namespace) -> None:
+    import ecamp
+    from ecamp.train.demo import _labels
+    from ecamp.train.downstream.probe import fit_linear_probe
+    from ecamp.train.phantom import write_phantom
+
+    model = (ecamp.load(args.model) if args.model else _random_cxr_encoder()).float().eval()
+    tmp = Path(tempfile.mkdtemp(prefix="ecamp-bench-runtimes-"))
+    try:
+        films, labels = _labels(write_phantom(tmp / "demo", args.probe_films, seed=1))
+        from pydicom.data import get_testdata_file
+
+        rg1 = get_testdata_file("RG1_UNCR.dcm")
+        tf = ecamp.get_transform(model)
+        x_demo, x_rg1 = tf(films), tf([rg1])
+        t0 = time.perf_counter()
+        rows = _cpu_rows(model, not args.no_compile, tmp)
+        setup = time.perf_counter() - t0
+        batch = torch.cat([x_rg1, x_demo[:args.batch_size - 1]])
+        speeds: dict[str, list[float]] = {name: [] for name in rows}
+        for forward, _ in rows.values():
+            forward(batch)  # warm-up (and torch.compile's compilation)
+        for _ in range(args.repeats):
+            for name, (forward, _) in rows.items():
+                t0 = time.perf_counter()
+                forward(batch)
+                speeds[name].append(len(batch) / (time.perf_counter() - t0))
+
+        def embed_all(forward) -> np.ndarray:
+            x = torch.cat([x_rg1, x_demo])
+            return torch.cat([forward(x[i:i + args.batch_size]) for i in range(0, len(x), args.batch_size)]).numpy()
+
+        emb = {name: embed_all(forward) for name, (forward, _) in rows.items()}
+        half = len(films) // 2
+
+        def auroc(z: np.ndarray) -> float:
+            z = z[1:]  # the demo films
+            return float(np.mean([fit_linear_probe(z[:half], y[:half], z[half:], y[half:]).auroc
+                                  for y in labels.values()]))
+
+        ref = emb["torch eager fp32"]
+        ref_auroc, base = auroc(ref), float(np.median(speeds["torch eager fp32"]))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"CPU runtimes: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M-parameter "
+          f"{args.model or 'ViT-B/16 (random weights)'}, batch {len(batch)} (RG1 + demo films), torch threads "
+          f"{torch.get_num_threads()}, {args.repeats} repeats; setup (exports, quantisation) {setup:.0f} s; demo probe "
+          f"{half} train / {len(films) - half} test films, eager mean AUROC {ref_auroc:.4f}")
+    print("| runtime | img/s median (min-max) | x eager | cosine RG1 | cosine demo min (mean) | AUROC - eager | "
+          "meets target | how |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, (_, how) in rows.items():
+        med, cos = float(np.median(speeds[name])), _cosines(emb[name], ref)
+        d_auroc = auroc(emb[name]) - ref_auroc
+        ok = med >= 2 * base and cos.min() >= 0.999 and abs(d_auroc) <= 0.005
+        print(f"| {name} | {med:.2f} ({min(speeds[name]):.2f}-{max(speeds[name]):.2f}) | {med / base:.2f} | "
+              f"{cos[0]:.6f} | {cos[1:].min():.6f} ({cos[1:].mean():.6f}) | {d_auroc:+.4f} | "
+              f"{'yes' if ok else 'no'} | {how} |")
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -76,7 +191,14 @@ def main() -> None:
     parser.add_argument("--preprocess-on", choices=("cpu", "gpu", "auto"), default="auto")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     parser.add_argument("--model-batches", type=int, default=3, help="timed batches of the model-only measurement")
+    parser.add_argument("--cpu-runtimes", action="store_true", help="the CPU runtime table instead (see above)")
+    parser.add_argument("--probe-films", type=int, default=96, help="demo films for the cosines and the probe")
+    parser.add_argument("--repeats", type=int, default=5, help="timed batches per CPU runtime row")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile row")
     args = parser.parse_args()
+    if args.cpu_runtimes:
+        _run_cpu_runtimes(args)
+        return
 
     import ecamp
 

@@ -182,7 +182,7 @@ def _worker(kind: str, args) -> None:
     dev = torch.device(args.device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)  # their `.cuda()` calls go to the current device
-    batch = {k: v.to(dev) for k, v in torch.load(args.batch_file).items()}
+    batch = {k: v.to(dev) for k, v in torch.load(args.batch_file, weights_only=True).items()}
     scaler = grad_scaler(dev, args.precision)
     try:
         if kind == "ecamp":

@@ -4,14 +4,18 @@
     python bench/vs_authors_finetune.py --authors PATH/TO/ECAMP-checkout --authors-pythonpath DIR --head cls \\
         --mode linear-probe
     python bench/vs_authors_finetune.py --authors PATH/TO/ECAMP-checkout --authors-pythonpath DIR --head seg
+    python bench/vs_authors_finetune.py --authors PATH/TO/ECAMP-checkout --authors-pythonpath DIR --head det \
+        --n 40 --epochs 2
 
-The authors' ``ECAMP/Fine-tuning/Classification/train.py`` (``--head cls``) or ``Segmentation/train.py`` with
-``--task RSNA`` (``--head seg``) is imported at run time from the checkout given and run through its own
-``main()``; nothing of it is copied here. ``ecamp train phantom`` writes the lists in the authors' formats:
-``--kind classification`` for classification, ``--kind detection`` (``image_path,bbox``) at 1024 px for RSNA
-segmentation, whose masks are the filled boxes on a 1024 x 1024 grid (ecamp reads them after
-``ecamp.train.downstream.segmentation.convert_lists``). Their ``./datasets/<task>/`` layout is made in a scratch
-folder that is their working directory. Both sides start from the same encoder weights (the authors' side reads
+The authors' ``ECAMP/Fine-tuning/Classification/train.py`` (``--head cls``), ``Segmentation/train.py`` with
+``--task RSNA`` (``--head seg``) or ``Detection/train.py`` with ``--task RSNA`` (``--head det``) is imported at run
+time from the checkout given and run through its own ``main()``; nothing of it is copied here. ``ecamp train
+phantom`` writes the lists in the authors' formats: ``--kind classification`` for classification, ``--kind
+detection`` (``image_path,bbox``) at 1024 px for RSNA segmentation, whose masks are the filled boxes on a 1024 x
+1024 grid (ecamp reads them after ``ecamp.train.downstream.segmentation.convert_lists``), and at 256 px for
+detection (its coordinates rewritten as floats, as the authors' published lists, see :func:`_float_boxes`). Their
+``./datasets/<task>/`` layout (detection: ``./<task>/``) is made in a scratch folder that is their working
+directory. Both sides start from the same encoder weights (the authors' side reads
 them as a ``{"model": state_dict}`` file, as it reads ECAMP's release), train with the same recipe, and run
 ``--seeds`` (two) seeds each. The table gives steps per epoch, the learning rate at every step, the evaluation
 points, the selected step, the test metric of each side's selected weights scored by both sides' test code, and
@@ -32,27 +36,34 @@ What is compared, and how:
   segmentation their test tensors are also saved and scored by ecamp's model, which must give their Dice exactly,
   and the two sides' test inputs are compared: masks must be identical, images may be one 8-bit level apart
   (their cv2 ``INTER_LINEAR`` on 8-bit images against ecamp's ``resize=linear-uint8``, D6), and then the Dice of
-  each side's own inputs may differ by that;
+  each side's own inputs may differ by that. Detection the same way (boxes instead of masks), and on their
+  recorded test pass also: ecamp's decoding of its raw maps against the boxes their ``YOLOLoss`` decoded, ecamp's
+  NMS (``nms_iou_plus_one``) on the very boxes their ``non_max_suppression`` got, and ecamp's mAP (its
+  torchmetrics) of the very predictions their metric (their pinned torchmetrics 0.7.2) scored;
 - end-to-end: each side's test metric of its own run, per seed (reported, not compared: the random streams
   differ).
 
 The budget is a whole number of epochs (``--epochs``), since the authors check it only at epoch ends (#35, not
-reproduced by ecamp). Both sides train in fp32: the authors' ``--fp16`` needs apex and CUDA (D13), so it is not
-passed, and ecamp gets ``--precision fp32``.
+reproduced by ecamp). Detection validates from the first epoch on both sides (their ``--start_eval 0``, ecamp's
+recipe ``start_eval: 0`` through ``--config``): their run.sh's 50-100 is past a budget this small. Both sides train in
+fp32: the authors' ``--fp16`` needs apex and CUDA (D13), so it is not passed, and ecamp gets ``--precision fp32``.
 
 The authors' process gets ``--authors-pythonpath`` first on its path, holding their pinned packages for Python
 3.11 (``pip install --target DIR --no-deps timm==0.4.12 scikit-learn==1.3.2 numpy==1.24.4 scipy==1.10.1
 pandas==2.0.3 pytz tzdata python-dateutil six ml-collections==0.1.1 absl-py contextlib2
-opencv-python-headless==4.10.0.84``, and for segmentation ``albumentations==1.4.18 albucore==0.0.17
-eval-type-backport scikit-image==0.21.0 einops``, with pydantic >= 2.7 from this environment or added there);
+opencv-python-headless==4.10.0.84``, for segmentation and detection ``albumentations==1.4.18 albucore==0.0.17
+eval-type-backport scikit-image==0.21.0 einops``, with pydantic >= 2.7 from this environment or added there, and
+for detection ``torchmetrics==0.7.2 pyDeprecate==0.3.2 terminaltables "setuptools<81"`` (their torchmetrics
+imports ``pkg_resources``); ``DIR`` may be several folders joined by ``os.pathsep``);
 torch, torchvision and Pillow are this environment's. To run their files unedited it also, where they are
 missing, provides an empty ``apex`` (imported at ``train.py:18-19``, used only with ``--fp16``), an empty ``ipdb``,
 a ``SummaryWriter`` that writes nothing (``torch.utils.tensorboard`` needs the tensorboard package) and, for
 segmentation, an empty ``segmentation_models_pytorch`` (only their ResNet-50 U-Net uses it). With ``--model tiny``
 (the default: a randomly initialised ViT of width 48, depth 2, 3 heads, written by this script at 64 px for
-classification and 224 px for segmentation) their ``models_vit.vit_base_patch16`` or ``SegViT`` is built, from
-their own classes, at that size (their segmentation decoder as it is). Each change is printed. Their data loaders
-keep their 16 workers.
+classification and 224 px for segmentation and detection) their ``models_vit.vit_base_patch16``, ``SegViT`` or
+``ViTDetector`` is built, from their own classes, at that size (their segmentation decoder, detection neck and
+YOLOv3 head as they are). Their detection code runs on the CPU as it is (no shim beyond these).
+Each change is printed. Their data loaders keep their 16 workers.
 """
 
 from __future__ import annotations
@@ -77,7 +88,11 @@ HEADS = {
             "checkpoint": "ecamp_bestauc_checkpoint.bin", "img_size": 64, "lr": 3e-2},
     "seg": {"folder": "Segmentation", "task": "RSNA", "metric": "dice", "suffix": ".csv",
             "checkpoint": "ecamp_bestdice_checkpoint.bin", "img_size": 224, "lr": 5e-4},
+    "det": {"folder": "Detection", "task": "RSNA", "metric": "map", "suffix": ".csv",
+            "checkpoint": "ecamp_bestmap_checkpoint.bin", "img_size": 224, "lr": 5e-4},
 }
+# where each head's data sets read their lists, relative to their working directory
+LIST_DIR = {"cls": "datasets/{task}", "seg": "datasets/{task}", "det": "{task}"}
 TINY = {"patch_size": 16, "embed_dim": 48, "depth": 2, "num_heads": 3, "mlp_ratio": 4.0}
 
 
@@ -144,6 +159,13 @@ def _size_authors_model(mod, head: str, vit: dict | None, changes: list[str]) ->
                                               norm_layer=partial(nn.LayerNorm, eps=1e-6), **vit)
         changes.append(f"models_vit.vit_base_patch16 builds their VisionTransformer at {vit} (the encoder's size) "
                        f"instead of ViT-B/16 at 224")
+    elif head == "det":
+        vit_detector = mod.ViTDetector
+        size = {"patch_size": vit["patch_size"], "hidden_size": vit["embed_dim"], "num_hidden_layers": vit["depth"],
+                "num_attention_heads": vit["num_heads"], "mlp_ratio": vit["mlp_ratio"]}
+        mod.ViTDetector = lambda **kw: vit_detector(**{**kw, **size})
+        changes.append(f"train.py's ViTDetector is built with {size} (the encoder's size) instead of ViT-B/16; its "
+                       f"neck and ModelMain's YOLOv3 head are theirs as they are")
     else:
         seg_vit = mod.SegViT
         size = {"patch_size": vit["patch_size"], "hidden_size": vit["embed_dim"], "num_hidden_layers": vit["depth"],
@@ -175,6 +197,7 @@ def _authors_worker(spec: dict) -> dict:
                  "test_per_class": None, "missing_keys": None}
     phase = {"now": "train", "step": None}
     test_parts: list = []
+    det_dump: dict = {"nms": [], "preds": [], "targets": []}
 
     # recording wrappers: each calls the authors' function and returns its result unchanged
     def recording(cls):
@@ -201,7 +224,7 @@ def _authors_worker(spec: dict) -> dict:
     def valid_rec(args, model, writer, loader, global_step):
         phase.update(now="valid", step=global_step)
         result = valid(args, model, writer, loader, global_step)
-        rec["evals"].append([global_step, float(result[0])])
+        rec["evals"].append([global_step, float(result if head == "det" else result[0])])  # det: the mAP alone
         phase["now"] = "train"
         return result
 
@@ -210,7 +233,17 @@ def _authors_worker(spec: dict) -> dict:
         if head == "seg" and spec.get("dump_inputs"):  # their test inputs, for ecamp's model to score as well
             xs, ys = zip(*list(a[2]), strict=True)
             torch.save({"x": torch.cat(xs), "y": torch.cat(ys)}, spec["dump_inputs"])
-        return test(*a, **k)
+        if head == "det":  # their setup() loads the test weights with strict=False: the keys it did not find
+            args = a[0]
+            have = torch.load(args.pretrained_path, map_location="cpu")
+            rec["missing_keys"] = sorted(set(a[1].state_dict()) - set(have))
+            batches = list(a[2])
+            det_dump["x"] = torch.cat([b["imgs"] for b in batches])
+            det_dump["y"] = torch.cat([b["labels"] for b in batches])
+        out = test(*a, **k)
+        if head == "det" and spec.get("dump_inputs"):
+            torch.save(det_dump, spec["dump_inputs"])
+        return out
 
     def load_weight_rec(model, weight_path, args):
         if args.stage == "test":
@@ -242,7 +275,7 @@ def _authors_worker(spec: dict) -> dict:
 
         mod.auc, mod.simple_accuracy = auc_rec, accuracy_rec
         mod.save_model_auc, mod.save_model_acc = save_rec(mod.save_model_auc), save_rec(mod.save_model_acc)
-    else:
+    elif head == "seg":
         get_dice = mod.get_dice
 
         def dice_rec(probability, truth, threshold=0.5):
@@ -254,6 +287,31 @@ def _authors_worker(spec: dict) -> dict:
 
         mod.get_dice = dice_rec
         mod.save_model_dice = save_rec(mod.save_model_dice)
+    if head == "det":
+        nms, metric_cls = mod.non_max_suppression, mod.MeanAveragePrecision
+
+        def nms_rec(prediction, num_classes, conf_thres=0.5, nms_thres=0.4):
+            decoded = prediction.clone()  # their NMS rewrites the boxes in place
+            out = nms(prediction, num_classes, conf_thres=conf_thres, nms_thres=nms_thres)
+            if phase["now"] == "test":
+                det_dump["nms"].append({"decoded": decoded, "kept": out, "conf": conf_thres, "iou": nms_thres})
+            return out
+
+        class MeanAveragePrecisionRec(metric_cls):  # their torchmetrics' metric, its inputs and result recorded
+            def update(self, preds, target):
+                if phase["now"] == "test":
+                    det_dump["preds"] += [{k: v.detach().clone() for k, v in d.items()} for d in preds]
+                    det_dump["targets"] += [{k: v.detach().clone() for k, v in d.items()} for d in target]
+                return super().update(preds, target)
+
+            def compute(self):
+                out = super().compute()
+                if phase["now"] == "test":
+                    rec["test"] = float(out["map"])
+                return out
+
+        mod.non_max_suppression, mod.MeanAveragePrecision = nms_rec, MeanAveragePrecisionRec
+        mod.save_model_map = save_rec(mod.save_model_map)
     mod.get_loader, mod.valid, mod.test = get_loader_rec, valid_rec, test_rec
     setattr(mod, load_name, load_weight_rec)
     sys.argv = ["train.py", *spec["argv"]]
@@ -324,15 +382,74 @@ def _seg_key_to_authors(key: str) -> str | None:
     return key
 
 
+# the authors' ModelMain(ViTDetector) keys <-> ecamp's DetectionModel keys
+_DET_NECK = {"traspose": "middle.0", "layer1": "middle.1", "transpose1": "fine.0", "layer2": "fine.2",
+             "downsample": "coarse.0", "layer3": "coarse.1"}
+_DET_BOTTLENECK = {"conv1": "0", "bn1": "1", "conv2": "3", "bn2": "4", "conv3": "6", "bn3": "7"}
+_DET_STACK = {"embedding0": "coarse", "embedding1": "middle", "embedding2": "fine"}
+
+
+def _det_key_to_ecamp(key: str) -> str:
+    if key.startswith("backbone.encoder.det_head."):
+        return key[len("backbone.encoder."):]
+    if key.startswith("backbone.encoder."):
+        return "encoder." + key[len("backbone.encoder."):]
+    if key.startswith("backbone.layers."):
+        part, rest = key[len("backbone.layers."):].split(".", 1)
+        first, _, tail = rest.partition(".")
+        if first in _DET_BOTTLENECK:
+            rest = f"body.{_DET_BOTTLENECK[first]}.{tail}"
+        return f"neck.{_DET_NECK[part]}.{rest}"
+    if key.startswith(("embedding1_cbl.", "embedding2_cbl.")):
+        part, layer, rest = key.split(".", 2)
+        return f"head.lateral{part[9]}.{'0' if layer == 'conv' else '1'}.{rest}"
+    part, layer, rest = key.split(".", 2)
+    if layer == "conv_out":
+        return f"head.{_DET_STACK[part]}.out.1.{rest}"
+    sub, rest = rest.split(".", 1)
+    sub = "0" if sub == "conv" else "1"
+    where = f"trunk.{layer}" if int(layer) < 5 else "out.0"
+    return f"head.{_DET_STACK[part]}.{where}.{sub}.{rest}"
+
+
+def _det_key_to_authors(key: str) -> str | None:
+    if key.startswith("encoder.norm."):
+        return None  # their encoder has no final norm (D3); ecamp's is frozen and unused under raw-block
+    if key.startswith("det_head."):
+        return "backbone.encoder." + key
+    if key.startswith("encoder."):
+        return "backbone." + key
+    if key.startswith("neck."):
+        scale, idx, rest = key[len("neck."):].split(".", 2)
+        part = {v: k for k, v in _DET_NECK.items()}[f"{scale}.{idx}"]
+        if rest.startswith("body."):
+            layer, tail = rest[len("body."):].split(".", 1)
+            rest = f"{ {v: k for k, v in _DET_BOTTLENECK.items()}[layer]}.{tail}"
+        return f"backbone.layers.{part}.{rest}"
+    if key.startswith("head.lateral"):
+        n, sub, rest = key[len("head.lateral"):].split(".", 2)
+        return f"embedding{n}_cbl.{'conv' if sub == '0' else 'bn'}.{rest}"
+    scale, where, rest = key[len("head."):].split(".", 2)
+    part = {v: k for k, v in _DET_STACK.items()}[scale]
+    layer, rest = rest.split(".", 1)
+    if where == "out" and layer == "1":
+        return f"{part}.conv_out.{rest}"
+    layer = layer if where == "trunk" else "5"
+    sub, rest = rest.split(".", 1)
+    return f"{part}.{layer}.{'conv' if sub == '0' else 'bn'}.{rest}"
+
+
 def _ecamp_run(spec: dict):
     """The head, FinetuneRun and runtime ``run_finetune`` sets up for this comparison (the authors' protocol)."""
     from ecamp.train.common.distributed import setup_runtime
     from ecamp.train.downstream.classification import ClassificationTask
+    from ecamp.train.downstream.detection import DetectionTask
     from ecamp.train.downstream.protocol import resolve_protocol
     from ecamp.train.downstream.segmentation import SegmentationTask
     from ecamp.train.downstream.task import FinetuneRun
 
-    head = ClassificationTask("phantom", 100, spec["mode"]) if spec["head"] == "cls" else SegmentationTask("rsna", 100)
+    head = {"cls": lambda: ClassificationTask("phantom", 100, spec["mode"]),
+            "seg": lambda: SegmentationTask("rsna", 100), "det": lambda: DetectionTask("rsna", 100)}[spec["head"]]()
     proto = resolve_protocol({"precision": "fp32"}, True, head.metric)
     data, lists = Path(spec["data"]), Path(spec["lists"])
     files = head.list_files(lists, proto)
@@ -357,7 +474,8 @@ def _ecamp_test_of(spec: dict, state: dict) -> dict:
         head.trunk = model
     else:
         model = head.build_model(run)
-        mapped = {_seg_key_to_ecamp(k): v for k, v in state.items()}
+        to_ecamp = _seg_key_to_ecamp if spec["head"] == "seg" else _det_key_to_ecamp
+        mapped = {to_ecamp(k): v for k, v in state.items()}
         own = model.state_dict()
         missing = sorted(set(own) - set(mapped) - {k for k in own if k.startswith("encoder.norm.")})
         if missing or set(mapped) - set(own):
@@ -368,11 +486,14 @@ def _ecamp_test_of(spec: dict, state: dict) -> dict:
 
     def score(dataset):
         scored = evaluate(model, dataset, lambda net, batch: head.predict(net, batch, rt.device), head.score, rt,
-                          batch_size=16)
+                          batch_size=16, collate_fn=getattr(head, "collate_fn", None))
         return scored[0] if isinstance(scored, tuple) else scored
 
     out = {"own_inputs": score(sets["test"])}
     dump = Path(spec.get("authors_inputs", ""))
+    if spec["head"] == "det" and dump.is_file():
+        out.update(_det_checks(head, model, sets["test"], torch_load(dump), rt))
+        return out
     if spec["head"] == "seg" and dump.is_file():  # their test tensors through ecamp's model and score
         import torch
 
@@ -388,6 +509,74 @@ def _ecamp_test_of(spec: dict, state: dict) -> dict:
     return out
 
 
+def torch_load(path):
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _det_checks(head, model, dataset, theirs: dict, rt) -> dict:
+    """Detection, on the authors' own test records: their test tensors through ecamp's model, decoding, NMS and
+    metric; ecamp's NMS on the boxes their NMS was given; ecamp's metric on the predictions their metric scored;
+    and how far the two sides' test inputs are apart."""
+    import torch
+
+    from ecamp.models.heads import decode, postprocess
+    from ecamp.train.downstream.detection import mean_average_precision
+
+    x, y = theirs["x"].float(), theirs["y"].float()  # y: [B, objects, (class, cx, cy, w, h)] normalised, zero-padded
+    size = model.img_size
+    boxes = []
+    for t in y:
+        t = t[t[:, 3] > 0]
+        boxes.append(torch.stack([t[:, 1] - t[:, 3] / 2, t[:, 2] - t[:, 4] / 2, t[:, 1] + t[:, 3] / 2,
+                                  t[:, 2] + t[:, 4] / 2], 1))
+    out = {}
+    model.eval()
+    preds = []
+    for i in range(0, len(x), 16):
+        preds += head.predict(model, (x[i:i + 16], boxes[i:i + 16]), rt.device)
+    out["their_inputs"] = head.score(preds)
+    # NMS on the same decoded boxes: every kept box, score and order equal
+    nms_same, n_kept = True, 0
+    for call in theirs["nms"]:
+        mine = postprocess(call["decoded"].clone(), call["conf"], call["iou"], iou_plus_one=True)
+        for kept, ours in zip(call["kept"], mine, strict=True):
+            kept = kept if kept is not None else torch.zeros(0, 7)
+            n_kept += len(kept)
+            # their torch.sort is not stable: boxes of one score may come in another order, so the kept boxes are
+            # compared as sets of (box, score), and the scores in order
+            same = len(kept) == len(ours["boxes"]) and torch.equal(kept[:, 4], ours["scores"]) and sorted(
+                map(tuple, kept[:, :5].tolist())) == sorted(
+                map(tuple, torch.cat([ours["boxes"], ours["scores"][:, None]], 1).tolist()))
+            nms_same = nms_same and same
+    out["nms"] = {"same": nms_same, "kept": n_kept, "calls": len(theirs["nms"])}
+    # decoding: ecamp's decode of ecamp's raw maps on their inputs against the boxes their NMS was given
+    with torch.no_grad():
+        decoded = torch.cat([decode(model(x[i:i + 16]), model.anchors, size, 1) for i in range(0, len(x), 16)])
+    theirs_decoded = torch.cat([c["decoded"] for c in theirs["nms"]])
+    out["decoded_max_diff"] = float((decoded - theirs_decoded).abs().max()) if decoded.shape == \
+        theirs_decoded.shape else None
+    # the metric on the predictions their metric scored (their labels are floats; ecamp's torchmetrics wants ints)
+    p = [{"boxes": d["boxes"].float(), "scores": d["scores"].float(), "labels": d["labels"].long()}
+         for d in theirs["preds"]]
+    t = [{"boxes": d["boxes"].float(), "labels": d["labels"].long()} for d in theirs["targets"]]
+    out["metric_on_their_predictions"] = mean_average_precision(p, t, authors=True)
+    out["images_scored"] = len(p)
+    ours = [dataset[i] for i in range(len(dataset))]
+    ox = torch.stack([o[0] for o in ours])
+    from ecamp.factory import resolve_model_cfg
+
+    std = resolve_model_cfg(head.encoder)["std"][0]  # normalised units -> 8-bit levels
+    ob = [o[1] for o in ours]
+    out["inputs"] = {"boxes_differing": int(sum(
+                         a.shape != b.shape or not torch.allclose(a, b, atol=1e-6) for a, b in zip(ob, boxes,
+                                                                                                 strict=True))),
+                     "image_max_levels": float((ox - x).abs().max() * std * 255),
+                     "image_share_differing": float(((ox - x).abs() * std * 255 > 0.5).float().mean())}
+    return out
+
+
 def _ecamp_worker(spec: dict) -> dict:
     import torch
     from safetensors.torch import load_file
@@ -397,7 +586,11 @@ def _ecamp_worker(spec: dict) -> dict:
     rec: dict = {"lrs": [], "steps_per_epoch": None}
     out, metric = Path(spec["out"]), HEADS[spec["head"]]["metric"]
     task = ["--dataset", "phantom", "--mode", spec["mode"]] if spec["head"] == "cls" else \
-        ["--head", "seg", "--dataset", "rsna", "--lists", spec["lists"]]
+        ["--head", spec["head"], "--dataset", "rsna", "--lists", spec["lists"]]
+    if spec["head"] == "det":  # the recipe's start_eval (their run.sh's 50-100) is past this budget; both get 0
+        config = out.parent / f"{out.name}-recipe.yaml"
+        config.write_text("head: det\ndataset: rsna\nfraction: 100\nstart_eval: 0\n")
+        task += ["--config", str(config)]
     with _record_ecamp(rec):
         rc = main(["finetune", *task, "--fraction", "100", "--data-root", spec["data"], "--output-dir", str(out),
                    "--model", spec["model"], "--authors-protocol", "--precision", "fp32", "--max-steps",
@@ -411,8 +604,9 @@ def _ecamp_worker(spec: dict) -> dict:
                test=metrics[f"test_{metric}"])
     # ecamp's selected weights as the authors' test() reads them (their setup() for --stage test)
     best = load_file(str(out / "best" / "model.safetensors"))
-    if spec["head"] == "seg":
-        best = {_seg_key_to_authors(k): v for k, v in best.items() if _seg_key_to_authors(k)}
+    if spec["head"] in ("seg", "det"):
+        to_authors = _seg_key_to_authors if spec["head"] == "seg" else _det_key_to_authors
+        best = {to_authors(k): v for k, v in best.items() if to_authors(k)}
     Path(spec["as_authors"]).mkdir(parents=True, exist_ok=True)
     torch.save(best, Path(spec["as_authors"]) / HEADS[spec["head"]]["checkpoint"])
     # the authors' selected weights, scored by ecamp's test code
@@ -486,7 +680,9 @@ def _phantom(args, work: Path) -> tuple[Path, Path]:
     if not (data / f"test_list{HEADS[args.head]['suffix']}").is_file():
         subprocess.run([sys.executable, "-m", "ecamp", "train", "phantom", "--kind", kind, "--out", str(data), "--n",
                         str(args.n), "--seed", "0", "--size", str(args.size)], check=True, stdout=subprocess.DEVNULL)
-    if args.head == "cls":
+    if args.head == "det":
+        _float_boxes(data)
+    if args.head in ("cls", "det"):
         return data, data
     from ecamp.train.downstream.segmentation import convert_lists
 
@@ -501,11 +697,28 @@ def _phantom(args, work: Path) -> tuple[Path, Path]:
     return data, root
 
 
+def _float_boxes(data: Path) -> None:
+    """Write the phantom box lists with float coordinates, as the authors' published RSNA lists
+    (``[[663.0, 487.0, 844.0, 764.0]]``): from integer literals their data set's ``bbox.copy()``
+    (``Detection/utils/my_dataset.py:54-58``) keeps an integer array and truncates box centres to whole pixels, which
+    their own lists never do. Both sides then read the same files."""
+    import ast
+    import csv
+
+    for path in data.glob("*.csv"):
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        for row in rows:
+            row["bbox"] = str([[float(v) for v in box] for box in ast.literal_eval(row["bbox"])])
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["image_path", "bbox"])
+            w.writeheader()
+            w.writerows(rows)
+
+
 def compare(args) -> int:
-    if args.head == "det":
-        raise SystemExit("--head det: Detection/train.py is not compared by this script yet.")
     spec_head = HEADS[args.head]
-    if args.head == "seg" and args.mode != "finetune":
+    if args.head != "cls" and args.mode != "finetune":
         raise SystemExit("--mode linear-probe exists for --head cls only.")
     if args.head == "seg" and args.size != 1024:
         raise SystemExit("--head seg needs --size 1024: the authors' RSNA masks are 1024 x 1024 "
@@ -531,13 +744,14 @@ def compare(args) -> int:
         model = f"local-dir:{folder}"
     vit = _vit_size(model)
     img_size = vit["img_size"] if vit else 224
-    if args.head == "seg" and img_size != 224:
-        raise SystemExit(f"--head seg: their SegViT is built at 224 px; the encoder takes {img_size}.")
+    if args.head != "cls" and img_size != 224:
+        raise SystemExit(f"--head {args.head}: their {'SegViT' if args.head == 'seg' else 'ModelMain'} is built at "
+                         f"224 px; the encoder takes {img_size}.")
     pretrained = work / f"pretrained-{args.head}.pth"  # the encoder as the authors' setup() reads ECAMP's release
     torch.save({"model": ecamp.load(model).state_dict()}, pretrained)
     lists = {p.name: p for p in data.glob(f"*{spec_head['suffix']}")}
     n_train = sum(1 for ln in lists[f"train_list{spec_head['suffix']}"].read_text().splitlines()[
-        1 if args.head == "seg" else 0:] if ln.strip())
+        1 if args.head != "cls" else 0:] if ln.strip())
     per_epoch = -(-n_train // args.batch_size)
     steps = args.epochs * per_epoch
     env = dict(os.environ)
@@ -550,9 +764,10 @@ def compare(args) -> int:
         tag = f"{args.head}-{args.mode}-s{seed}"
         cwd = work / f"authors-{tag}"
         shutil.rmtree(cwd, ignore_errors=True)
-        (cwd / "datasets" / spec_head["task"]).mkdir(parents=True)
+        list_dir = cwd / LIST_DIR[args.head].format(task=spec_head["task"])
+        list_dir.mkdir(parents=True)
         for name, path in lists.items():
-            shutil.copy(path, cwd / "datasets" / spec_head["task"] / name)
+            shutil.copy(path, list_dir / name)
         out = cwd / "output"
         argv = ["--name", "ecamp", "--stage", "train", "--model", "vit_base_patch16", "--task", spec_head["task"],
                 "--pretrained_path", str(pretrained), "--dataset_path", str(data), "--output_dir", str(out),
@@ -564,6 +779,7 @@ def compare(args) -> int:
             argv += ["--mode", "LinearProbe"] if args.mode == "linear-probe" else []
         else:  # their run.sh passes --weight_decay 0.05 (also their default)
             argv += ["--eval_batch_size", "16", "--weight_decay", "0.05"]
+            argv += ["--start_eval", "0"] if args.head == "det" else []
         base = {"authors": str(checkout), "head": args.head, "vit": vit, "multilabel": True}
         inputs = work / f"authors-test-inputs-{tag}.pt"
         theirs = _run_worker("authors", {**base, "cwd": str(cwd), "argv": argv, "dump_inputs": str(inputs)}, work,
@@ -589,12 +805,14 @@ def _report(args, runs, vit, n_train, steps, per_epoch, work: Path) -> int:
     from ecamp.train.downstream.protocol import resolve_protocol
 
     spec_head = HEADS[args.head]
-    metric, name = spec_head["metric"], {"auroc": "AUROC", "dice": "Dice"}[spec_head["metric"]]
-    patience = 20 if args.head == "cls" else 40  # Classification/train.py:427, Segmentation/train.py:416
+    metric, name = spec_head["metric"], {"auroc": "AUROC", "dice": "Dice", "map": "mAP"}[spec_head["metric"]]
+    # Classification/train.py:427, Segmentation/train.py:416, Detection/train.py:511
+    patience = {"cls": 20, "seg": 40, "det": 20}[args.head]
     proto = resolve_protocol({"precision": "fp32"}, True, metric)
     script = f"{spec_head['folder']}/train.py"
     print(f"ecamp train finetune --authors-protocol vs the authors' {script}; {datetime.date.today()}")
     what = f"mode {args.mode}" if args.head == "cls" else f"task {spec_head['task']} (the box lists)"
+    what += ", start_eval 0 on both sides" if args.head == "det" else ""
     print(f"head {args.head}, {what}, model {args.model}{f' {vit}' if vit else ''}, phantom n={args.n} at "
           f"{args.size} px ({n_train} training images), batch {args.batch_size}, lr {args.lr}, warm-up "
           f"{args.warmup}, {args.epochs} epochs = {steps} steps, fp32 on the CPU, seeds {args.seeds}")
@@ -635,7 +853,29 @@ def _report(args, runs, vit, n_train, steps, per_epoch, work: Path) -> int:
         # D6: their cv2 INTER_LINEAR on 8-bit images (11-bit fixed-point weights) against ecamp's linear-uint8
         # (bilinear, no antialias, rounded to 8 bits) may differ by one level; masks must agree exactly
         named = None
-        if "inputs" in scored:
+        if "inputs" in scored and args.head == "det":
+            d = scored["inputs"]
+            ok = d["boxes_differing"] == 0 and d["image_max_levels"] <= 1.0 + 1e-3
+            row(f"seed {seed}: test inputs (their data set / ecamp's)", "images, boxes",
+                f"{100 * d['image_share_differing']:.1f} % of pixels 1 level apart (max {d['image_max_levels']:.3g}), "
+                f"boxes {'identical' if not d['boxes_differing'] else 'differ'}", "D6" if ok else False,
+                "float box lists, as theirs")
+            named = "D6" if ok else None
+            tt = scored.get("their_inputs")
+            row(f"seed {seed}: test {name} of the authors' weights on their test tensors", ta, tt,
+                ta is not None and tt is not None and abs(ta - tt) <= tol, "their test() / ecamp's model and score")
+            nms = scored["nms"]
+            row(f"seed {seed}: NMS on their decoded test boxes ({nms['calls']} batches, {nms['kept']} kept)",
+                "their non_max_suppression", "ecamp's: the same boxes and scores" if nms["same"] else "differs",
+                nms["same"], "D10: nms_iou_plus_one; tied scores may come in another order (their unstable sort)")
+            dd = scored.get("decoded_max_diff")
+            row(f"seed {seed}: decoded boxes on their test tensors (max abs difference, px)", "", dd,
+                dd is not None and dd <= 1e-3, "ecamp's model and decode / their ModelMain and YOLOLoss")
+            mp = scored.get("metric_on_their_predictions")
+            row(f"seed {seed}: mAP of their test predictions ({scored.get('images_scored')} images)", ta, mp,
+                ta is not None and mp is not None and abs(ta - mp) <= tol,
+                "their torchmetrics 0.7.2 / ecamp's torchmetrics")
+        elif "inputs" in scored:
             d = scored["inputs"]
             ok = d["mask_pixels_differing"] == 0 and d["image_max_levels"] <= 1.0 + 1e-3
             row(f"seed {seed}: test inputs (their data set / ecamp's)", "images, masks",
@@ -688,10 +928,11 @@ def main() -> None:
     p.add_argument("--mode", choices=("finetune", "linear-probe"), default="finetune")
     p.add_argument("--model", default="tiny", help="tiny (written here, random weights) or an ecamp model name")
     p.add_argument("--n", type=int, default=80, help="phantom films (20 %% test, 10 %% validation)")
-    p.add_argument("--size", type=int, default=None, help="phantom film side in pixels (default: 96; seg 1024)")
+    p.add_argument("--size", type=int, default=None,
+                   help="phantom film side in pixels (default: 96; seg 1024, det 256)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=None, help="default: 3e-2 cls, 5e-4 seg")
+    p.add_argument("--lr", type=float, default=None, help="default: 3e-2 cls, 5e-4 seg and det")
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--seeds", type=int, nargs="+", default=[42, 43])
     p.add_argument("--work", default=None, help="scratch folder (default: a new temporary one, kept)")
@@ -706,7 +947,7 @@ def main() -> None:
         return
     if not args.authors:
         p.error("--authors CHECKOUT is required")
-    args.size = args.size or (1024 if args.head == "seg" else 96)
+    args.size = args.size or {"cls": 96, "seg": 1024, "det": 256}[args.head]
     sys.exit(compare(args))
 
 

@@ -3,7 +3,7 @@
 ``ecamp train finetune`` fits a :class:`~ecamp.config.Calibration` and per-label
 :class:`~ecamp.config.OperatingPoints` on the validation split after training and writes both into the ``ecamp``
 block of ``best/config.json``; :func:`probabilities` and :func:`decisions` apply them (``ecamp predict``). Fitting
-lives with training (:mod:`ecamp.train.downstream.calibrate`); this module needs only torch.
+lives with training (the ``calibrate`` module of the downstream training package); this module needs only torch.
 """
 
 from __future__ import annotations

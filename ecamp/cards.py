@@ -267,7 +267,10 @@ def _scope(cfg: ModelConfig) -> list[str]:
     """The card's intended use, out-of-scope use and limitations."""
     if cfg.kind == "pretrain":
         intended = ("continued pre-training and research on ECAMP's method (`ecamp train pretrain --init-from`); "
-                    "its image encoder (`model.encoder`) for features and fine-tuning")
+                    "its image encoder (`model.encoder`) for features and fine-tuning; where a sentence's words "
+                    "lie on a film (`ecamp explain FILE --text ...`) and, experimentally, finding scores from the "
+                    "masked-language likelihood of a finding's words given the film (they rank films for one "
+                    "finding; they are not probabilities)")
     elif cfg.dense:
         intended = f"research on {cfg.kind} of the findings it was fine-tuned for, on images like its training data"
     elif cfg.num_classes:

@@ -70,6 +70,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+_DEFAULT_RUNTIME = "torch"
+_RUNTIME_HELP = ("torch; onnxruntime or openvino (CPU only: the model's ONNX graph, exported once into a cache and "
+                 "checked against torch; the onnx or openvino extra); auto: OpenVINO in bfloat16 on a CPU with native "
+                 "bf16 when the openvino extra is installed, else torch (docs/deploying.md)")
+
+
 def _cmd_embed(args: argparse.Namespace) -> int:
     import torch
 
@@ -89,7 +95,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
                              dtype=dtype, progress=not args.no_progress and rank == 0, chunk_size=args.chunk_size,
                              resume=not args.no_resume, shard=shard, preprocess_on=args.preprocess_on,
                              features=args.features, max_output_gb=args.max_output_gb or None,
-                             announce=lambda m: print(m, file=sys.stderr))
+                             announce=lambda m: print(m, file=sys.stderr), runtime=args.runtime)
     finally:
         destroy_process_group()
     if not result.complete:
@@ -134,7 +140,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     result = predict_files(model, files, args.out, model_name=args.model, batch_size=args.batch_size,
                            num_workers=args.num_workers, device=select_device(args.device), dtype=dtype,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, calibrated=not args.no_calibration,
+                           runtime=args.runtime)
     n_bad = len(result.failures)
     print(f"{result.task}: predicted {len(files) - n_bad} of {len(files)} files -> {result.out}")
     if n_bad:
@@ -233,14 +240,85 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
+    from .errors import InvalidArgumentError
     from .explain import save_overlay
     from .factory import load
 
+    if args.text is not None or args.findings is not None:
+        return _cmd_ground(args)
+    for flag, value in (("--token", args.token), ("--word", args.word), ("--authors-canvas", args.authors_canvas)):
+        if value not in (None, False):
+            raise InvalidArgumentError(f"{flag} chooses what a sentence grounds: pass --text with a pre-training "
+                                       f"model.")
+    if args.method not in (None, "rollout", "gradcam"):
+        raise InvalidArgumentError(f"--method {args.method} grounds a sentence: pass --text with a pre-training model.")
+    if len(args.file) != 1 or args.out is None:
+        raise InvalidArgumentError("ecamp explain draws one image: give one FILE and --out map.png.")
     model = load(args.model, cache_dir=args.cache_dir, local_files_only=args.local_files_only,
                  manifest=args.manifest)
-    done = save_overlay(model, args.file, args.out, target=args.target, method=args.method, model_name=args.model)
+    done = save_overlay(model, args.file[0], args.out, target=args.target, method=args.method,
+                        model_name=args.model)
     print(f"{done['method']}" + (f" of {done['target']}" if done["target"] else "") + f" -> {done['out']}")
     return 0
+
+
+def _cmd_ground(args: argparse.Namespace) -> int:
+    """``ecamp explain --text``/``--findings``: the full pre-training model on a sentence or finding phrases."""
+    from .errors import InvalidArgumentError
+    from .factory import load_pretrain
+    from .grounding import METHODS, save_grounding, score_findings
+
+    if args.text is not None and args.findings is not None:
+        raise InvalidArgumentError("Pass --text (a map of one sentence) or --findings (scores), not both.")
+    if args.target is not None:
+        raise InvalidArgumentError("--target is a classifier's class; a sentence is chosen with --text.")
+    if args.text is not None:
+        method = args.method or "occlusion"
+        if method not in METHODS:
+            raise InvalidArgumentError(f"--method {method} is not a grounding method; with --text use one of "
+                                       f"{METHODS}.")
+        if len(args.file) != 1 or args.out is None:
+            raise InvalidArgumentError("ecamp explain --text draws one image: give one FILE and --out map.png.")
+        model = load_pretrain(args.model, cache_dir=args.cache_dir, local_files_only=args.local_files_only,
+                              manifest=args.manifest)
+        done = save_grounding(model, args.file[0], args.text, args.out, method=method, token=args.token,
+                              word=args.word, authors_canvas=args.authors_canvas, model_name=args.model)
+        print(f"{done['method']} of {' '.join(done['words'])!r} -> {done['out']}")
+        return 0
+    findings = [f.strip() for f in args.findings.split(",") if f.strip()]
+    if args.method or args.token is not None or args.word or args.authors_canvas:
+        raise InvalidArgumentError("--findings scores whole films; --method, --token, --word and --authors-canvas "
+                                   "belong to --text.")
+    if args.out is not None and not args.out.endswith(".csv"):
+        raise InvalidArgumentError(f"--out {args.out}: --findings writes a CSV (name it .csv), or omit --out to "
+                                   f"print the scores.")
+    model = load_pretrain(args.model, cache_dir=args.cache_dir, local_files_only=args.local_files_only,
+                          manifest=args.manifest)
+    scores = score_findings(model, args.file, findings)
+    rows = [[f, *[f"{v:.4f}" for v in row]] for f, row in zip(args.file, scores, strict=True)]
+    if args.out is not None:
+        from .fileio import write_csv
+
+        write_csv(args.out, ["file", *findings], rows)
+        print(f"{len(rows)} films x {len(findings)} findings -> {args.out}")
+    else:
+        print("\t".join(["file", *findings]))
+        for row in rows:
+            print("\t".join(row))
+    return 0
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``low`` (a bad value is a usage error, not a traceback later)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r:.40} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below {low}")
+        return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -323,18 +401,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "(.safetensors or .npy only)")
     p.add_argument("--max-output-gb", type=float, default=10.0,
                    help="refuse an output larger than this (stated before starting; 0: no limit)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes for decoding")
+    p.add_argument("--batch-size", type=_at_least(1), default=32)
+    p.add_argument("--num-workers", type=_at_least(0), default=0, help="DataLoader worker processes for decoding")
     p.add_argument("--device", default="auto", help="auto (this process's GPU, else Apple's MPS, else the CPU), cpu, "
                                                     "cuda, cuda:1, mps")
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="embed part I of N (0-based; job arrays without torchrun), then `ecamp embed merge`")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="autocast dtype for the model")
+    p.add_argument("--runtime", choices=("auto", "torch", "onnxruntime", "openvino"), default=_DEFAULT_RUNTIME,
+                   help=_RUNTIME_HELP)
     p.add_argument("--preprocess-on", choices=("cpu", "gpu", "auto"), default="auto",
                    help="where intensity policy, resize and normalisation run: cpu (in the workers), gpu (workers only "
                         "decode; the rest runs on --device in batches), auto (gpu when --device is CUDA)")
-    p.add_argument("--chunk-size", type=int, default=1024, help="images per saved chunk (the resume granularity)")
+    p.add_argument("--chunk-size", type=_at_least(1), default=1024,
+                   help="images per saved chunk (the resume granularity)")
     p.add_argument("--no-resume", action="store_true", help="start over even if an interrupted run left chunks")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--cache-dir", default=None)
@@ -350,15 +431,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", help="image files (DICOM, PNG, JPEG, TIFF) and folders (searched recursively)")
     p.add_argument("--model", required=True, help="local-dir:/path (a fine-tuned model's folder), hf-hub:org/repo...")
     p.add_argument("--out", required=True, help="classification: a .csv or .parquet (path, one probability per "
-                                                "label, error); "
+                                                "label, a 0/1 decision per label at the model's operating points "
+                                                "where it has them, error); "
                                                 "segmentation: a folder of mask PNGs with predictions.csv; "
                                                 "detection: a .json (boxes in the original images' pixels)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes for decoding")
+    p.add_argument("--batch-size", type=_at_least(1), default=32)
+    p.add_argument("--num-workers", type=_at_least(0), default=0, help="DataLoader worker processes for decoding")
     p.add_argument("--device", default="auto", help="auto (the GPU, else Apple's MPS, else the CPU), cpu, cuda, "
                                                     "cuda:1, mps")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="autocast dtype for the model")
+    p.add_argument("--runtime", choices=("auto", "torch", "onnxruntime", "openvino"), default=_DEFAULT_RUNTIME,
+                   help=_RUNTIME_HELP)
+    p.add_argument("--no-calibration", action="store_true",
+                   help="classification: the model's raw probabilities, not those calibrated on its validation split "
+                        "(decisions then use the thresholds fitted on the raw probabilities)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--local-files-only", action="store_true", help="do not touch the network")
@@ -379,13 +466,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("explain", _cmd_explain, "where a model looks on one image: a heat map over the film, as PNG "
                                      "(the [plot] extra)")
-    p.add_argument("file", help="the image (DICOM, PNG, JPEG, TIFF)")
-    p.add_argument("--model", required=True, help="model name, hf-hub:org/repo or local-dir:/path")
-    p.add_argument("--out", required=True, help="the PNG to write")
-    p.add_argument("--method", choices=("rollout", "gradcam"), default=None,
-                   help="default: gradcam for a classifier, attention rollout for an encoder")
+    p.add_argument("file", nargs="+", help="the image (DICOM, PNG, JPEG, TIFF); several with --findings")
+    p.add_argument("--model", required=True, help="model name, hf-hub:org/repo or local-dir:/path (with --text or "
+                                                  "--findings: a pre-training model)")
+    p.add_argument("--out", default=None, help="the PNG to write (--findings: a CSV, default: print)")
+    p.add_argument("--method", choices=("rollout", "gradcam", "occlusion", "authors", "gradient"), default=None,
+                   help="default: gradcam for a classifier, attention rollout for an encoder; with --text: "
+                        "occlusion (default), authors or gradient")
     p.add_argument("--target", default=None, help="Grad-CAM's class, a label name or an index (default: the top "
                                                    "class)")
+    p.add_argument("--text", default=None, help="ground this sentence on the film with the full pre-training model")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--token", type=_at_least(0), default=None,
+                       help="score this token position of '[CLS] ' + text (authors default: 4)")
+    which.add_argument("--word", default=None, help="score this word of the text")
+    p.add_argument("--authors-canvas", action="store_true",
+                   help="--method authors: write their 224-pixel blend instead of the film-sized figure")
+    p.add_argument("--findings", default=None, metavar="A,B,...",
+                   help="experimental: score each FILE for these comma-separated finding phrases (log-likelihood "
+                        "of the phrase against its negation)")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--local-files-only", action="store_true", help="do not touch the network")
     return parser

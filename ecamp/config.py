@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError, InvalidWeightsFileError
+from .schema import brief
 
-__all__ = ["EcampCfg", "DenseInput", "ModelConfig", "ecamp_cfg_of", "POLICIES", "MODALITIES", "TASKS", "DENSE_TASKS",
-           "ACTIVATIONS", "FOLDER_KINDS", "PRETRAIN_ARCHITECTURE"]
+__all__ = ["EcampCfg", "DenseInput", "Calibration", "OperatingPoints", "ModelConfig", "ecamp_cfg_of", "POLICIES",
+           "MODALITIES", "TASKS", "DENSE_TASKS",
+           "ACTIVATIONS", "FOLDER_KINDS", "PRETRAIN_ARCHITECTURE", "CALIBRATIONS"]
 
 # Intensity policies of the image reader (ecamp.io): how a DICOM or deep image becomes [0, 1] values
 POLICIES = ("bits", "minmax", "voi", "mimic-cxr-jpg")
@@ -31,6 +33,9 @@ ACTIVATIONS = ("sigmoid", "softmax")
 # What an ecamp folder holds: a timm encoder or classifier, a dense-head model, or the full pre-training model
 FOLDER_KINDS = ("encoder", "classification", "segmentation", "detection", "pretrain")
 PRETRAIN_ARCHITECTURE = "ecamp_pretrain"
+# How a classifier's logits are calibrated: one temperature (multi-class), or per label a temperature or Platt's
+# scale and bias (multi-label)
+CALIBRATIONS = ("temperature", "platt")
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,75 @@ class DenseInput:
     rgb: bool = False
 
 
+def _floats(value: Any, where: str, key: str, *, positive: bool = False) -> tuple[float, ...]:
+    import math
+
+    if not isinstance(value, (list, tuple)) or not value or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > 0 or not positive)
+            for v in value):
+        what = "positive finite numbers" if positive else "finite numbers"
+        raise ConfigError(f"{where}: {key} must be a non-empty list of {what}, got {brief(value)}.")
+    return tuple(float(v) for v in value)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How a classifier's logits ``z`` become calibrated probabilities: ``scale * z + bias`` per output, then the
+    model's activation. ``"temperature"``: ``scale = 1 / T`` and no bias (one value for a softmax head, one per
+    label for a sigmoid head); ``"platt"``: per label scale and bias (sigmoid heads). Fitted on ``fitted_on``
+    (``n`` images) after training; ``scale`` is positive, so a calibration never reorders one output's scores."""
+
+    method: str
+    scale: tuple[float, ...]
+    bias: tuple[float, ...]
+    fitted_on: str = "validation"
+    n: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in CALIBRATIONS:
+            raise ConfigError(f"calibration method {brief(self.method)}; use one of {CALIBRATIONS}.")
+        if len(self.scale) != len(self.bias):
+            raise ConfigError(f"calibration has {len(self.scale)} scales but {len(self.bias)} biases.")
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> Calibration:
+        if not isinstance(data, Mapping) or not {"method", "scale", "bias"} <= set(data) or \
+                not set(data) <= {"method", "scale", "bias", "fitted_on", "n"}:
+            raise ConfigError(f"{where}: calibration must be an object with method, scale, bias (fitted_on, n), "
+                              f"got {data!r:.200}.")
+        n = data.get("n", 0)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0 or not isinstance(data.get("fitted_on", ""), str):
+            raise ConfigError(f"{where}: calibration n must be a count and fitted_on a split name.")
+        return cls(str(data["method"]), _floats(data["scale"], where, "calibration.scale", positive=True),
+                   _floats(data["bias"], where, "calibration.bias"), data.get("fitted_on", "validation"), n)
+
+
+@dataclass(frozen=True)
+class OperatingPoints:
+    """Per-label decision thresholds chosen on the validation split by ``rule`` (``"youden"``,
+    ``"sensitivity=0.9"``, ``"specificity=0.95"``): ``thresholds`` on the calibrated probabilities,
+    ``raw_thresholds`` on the uncalibrated ones (the same rule fitted again), so a decision never depends on
+    whether calibration is applied."""
+
+    rule: str
+    thresholds: tuple[float, ...]
+    raw_thresholds: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.thresholds) != len(self.raw_thresholds):
+            raise ConfigError(f"operating_points has {len(self.thresholds)} thresholds but "
+                              f"{len(self.raw_thresholds)} raw_thresholds.")
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> OperatingPoints:
+        if not isinstance(data, Mapping) or set(data) != {"rule", "thresholds", "raw_thresholds"} or \
+                not isinstance(data["rule"], str):
+            raise ConfigError(f"{where}: operating_points must be an object with rule, thresholds and "
+                              f"raw_thresholds, got {data!r:.200}.")
+        return cls(data["rule"], _floats(data["thresholds"], where, "operating_points.thresholds"),
+                   _floats(data["raw_thresholds"], where, "operating_points.raw_thresholds"))
+
+
 @dataclass(frozen=True)
 class EcampCfg:
     """ecamp's settings of one model (the ``ecamp`` block of its ``config.json``).
@@ -53,8 +127,9 @@ class EcampCfg:
     weights come from, under another name), ``base_model`` (the model a fine-tuning started from),
     ``description``, ``provenance`` (conversion or training record), ``source`` (where this copy was loaded from;
     set by the loader, never written). Fine-tuned models: ``task`` (one of :data:`TASKS`), ``activation`` of a
-    classifier (``"sigmoid"`` multi-label, ``"softmax"`` multi-class), ``dense_input`` of a segmentation or
-    detection model, ``finetune`` (data set, fraction, mode, best step and score). Full pre-training models:
+    classifier (``"sigmoid"`` multi-label, ``"softmax"`` multi-class), its ``calibration`` and ``operating_points``
+    (:class:`Calibration`, :class:`OperatingPoints`), ``dense_input`` of a segmentation or detection model,
+    ``finetune`` (data set, fraction, mode, best step and score). Full pre-training models:
     ``data`` (how the run read its images).
 
     :meth:`to_dict` writes the keys a block was read with, in their order (explicit defaults included), then the
@@ -74,6 +149,8 @@ class EcampCfg:
     task: str | None = None
     activation: str | None = None
     dense_input: DenseInput | None = None
+    calibration: Calibration | None = None
+    operating_points: OperatingPoints | None = None
     finetune: Mapping[str, Any] = field(default_factory=dict)
     data: Mapping[str, Any] = field(default_factory=dict)
     source: str | None = None
@@ -83,11 +160,11 @@ class EcampCfg:
 
     def __post_init__(self) -> None:
         if self.image_policy not in POLICIES:
-            raise ConfigError(f"Unknown image policy {self.image_policy!r}; use one of {POLICIES}.")
+            raise ConfigError(f"Unknown image policy {brief(self.image_policy)}; use one of {POLICIES}.")
         if self.task is not None and self.task not in TASKS:
-            raise ConfigError(f"Unknown task {self.task!r}; use one of {TASKS} (or none for an encoder).")
+            raise ConfigError(f"Unknown task {brief(self.task)}; use one of {TASKS} (or none for an encoder).")
         if self.activation is not None and self.activation not in ACTIVATIONS:
-            raise ConfigError(f"activation is {self.activation!r}; use sigmoid or softmax.")
+            raise ConfigError(f"activation is {brief(self.activation)}; use sigmoid or softmax.")
 
     @property
     def dense(self) -> bool:
@@ -115,20 +192,24 @@ class EcampCfg:
             if values.get(key) is None:
                 values.pop(key, None)
             elif not isinstance(values[key], Mapping):
-                raise ConfigError(f"{where}: {key} must be a JSON object, got {values[key]!r}.")
+                raise ConfigError(f"{where}: {key} must be a JSON object, got {brief(values[key])}.")
         if values.get("dense_input") is not None:
             dense = values["dense_input"]
             if not isinstance(dense, Mapping) or not set(dense) <= {"resize", "rgb"}:
-                raise ConfigError(f"{where}: dense_input must be an object with resize and rgb, got {dense!r}.")
+                raise ConfigError(f"{where}: dense_input must be an object with resize and rgb, got {brief(dense)}.")
             values["dense_input"] = DenseInput(**dense)
+        if values.get("calibration") is not None:
+            values["calibration"] = Calibration.from_dict(values["calibration"], where)
+        if values.get("operating_points") is not None:
+            values["operating_points"] = OperatingPoints.from_dict(values["operating_points"], where)
         for key in ("grayscale", "fov_crop"):
             if key in values and not isinstance(values[key], bool):
-                raise ConfigError(f"{where}: {key} must be true or false, got {values[key]!r}.")
+                raise ConfigError(f"{where}: {key} must be true or false, got {brief(values[key])}.")
         for key in ("modality", "name", "derived_from", "base_model", "description", "task", "activation", "source"):
             if values.get(key) is not None and not isinstance(values[key], str):
-                raise ConfigError(f"{where}: {key} must be a string, got {values[key]!r}.")
+                raise ConfigError(f"{where}: {key} must be a string, got {brief(values[key])}.")
         if "image_policy" in values and not isinstance(values["image_policy"], str):
-            raise ConfigError(f"{where}: image_policy must be a string, got {values['image_policy']!r}.")
+            raise ConfigError(f"{where}: image_policy must be a string, got {brief(values['image_policy'])}.")
         if "notes" in values and values["notes"] is None:
             values["notes"] = ""
         try:
@@ -147,8 +228,8 @@ class EcampCfg:
         out: dict[str, Any] = {}
         for key in order:
             value = getattr(self, key)
-            out[key] = dataclasses.asdict(value) if isinstance(value, DenseInput) else copy.deepcopy(
-                dict(value) if isinstance(value, Mapping) else value)
+            typed = isinstance(value, (DenseInput, Calibration, OperatingPoints))
+            out[key] = _json_of(value) if typed else copy.deepcopy(dict(value) if isinstance(value, Mapping) else value)
         out.update(copy.deepcopy(dict(self.extra)))
         if with_source and self.source is not None:
             out["source"] = self.source
@@ -167,6 +248,25 @@ class EcampCfg:
         """Only what decides how images are read (modality, policy, grey, field-of-view crop)."""
         keep = ("modality", "image_policy", "grayscale", "fov_crop", "notes")
         return EcampCfg.from_dict({k: v for k, v in self.to_dict().items() if k in keep})
+
+
+def _check_labels(data: Mapping[str, Any], where: str, path: Any) -> None:
+    """``num_classes`` a count and ``label_names`` one string per output: a name list that does not fit the outputs
+    would label every column wrongly."""
+    n, names = data.get("num_classes"), data.get("label_names")
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
+        raise InvalidWeightsFileError(f"{where}: num_classes {brief(n)} is not a count of outputs; fix config.json or "
+                                      f"re-export the folder.", path=path)
+    if names is None or names == []:
+        return
+    if not isinstance(names, list) or not all(isinstance(v, str) for v in names) or len(names) != (n or 0):
+        what = f"{len(names)} label_names" if isinstance(names, list) else f"label_names {brief(names)}"
+        raise InvalidWeightsFileError(f"{where}: {what} for num_classes {n or 0}; give one name (a string) per "
+                                      f"output in config.json, or re-export the folder.", path=path)
+
+
+def _json_of(value: Any) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(value).items()}
 
 
 def ecamp_cfg_of(model: Any) -> EcampCfg:
@@ -199,6 +299,7 @@ class ModelConfig:
             raise InvalidWeightsFileError(f"{e} Fix config.json or re-export the folder.", path=path) from e
         if data.get("architecture") == PRETRAIN_ARCHITECTURE:
             return cls("pretrain", ecamp, data, None)
+        _check_labels(data, where, path)
         if ecamp.dense:
             encoder = data.get("encoder")
             if not isinstance(encoder, Mapping) or not isinstance(encoder.get("architecture"), str):

@@ -11,7 +11,9 @@ A converted folder records the sha256 of the checkpoint it came from in ``config
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,6 +25,7 @@ from torch import nn
 from .config import EcampCfg, ecamp_cfg_of
 from .errors import (
     ChecksumMismatchError,
+    ConfigError,
     DownloadError,
     InvalidArgumentError,
     InvalidWeightsFileError,
@@ -33,8 +36,8 @@ from .fileio import sha256_file
 from .models.pretrain import ENCODER_KEYS, ECAMPPretrainConfig, encoder_config, read_authors_checkpoint
 from .registry import ManifestLike, ModelEntry, load_manifest
 
-__all__ = ["read_authors_checkpoint", "encoder_from_authors", "encoder_cfgs", "encoder_for", "export_encoder",
-           "convert", "convert_from_authors"]
+__all__ = ["read_authors_checkpoint", "read_checkpoint", "encoder_from_authors", "encoder_cfgs", "encoder_for",
+           "export_encoder", "convert", "convert_from_authors"]
 
 PathLike = str | os.PathLike
 
@@ -48,14 +51,15 @@ def encoder_cfgs(entry: ModelEntry, img_size: int, in_chans: int = 3) -> tuple[d
 
 
 def encoder_from_authors(checkpoint: PathLike | Mapping[str, torch.Tensor], *, pretrained_cfg: Mapping[str, Any],
-                         ecamp_cfg: EcampCfg | Mapping[str, Any], config: ECAMPPretrainConfig | None = None
-                         ) -> nn.Module:
+                         ecamp_cfg: EcampCfg | Mapping[str, Any], config: ECAMPPretrainConfig | None = None,
+                         source: str | None = None) -> nn.Module:
     """The image encoder of an authors'-format checkpoint: its ViT keys loaded strictly into a timm
-    ``VisionTransformer`` (trainable position embedding, mean-pooled after the final norm)."""
+    ``VisionTransformer`` (trainable position embedding, mean-pooled after the final norm); ``source`` names a
+    state dict in messages."""
     from .models.encoder import build_encoder
 
     cfg = config or ECAMPPretrainConfig()
-    source = str(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "state dict"
+    source = str(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else source or "state dict"
     state = read_authors_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else dict(checkpoint)
     vit = {k: v for k, v in state.items() if ENCODER_KEYS.match(k)}
     if not any(k.startswith("blocks.") for k in vit):
@@ -94,14 +98,101 @@ def export_encoder(encoder: nn.Module, entry: ModelEntry, out: PathLike, *, prov
     return save_pretrained(encoder, out, name=entry.name, hf_repo=hf_repo or entry.hf_repo)
 
 
+# A checkpoint's tensors are stored uncompressed by torch.save: members that inflate by more than this (or to more
+# than ECAMP_MAX_CHECKPOINT_GB in all) are a zip bomb, refused before torch.load inflates them
+_MAX_INFLATE_RATIO = 20
+_MAX_CHECKPOINT_GB = 16
+_MAX_CONFIG_BYTES = 1 << 20  # a --config of sizes is a few hundred bytes
+
+
+def read_checkpoint(path: PathLike) -> dict[str, torch.Tensor]:
+    """:func:`read_authors_checkpoint` behind a guard against zip bombs, its refusal of pickled objects worded for
+    an untrusted file (torch's own message advises ``weights_only=False``, which would run the pickle)."""
+    import zipfile
+
+    from .schema import max_bound
+
+    path = Path(path)
+    if path.is_file() and zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as z:
+                members = z.infolist()
+        except (zipfile.BadZipFile, OSError, ValueError) as e:
+            raise InvalidWeightsFileError(f"{path} is not a readable PyTorch checkpoint ({e}).", path=path) from e
+        total, limit = sum(m.file_size for m in members), max_bound("CHECKPOINT_GB", _MAX_CHECKPOINT_GB) * 1e9
+        packed = [m for m in members if m.compress_type != zipfile.ZIP_STORED
+                  and m.file_size > _MAX_INFLATE_RATIO * max(m.compress_size, 1 << 16)]
+        if packed or total > limit:
+            why = f"{packed[0].filename} inflates {packed[0].compress_size} bytes to {packed[0].file_size}" if packed \
+                else f"its tensors take {total / 1e9:.3g} GB, over ECAMP_MAX_CHECKPOINT_GB={limit / 1e9:g}"
+            raise InvalidWeightsFileError(f"{path} is not an ordinary PyTorch checkpoint: {why}; it was not read "
+                                          f"(raise ECAMP_MAX_CHECKPOINT_GB for a genuinely larger one).", path=path)
+    try:
+        return read_authors_checkpoint(path)
+    except InvalidWeightsFileError as e:
+        text = str(e)
+        if "Weights only load failed" not in text:
+            raise
+        if "Unsupported global" in text:
+            raise InvalidWeightsFileError(f"{path} holds pickled Python objects besides tensors, which ecamp never "
+                                          f"unpickles (they can run code); do not load an untrusted file with "
+                                          f"weights_only=False: ask its source for a state dict of tensors or a "
+                                          f"safetensors file.", path=path) from e
+        # torch's reason without its advice to load with weights_only=False
+        detail = [ln.strip() for ln in text.partition("WeightsUnpickler error:")[2].splitlines() if ln.strip()]
+        raise InvalidWeightsFileError(f"{path} is not a readable PyTorch checkpoint (read with weights_only=True): "
+                                      f"{(detail or ['not a torch.save file'])[0][:200]}.", path=path) from e
+
+
 def _read_config(path: PathLike | None) -> ECAMPPretrainConfig | None:
+    """``--config``: a small JSON object of :class:`ECAMPPretrainConfig` fields, each of its type, every size
+    bounded as ``ecamp.load`` bounds an encoder (nothing is allocated for an absurd one)."""
+    from .models.encoder import check_encoder_config
+    from .schema import from_mapping
+
     if path is None:
         return None
+    where = f"--config {path}"
     try:
-        return ECAMPPretrainConfig.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
-    except (OSError, ValueError) as e:
-        raise InvalidArgumentError(f"--config {path} is not a JSON object of ECAMPPretrainConfig fields: {e}",
+        if Path(path).stat().st_size > _MAX_CONFIG_BYTES:
+            raise InvalidArgumentError(f"{where} is over {_MAX_CONFIG_BYTES} bytes; a config of sizes is a few "
+                                       f"hundred.", path=path)
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise InvalidArgumentError(f"{where} is not a JSON object of ECAMPPretrainConfig fields: {str(e)[:200]}",
                                    path=path) from e
+    cfg = from_mapping(ECAMPPretrainConfig, data, error=InvalidArgumentError, source=where, path=path,
+                       noun="field")
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, bool):
+            continue
+        if not math.isfinite(value) or value < 0 or (isinstance(value, int) and value < 1):
+            raise InvalidArgumentError(f"{where}: {f.name} {value!r} is not a positive size.", path=path)
+    for width, heads in (("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads"),
+                         ("text_hidden_size", "text_heads")):
+        if getattr(cfg, width) % getattr(cfg, heads):
+            raise InvalidArgumentError(f"{where}: {heads} {getattr(cfg, heads)} does not divide {width} "
+                                       f"{getattr(cfg, width)}.", path=path)
+    encoder = {k: getattr(cfg, k) for k in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
+                                            "mlp_ratio")}
+    try:
+        check_encoder_config({"model_args": encoder}, config_file=where)
+        # the decoder and the text tower, bounded as encoders of their widths
+        check_encoder_config({"model_args": {**encoder, "embed_dim": cfg.decoder_embed_dim,
+                                             "depth": cfg.decoder_depth, "num_heads": cfg.decoder_num_heads}},
+                             config_file=where)
+        check_encoder_config({"model_args": {"embed_dim": cfg.text_hidden_size, "depth": cfg.text_layers,
+                                             "num_heads": cfg.text_heads, "img_size": 16,
+                                             "num_classes": min(cfg.vocab_size, 1_000_000)}}, config_file=where)
+        cfg.validate()
+    except ConfigError as e:
+        raise InvalidArgumentError(str(e).replace("fix config.json, or pass", "fix --config; e.g."), path=path) \
+            from e
+    if cfg.vocab_size > 1_000_000 or cfg.max_text_len > 65536:
+        raise InvalidArgumentError(f"{where}: vocab_size {cfg.vocab_size} or max_text_len {cfg.max_text_len} is "
+                                   f"beyond any tokenizer (1000000, 65536).", path=path)
+    return cfg
 
 
 def convert(checkpoint: PathLike, name: str, *, out: PathLike | None = None, config: PathLike | None = None,
@@ -128,7 +219,10 @@ def _convert(checkpoint: PathLike, entry: ModelEntry, folder: Path, *, config: P
     if entry.kind == "pretrain":
         from .models.pretrain import ECAMPPretrainModel
 
-        model = ECAMPPretrainModel.from_authors(checkpoint, config=cfg)
+        try:
+            model = ECAMPPretrainModel.from_authors(read_checkpoint(checkpoint), config=cfg)
+        except WeightsMismatchError as e:
+            raise WeightsMismatchError(str(e).replace("state dict", str(checkpoint), 1), path=checkpoint) from e
         block = EcampCfg.from_dict(entry.ecamp).replace(name=entry.name, provenance=prov)
         from .folders import save_pretrained
 
@@ -136,7 +230,8 @@ def _convert(checkpoint: PathLike, entry: ModelEntry, folder: Path, *, config: P
     else:
         c = cfg or ECAMPPretrainConfig()
         pcfg, block = encoder_cfgs(entry, c.img_size, c.in_chans)
-        encoder = encoder_from_authors(checkpoint, pretrained_cfg=pcfg, ecamp_cfg=block, config=c)
+        encoder = encoder_from_authors(read_checkpoint(checkpoint), pretrained_cfg=pcfg, ecamp_cfg=block, config=c,
+                                       source=str(checkpoint))
         files = export_encoder(encoder, entry, folder, provenance=prov)["files"]
     return {"out": str(folder), "files": files, "original_sha256": sha256}
 
@@ -250,7 +345,7 @@ def convert_from_authors(name: str, *, out: PathLike | None = None, config: Path
         label = f"{original} downloaded from {url} (sha256 {sha256})"
         try:
             if before and before != sha256 and not force:
-                read_authors_checkpoint(path)  # bytes that are no checkpoint at all are reported as such
+                read_checkpoint(path)  # bytes that are no checkpoint at all are reported as such
                 raise ChecksumMismatchError(
                     f"{folder} holds weights converted from a file with sha256 {before}, but {url} now sends "
                     f"{original} with sha256 {sha256}. The authors' release should not change: retry in case the "

@@ -119,8 +119,9 @@ def _flattened(batches, shape: list):
 
 def _batches(model: nn.Module, inputs: Sequence[Any], transform, batch_size: int, num_workers: int,
              device: torch.device, dtype: torch.dtype | None, progress: bool, desc: str, preprocess_on: str = "cpu",
-             features: str = "pooled"):
-    """Yield ``(indices, features [b, ...] float32 numpy, failures {index: message})`` in input order."""
+             features: str = "pooled", forward: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    """Yield ``(indices, features [b, ...] float32 numpy, failures {index: message})`` in input order.
+    ``forward``: a graph runtime's forward (:func:`ecamp.runtime.runtime_model`) in place of torch's."""
     on_device = _on_device(preprocess_on, transform, device)
     batches = load_batches(inputs, transform.decode if on_device else transform, batch_size=batch_size,
                            num_workers=num_workers, progress=progress, desc=desc,
@@ -131,15 +132,16 @@ def _batches(model: nn.Module, inputs: Sequence[Any], transform, batch_size: int
             with torch.inference_mode():
                 x = transform.finish([t for _, t in ok]) if on_device else torch.stack([t for _, t in ok])
                 x = x.to(device, dtype=next(model.parameters()).dtype)
-                with autocast(device, dtype):
-                    out = _features_of(model, x, features).float().cpu().numpy()
+                with autocast(device, dtype if forward is None else None):
+                    y = _features_of(model, x, features) if forward is None else forward(x)
+                    out = y.float().cpu().numpy()
         yield [i for i, _ in ok], out, failures
 
 
 def embed(model: nn.Module, inputs: Sequence[Any], *, batch_size: int = 32, num_workers: int = 0,
           device: str | torch.device | None = None, dtype: torch.dtype | None = None, progress: bool = True,
           transform: Callable[[Any], torch.Tensor] | None = None, preprocess_on: str = "auto",
-          features: str = "pooled") -> np.ndarray:
+          features: str = "pooled", runtime: str = "torch") -> np.ndarray:
     """Embed images (paths, bytes, PIL images, arrays or tensors) with ``model``: ``[N, D]`` float32 (``[N, T, C]``
     for ``features="tokens"``; see :data:`FEATURES`), in input order.
 
@@ -148,23 +150,28 @@ def embed(model: nn.Module, inputs: Sequence[Any], *, batch_size: int = 32, num_
     autocast. ``transform`` defaults to
     ``ecamp.get_transform(model)``. ``preprocess_on``: ``"cpu"``, ``"gpu"`` (the workers only decode files;
     intensity policy, resize and normalisation run on ``device``, in batches; in-memory images still take the CPU
-    path) or ``"auto"`` (``"gpu"`` when ``device`` is CUDA).
+    path) or ``"auto"`` (``"gpu"`` when ``device`` is CUDA). ``runtime``: ``"torch"``, ``"onnxruntime"``,
+    ``"openvino"`` or ``"auto"`` (:mod:`ecamp.runtime`; the graph runtimes give the pooled embedding, on the CPU).
     """
     from .distributed import select_device
     from .factory import get_transform
 
     _check_features(model, features)
-    if batch_size < 1:
-        raise InvalidArgumentError(f"batch_size must be positive, got {batch_size}.")
+    _check_counts(batch_size=batch_size, num_workers=num_workers)
     inputs = list(inputs)
     if not inputs:
         raise InvalidArgumentError("embed() got no inputs.")
     transform = transform or get_transform(model)
     dev = select_device(device) if device is not None else next(model.parameters()).device
     model = model.to(dev).eval()
+    runtime, dtype = _resolve_runtime(runtime, dev, dtype, features)
+    forward = _runtime_forward(model, runtime, dtype)
     shape: list = []
     rows, failures = collect_rows(_flattened(_batches(model, inputs, transform, batch_size, num_workers, dev, dtype,
-                                                      progress, "embed", preprocess_on, features), shape), len(inputs))
+                                                      progress, "embed", preprocess_on, features, forward), shape),
+                                  len(inputs))
+    if rows is not None:
+        rows, failures = _non_finite_failed(rows, failures, inputs)
     if rows is None:
         raise DataError(f"None of the {len(inputs)} inputs could be read; first error: "
                         f"{next(iter(failures.values()))}")
@@ -174,13 +181,35 @@ def embed(model: nn.Module, inputs: Sequence[Any], *, batch_size: int = 32, num_
     return rows.reshape(len(inputs), *shape)
 
 
+def _non_finite_failed(rows: np.ndarray, failed: dict[int, str], inputs: Sequence[Any]
+                       ) -> tuple[np.ndarray | None, dict[int, str]]:
+    """Rows holding NaN or infinity (a config's std of 0, an overflow under float16) become failures, NaN rows as
+    unreadable inputs are; ``None`` when no row is left."""
+    bad = [i for i in np.flatnonzero(~np.isfinite(rows).all(axis=1)) if i not in failed]
+    if not bad:
+        return rows, failed
+    failed = dict(failed)
+    for i in bad:
+        name = inputs[i] if isinstance(inputs[i], (str, os.PathLike)) else f"input {i}"
+        failed[int(i)] = f"{name}: the model's output holds NaN or infinity (check the model's mean and std, or " \
+                         f"run in float32)"
+    rows = rows.copy()
+    rows[bad] = np.nan
+    return (None if len(failed) == len(rows) else rows), failed
+
+
 def find_images(paths: Sequence[str | os.PathLike], suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[str]:
     """Files given directly (in order), then the images inside given folders (recursively, sorted): files with an
     image suffix, and DICOM files without one (PACS exports such as ``IM000001``), recognised by their preamble."""
     found: list[str] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file())
+            unreadable: list[OSError] = []  # a folder without read permission: its images must not vanish unsaid
+            files = sorted(f for d, _, names in os.walk(p, onerror=unreadable.append) for n in names
+                           if (f := Path(d, n)).is_file())
+            if unreadable:
+                logger.warning("%s: %d folder(s) could not be read and were skipped: %s", p, len(unreadable),
+                               "; ".join(f"{e.filename} ({e.strerror})" for e in unreadable[:5]))
             picked = [str(f) for f in files if f.suffix.lower() in suffixes or
                       (not f.suffix and _has_dicom_preamble(f))]
             if len(picked) < len(files):
@@ -205,7 +234,8 @@ class EmbedResult:
 
 
 def _run_key(model: nn.Module, transform: Any, files: Sequence[str], model_name: str, chunk_size: int,
-             dtype: torch.dtype | None, preprocessing: str = "cpu", features: str = "pooled") -> str:
+             dtype: torch.dtype | None, preprocessing: str = "cpu", features: str = "pooled",
+             runtime: str = "torch") -> str:
     """Identity of an embedding run: a resume only re-uses chunks made by the same weights, preprocessing, dtype
     and the same files (path, size and modification time)."""
     h = hashlib.sha256()
@@ -221,6 +251,7 @@ def _run_key(model: nn.Module, transform: Any, files: Sequence[str], model_name:
             stats.append((f, None, None))
     on_gpu = ["preprocessed on the device"] if preprocessing == "gpu" else []  # CPU runs keep their earlier keys
     what = [f"features={features}"] if features != "pooled" else []  # so do pooled ones
+    what += [f"runtime={runtime}"] if runtime != "torch" else []  # and torch ones
     h.update(json.dumps([stats, model_name, chunk_size, str(dtype), repr(transform), *on_gpu, *what]).encode())
     return h.hexdigest()[:24]
 
@@ -246,12 +277,80 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
     return i, n
 
 
+def _files_hash(files: Sequence[str]) -> str:
+    return hashlib.sha256(json.dumps(list(files)).encode()).hexdigest()[:24]
+
+
+def _read_state(partial: Path) -> tuple[dict[str, Any], list[str]]:
+    """``state.json`` and ``files.json`` of a run folder, every field checked (an interrupted write or an edit
+    must not become a wrong merge, a traceback or a loop over 10^12 chunks); raises :class:`CheckpointError`."""
+    try:
+        state = json.loads((partial / "state.json").read_text(encoding="utf-8"))
+        files = json.loads((partial / "files.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{partial}: state.json or files.json is unreadable ({str(e)[:200]}); delete the "
+                              f"folder and run the embedding again.", path=partial) from e
+    problem = None
+    if not isinstance(state, dict) or not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        problem = "state.json is not an object or files.json is not a list of paths"
+    elif not isinstance(state.get("key"), str):
+        problem = "state.json has no run key"
+    elif not all(isinstance(state.get(k), int) and not isinstance(state.get(k), bool) and state[k] >= 1
+                 for k in ("n", "chunk_size")):
+        problem = f"n and chunk_size must be positive counts, got {state.get('n')!r:.40} and " \
+                  f"{state.get('chunk_size')!r:.40}"
+    elif state["n"] != len(files):
+        problem = f"state.json counts {state['n']} files but files.json lists {len(files)}"
+    elif state.get("features", "pooled") not in FEATURES:
+        problem = f"features {state.get('features')!r:.40} is not one of {FEATURES}"
+    if problem:
+        raise CheckpointError(f"{partial}: {problem}; delete the folder and run the embedding again.", path=partial)
+    return state, files
+
+
+def _rows_shape(z: Any) -> tuple[int, ...]:
+    """The shape of an open chunk's ``rows`` from its header (the rows of token features are large)."""
+    with z.zip.open("rows.npy") as f:
+        major, _ = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        return tuple(read(f)[0])
+
+
+def _chunk_problem(path: Path, key: str, files: Sequence[str], c: int, rows: int) -> str | None:
+    """Why chunk ``c`` at ``path`` is not this run's chunk ``c`` of ``rows`` rows (None when it is); the bytes
+    are checked against the chunk's checksums without loading its rows."""
+    try:
+        with np.load(path) as z:
+            if z.zip.testzip() is not None:
+                raise ValueError("checksum")
+            meta = json.loads(str(z["meta"]))
+            n, width = _rows_shape(z)
+            shape = tuple(int(v) for v in z["shape"])
+            json.loads(str(z["failures"]))
+    except Exception as e:  # noqa: BLE001 - truncated or foreign bytes fail in numpy, zipfile or json
+        return f"unreadable ({type(e).__name__})"
+    expected = {"key": key, "files": _files_hash(files), "chunk": c, "rows": rows}
+    if not isinstance(meta, dict) or {k: meta.get(k) for k in expected} != expected:
+        return "made by another run, for other files or another position"
+    if n != rows or (width and int(np.prod(shape)) != width):
+        return f"holds {n} rows of width {width}, not {rows} rows of shape {shape}"
+    return None
+
+
 def _prepare(partial: Path, key: str, files: list[str], chunk_size: int, model_name: str, *, resume: bool,
              shared: bool, features: str = "pooled") -> None:
     """Make ``partial`` hold this run's state. A run alone (``shared=False``) starts over when the folder holds
     another run's chunks; a shard or rank never deletes what other processes may be writing."""
     state_path = partial / "state.json"
-    state = json.loads(state_path.read_text()) if state_path.is_file() else None
+    state = None
+    if state_path.is_file():
+        try:
+            state, _ = _read_state(partial)
+        except CheckpointError as e:
+            if shared:
+                raise
+            logger.warning("%s; starting over", str(e).split("; delete")[0])
+            state = {}
     if state is not None and (state.get("key") != key or not resume):
         if shared:
             raise CheckpointError(f"{partial} holds chunks of another embedding run (other files, weights or "
@@ -270,20 +369,54 @@ def _prepare(partial: Path, key: str, files: list[str], chunk_size: int, model_n
 
 
 def _embed_chunk(model, files: list[str], transform, batch_size: int, num_workers: int, dev, dtype,
-                 progress: bool, desc: str, preprocess_on: str = "cpu", features: str = "pooled"
+                 progress: bool, desc: str, preprocess_on: str = "cpu", features: str = "pooled", forward=None
                  ) -> tuple[np.ndarray, tuple[int, ...], dict[int, str]]:
     """Rows ``[n, prod(row shape)]``, the row shape and the failures of one chunk."""
     shape: list = []
     rows, failed = collect_rows(_flattened(_batches(model, files, transform, batch_size, num_workers, dev, dtype,
-                                                    progress, desc, preprocess_on, features), shape), len(files))
+                                                    progress, desc, preprocess_on, features, forward), shape),
+                                len(files))
+    if rows is not None:
+        rows, failed = _non_finite_failed(rows, failed, files)
     if rows is None:  # nothing readable in this chunk: width 0, padded to the real width at the end
         rows = np.full((len(files), 0), np.nan, dtype=np.float32)
     return rows, tuple(shape), failed
 
 
+def _resolve_runtime(runtime: str, device: torch.device, dtype: torch.dtype | None, features: str
+                     ) -> tuple[str, torch.dtype | None]:
+    """``ecamp.runtime.resolve_runtime``, and a graph runtime refused for features other than the pooled ones."""
+    from .runtime import resolve_runtime
+
+    runtime, dtype = resolve_runtime(runtime, device, dtype)
+    if runtime != "torch" and features != "pooled":
+        raise InvalidArgumentError(f"--runtime {runtime} runs the exported graph, which gives the pooled embedding; "
+                                   f"use --features pooled, or --runtime torch for {features!r} features.")
+    return runtime, dtype
+
+
+def _runtime_forward(model: nn.Module, runtime: str, dtype: torch.dtype | None):
+    """None for torch (its own forward, under autocast), else the graph runtime's forward."""
+    from .runtime import runtime_model
+
+    return None if runtime == "torch" else runtime_model(model, runtime, dtype=dtype)
+
+
+def _check_counts(**counts: int) -> None:
+    """batch_size and chunk_size positive, num_workers zero or more: refused before the model is run."""
+    for name, value in counts.items():
+        low = 0 if name == "num_workers" else 1
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise InvalidArgumentError(f"{name} (--{name.replace('_', '-')}) must be an integer of at least {low}, "
+                                       f"got {value!r}.")
+
+
 def _check_out(out: Path, features: str) -> None:
+    from .outputs import check_output
+
     if out.suffix not in OUT_SUFFIXES:
         raise InvalidArgumentError(f"Output {out} must end in {', '.join(OUT_SUFFIXES)}.", path=out)
+    check_output(out)
     if features == "tokens" and out.suffix in _TABLES:
         raise InvalidArgumentError(f"Token features are [N, T, C]: write them to .safetensors or .npy, not {out} "
                                    f"(a table holds one row of columns per image: use --features pooled or cls).",
@@ -307,7 +440,7 @@ def embed_files(model: nn.Module, files: Sequence[str], out: str | os.PathLike, 
                 dtype: torch.dtype | None = None, progress: bool = True, chunk_size: int = 1024,
                 resume: bool = True, shard: tuple[int, int] = (0, 1), preprocess_on: str = "auto",
                 features: str = "pooled", max_output_gb: float | None = DEFAULT_MAX_OUTPUT_GB,
-                announce: Callable[[str], None] | None = None) -> EmbedResult:
+                announce: Callable[[str], None] | None = None, runtime: str = "torch") -> EmbedResult:
     """Embed ``files`` into ``out`` (``.npy``, ``.safetensors``, ``.parquet`` or ``.csv``), resumable and
     order-stable.
 
@@ -324,14 +457,15 @@ def embed_files(model: nn.Module, files: Sequence[str], out: str | os.PathLike, 
 
     Under torchrun every rank embeds every ``world``-th chunk and rank 0 writes the output once all are done;
     ``shard=(I, N)`` does part ``I`` of ``N`` of that work (job arrays without torchrun) and leaves the chunks for
-    :func:`merge_embeddings`. The result is identical to a single process's. ``preprocess_on`` as in :func:`embed`;
-    a resume only re-uses chunks preprocessed the same way.
+    :func:`merge_embeddings`. The result is identical to a single process's. ``preprocess_on`` and ``runtime`` as in
+    :func:`embed`; a resume only re-uses chunks preprocessed and run the same way.
     """
     from .distributed import init_distributed, select_device
     from .factory import get_transform
 
     out = Path(out)
     _check_features(model, features)
+    _check_counts(batch_size=batch_size, chunk_size=chunk_size, num_workers=num_workers)
     _check_out(out, features)
     files = [str(f) for f in files]
     if not files:
@@ -341,6 +475,7 @@ def embed_files(model: nn.Module, files: Sequence[str], out: str | os.PathLike, 
     transform = get_transform(model)
     dev = select_device(device) if device is not None else next(model.parameters()).device
     model = model.to(dev).eval()
+    runtime, dtype = _resolve_runtime(runtime, dev, dtype, features)
     where = "gpu" if _on_device(preprocess_on, transform, dev) else "cpu"
     shape = output_shape(model, len(files), features)
     size = _output_bytes(shape, out.suffix)
@@ -351,7 +486,8 @@ def embed_files(model: nn.Module, files: Sequence[str], out: str | os.PathLike, 
                                    f"(max_output_gb=, --max-output-gb) or embed fewer files or features.", path=out)
     if rank == 0:
         (announce or logger.info)(message)
-    key = _run_key(model, transform, files, model_name, chunk_size, dtype, where, features)
+    key = _run_key(model, transform, files, model_name, chunk_size, dtype, where, features, runtime)
+    forward = _runtime_forward(model, runtime, dtype)
     partial = _partial(out)
     if rank == 0:  # one process per shard decides about the folder; the others wait for it
         _prepare(partial, key, files, chunk_size, model_name, resume=resume, shared=shard[1] > 1, features=features)
@@ -362,24 +498,30 @@ def embed_files(model: nn.Module, files: Sequence[str], out: str | os.PathLike, 
     resumed = 0
     for c in mine:
         done = _chunk_path(partial, c)
-        if done.is_file():
-            resumed += 1
-            continue
         s, e = chunks[c]
+        if done.is_file():
+            problem = _chunk_problem(done, key, files, c, e - s)
+            if problem is None:
+                resumed += 1
+                continue
+            logger.warning("%s is %s; embedding it again", done, problem)
         rows, row_shape, failed = _embed_chunk(model, files[s:e], transform, batch_size, num_workers, dev, dtype,
-                                               progress, f"embed {c + 1}/{len(chunks)}", where, features)
+                                               progress, f"embed {c + 1}/{len(chunks)}", where, features, forward)
         fail_json = json.dumps({files[s + i]: m for i, m in failed.items()})
+        meta = json.dumps({"key": key, "files": _files_hash(files), "chunk": c, "rows": e - s})
 
-        def write_chunk(p: Path, rows=rows, fail_json=fail_json, row_shape=row_shape) -> None:
+        def write_chunk(p: Path, rows=rows, fail_json=fail_json, row_shape=row_shape, meta=meta) -> None:
             with open(p, "wb") as f:
-                np.savez(f, rows=rows, failures=np.array(fail_json), shape=np.array(row_shape, dtype=np.int64))
+                np.savez(f, rows=rows, failures=np.array(fail_json), shape=np.array(row_shape, dtype=np.int64),
+                         meta=np.array(meta))
 
         atomic_write(done, write_chunk)
     if world > 1:
         torch.distributed.barrier()  # every rank's chunks are written
     if shard[1] > 1 or rank != 0:
         return EmbedResult(out=out, files=files, resumed_chunks=resumed, complete=False, chunks_done=len(mine))
-    failures = _assemble(partial, out, files, len(chunks), model_name)
+    state = {"key": key, "n": len(files), "chunk_size": chunk_size}
+    failures = _assemble(partial, out, files, state, model_name)
     return EmbedResult(out=out, files=files, failures=failures, resumed_chunks=resumed, chunks_done=len(mine))
 
 
@@ -390,16 +532,16 @@ def merge_embeddings(out: str | os.PathLike) -> EmbedResult:
     if not (partial / "state.json").is_file() or not (partial / "files.json").is_file():
         raise DataError(f"{partial} holds no embedding run; run `ecamp embed ... --out {out} --shard I/N` first.",
                         path=partial)
-    state = json.loads((partial / "state.json").read_text())
+    state, files = _read_state(partial)
     _check_out(out, state.get("features", "pooled"))
-    files = json.loads((partial / "files.json").read_text())
     n_chunks = -(-state["n"] // state["chunk_size"])
     missing = [c for c in range(n_chunks) if not _chunk_path(partial, c).is_file()]
     if missing:
         raise DataError(f"{partial}: {len(missing)} of {n_chunks} chunks are not done yet (first: "
                         f"{missing[:8]}); run the shards that own them (chunk c belongs to shard c % N), then "
                         f"merge again.", path=partial)
-    failures = _assemble(partial, out, files, n_chunks, state.get("model", ""))
+    model_name = state.get("model", "")
+    failures = _assemble(partial, out, files, state, model_name if isinstance(model_name, str) else "")
     return EmbedResult(out=out, files=files, failures=failures)
 
 
@@ -407,18 +549,32 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.3g} GB" if n >= 1e8 else f"{n / 1e6:.3g} MB"
 
 
-def _chunk_info(partial: Path, n_chunks: int) -> tuple[list[int], tuple[int, ...], dict[str, str]]:
-    """Each chunk's number of rows, the row shape of the chunks that have rows, and every failure."""
+def _chunk_info(partial: Path, state: dict[str, Any], files: list[str]
+                ) -> tuple[list[int], tuple[int, ...], dict[str, str]]:
+    """Each chunk's number of rows, the row shape of the chunks that have rows, and every failure; a chunk that
+    is not this run's (another run's, the wrong rows, unreadable) is removed, so that its shard redoes it."""
+    n, size = state["n"], state["chunk_size"]
+    n_chunks = -(-n // size)
+    bad = []
+    for c in range(n_chunks):
+        problem = _chunk_problem(_chunk_path(partial, c), state["key"], files, c, min(size, n - c * size))
+        if problem:
+            bad.append(f"chunk {c} {problem}")
+            _chunk_path(partial, c).unlink(missing_ok=True)
+    if bad:
+        raise CheckpointError(f"{partial}: {len(bad)} chunk(s) are not this run's and were removed, nothing was "
+                              f"written ({'; '.join(bad[:3])}); run again the embedding or the shards that own "
+                              f"them (chunk c belongs to shard c % N), then merge.", path=partial)
     counts, shape, failures = [], None, {}
     for c in range(n_chunks):  # each chunk read once, its file closed at once
         with np.load(_chunk_path(partial, c)) as z:
-            rows = z["rows"]
+            n, width = _rows_shape(z)
             failures.update(json.loads(str(z["failures"])))
-            row_shape = tuple(int(v) for v in z["shape"]) if "shape" in z.files else (rows.shape[1],)
-        counts.append(rows.shape[0])
-        if rows.shape[1] == 0:
+            row_shape = tuple(int(v) for v in z["shape"])
+        counts.append(n)
+        if width == 0:
             continue
-        if int(np.prod(row_shape)) != rows.shape[1] or (shape is not None and row_shape != shape):
+        if int(np.prod(row_shape)) != width or (shape is not None and row_shape != shape):
             raise CheckpointError(f"Chunks under {partial} have different widths {row_shape} and {shape}; "
                                   f"remove the folder and run again.", path=partial)
         shape = row_shape
@@ -474,9 +630,10 @@ def _write_table(p: Path, suffix: str, partial: Path, counts: Sequence[int], sha
     pa.parquet.write_table(table, str(p))
 
 
-def _assemble(partial: Path, out: Path, files: list[str], n_chunks: int, model_name: str) -> dict[str, str]:
+def _assemble(partial: Path, out: Path, files: list[str], state: dict[str, Any], model_name: str
+              ) -> dict[str, str]:
     """Write ``out`` (and its sidecars) from the finished chunks, then remove ``partial``; returns the failures."""
-    counts, shape, failures = _chunk_info(partial, n_chunks)
+    counts, shape, failures = _chunk_info(partial, state, files)
     if out.suffix == ".npy":
         def write_npy(p: Path) -> None:
             arr = np.lib.format.open_memmap(p, mode="w+", dtype=np.float32, shape=(len(files), *shape))

@@ -12,6 +12,9 @@ crop cut away are 0: the model never saw them.
   for a class index or label name (default: the top class).
 
 Plots (:func:`overlay`, :func:`save_overlay`) and Grad-CAM need the ``plot`` extra: ``pip install "ecamp[plot]"``.
+
+:func:`ground` (where a sentence lies on a film) and :func:`score_findings` take the full pre-training model
+instead (``ecamp.load_pretrain``); they live in :mod:`ecamp.grounding`.
 """
 
 from __future__ import annotations
@@ -26,11 +29,13 @@ import torch
 from torch import nn
 
 from .errors import InvalidArgumentError, MissingDependencyError
+from .grounding import ground, save_grounding, score_findings  # sentences on films: the full pre-training model
+from .maps import PLOT_EXTRA, figure_class, film_to_input, grey_film, minmax, new_figure, overlay, save_figure, to_film
 
-__all__ = ["METHODS", "default_method", "explain", "overlay", "new_figure", "save_figure", "save_overlay"]
+__all__ = ["METHODS", "default_method", "explain", "overlay", "new_figure", "save_figure", "save_overlay", "ground",
+           "save_grounding", "score_findings"]
 
 METHODS = ("rollout", "gradcam")
-_PLOT_EXTRA = 'pip install "ecamp[plot]"'
 
 
 @dataclass(frozen=True)
@@ -82,7 +87,7 @@ def _explain(model: nn.Module, image: Any, *, target: int | str | None, method: 
                                    "is mapped back through its geometry.")
     # read once: the view is what the transform starts from (policy applied), and what the plot shows
     view = to_pil(image, policy=tf.policy)
-    film = _grey(view)
+    film = grey_film(view)
     param = next(model.parameters())
     x = tf(view)[None].to(device=param.device, dtype=param.dtype)
     was_training = model.training
@@ -95,69 +100,11 @@ def _explain(model: nn.Module, image: Any, *, target: int | str | None, method: 
             grid = _gradcam(model, x, index)
     finally:
         model.train(was_training)
-    heat, seen = _to_film(grid, x.shape[-2:], _film_to_input(tf, view, film.shape), film.shape)
+    heat, seen = to_film(grid, x.shape[-2:], film_to_input(tf, view, film.shape), film.shape)
     return _Explanation(heat, film, seen, method, label)
 
 
 # -- geometry ---------------------------------------------------------------------------------------------------------
-def _grey(view: Any) -> np.ndarray:
-    """The converted image (PIL ``L``/``RGB``/``F`` or a float ``[3, H, W]`` tensor) as grey float32 in [0, 1]."""
-    from PIL import Image
-
-    if isinstance(view, Image.Image):
-        if view.mode == "F":
-            return np.asarray(view, dtype=np.float32)
-        return np.asarray(view.convert("L"), dtype=np.float32) / 255.0
-    from .transforms import LUMA
-
-    return (view * torch.tensor(LUMA).view(3, 1, 1)).sum(0).numpy().astype(np.float32)
-
-
-def _film_to_input(tf: Any, view: Any, shape: tuple[int, int]) -> tuple[float, float, float, float]:
-    """``(sy, oy, sx, ox)``: film coordinate ``y`` (pixel edges at integers) lands at ``sy * y + oy`` of the model
-    input, ``x`` at ``sx * x + ox``.
-
-    The resize and crop are torchvision's own: a 1-pixel box at the centre of the canvas is sent through the
-    transform's geometry steps (torchvision moves boxes exactly as it moves pixels), so the map follows whatever the
-    transform does, rounding of the resized size and crop offset included. The box stays inside any centre crop.
-    """
-    from torchvision import tv_tensors
-
-    h, w = shape
-    dy = dx = 0.0
-    if tf.fov_crop:  # fundus: the crop to the field of view and the centring pad of ecamp.fundus.fov_crop
-        from .fundus import fov_bbox
-
-        box = fov_bbox(np.asarray(view) if not isinstance(view, torch.Tensor) else view.permute(1, 2, 0).numpy())
-        if box is not None:
-            top, bottom, left, right = box
-            side = max(bottom - top, right - left)
-            dy, dx = (side - (bottom - top)) // 2 - top, (side - (right - left)) // 2 - left
-            h = w = side
-    probe = tv_tensors.BoundingBoxes(torch.tensor([[w / 2 - 0.5, h / 2 - 0.5, w / 2 + 0.5, h / 2 + 0.5]],
-                                                  dtype=torch.float64), format="XYXY", canvas_size=(h, w))
-    x0, y0, x1, y1 = tf.geometry(probe)[0].tolist()
-    sx, sy = x1 - x0, y1 - y0
-    oy, ox = y0 - sy * (h / 2 - 0.5), x0 - sx * (w / 2 - 0.5)
-    return sy, oy + sy * dy, sx, ox + sx * dx
-
-
-def _to_film(grid: torch.Tensor, in_size: tuple[int, int], affine: tuple[float, float, float, float],
-             shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """A map covering the model input (any resolution: the token grid or the input's pixels) resampled bilinearly
-    at the centre of every film pixel, and where the film was inside the input; outside (cropped away) it is 0."""
-    import torch.nn.functional as F
-
-    sy, oy, sx, ox = affine
-    (in_h, in_w), (h, w) = in_size, shape
-    ys = (torch.arange(h, dtype=torch.float64) + 0.5) * sy + oy
-    xs = (torch.arange(w, dtype=torch.float64) + 0.5) * sx + ox
-    gy, gx = torch.meshgrid(2 * ys / in_h - 1, 2 * xs / in_w - 1, indexing="ij")
-    sample = torch.stack([gx, gy], -1)[None].float()
-    out = F.grid_sample(grid.detach().float().cpu()[None, None], sample, mode="bilinear", padding_mode="border",
-                        align_corners=False)[0, 0]
-    inside = ((ys >= 0) & (ys <= in_h))[:, None] & ((xs >= 0) & (xs <= in_w))[None, :]
-    return (out * inside).clamp(0, 1).numpy().astype(np.float32), inside.numpy()
 
 
 def _tokens(model: nn.Module, x: torch.Tensor) -> tuple[int, int, int]:
@@ -167,11 +114,6 @@ def _tokens(model: nn.Module, x: torch.Tensor) -> tuple[int, int, int]:
         raise InvalidArgumentError(f"explain works on timm VisionTransformers (patch_embed and blocks); got "
                                    f"{type(model).__name__}.")
     return int(getattr(model, "num_prefix_tokens", 1)), x.shape[-2] // patch[0], x.shape[-1] // patch[1]
-
-
-def _minmax(t: torch.Tensor) -> torch.Tensor:
-    lo, hi = t.min(), t.max()
-    return (t - lo) / (hi - lo) if hi > lo else torch.zeros_like(t)
 
 
 # -- attention rollout -----------------------------------------------------------------------------------------------
@@ -214,7 +156,7 @@ def _rollout(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         raise InvalidArgumentError(f"The model has {n - prefix} patch tokens for a {gh}x{gw} grid; explain needs "
                                    f"one token per patch.")
     # every row keeps at least 0.5**depth on itself, a floor shared by all tokens: min-max scaling removes it
-    return _minmax(start[prefix:].reshape(gh, gw))
+    return minmax(start[prefix:].reshape(gh, gw))
 
 
 # -- Grad-CAM ---------------------------------------------------------------------------------------------------------
@@ -228,7 +170,7 @@ def _target(model: nn.Module, x: torch.Tensor, target: int | str | None) -> tupl
             index = int(model(x)[0].argmax())
     elif isinstance(target, str) and target in names:
         index = names.index(target)
-    elif isinstance(target, str) and target.strip().isdigit():
+    elif isinstance(target, str) and target.strip().isascii() and target.strip().isdigit():  # not "²"
         index = int(target)
     elif isinstance(target, (int, np.integer)) and not isinstance(target, bool):
         index = int(target)
@@ -246,7 +188,7 @@ def _gradcam(model: nn.Module, x: torch.Tensor, index: int) -> torch.Tensor:
         from pytorch_grad_cam import GradCAM
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
     except ImportError as e:
-        raise MissingDependencyError(f"Grad-CAM needs the grad-cam package: {_PLOT_EXTRA}.") from e
+        raise MissingDependencyError(f"Grad-CAM needs the grad-cam package: {PLOT_EXTRA}.") from e
     prefix, gh, gw = _tokens(model, x)
 
     def to_map(tokens: torch.Tensor) -> torch.Tensor:  # [B, N, C] -> [B, C, rows, cols], as grad-cam expects
@@ -265,48 +207,6 @@ def _gradcam(model: nn.Module, x: torch.Tensor, index: int) -> torch.Tensor:
 
 
 # -- plots ------------------------------------------------------------------------------------------------------------
-def _figure_class():
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as e:
-        raise MissingDependencyError(f"Plotting needs matplotlib: {_PLOT_EXTRA}.") from e
-    return Figure
-
-
-def new_figure(**kw: Any):
-    """A matplotlib ``Figure`` with constrained layout (``kw``: figsize, dpi, ...), made without pyplot, so nothing
-    global is left behind in long runs or DataLoader workers; the ``plot`` extra is named when matplotlib is
-    missing. The figures of ``ecamp explain``, the demo's report and the SR-window maps are all made here."""
-    return _figure_class()(layout="constrained", **kw)
-
-
-def overlay(film: np.ndarray, heat: np.ndarray, *, ax: Any = None, title: str | None = None, alpha: float = 0.45,
-            cmap: str = "jet", colorbar: str | None = "relevance"):
-    """Draw ``heat`` over the grey ``film`` (both ``[H, W]`` in [0, 1]; masked pixels of a ``numpy.ma`` heat map
-    stay uncoloured) on a matplotlib ``ax`` (default: a new figure's). ``colorbar`` is its label, None for none.
-    Returns the heat map's image (for a shared colorbar)."""
-    if ax is None:
-        ax = new_figure().subplots()
-    ax.imshow(film, cmap="gray", vmin=0, vmax=1)
-    im = ax.imshow(heat, cmap=cmap, vmin=0, vmax=1, alpha=alpha)
-    ax.set_xlabel("x (pixels)")
-    ax.set_ylabel("y (pixels)")
-    if title:
-        ax.set_title(title, fontsize="medium")
-    if colorbar:
-        ax.figure.colorbar(im, ax=ax, shrink=0.8, label=colorbar)
-    return im
-
-
-def save_figure(fig: Any, out: str | os.PathLike, **savefig: Any) -> Path:
-    """Write a matplotlib figure as PNG, atomically (``savefig``: extra ``Figure.savefig`` arguments; 120 dpi unless
-    given)."""
-    from .fileio import atomic_write
-
-    out = Path(out)
-    savefig.setdefault("dpi", 120)
-    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", **savefig))
-    return out
 
 
 def save_overlay(model: nn.Module, image: Any, out: str | os.PathLike, *, target: int | str | None = None,
@@ -316,9 +216,10 @@ def save_overlay(model: nn.Module, image: Any, out: str | os.PathLike, *, target
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise InvalidArgumentError(f"Output {out} must end in .png.", path=out)
-    if not out.parent.is_dir():
-        raise InvalidArgumentError(f"The folder of {out} does not exist; create it first.", path=out)
-    _figure_class()  # before the work: a missing extra fails fast
+    from .outputs import check_output
+
+    check_output(out)  # a missing or read-only folder, or a folder named out
+    figure_class()  # before the work: a missing extra fails fast
     result = _explain(model, image, target=target, method=method, transform=transform)
     from .config import ecamp_cfg_of
 

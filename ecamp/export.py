@@ -258,7 +258,6 @@ class OnnxModel:
                  threads: int | None = None):
         from .config import ModelConfig
 
-        _, ort = _onnx_modules()
         self.folder = Path(folder).expanduser()
         meta = self.folder / "export.json"
         if not meta.is_file():
@@ -270,20 +269,28 @@ class OnnxModel:
                                        f"ONNX exports.")
         self.config = ModelConfig.read(self.folder / "config.json")
         self.kind = self.record["kind"]
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = int(threads)
-        self.session = ort.InferenceSession(str(self.folder / self.record["file"]), options,
-                                            providers=list(providers))
+        self._open(self.folder / self.record["file"], providers, threads)
         # what ecamp's loaders set on a model, so get_transform / DenseTransform read the same preprocessing
         pcfg = dict(self.config.pretrained_cfg)
         self.pretrained_cfg = pcfg
         self.ecamp_cfg = self.config.ecamp
         self.label_names = list(self.config.label_names or [])
 
+    def _open(self, graph: Path, providers: Sequence[str], threads: int | None) -> None:
+        """Load the graph into the runtime (ONNX Runtime here; :class:`ecamp.runtime.OpenVinoModel` overrides)."""
+        _, ort = _onnx_modules()
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        self.session = ort.InferenceSession(str(graph), options, providers=list(providers))
+
+    def _run(self, arr: Any) -> list[Any]:
+        """The graph's outputs, as arrays, in ``export.json``'s order."""
+        return self.session.run(None, {INPUT_NAME: arr})
+
     def __call__(self, x: Any) -> torch.Tensor | list[torch.Tensor]:
         arr = x.detach().to("cpu", torch.float32).contiguous().numpy() if torch.is_tensor(x) else x
-        outs = [torch.from_numpy(o) for o in self.session.run(None, {INPUT_NAME: arr})]
+        outs = [torch.from_numpy(o) for o in self._run(arr)]
         return outs if self.kind == "detection" else outs[0]
 
     def detect(self, x: Any) -> list[dict]:

@@ -9,7 +9,9 @@ DataLoader pipeline as :func:`ecamp.embed`. What is written depends on the model
 
 * classification: a CSV or Parquet table (by ``out``'s suffix; Parquet needs ``pyarrow``, the ``parquet`` extra)
   with ``path``, one probability column per label name (sigmoid for multi-label models, softmax for multi-class
-  ones, as ``config.json``'s ``ecamp.activation`` records) and ``error``;
+  ones, as ``config.json``'s ``ecamp.activation`` records; calibrated where the folder holds an
+  ``ecamp.calibration``, unless ``calibrated=False``), one ``<label>_decision`` 0/1 column per label where it
+  holds ``ecamp.operating_points`` (and, multi-class, ``prediction``: the most probable class) and ``error``;
 * segmentation: a folder with one mask PNG per input at the input's own size (one output: 0/255; several: bit
   ``k`` set where output ``k`` is on) and ``predictions.csv`` (path, mask file, pixels on per label, error);
 * detection: a JSON file with, per input, its size and boxes ``[x1, y1, x2, y2]`` in the original image's pixels,
@@ -34,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .calibration import decisions, probabilities
 from .config import DENSE_TASKS, TASKS, ecamp_cfg_of
 from .distributed import select_device
 from .errors import InvalidArgumentError
@@ -60,6 +63,9 @@ class PredictResult:
 def model_task(model: nn.Module) -> str:
     """``"classification"``, ``"segmentation"`` or ``"detection"``; an encoder without a head is refused."""
     kind = kind_of(model)
+    if kind in TASKS and num_outputs(model) < 1:  # a "classifier" of 0 outputs would score its embeddings
+        raise InvalidArgumentError(f"{type(model).__name__} is marked {kind} but has no outputs (num_classes 0); "
+                                   f"its folder's config.json does not describe a trained head: re-export it.")
     if kind in TASKS:
         return kind
     raise InvalidArgumentError(f"{type(model).__name__} is an image encoder without a classification, segmentation "
@@ -67,9 +73,37 @@ def model_task(model: nn.Module) -> str:
                                f"trains a head.")
 
 
+def _activation(model: nn.Module) -> str:
+    activation = ecamp_cfg_of(model).activation
+    if activation is None:  # a timm classifier from elsewhere: softmax, as timm's own, unless it has one output
+        activation = "sigmoid" if getattr(model, "num_classes", 0) == 1 else "softmax"
+    return activation
+
+
+def _decision_columns(model: nn.Module, labels: list[str], calibrated: bool) -> tuple[list[str], Any]:
+    """The decision columns of a classifier with operating points (checked against its outputs now, before any
+    image is read), and a function of a probability row giving their values."""
+    block = ecamp_cfg_of(model)
+    n, activation = len(labels), _activation(model)
+    probabilities(torch.zeros(1, n), activation, block.calibration if calibrated else None)  # sizes checked
+    points = block.operating_points
+    if points is None:
+        return [], lambda probs: []
+    decisions(torch.zeros(1, n), points, calibrated=calibrated)
+    header = [f"{name}_decision" for name in labels] + (["prediction"] if activation == "softmax" else [])
+
+    def values(probs: np.ndarray) -> list[Any]:
+        row = [int(v) for v in decisions(torch.as_tensor(probs)[None], points, calibrated=calibrated)[0]]
+        return row + ([labels[int(np.argmax(probs))]] if activation == "softmax" else [])
+    return header, values
+
+
 def _label_names(model: nn.Module, n: int) -> list[str]:
     names = getattr(model, "label_names", None) or (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
-    return [str(v) for v in names] if names and len(names) == n else [f"class_{i}" for i in range(n)]
+    if names and len(names) != n:  # numbered columns would hide that every name is on the wrong output
+        raise InvalidArgumentError(f"{type(model).__name__} has {n} outputs but {len(names)} label names; fix "
+                                   f"label_names in its folder's config.json (one per output) or re-export it.")
+    return [str(v) for v in names] if names else [f"class_{i}" for i in range(n)]
 
 
 def input_transform(model: nn.Module) -> Any:
@@ -89,25 +123,31 @@ def input_transform(model: nn.Module) -> Any:
 
 def iter_predictions(model: nn.Module, inputs: Sequence[Any], *, batch_size: int = 32, num_workers: int = 0,
                      device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                     progress: bool = True) -> Iterator[tuple[int, Any, str | None]]:
+                     progress: bool = True, calibrated: bool = True, runtime: str = "torch"
+                     ) -> Iterator[tuple[int, Any, str | None]]:
     """Yield ``(index, prediction, None)`` or ``(index, None, error message)`` for each input, in input order.
 
-    A prediction is float32 probabilities ``[C]`` (classification), a bool mask ``[K, H, W]`` at the input's size
+    A prediction is float32 probabilities ``[C]`` (classification: calibrated by the folder's
+    ``ecamp.calibration`` where it has one, unless ``calibrated=False``), a bool mask ``[K, H, W]`` at the input's size
     (segmentation, on where the sigmoid exceeds 0.5) or ``{"boxes" [N, 4] x1, y1, x2, y2 in the input's pixels,
     "scores" [N], "labels" [N], "image_size" (H, W)}`` (detection). ``device`` defaults to the model's (``"auto"``:
-    CUDA, else MPS, else the CPU); ``dtype`` runs it under autocast.
+    CUDA, else MPS, else the CPU); ``dtype`` runs it under autocast. ``runtime``: ``"torch"``, ``"onnxruntime"``,
+    ``"openvino"`` or ``"auto"`` (:mod:`ecamp.runtime`: the exported graph on the CPU, the same outputs).
     """
     from .batching import autocast, load_batches
+    from .embedding import _check_counts
+    from .runtime import resolve_runtime, runtime_model
 
-    if batch_size < 1:
-        raise InvalidArgumentError(f"batch_size must be positive, got {batch_size}.")
+    _check_counts(batch_size=batch_size, num_workers=num_workers)
     task = model_task(model)
-    activation = ecamp_cfg_of(model).activation
-    if activation is None:  # a timm classifier from elsewhere: softmax, as timm's own, unless it has one output
-        activation = "sigmoid" if getattr(model, "num_classes", 0) == 1 else "softmax"
+    activation, calibration = _activation(model), ecamp_cfg_of(model).calibration if calibrated else None
     transform = input_transform(model)
     dev = select_device(device) if device is not None else next(model.parameters()).device
     model = model.to(dev).eval()
+    runtime, dtype = resolve_runtime(runtime, dev, dtype)
+    net = runtime_model(model, runtime, dtype=dtype)  # the model itself for torch
+    if net is not model:
+        dtype = None  # the graph runtime runs at its own precision, outside torch's autocast
     param_dtype = next(model.parameters()).dtype
     for ok, failures in load_batches(inputs, transform, batch_size=batch_size, num_workers=num_workers,
                                      progress=progress, desc="predict"):
@@ -121,17 +161,22 @@ def iter_predictions(model: nn.Module, inputs: Sequence[Any], *, batch_size: int
             x = x.to(dev, dtype=param_dtype)
             with torch.inference_mode(), autocast(dev, dtype):
                 if task == "classification":
-                    logits = model(x).float()
-                    probs = torch.sigmoid(logits) if activation == "sigmoid" else logits.softmax(-1)
+                    logits = net(x).float()
+                    probs = probabilities(logits, activation, calibration)
                     outs = list(probs.cpu().numpy())
                 elif task == "segmentation":
-                    logits = model(x).float()
+                    logits = net(x).float()
                     outs = [(F.interpolate(logits[k:k + 1], size=size, mode="bilinear", align_corners=False)[0]
                              > 0).cpu().numpy() for k, size in enumerate(sizes)]  # sigmoid > 0.5
                 else:
-                    outs = [_to_original(det, size, x.shape[-2:]) for det, size in zip(model.detect(x), sizes,
-                                                                                        strict=True)]
+                    outs = [_to_original(det, size, x.shape[-2:]) for det, size in zip(net.detect(x), sizes,
+                                                                                      strict=True)]
             results = {i: out for (i, _), out in zip(ok, outs, strict=True)}
+            if task == "classification":  # a NaN or infinite score is no prediction (a std of 0, an overflow)
+                for i in [i for i, out in results.items() if not np.isfinite(out).all()]:
+                    name = inputs[i] if isinstance(inputs[i], (str, os.PathLike)) else f"input {i}"
+                    failures[i] = f"{name}: the model's output holds NaN or infinity"
+                    del results[i]
         for i in sorted([*results, *failures]):
             yield (i, results[i], None) if i in results else (i, None, failures[i])
 
@@ -164,12 +209,35 @@ def predict(model: nn.Module, inputs: Sequence[Any], **kwargs: Any) -> list[Any]
     return outputs
 
 
+def _earlier_prediction(out: Path) -> bool:
+    """Whether the file ``out`` is an output of ecamp predict (which a new run may replace)."""
+    try:
+        if out.suffix.lower() == ".csv":
+            with open(out, encoding="utf-8", errors="replace") as f:
+                first = f.readline(1 << 16).rstrip("\r\n")
+            return first.startswith("path,") and first.endswith(",error")
+        if out.suffix.lower() == ".json":
+            return out.stat().st_size < 1 << 30 and "box_format" in json.loads(out.read_text(encoding="utf-8"))
+        import pyarrow.parquet
+
+        return b"ecamp.model" in (pyarrow.parquet.read_schema(out).metadata or {})
+    except Exception:  # noqa: BLE001 - unreadable as a prediction, whatever the reason
+        return False
+
+
 def _check_out(out: Path, task: str) -> None:
+    from .outputs import check_output, remove_stale_temporaries
+
     suffixes = _OUT_SUFFIX.get(task)
     suffix = suffixes[0] if suffixes else None
     if suffixes is not None and out.suffix.lower() not in suffixes:
         raise InvalidArgumentError(f"A {task} model writes a {' or '.join(suffixes)} file; pass --out "
                                    f"NAME{suffix}, not {out}.", path=out)
+    check_output(out, folder=suffixes is None)
+    remove_stale_temporaries(out)  # what a killed run left beside out
+    if suffixes is not None and out.is_file() and not _earlier_prediction(out):
+        raise InvalidArgumentError(f"--out {out} exists and is not an earlier prediction; delete it or pass "
+                                   f"another name.", path=out)
     if out.suffix.lower() == ".parquet":
         from .embedding import _pyarrow
 
@@ -211,15 +279,21 @@ def _mask_image(mask: np.ndarray) -> np.ndarray:
     return np.tensordot(weights, mask.astype(np.uint8), axes=1).astype(np.uint8)
 
 
-def _write_parquet(out: Path, header: Sequence[str], rows: Sequence[Sequence[Any]], model_name: str) -> None:
-    """The classification table as Parquet: ``path`` and ``error`` strings, one float32 column per label."""
+def _write_parquet(out: Path, header: Sequence[str], rows: Sequence[Sequence[Any]], model_name: str,
+                   n_probs: int) -> None:
+    """The classification table as Parquet: ``path`` and ``error`` strings, one float32 column per label, then
+    int8 decisions and the predicted class's name."""
     from .embedding import _pyarrow
     from .fileio import atomic_write
 
     pa = _pyarrow()
     last = len(header) - 1
-    arrays = [pa.array([r[k] for r in rows], pa.string() if k in (0, last) else pa.float32())
-              for k in range(len(header))]
+
+    def kind(k: int):
+        if k in (0, last) or header[k] == "prediction" and k > n_probs:
+            return pa.string()
+        return pa.float32() if k <= n_probs else pa.int8()
+    arrays = [pa.array([r[k] for r in rows], kind(k)) for k in range(len(header))]
     table = pa.Table.from_arrays(arrays, names=list(header))
     table = table.replace_schema_metadata({"ecamp.model": model_name})
     atomic_write(out, lambda p: pa.parquet.write_table(table, str(p)))
@@ -249,15 +323,17 @@ def predict_files(model: nn.Module, files: Sequence[str | os.PathLike], out: str
     if task == "classification":
         rows = []
         blank = "" if out.suffix.lower() == ".csv" else None  # Parquet: a null probability
+        extra, decide = _decision_columns(model, labels, kwargs.get("calibrated", True))
+        header = ["path", *labels, *extra, "error"]
         for i, probs, err in stream:
-            rows.append([files[i], *([float(p) for p in probs] if err is None else [blank] * len(labels)),
-                         err or ""])
+            values = [*(float(p) for p in probs), *decide(probs)] if err is None else [blank] * (len(header) - 2)
+            rows.append([files[i], *values, err or ""])
             if err is not None:
                 failures[files[i]] = err
         if out.suffix.lower() == ".csv":
-            write_csv(out, ["path", *labels, "error"], rows)
+            write_csv(out, header, rows)
         else:
-            _write_parquet(out, ["path", *labels, "error"], rows, model_name)
+            _write_parquet(out, header, rows, model_name, len(labels))
     elif task == "segmentation":
         names = _mask_names(files)
 

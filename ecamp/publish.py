@@ -240,9 +240,10 @@ def push(folder: PathLike, repo_id: str, *, name: str | None = None, private: bo
         raise InvalidArgumentError(f"--repo {repo_id!r} is not a Hub repo id ({e}); write 'org/name'.",
                                    repo_id=repo_id) from e
     out = Path(manifest).expanduser() if manifest is not None else None
-    if out is not None and not out.parent.is_dir():
-        raise InvalidArgumentError(f"--manifest-out {out}: folder {out.parent} does not exist; create it or name "
-                                   f"another file.", path=out)
+    if out is not None:  # a folder, a missing or read-only place: refused before anything is uploaded
+        from .outputs import check_output
+
+        check_output(out, option="--manifest-out")
     # everything about the folder is checked before the first request: layout, that ecamp loads it, the entry
     if gated is not None and gated not in GATED_MODES:
         raise InvalidArgumentError(f"--gated {gated!r}: use one of {', '.join(GATED_MODES)}.", repo_id=repo_id)
@@ -289,8 +290,14 @@ def push(folder: PathLike, repo_id: str, *, name: str | None = None, private: bo
         _check_commit(api, repo_id, info.oid, files, folder)
     entry["revision"] = info.oid
     if out is not None:
-        data = _merged(out, name, entry)
-        atomic_write(out, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8"))
+        try:
+            data = _merged(out, name, entry)
+            atomic_write(out, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8"))
+        except (OSError, ManifestError) as e:  # the commit exists: say which, and how to record it
+            raise ManifestError(f"Pushed {folder} to {repo_id} as commit {info.oid}, but --manifest-out {out} could "
+                                f"not be written ({str(e)[:200]}); record it by running the same push with a "
+                                f"writable --manifest-out (unchanged files make no new commit), or pin revision "
+                                f"{info.oid} by hand.", path=out, repo_id=repo_id) from e
     else:
         parse_manifest({"schema_version": SCHEMA_VERSION, "models": {name: entry}}, source="<push>")
     logger.info("Pushed %s to %s@%s (%s)", folder, repo_id, info.oid, info.commit_url)

@@ -8,11 +8,18 @@ from the annotations: ``bool``, ``int`` (never a bool), ``float`` (an int is con
 ``Mapping[K, V]``, ``Any`` and dataclasses. ``field(metadata={"choices": (...)})`` restricts a field to listed
 values. Unknown and missing keys are errors. Errors are instances of the ``error`` class given, carry ``path``
 as ``.path`` and read ``"{source}: {dotted.key}: expected {what}, got {value}."``.
+
+A document is bounded before it is looked at (:func:`check_bounds`): at most ``ECAMP_MAX_CONFIG_DEPTH`` (64)
+levels of nesting and ``ECAMP_MAX_CONFIG_NODES`` (200,000) values, counting every use of a YAML alias, so a few
+hundred bytes of nested aliases cannot expand to billions of values. :func:`load_yaml` applies the depth bound
+while the YAML is parsed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import reprlib
 import types
 import typing
 from collections.abc import Mapping
@@ -21,7 +28,7 @@ from typing import Any, Literal, Union
 
 from .errors import ConfigError, EcampError
 
-__all__ = ["from_mapping", "update", "values"]
+__all__ = ["from_mapping", "update", "values", "check_bounds", "load_yaml", "max_bound", "brief"]
 
 _NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", type(None): "null",
           list: "a list", tuple: "a list", dict: "a mapping"}
@@ -39,22 +46,86 @@ class _Ctx:
         return self.error(f"{self.source}: {where + ': ' if where else ''}{problem}.", path=self.path)
 
 
+def max_bound(name: str, default: int) -> int:
+    """The bound ``ECAMP_MAX_<name>`` from the environment (a positive integer), else ``default``."""
+    raw = os.environ.get(f"ECAMP_MAX_{name}")
+    if raw is None:
+        return default
+    if not raw.strip().isdigit() or int(raw) < 1:
+        raise ConfigError(f"ECAMP_MAX_{name}={raw[:40]!r} is not a positive integer; unset it or give one.")
+    return int(raw)
+
+
+def check_bounds(data: Any, *, source: str, error: type[EcampError] = ConfigError, path: object = None) -> None:
+    """Refuse a decoded document nested deeper than ``ECAMP_MAX_CONFIG_DEPTH`` or holding more values than
+    ``ECAMP_MAX_CONFIG_NODES`` (shared YAML aliases counted at every use); stops at the first excess, so the walk
+    itself is cheap."""
+    depth_max, nodes_max = max_bound("CONFIG_DEPTH", 64), max_bound("CONFIG_NODES", 200_000)
+    stack, seen = [(data, 1)], 0
+    while stack:
+        value, depth = stack.pop()
+        seen += 1
+        if seen > nodes_max:
+            raise error(f"{source}: holds more than {nodes_max} values (nested YAML aliases?); no config is that "
+                        f"large (raise ECAMP_MAX_CONFIG_NODES if yours is).", path=path)
+        if isinstance(value, (Mapping, list, tuple)):
+            if depth > depth_max:
+                raise error(f"{source}: nested more than {depth_max} levels deep; no config is (raise "
+                            f"ECAMP_MAX_CONFIG_DEPTH if yours is).", path=path)
+            items = value.values() if isinstance(value, Mapping) else value
+            stack.extend((v, depth + 1) for v in items)
+            if isinstance(value, Mapping):
+                stack.extend((k, depth + 1) for k in value)
+
+
+def load_yaml(text: str, *, source: str, loader: type | None = None, path: object = None) -> Any:
+    """``yaml.load(text, Loader=loader)`` (default ``yaml.SafeLoader``) with :func:`check_bounds`' bounds: the
+    nesting depth while parsing (a deep document would exhaust the stack), the number of values after (aliases
+    are shared while parsing, so building costs nothing); a malformed document raises :class:`ConfigError`."""
+    import yaml
+
+    depth_max = max_bound("CONFIG_DEPTH", 64)
+
+    class Bounded(loader or yaml.SafeLoader):
+        _depth = 0
+
+        def compose_node(self, parent, index):
+            self._depth += 1
+            try:
+                if self._depth > depth_max:
+                    raise ConfigError(f"{source}: nested more than {depth_max} levels deep; no config is (raise "
+                                      f"ECAMP_MAX_CONFIG_DEPTH if yours is).", path=path)
+                return super().compose_node(parent, index)
+            finally:
+                self._depth -= 1
+
+    try:
+        data = yaml.load(text, Loader=Bounded)  # noqa: S506 - Bounded derives from a safe loader
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source} is not valid YAML: {str(e)[:300]}", path=path) from e
+    check_bounds(data, source=source, path=path)
+    return data
+
+
 def from_mapping(cls: type, data: Any, *, error: type[EcampError] = ConfigError, source: str, where: str = "",
                  path: object = None, noun: str = "key") -> Any:
     """A ``cls`` instance from ``data``; ``where`` is the dotted key of ``data`` inside the ``source`` document,
     ``noun`` what messages call a key ("key", "field")."""
+    check_bounds(data, source=source, error=error, path=path)
     return _build(cls, data, _Ctx(error, source, path, noun), where)
 
 
 def update(obj: Any, data: Any, *, error: type[EcampError] = ConfigError, source: str, where: str = "",
            path: object = None, noun: str = "key") -> Any:
     """A copy of dataclass instance ``obj`` with the keys of ``data`` applied (options as :func:`from_mapping`)."""
+    check_bounds(data, source=source, error=error, path=path)
     return dataclasses.replace(obj, **_fields(type(obj), data, _Ctx(error, source, path, noun), where, obj))
 
 
 def values(cls: type, data: Any, *, error: type[EcampError] = ConfigError, source: str, where: str = "",
            path: object = None, noun: str = "key") -> dict[str, Any]:
     """The fields ``data`` sets, checked and converted, without building a ``cls`` (for partial files)."""
+    check_bounds(data, source=source, error=error, path=path)
     return _fields(cls, data, _Ctx(error, source, path, noun), where)
 
 
@@ -163,8 +234,17 @@ def _plural(tp: Any) -> str:
     return "lists" + what[len("a list"):] if what.startswith("a list") else f"items ({what})"
 
 
+_REPR = reprlib.Repr()  # keyword arguments need Python 3.12
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxstring, _REPR.maxother = 3, 6, 6, 6, 60, 60
+
+
+def brief(value: Any) -> str:
+    """``repr(value)`` for a message, bounded in length and depth (a deep or alias-built value has no full repr)."""
+    return _REPR.repr(value)
+
+
 def _given(value: Any) -> str:
     if value is None:
         return "null"
-    text = repr(value)
+    text = brief(value)  # bounded: repr() of a value built from nested aliases would be gigabytes
     return f"{_NAMES.get(type(value), type(value).__name__)} {text if len(text) <= 60 else text[:57] + '...'}"

@@ -97,7 +97,7 @@ def side_reading(model, enc, films: torch.Tensor, ids: torch.Tensor, att: torch.
     side, with the film, a blank film and another film (0.5: the image is not used for the side)."""
     from sklearn.metrics import roc_auc_score
 
-    from ecamp.train.pretrain.sr_windows import _encode
+    from ecamp.grounding import encode_patches
 
     left, right = tok.token_to_id("left"), tok.token_to_id("right")
     pos = torch.tensor([int(((row == left) | (row == right)).nonzero()[0]) for row in ids])
@@ -106,7 +106,7 @@ def side_reading(model, enc, films: torch.Tensor, ids: torch.Tensor, att: torch.
     out = {}
     with torch.no_grad():
         for name, img in (("film", films), ("blank film", torch.zeros_like(films)), ("another film", films.roll(1, 0))):
-            t = _encode(model, img)
+            t = encode_patches(model, img)
             logits = model.text(masked, att, torch.zeros_like(ids), t, t.mean(1, keepdim=True))
             logits = logits[torch.arange(len(ids)), pos]
             out[name] = float(roc_auc_score(sides == "left", (logits[:, left] - logits[:, right]).numpy()))

@@ -103,6 +103,10 @@ def test_fixed_and_authors_metric_protocols():
     preds, truths = [hit, fp, nothing], [truth, empty_truth, truth]
     assert mean_average_precision(preds, truths, authors=True) == pytest.approx(1.0)  # both ignored (#42)
     assert mean_average_precision(preds, truths) < 0.5
+    # no film with a box and a prediction: the authors' torchmetrics scores the empty set -1, which their best
+    # score of 0 never takes (D14); ecamp's default counts the misses and scores 0
+    assert mean_average_precision([fp, nothing], [empty_truth, truth], authors=True) == -1.0
+    assert mean_average_precision([fp, nothing], [empty_truth, truth]) == 0.0
 
 
 @pytest.fixture(scope="module")

@@ -70,7 +70,8 @@ def test_writes_the_authors_key_names_and_nothing_else(exported, run):
         assert key in keys, key
     assert any(k.startswith("bert_encoder.model.bert.context_fusion_layer.") for k in keys)
     assert not any(k.startswith(("encoder.", "text.")) for k in keys)
-    assert len(keys) == len(model.state_dict())
+    assert len(keys) == len(model.state_dict()) + 2  # and the unused pooler, which their classes build
+    assert not ckpt["model"]["bert_encoder.model.bert.pooler.dense.weight"].any()
     assert json.loads(exported.with_name("ecamp.config.json").read_text()) == cfg.model.to_dict()
 
 

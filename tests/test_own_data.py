@@ -187,15 +187,14 @@ def test_malformed_own_data_is_refused_before_anything_is_built(films, tiny_fold
 
     monkeypatch.setattr(ecamp, "load", no_model)
     out = tmp_path / "run"
-    from ecamp.train.downstream.classification import finetune_classification
+    from ecamp.train.downstream.custom import finetune_custom
 
     with pytest.raises((DataError, InvalidArgumentError)) as e:
         spec_args = dict(zip(args[::2], args[1::2], strict=True))
-        finetune_classification("custom", 100, spec_args["--data-root"], out, model_name=f"local-dir:{tiny_folder}",
-                                num_workers=0, progress=False, custom=CustomSpec(
-                                    Path(spec_args["--data-root"]),
-                                    labels_csv=Path(spec_args["--labels"]) if "--labels" in spec_args else None,
-                                    label_type=spec_args.get("--label-type", "auto")))
+        finetune_custom(CustomSpec(Path(spec_args["--data-root"]),
+                                   labels_csv=Path(spec_args["--labels"]) if "--labels" in spec_args else None,
+                                   label_type=spec_args.get("--label-type", "auto")),
+                        100, out, model_name=f"local-dir:{tiny_folder}", num_workers=0, progress=False)
     message = str(e.value)
     for part in expect:
         assert part in message, message
@@ -222,6 +221,8 @@ def test_calibration_and_operating_points_on_overconfident_logits():
     one = fit(sharp[:300], classes[:300], multilabel=False)
     assert one.calibration.method == "temperature" and len(one.calibration.scale) == 1
     assert one.calibration.scale[0] < 1  # a temperature above 1 softens the over-confident softmax
+    test = report(one, sharp[300:], classes[300:], multilabel=False, labels=["a", "b", "c"])
+    assert test["ece_after"] < test["ece_before"] / 2 and test["brier_after"] < test["brier_before"]
 
 
 def test_predict_refuses_a_calibration_of_the_wrong_size_before_reading(tiny_folder, tmp_path):
@@ -233,3 +234,35 @@ def test_predict_refuses_a_calibration_of_the_wrong_size_before_reading(tiny_fol
         ecamp.predict.predict_files(ecamp.load(f"local-dir:{tmp_path / 'clf'}"), ["never-read.png"],
                                     tmp_path / "p.csv", progress=False)
     assert not (tmp_path / "p.csv").exists()
+
+
+@pytest.mark.slow
+def test_own_class_folders_under_two_processes(films, tiny_folder, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    data_root = _class_folders(films, tmp_path / "films")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "ecamp.train", "finetune", "--dataset", "custom", "--data-root", str(data_root),
+                          "--output-dir", str(tmp_path / "ddp"), "--model", f"local-dir:{tiny_folder}",
+                          "--max-steps", "8", "--batch-size", "16", "--eval-every", "4", "--mode", "linear-probe",
+                          "--num-workers", "0", "--no-progress", "--class-weights", "auto"],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    run = tmp_path / "ddp"
+    metrics = json.loads((run / "metrics.json").read_text())
+    split = _read(run / "splits.csv")
+    assert len(split) == 120 and metrics["data"]["counts"]["val"]["images"] == sum(r["split"] == "val" for r in split)
+    # the two ranks gathered the whole validation split: refitting on it in one process gives the stored values
+    best = ecamp.load(f"local-dir:{run / 'best'}")
+    val = [r for r in split if r["split"] == "val"]
+    tf = ecamp.get_transform(best)
+    with torch.no_grad():
+        z = best(torch.stack([tf(str(data_root / r["path"])) for r in val])).numpy()
+    y = np.array([[best.label_names.index(r["label"])] for r in val])
+    refit = fit(z, y, multilabel=False)
+    stored = best.ecamp_cfg
+    if stored.calibration is not None:
+        assert stored.calibration.scale[0] == pytest.approx(refit.calibration.scale[0], rel=1e-4)
+    np.testing.assert_allclose(stored.operating_points.raw_thresholds, refit.points.raw_thresholds, rtol=1e-5)

@@ -144,12 +144,12 @@ def test_occlusion_scores_are_the_likelihood_of_the_words_given_one_window(tmp_p
     films = torch.randn(1, cfg.in_chans, cfg.sr_img_size, cfg.sr_img_size)
     found = score_windows(model, enc, films, ids, att, method="occlusion")
     # by hand for the bottom-right window: only its patches (and their mean) visible, the mentions masked
-    from ecamp.train.pretrain.sr_windows import _encode, target_positions
+    from ecamp.grounding import encode_patches, target_positions
 
     targets = target_positions(enc, ids, att)
     words = [enc.tokenizer.id_to_token(int(i)) for i in ids[0][targets[0]]]
     assert words == ["left", "pleural", "effusion"]  # the entity and its two descriptors
-    tokens = _encode(model, films).reshape(1, cfg.grid, cfg.grid, -1)
+    tokens = encode_patches(model, films).reshape(1, cfg.grid, cfg.grid, -1)
     top = left = cfg.grid - cfg.sr_window
     seen = tokens[:, top:, left:].reshape(1, cfg.sr_window**2, -1)
     masked = torch.where(targets, torch.full_like(ids, enc.mask_id), ids)

@@ -128,6 +128,12 @@ MEANINGS: dict[str, str] = {
     "EcampCfg.activation": "a classifier's output activation: `sigmoid` (multi-label) or `softmax` (multi-class)",
     "EcampCfg.dense_input": "how a segmentation or detection model reads images: `resize` (`bilinear` or the "
                             "authors' `nearest`) and `rgb`",
+    "EcampCfg.calibration": "a classifier's calibration fitted on its validation split: `method` (`temperature` or "
+                            "`platt`), per-output `scale` and `bias` applied to the logits, `fitted_on`, `n` "
+                            "([Your own data](../own-data.md))",
+    "EcampCfg.operating_points": "a classifier's per-label decision thresholds: `rule` (`youden`, "
+                                 "`sensitivity=X`, `specificity=X`), `thresholds` on calibrated and "
+                                 "`raw_thresholds` on uncalibrated probabilities",
     "EcampCfg.finetune": "how a fine-tuned model was trained: data set, fraction, mode, best step and score",
     "EcampCfg.data": "a full pre-training model: how its run read the images",
     "EcampCfg.source": "where a loaded copy came from (set by the loader, never written)",

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import Any
 
 import numpy as np
 
@@ -68,10 +69,12 @@ def read_image_native(src: ImageSource, *, policy: str = "bits", frame: int | No
 
 
 def decode_image(src: ImageSource, *, policy: str = "bits", frame: int | None = None,
-                 max_pixels: int | None = None) -> np.ndarray | TableImage:
+                 max_pixels: int | None = None, pil: bool = False) -> np.ndarray | TableImage | Any:
     """As :func:`read_image_native`, but a grey image whose policy is a table over its stored values (8/16-bit
     DICOM and 16-bit PNG/TIFF) comes back as a :class:`TableImage`, its per-pixel steps not yet run, so that they
-    can run elsewhere (on the GPU); its ``apply()`` is :func:`read_image_native`'s result."""
+    can run elsewhere (on the GPU); its ``apply()`` is :func:`read_image_native`'s result. ``pil``: an 8-bit file
+    other than DICOM comes back as the Pillow ``L`` or ``RGB`` image of those pixels, without the array copy (for
+    a caller that goes on in Pillow, as the eval transform's resize does)."""
     _check_policy(policy)
     name, data = _open(src)
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
@@ -82,7 +85,7 @@ def decode_image(src: ImageSource, *, policy: str = "bits", frame: int | None = 
                 # validates what it uses and raises ImageReadError where it matters.
                 warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
                 return _read_dicom(name, data, policy, frame, limit)
-        return _read_pil(name, data, policy, frame, limit)
+        return _read_pil(name, data, policy, frame, limit, pil=pil)
     except InvalidImageError as e:  # (ImageReadError too) the decoders know the display name; the file goes here
         if e.path is None:
             e.path = source_path(src)

@@ -1,4 +1,9 @@
-"""PNG, JPEG, TIFF, BMP... through Pillow: 8-bit images as they are, deeper grey ones under an intensity policy."""
+"""PNG, JPEG, TIFF, BMP... through Pillow: 8-bit images as they are, deeper grey ones under an intensity policy.
+
+``decode_image(..., pil=True)`` gives an 8-bit file as the Pillow image its array is made of, for the eval
+transform, which resizes it with Pillow anyway: Pillow's array export copies the pixels through ``tobytes`` (3 ms
+for a 1955x1841 film, a third of its JPEG decode), and ``Image.fromarray`` would only wrap them back into an image.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +19,22 @@ from .tables import TableImage
 
 __all__: list[str] = []
 
+_EIGHT_BIT_GREY = ("1", "L", "P", "LA", "La", "PA")
+_EIGHT_BIT_COLOUR = ("RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
 
-def _read_pil(name: str, data: bytes, policy: str, frame: int | None, max_pixels: int) -> np.ndarray | TableImage:
+
+def _read_pil(name: str, data: bytes, policy: str, frame: int | None, max_pixels: int, *, pil: bool = False
+              ) -> np.ndarray | TableImage | Any:
+    """The decoded file as an array (or a :class:`TableImage`); with ``pil``, an 8-bit one as its Pillow image."""
+    im = _open_pil(name, data, frame, max_pixels)
+    small = _as_8bit(im)
+    if small is None:
+        return _deep(name, im, policy)
+    return small if pil else np.asarray(small, dtype=np.uint8)
+
+
+def _open_pil(name: str, data: bytes, frame: int | None, max_pixels: int) -> Any:
+    """The decoded Pillow image (the page ``frame``), upright by its EXIF orientation; size limits checked."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
@@ -38,7 +57,7 @@ def _read_pil(name: str, data: bytes, policy: str, frame: int | None, max_pixels
                     raise ImageReadError(f"{name}: page {frame} has {w}x{h} pixels, over the {max_pixels}-pixel "
                                          f"limit (a guard against decompression bombs).")
             im.load()
-            im = ImageOps.exif_transpose(im)
+            ImageOps.exif_transpose(im, in_place=True)  # no copy when there is nothing to turn
     except (ImageReadError, InvalidImageError):
         raise
     except UnidentifiedImageError as e:
@@ -51,13 +70,24 @@ def _read_pil(name: str, data: bytes, policy: str, frame: int | None, max_pixels
         raise ImageReadError(f"{name}: cannot decode ({e}); the file may be truncated or corrupt.") from e
     if w < 1 or h < 1:
         raise ImageReadError(f"{name}: image has size {w}x{h}.")
+    return im
+
+
+def _as_8bit(im: Any) -> Any:
+    """An 8-bit image as ``L`` (grey, and palettes of greys) or ``RGB``; None for deeper modes."""
     mode = im.mode
-    if mode in ("1", "L", "P", "LA", "La", "PA"):
-        im = im.convert("RGB") if mode in ("P", "PA") and "transparency" not in im.info and \
-            _palette_is_colour(im) else im.convert("L")
-        return np.asarray(im, dtype=np.uint8)
-    if mode in ("RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"):
-        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    if mode in _EIGHT_BIT_GREY:
+        if mode in ("P", "PA") and "transparency" not in im.info and _palette_is_colour(im):
+            return im.convert("RGB")
+        return im if mode == "L" else im.convert("L")  # convert("L") of an L image is a copy
+    if mode in _EIGHT_BIT_COLOUR:
+        return im if mode == "RGB" else im.convert("RGB")
+    return None
+
+
+def _deep(name: str, im: Any, policy: str) -> np.ndarray | TableImage:
+    """A 16-bit, 32-bit integer or float image under ``policy``."""
+    mode = im.mode
     if mode.startswith("I;16"):
         return _deep_grey(np.asarray(im).astype(np.uint16), policy, scale=65535.0)  # native byte order
     if mode == "I":

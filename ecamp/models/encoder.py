@@ -159,6 +159,34 @@ def _pair(value: Any) -> tuple[int, int] | None:
     return None
 
 
+def _check_input(pcfg: Mapping[str, Any], size: Mapping[str, Any], extra: Mapping[str, Any], where: str,
+                 config_file: Any) -> None:
+    """``pretrained_cfg``'s ``input_size`` must be what the model takes ([in_chans, *img_size]; a ViT refuses any
+    other size) and ``mean``/``std`` finite numbers per channel, ``std`` positive (0 gives NaN embeddings)."""
+    import math
+
+    def fail(msg: str):
+        raise ConfigError(f"{where}: pretrained_cfg.{msg}; fix config.json or re-export the folder.",
+                          path=config_file)
+
+    channels = size["in_chans"]
+    if "input_size" in pcfg and not ({"img_size", "in_chans"} & set(extra)):
+        value = pcfg["input_size"]
+        want = [channels, *_pair(size["img_size"])]
+        if not isinstance(value, (list, tuple)) or [v for v in value] != want or \
+                any(isinstance(v, bool) for v in value):
+            fail(f"input_size {value!r:.80} is not the {want} this model takes (in_chans, img_size)")
+    for key in ("mean", "std"):
+        value = pcfg.get(key)
+        if value is None:
+            continue
+        ok = isinstance(value, (list, tuple)) and len(value) in (1, channels) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (key == "mean" or v > 0)
+            for v in value)
+        if not ok:
+            fail(f"{key} {value!r:.80} is not {channels} finite numbers{' above 0' if key == 'std' else ''}")
+
+
 def _bounded(name: str, value: Any, fail) -> Any:
     """``value`` of field ``name`` if its type and range are sane; ``fail(message)`` raises otherwise."""
     top = ENCODER_BOUNDS[name]
@@ -214,6 +242,10 @@ def check_encoder_config(config: Mapping[str, Any], *, overrides: Mapping[str, A
     checked = {k: _bounded(k, v, config_fail(k)) for k, v in own.items()}
     checked.update({k: _bounded(k, v, override_fail(k)) for k, v in extra.items()})
     size = {**_VIT_DEFAULTS, **checked}
+    if size["embed_dim"] % size["num_heads"]:  # timm's Attention asserts it
+        key = "num_heads" if "num_heads" in checked else "embed_dim"
+        fail = override_fail(key) if key in extra else config_fail(key)
+        fail(f"{size[key]!r}: num_heads {size['num_heads']} does not divide embed_dim {size['embed_dim']}")
     (h, w), (ph, pw) = _pair(size["img_size"]), _pair(size["patch_size"])
     dim, depth, ratio = size["embed_dim"], size["depth"], size["mlp_ratio"]
     terms = {"img_size": (h // ph) * (w // pw) * dim, "depth": depth * (4 + 2 * ratio) * dim * dim,
@@ -224,6 +256,7 @@ def check_encoder_config(config: Mapping[str, Any], *, overrides: Mapping[str, A
         fail(f"{size[field_name]!r} gives a model of about {sum(terms.values()):.2g} parameters, over the "
              f"{MAX_ENCODER_PARAMS:.0e} ecamp.load builds")
     if weights is None:
+        _check_input(pcfg, size, extra, where, config_file)
         return
     shapes = safetensors_shapes(weights)
     mine = {k: v for k, v in checked.items() if k in own and k not in extra}  # the config's values that are used
@@ -252,3 +285,13 @@ def check_encoder_config(config: Mapping[str, Any], *, overrides: Mapping[str, A
         have = max(blocks) + 1
         missing = f"; missing blocks.{have}." if have < mine["depth"] else ""
         mismatch("depth", f"it holds blocks.0-{have - 1} ({have} blocks){missing}")
+    if "num_classes" not in extra:  # a head the config describes must be the one its weights hold
+        classifier = pcfg.get("classifier") or "head"
+        head = shapes.get(f"{classifier}.weight") if isinstance(classifier, str) else None
+        n = checked.get("num_classes", 0)
+        if (head is None and n > 0) or (head is not None and (len(head) != 2 or head[0] != n)):
+            held = f"{classifier}.weight of shape {list(head)}" if head is not None else "no classifier head"
+            raise WeightsMismatchError(f"{where}: num_classes {n} does not match {weights}, which holds {held}. "
+                                       f"The two files do not belong together; fix num_classes in config.json or "
+                                       f"re-export the folder.", path=config_file)
+    _check_input(pcfg, size, extra, where, config_file)  # after the weights: a disagreement with them says more

@@ -86,22 +86,24 @@ def _finetune(args: argparse.Namespace) -> int:
     else:
         from ecamp.train.downstream.classification import finetune_classification
 
-        custom = None
+        cls_options = dict(calibration=args.calibration or "auto", operating_point=args.operating_point or "youden",
+                           pos_weight=_weights(args.pos_weight, "--pos-weight"),
+                           class_weights=_weights(args.class_weights, "--class-weights"))
         if dataset.lower() == "custom":
             from pathlib import Path
 
-            from ecamp.train.downstream.custom import CustomSpec
+            from ecamp.train.downstream.custom import CustomSpec, finetune_custom
 
             custom = CustomSpec(Path(args.data_root), labels_csv=Path(args.labels) if args.labels else None,
                                 lists=Path(args.lists) if args.lists else None,
                                 label_names=tuple(n.strip() for n in (args.label_names or "").split(",") if n.strip()),
                                 label_type=args.label_type or "auto", val_fraction=args.val_fraction or 0.1,
                                 test_fraction=args.test_fraction or 0.2)
-        metrics = finetune_classification(
-            dataset, fraction, args.data_root, args.output_dir, mode=mode, custom=custom,
-            calibration=args.calibration or "auto", operating_point=args.operating_point or "youden",
-            pos_weight=_weights(args.pos_weight, "--pos-weight"),
-            class_weights=_weights(args.class_weights, "--class-weights"), **common)
+            common.pop("lists")  # the spec has them
+            metrics = finetune_custom(custom, fraction, args.output_dir, mode=mode, **cls_options, **common)
+        else:
+            metrics = finetune_classification(dataset, fraction, args.data_root, args.output_dir, mode=mode,
+                                              **cls_options, **common)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in metrics.items() if k != "test_per_class"}))
     return 0

@@ -6,7 +6,8 @@ temperature, for a sigmoid head) by minimising the negative log-likelihood (Plat
 targets, which keep two parameters from over-fitting a small validation split), then per-label
 :class:`~ecamp.config.OperatingPoints` by a rule: Youden's J (the default), a minimum sensitivity or a minimum
 specificity, each on the validation ROC curve. :func:`report` scores both on any split: expected calibration
-error (torchmetrics, 15 equal-width bins; multi-label: the mean over labels) before and after calibration, and
+error (torchmetrics, 15 equal-width bins; multi-label: the mean over labels) and the Brier score before and
+after calibration, and
 sensitivity and specificity at the operating points. The model folder keeps the fitted values
 (:mod:`ecamp.calibration` applies them); the test split is never used to fit.
 """
@@ -162,32 +163,20 @@ def fit_operating_points(probs: np.ndarray, targets: np.ndarray, *, multilabel: 
 class Fitted:
     calibration: Calibration | None
     points: OperatingPoints
-    note: str = ""  # why a fitted calibration was dropped
 
 
 def fit(logits: np.ndarray, targets: np.ndarray, *, multilabel: bool, method: str = "auto",
         rule: str = "youden") -> Fitted:
-    """:func:`fit_calibration`, then :func:`fit_operating_points` on the calibrated and on the raw probabilities.
-    A calibration that does not lower the validation ECE (likely on a small validation split, where the
-    likelihood's optimum over-sharpens) is dropped, and the model keeps its own probabilities."""
+    """:func:`fit_calibration`, then :func:`fit_operating_points` on the calibrated and on the raw probabilities."""
     activation = "sigmoid" if multilabel else "softmax"
     cal = fit_calibration(logits, targets, multilabel=multilabel, method=method)
     z = torch.as_tensor(np.asarray(logits, dtype=np.float32))
     raw = activate(z, activation).numpy()
     calibrated = probabilities(z, activation, cal).numpy()
-    note = ""
-    if cal is not None:
-        y = _one_hot(np.asarray(targets), multilabel, z.shape[1])
-        before, after = _ece(raw, y, multilabel), _ece(calibrated, y, multilabel)
-        if after >= before:
-            note = (f"{cal.method} calibration dropped: validation ECE {after:.4f} after it, {before:.4f} without "
-                    f"({len(z)} validation images)")
-            logger.warning("%s; the model's own probabilities are kept.", note)
-            cal, calibrated = None, raw
     points = OperatingPoints(rule.strip().lower(), fit_operating_points(calibrated, targets, multilabel=multilabel,
                                                                        rule=rule),
                              fit_operating_points(raw, targets, multilabel=multilabel, rule=rule))
-    return Fitted(cal, points, note)
+    return Fitted(cal, points)
 
 
 def _ece(probs: np.ndarray, y: np.ndarray, multilabel: bool) -> float:
@@ -202,10 +191,18 @@ def _ece(probs: np.ndarray, y: np.ndarray, multilabel: bool) -> float:
                           for c in range(p.shape[1])]))
 
 
+def _brier(probs: np.ndarray, y: np.ndarray, multilabel: bool) -> float:
+    """The Brier score: the mean squared error of the probabilities (multi-class: summed over classes)."""
+    sq = (probs.astype(np.float64) - y) ** 2
+    return float(sq.mean() if multilabel else sq.sum(1).mean())
+
+
 def report(fitted: Fitted, logits: np.ndarray, targets: np.ndarray, *, multilabel: bool, labels: list[str]
            ) -> dict[str, Any]:
-    """On one split: ECE before and after calibration, and per label the sensitivity and specificity at the
-    operating point (None where the split has no positive, or no negative)."""
+    """On one split: ECE and the Brier score before and after calibration, and per label the sensitivity and
+    specificity at the operating point (None where the split has no positive, or no negative). ECE is what users
+    ask for; it is not a proper scoring rule (a model that gives every film the base rate scores well), so the
+    Brier score, which is, stands beside it."""
     activation = "sigmoid" if multilabel else "softmax"
     z = torch.as_tensor(np.asarray(logits, dtype=np.float32))
     raw = activate(z, activation).numpy()
@@ -218,7 +215,8 @@ def report(fitted: Fitted, logits: np.ndarray, targets: np.ndarray, *, multilabe
         per[name] = {"threshold": fitted.points.thresholds[c],
                      "sensitivity": float(decided[pos, c].mean()) if pos.any() else None,
                      "specificity": float((~decided[neg, c]).mean()) if neg.any() else None}
-    return {"ece_before": _ece(raw, y, multilabel), "ece_after": _ece(cal, y, multilabel), "per_label": per}
+    return {"ece_before": _ece(raw, y, multilabel), "ece_after": _ece(cal, y, multilabel),
+            "brier_before": _brier(raw, y, multilabel), "brier_after": _brier(cal, y, multilabel), "per_label": per}
 
 
 def _curve(probs: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -236,7 +234,7 @@ def reliability_diagram(out: str | Path, fitted: Fitted, logits: np.ndarray, tar
     """A PNG of observed frequency against predicted probability on ``split``, before and after calibration
     (every label's probabilities pooled for a sigmoid head; the top class's for a softmax head), with the ECE of
     each in the legend (needs matplotlib: the ``plot`` extra)."""
-    from ecamp.explain import new_figure, save_figure
+    from ecamp.maps import new_figure, save_figure
 
     activation = "sigmoid" if multilabel else "softmax"
     z = torch.as_tensor(np.asarray(logits, dtype=np.float32))
@@ -291,8 +289,8 @@ def finish_classifier(head: Any, model: torch.nn.Module, run: Any, outputs: Any,
     cal = fitted.calibration
     fields = {
         "calibration": {"method": cal.method if cal else "none", "fitted_on": f"val ({len(val_z)} images)",
-                        **({"note": fitted.note} if fitted.note else {}),
-                        **{f"{s}_ece_{w}": scores[s][f"ece_{w}"] for s in scores for w in ("before", "after")}},
+                        **{f"{s}_{m}_{w}": scores[s][f"{m}_{w}"] for s in scores for m in ("ece", "brier")
+                           for w in ("before", "after")}},
         "operating_points": {"rule": fitted.points.rule, "labels": {
             name: {"threshold": scores["val"]["per_label"][name]["threshold"],
                    **{f"{s}_{m}": scores[s]["per_label"][name][m] for s in scores
@@ -324,9 +322,9 @@ def _report_text(head: Any, fields: dict[str, Any], summary: dict[str, Any], pic
              f"Best validation {head.metric}: {summary[f'val_{head.metric}']:.4f} (step {summary['best_step']}); "
              f"the test scores are in metrics.json.", "",
              f"## Calibration: {c['method']}, fitted on {c['fitted_on']}", "",
-             *([c["note"] + ".", ""] if c.get("note") else []),
-             "| split | ECE before | ECE after |", "|---|---|---|",
-             *(f"| {s} | {_fmt(c[f'{s}_ece_before'])} | {_fmt(c[f'{s}_ece_after'])} |" for s in ("val", "test")),
+             "| split | ECE before | ECE after | Brier before | Brier after |", "|---|---|---|---|---|",
+             *(f"| {s} | {_fmt(c[f'{s}_ece_before'])} | {_fmt(c[f'{s}_ece_after'])} | "
+               f"{_fmt(c[f'{s}_brier_before'])} | {_fmt(c[f'{s}_brier_after'])} |" for s in ("val", "test")),
              "", f"## Operating points: {ops['rule']} (fitted on val; thresholds on calibrated probabilities)", "",
              "| label | threshold | val sensitivity | val specificity | test sensitivity | test specificity |",
              "|---|---|---|---|---|---|"]

@@ -245,8 +245,8 @@ class ClassificationTask(HeadTask):
 
         key = task_name.lower()
         if task is None and key not in TASKS and not self.task_from_data:
-            raise InvalidArgumentError(f"Unknown task {task_name!r}; known: {sorted(TASKS)}, or custom for your own "
-                                       f"data (docs/own-data.md).")
+            raise InvalidArgumentError(f"Unknown task {task_name!r}; known: {sorted(TASKS)}, or --dataset custom for "
+                                       f"your own data (docs/own-data.md).")
         if mode not in ("finetune", "linear-probe"):
             raise InvalidArgumentError(f"--mode must be finetune or linear-probe, got {mode!r}.")
         if calibration not in CALIBRATION_CHOICES:
@@ -392,8 +392,7 @@ def finetune_classification(task_name: str, fraction: int, data_root: str | Path
                             deterministic: bool = False,
                             protocol: Protocol | dict[str, Any] | None = None, calibration: str = "auto",
                             operating_point: str = "youden", pos_weight: str | Sequence[float] | None = None,
-                            class_weights: str | Sequence[float] | None = None, custom: Any = None
-                            ) -> dict[str, Any]:
+                            class_weights: str | Sequence[float] | None = None) -> dict[str, Any]:
     """Fine-tune (or linear-probe) an encoder on a classification task; writes ``metrics.json`` in
     ``output_dir`` with the validation and test metric by name. ``recipe`` defaults to the authors' row
     (:func:`ecamp.train.downstream.recipes.recipe`): SGD momentum 0.9, linear warm-up then cosine, gradient
@@ -404,17 +403,9 @@ def finetune_classification(task_name: str, fraction: int, data_root: str | Path
     with the ``calibration`` (auto, temperature, platt, none) and the ``operating_point`` rule's thresholds
     fitted on the validation split (:mod:`~ecamp.train.downstream.calibrate`). ``pos_weight`` (multi-label) and
     ``class_weights`` (multi-class): ``"auto"`` weights the loss by the training frequencies
-    (:func:`class_weights`). ``custom``: a :class:`~ecamp.train.downstream.custom.CustomSpec` for your own data
-    (``task_name`` ``"custom"``)."""
-    options = dict(calibration=calibration, operating_point=operating_point, pos_weight=pos_weight,
-                   class_weights=class_weights)
-    if custom is not None or task_name.lower() == "custom":
-        from ecamp.train.downstream.custom import CustomClassificationTask, CustomSpec
-
-        head: ClassificationTask = CustomClassificationTask(custom or CustomSpec(Path(data_root)), fraction, mode,
-                                                            seed=seed, **options)
-    else:
-        head = ClassificationTask(task_name, fraction, mode, **options)
+    (:func:`class_weights`). Your own data: :func:`ecamp.train.downstream.custom.finetune_custom`."""
+    head = ClassificationTask(task_name, fraction, mode, calibration=calibration, operating_point=operating_point,
+                              pos_weight=pos_weight, class_weights=class_weights)
     return run_finetune(head, data_root, output_dir, model_name=model_name,
                         lists=lists, recipe=recipe, authors_protocol=authors_protocol, num_workers=num_workers,
                         device=device, seed=seed, progress=progress, deterministic=deterministic,

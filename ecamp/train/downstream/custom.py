@@ -42,10 +42,10 @@ from ecamp.train.common.lists import (
 from ecamp.train.downstream.classification import ClassificationTask, Task
 from ecamp.train.downstream.protocol import Protocol
 from ecamp.train.downstream.recipes import Recipe
-from ecamp.train.downstream.task import FinetuneRun
+from ecamp.train.downstream.task import FinetuneRun, run_finetune
 
 __all__ = ["CUSTOM", "LABEL_TYPES", "SPLIT_FILE", "CustomSpec", "CustomData", "read_custom", "stratified_split",
-           "CustomClassificationTask", "write_split_file"]
+           "CustomClassificationTask", "write_split_file", "finetune_custom"]
 
 logger = logging.getLogger("ecamp")
 
@@ -491,3 +491,14 @@ class CustomClassificationTask(ClassificationTask):
             "layout": self.data.layout, "source": str(self.data.source), "labels": list(self.data.labels),
             "label_type": "multi-label" if self.data.multilabel else "multi-class", "split": self.data.split,
             "counts": self.data.counts}}
+
+
+def finetune_custom(spec: CustomSpec, fraction: int, output_dir: str | Path, *, mode: str = "finetune",
+                    calibration: str = "auto", operating_point: str = "youden", pos_weight: Any = None,
+                    class_weights: Any = None, seed: int = 42, **run_options: Any) -> dict[str, Any]:
+    """:func:`~ecamp.train.downstream.classification.finetune_classification` on the user's data ``spec``
+    (``ecamp train finetune --dataset custom``); ``run_options`` as there (model_name, recipe, num_workers...)."""
+    head = CustomClassificationTask(spec, fraction, mode, seed=seed, calibration=calibration,
+                                    operating_point=operating_point, pos_weight=pos_weight,
+                                    class_weights=class_weights)
+    return run_finetune(head, spec.data_root, output_dir, seed=seed, **run_options)

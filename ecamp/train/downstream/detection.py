@@ -63,6 +63,8 @@ DET_LABELS = {"rsna": ("pneumonia",), "phantom-det": ("finding",)}  # the box cl
 MAP_IOU_THRESHOLDS = tuple(round(0.40 + 0.05 * k, 2) for k in range(8))
 
 
+_MAX_COORD = 100_000.0  # pixels: no film is larger; a box beyond it is a typo or a unit mistake
+
 def read_box_list(csv_path: str | Path) -> list[tuple[str, np.ndarray]]:
     """``image_path,bbox`` rows -> (path, float32 [N, 4] boxes x1, y1, x2, y2 in pixels; [0, 4] for none)."""
     path = Path(csv_path)
@@ -77,6 +79,12 @@ def read_box_list(csv_path: str | Path) -> list[tuple[str, np.ndarray]]:
         boxes = boxes.reshape(-1, 4) if boxes is not None and boxes.size % 4 == 0 and boxes.ndim <= 2 else None
         if boxes is None:
             problems.append(f"{path}:{k}: bbox is not a list of [x1, y1, x2, y2]: {row['bbox'][:60]!r}")
+            continue
+        bad = ~np.isfinite(boxes).all(1) | (boxes < 0).any(1) | (boxes > _MAX_COORD).any(1) | \
+            (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
+        if bad.any():
+            problems.append(f"{path}:{k}: box {boxes[bad][0].tolist()} is not x1 <= x2, y1 <= y2 in pixels "
+                            f"(0..{_MAX_COORD:g}): {row['bbox'][:60]!r}")
             continue
         boxes = boxes[(boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])]  # [[0,0,0,0]]: no box
         rows.append((row["image_path"], boxes))
@@ -186,7 +194,9 @@ def yolo_loss(outputs: list[torch.Tensor], boxes: list[torch.Tensor], anchors: l
 
 def mean_average_precision(preds: list[dict], targets: list[dict], *, authors: bool = False) -> float:
     """torchmetrics mAP over IoU 0.40-0.75 (the reported ``map``). ``authors``: only images with a ground-truth
-    box and at least one prediction count, as in the authors' evaluation (#42)."""
+    box and at least one prediction count, as in the authors' evaluation (#42), and when none does the score is
+    torchmetrics' -1 for an empty set, as theirs (``Detection/train.py:284-286``), which their best score of 0
+    never takes (D14); otherwise an empty set scores 0."""
     try:
         from torchmetrics.detection import MeanAveragePrecision
     except ImportError as e:
@@ -196,7 +206,7 @@ def mean_average_precision(preds: list[dict], targets: list[dict], *, authors: b
         pairs = [(p, t) for p, t in zip(preds, targets, strict=True) if len(t["boxes"]) and len(p["boxes"])]
         preds, targets = [p for p, _ in pairs], [t for _, t in pairs]
     if not preds:
-        return 0.0
+        return -1.0 if authors else 0.0
     metric = MeanAveragePrecision(box_format="xyxy", iou_thresholds=list(MAP_IOU_THRESHOLDS))
     metric.update(preds, targets)
     return max(0.0, float(metric.compute()["map"]))  # torchmetrics gives -1 when no image has a box

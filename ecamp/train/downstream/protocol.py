@@ -97,7 +97,8 @@ def resolve_protocol(protocol: Protocol | Mapping[str, Any] | None, authors: boo
 
 def parse_protocol_options(items: Sequence[str]) -> dict[str, Any]:
     """``NAME=VALUE`` strings (values read as YAML: true, 0.5, raw-block) -> {name: value}."""
-    import yaml
+    from ecamp.errors import ConfigError
+    from ecamp.schema import load_yaml
 
     options: dict[str, Any] = {}
     for item in items:
@@ -105,7 +106,7 @@ def parse_protocol_options(items: Sequence[str]) -> dict[str, Any]:
         if not sep or not name.strip():
             raise InvalidArgumentError(f"--protocol-option {item!r} must look like NAME=VALUE, e.g. drop_last=true.")
         try:
-            options[name.strip()] = yaml.safe_load(raw)
-        except yaml.YAMLError as e:
-            raise InvalidArgumentError(f"--protocol-option {item!r}: {e}") from e
+            options[name.strip()] = load_yaml(raw, source=f"--protocol-option {item[:80]!r}")
+        except ConfigError as e:
+            raise InvalidArgumentError(str(e)) from e
     return options

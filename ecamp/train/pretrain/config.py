@@ -159,15 +159,12 @@ def _loader() -> type:
 
 def _parse_override(item: str) -> dict[str, Any]:
     """``key.sub=value`` as the nested mapping ``{"key": {"sub": value}}`` (the value read as YAML)."""
-    import yaml
-
     if "=" not in item:
         raise ConfigError(f"Override {item!r} must look like key.sub=value.")
     key, raw = item.split("=", 1)
-    try:
-        value = yaml.load(raw, Loader=_loader())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"Override {item!r}: {e}") from e
+    from ecamp.schema import load_yaml
+
+    value = load_yaml(raw, source=f"Override {item[:80]!r}", loader=_loader())
     keys = key.strip().split(".")
     if len(keys) == 1 and keys[0] in {f.name for f in dataclasses.fields(PretrainRunConfig)} \
             and not isinstance(value, Mapping):
@@ -182,7 +179,7 @@ def _parse_override(item: str) -> dict[str, Any]:
 def read_yaml_mapping(path: str | Path, what: str = "Config file") -> dict[str, Any]:
     """A YAML file holding a mapping (``{}`` when empty); :class:`ConfigError` for a missing or malformed file."""
     try:
-        import yaml
+        import yaml  # noqa: F401 - the extra's check
     except ImportError as e:  # pragma: no cover
         from ecamp.errors import MissingDependencyError
 
@@ -190,10 +187,13 @@ def read_yaml_mapping(path: str | Path, what: str = "Config file") -> dict[str, 
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{what} {p} does not exist.", path=p)
+    from ecamp.schema import load_yaml
+
     try:
-        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_loader()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{what} {p} is not valid YAML: {e}", path=p) from e
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {p} is not UTF-8 text ({e.reason} at byte {e.start}).", path=p) from e
+    data = load_yaml(text, source=f"{what} {p}", loader=_loader(), path=p) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{what} {p} must hold a mapping of keys to values.", path=p)
     return data

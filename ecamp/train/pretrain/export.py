@@ -71,7 +71,8 @@ def export_authors(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
     ``blocks.N.*``, ``cls_token``, ``pos_embed``, ``norm.*``) by name, ignoring the rest; ``from_authors`` (and
     ``ecamp convert``) read it strictly. A model with non-default sizes needs the sidecar config there:
     ``ecamp convert FILE.pth --name cxr-vit-b --config FILE.config.json``. The BERT pooler, which their model holds
-    but never uses, is left out (their pre-training load filters keys by name and keeps its own).
+    but never uses, is written as zeros: their visualisation script loads the checkpoint with ``strict=True``
+    (``from_authors`` drops it again).
     """
     import torch
 
@@ -84,6 +85,9 @@ def export_authors(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     # clones: no tensor shares storage with another, so each is saved on its own, as the authors' files hold them
     state = {k: v.detach().cpu().clone() for k, v in model.to_authors_state_dict().items()}
+    hidden = model.config.text_hidden_size
+    state["bert_encoder.model.bert.pooler.dense.weight"] = torch.zeros(hidden, hidden)
+    state["bert_encoder.model.bert.pooler.dense.bias"] = torch.zeros(hidden)
     atomic_write(out, lambda p: torch.save({"model": state}, p))
     config = out.with_name(out.stem + ".config.json")
     atomic_write(config, lambda p: p.write_text(json.dumps(model.config.to_dict(), indent=2) + "\n"))

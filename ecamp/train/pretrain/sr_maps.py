@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ecamp.explain import new_figure, save_figure
+from ecamp.maps import new_figure, save_figure
 from ecamp.train.pretrain.windows import AUTHORS_GRID, AUTHORS_WINDOW
 
 __all__ = ["MapWriter"]

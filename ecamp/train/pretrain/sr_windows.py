@@ -39,10 +39,18 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ecamp.errors import CheckpointError, InvalidArgumentError
 from ecamp.fileio import write_csv
+from ecamp.grounding import (
+    CrossAttention,
+    box_sums,
+    encode_patches,
+    gradient_relevance,
+    target_positions,
+    visible_likelihoods,
+    window_index,
+)
 from ecamp.train.common.lists import LAYOUT_HINT, read_table
 from ecamp.train.pretrain.config import DataConfig
 from ecamp.train.pretrain.data import read_film
@@ -56,14 +64,6 @@ __all__ = ["METHODS", "QUERIES", "WindowScores", "best_window", "box_sums", "com
 
 METHODS = ("occlusion", "gradient", "rollout", "max-heads")
 QUERIES = ("plain", "masked")
-
-
-def box_sums(values: np.ndarray | torch.Tensor, window: int):
-    """Sums over every ``window`` x ``window`` square of ``[..., g, g]`` maps: ``[..., g-window+1, g-window+1]``."""
-    t = torch.as_tensor(values, dtype=torch.float64)
-    c = F.pad(t, (1, 0, 1, 0)).cumsum(-2).cumsum(-1)
-    sums = c[..., window:, window:] - c[..., :-window, window:] - c[..., window:, :-window] + c[..., :-window, :-window]
-    return sums.numpy() if isinstance(values, np.ndarray) else sums
 
 
 def best_window(attention: np.ndarray, window: int) -> tuple[int, int]:
@@ -94,87 +94,6 @@ def load_stage1(source: str | Path) -> tuple[Any, Any, DataConfig]:
     return model.eval(), load_tokenizer(folder / "tokenizer.json"), data
 
 
-def target_positions(enc: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """``[B, T]`` bool: the entity tokens and their descriptors (the finding mentions) of tokenised reports."""
-    from ecamp.text.report import mask_tokens
-
-    ids = input_ids.cpu().numpy()
-    out = np.zeros(ids.shape, dtype=bool)
-    never = np.ones(ids.shape[1])
-    for b, row in enumerate(ids):
-        _, desc, ent = mask_tokens(row, never, never, is_continuation=enc.is_continuation, is_entity=enc.is_entity,
-                                   dot_id=enc.dot_id, mask_id=enc.mask_id, pad_id=enc.pad_id, cfg=enc.config)
-        if ent.size:
-            out[b, ent] = True
-            out[b, desc] = True
-    return torch.from_numpy(out).to(input_ids.device) & (attention_mask > 0)
-
-
-class _Attention:
-    """Keeps attention probabilities while active: the fusion layer's cross-attention (eager BERT attention
-    returns them) and, with ``encoder=True``, each image block's softmax (its ``attn_drop`` input, with timm's
-    fused attention switched off). Everything is restored on exit."""
-
-    def __init__(self, model: Any, encoder: bool = False):
-        self.model, self.encoder = model, encoder
-        self.blocks: list[torch.Tensor] = []
-
-    def __enter__(self) -> _Attention:
-        fusion = self.model.text.context_fusion_layer
-        self._impl = self.model.text.bert_config._attn_implementation
-        self.model.text.bert_config._attn_implementation = "eager"  # only eager attention returns probabilities
-        fusion.keep_attention = True
-        self._hooks, self._fused = [], []
-        if self.encoder:
-            for blk in self.model.encoder.blocks:
-                self._fused.append(blk.attn.fused_attn)
-                blk.attn.fused_attn = False
-                self._hooks.append(blk.attn.attn_drop.register_forward_hook(
-                    lambda _m, _a, out: self.blocks.append(out.detach())))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        fusion = self.model.text.context_fusion_layer
-        fusion.keep_attention = False
-        fusion.last_cross_attention = None
-        self.model.text.bert_config._attn_implementation = self._impl
-        for h in self._hooks:
-            h.remove()
-        for blk, fused in zip(self.model.encoder.blocks, self._fused, strict=False):
-            blk.attn.fused_attn = fused
-
-    @property
-    def cross(self) -> torch.Tensor:
-        return self.model.text.context_fusion_layer.last_cross_attention
-
-
-def _encode(model: Any, images: torch.Tensor) -> torch.Tensor:
-    """Projected patch tokens ``[B, grid*grid, text_hidden]`` of all patches in grid order (row-major)."""
-    cfg = model.config
-    small = F.interpolate(images, size=(cfg.img_size, cfg.img_size), mode="bicubic", align_corners=False,
-                          antialias=cfg.encoder_resize_antialias)
-    order = torch.arange(cfg.grid**2, dtype=torch.float32, device=images.device).expand(images.shape[0], -1)
-    latent, _, _, _ = model.forward_encoder(small, 0.0, order)
-    return model.bert_mlp(latent)[:, 1:]
-
-
-def _log_likelihood(logits: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``[B]`` summed log-probability of the true tokens at the target positions."""
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, input_ids[..., None]).squeeze(-1)
-    return (logp * targets).sum(-1)
-
-
-def _window_index(grid: int, window: int, device: torch.device) -> torch.Tensor:
-    """``[n*n, window*window]`` patch indices of every valid window (row-major over top-left offsets)."""
-    n = grid - window + 1
-    cells = torch.arange(window, device=device)
-    rows = []
-    for top in range(n):
-        for left in range(n):
-            rows.append(((top + cells)[:, None] * grid + (left + cells)[None, :]).reshape(-1))
-    return torch.stack(rows)
-
-
 @dataclasses.dataclass
 class WindowScores:
     """Per report: ``scores [B, n, n]`` over the valid top-left offsets (higher wins), ``maps [B, g, g]`` a patch
@@ -192,30 +111,13 @@ class WindowScores:
 
 def _occlusion(model, tokens, ids, attention_mask, targets, mask_id, window) -> tuple[torch.Tensor, torch.Tensor]:
     g = model.config.grid
-    idx = _window_index(g, window, tokens.device)  # [K, w*w]
-    k, b = idx.shape[0], tokens.shape[0]
-    masked = torch.where(targets, torch.full_like(ids, mask_id), ids)
-    seen = tokens[:, idx]  # [B, K, w*w, H]: only the window's patches
-    seen = seen.reshape(b * k, idx.shape[1], -1)
-    rep = lambda t: t.repeat_interleave(k, 0)  # noqa: E731
-    logits = model.text(rep(masked), rep(attention_mask), torch.zeros_like(rep(ids)), seen, seen.mean(1, keepdim=True))
-    ll = _log_likelihood(logits, rep(ids), rep(targets)).reshape(b, k)
+    idx = window_index(g, window, tokens.device)  # [K, w*w]: only the window's patches are seen
+    ll = visible_likelihoods(model, tokens, ids, attention_mask, targets, mask_id, idx)
     n = g - window + 1
     # patch map: the probability that a patch lies in the window, windows weighted by their likelihood
     post = torch.softmax(ll.double(), dim=-1).float()
-    member = torch.zeros(k, g * g, device=tokens.device).scatter_(1, idx, 1.0)
-    return ll.reshape(b, n, n), (post @ member).reshape(b, g, g)
-
-
-def _gradient(model, tokens, ids, attention_mask, targets, mask_id) -> torch.Tensor:
-    masked = torch.where(targets, torch.full_like(ids, mask_id), ids)
-    with torch.enable_grad(), _Attention(model) as att:
-        logits = model.text(masked, attention_mask, torch.zeros_like(ids), tokens, tokens.mean(1, keepdim=True))
-        cross = att.cross
-        # the gradient with respect to the attention only: the model's parameter gradients stay untouched
-        (grad,) = torch.autograd.grad(_log_likelihood(logits, ids, targets).sum(), cross)
-        relevance = (grad * cross).clamp_min(0).mean(1)  # [B, T, P]
-    return (relevance * targets[..., None]).sum(1).detach()
+    member = torch.zeros(idx.shape[0], g * g, device=tokens.device).scatter_(1, idx, 1.0)
+    return ll.reshape(-1, n, n), (post @ member).reshape(-1, g, g)
 
 
 def _rollout(blocks: list[torch.Tensor]) -> torch.Tensor:
@@ -243,13 +145,14 @@ def score_windows(model: Any, enc: Any, images: torch.Tensor, input_ids: torch.T
     targets = target_positions(enc, input_ids, attention_mask)
     has = targets.any(1)
     if method == "occlusion":
-        scores, maps = _occlusion(model, _encode(model, images), input_ids, attention_mask, targets, enc.mask_id, w)
+        tokens = encode_patches(model, images)
+        scores, maps = _occlusion(model, tokens, input_ids, attention_mask, targets, enc.mask_id, w)
         return WindowScores(scores, maps, has)
     if method == "gradient":
-        maps = _gradient(model, _encode(model, images), input_ids, attention_mask, targets, enc.mask_id)
+        maps = gradient_relevance(model, encode_patches(model, images), input_ids, attention_mask, targets, enc.mask_id)
     else:
-        with _Attention(model, encoder=method == "rollout") as att:
-            tokens = _encode(model, images)
+        with CrossAttention(model, encoder=method == "rollout") as att:
+            tokens = encode_patches(model, images)
             ids = torch.where(targets, torch.full_like(input_ids, enc.mask_id), input_ids) if query == "masked" \
                 else input_ids
             model.text(ids, attention_mask, torch.zeros_like(ids), tokens, tokens.mean(1, keepdim=True))
@@ -279,7 +182,7 @@ def entity_attention_maps(model: Any, enc: Any, image_tokens: torch.Tensor, inpu
     lut = torch.from_numpy(enc.is_entity).to(input_ids.device)
     entity = lut[input_ids] & (attention_mask > 0)
     ids = torch.where(entity, torch.full_like(input_ids, enc.mask_id), input_ids) if query == "masked" else input_ids
-    with _Attention(model) as att:
+    with CrossAttention(model) as att:
         model.text(ids, attention_mask, torch.zeros_like(ids), image_tokens, image_tokens.mean(1, keepdim=True))
         probs = att.cross.float().amax(dim=1)  # [B, T, patches]
     maps = (probs * entity[..., None].to(probs.dtype)).sum(1).reshape(-1, g, g)
