@@ -134,7 +134,10 @@ def _wrong_kind(src: Source, kind: str) -> NotAnEncoderError:
         return NotAnEncoderError(f"{src.label} is a full pre-training model (encoder, decoder, text model); "
                                  f"ecamp.load builds image encoders. Load it with ecamp.load_pretrain({short!r}), "
                                  f"or use the matching encoder name (`ecamp list`) for features and fine-tuning.")
-    return NotAnEncoderError(f"{src.label} is an image encoder; load it with ecamp.load({short!r}).")
+    return NotAnEncoderError(f"{src.label} is an image encoder or a fine-tuned model, not a full pre-training model; "
+                             f"load it with ecamp.load({short!r}). What needs the full model (ecamp.load_pretrain, "
+                             f"`ecamp explain --text`, `ecamp train sr-windows`) takes the pretrain/ folder that "
+                             f"`ecamp train export` writes.")
 
 
 def resolve_files(name: str | os.PathLike | Source, files: Sequence[str], *, kind: str = "encoder",

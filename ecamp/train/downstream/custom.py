@@ -345,16 +345,20 @@ def _strata(rows: list[tuple[str, np.ndarray]], multilabel: bool) -> list[str]:
     return [str(int(np.argmin(np.where(row > 0, freq, np.inf)))) if row.any() else "none" for row in y]
 
 
+def _shuffled_strata(strata: list[str], rng: np.random.Generator) -> list[np.ndarray]:
+    """The item indices of each stratum (in sorted stratum order), each permuted by ``rng``."""
+    groups: dict[str, list[int]] = {}
+    for i, s in enumerate(strata):
+        groups.setdefault(s, []).append(i)
+    return [rng.permutation(groups[key]) for key in sorted(groups)]
+
+
 def stratified_split(strata: list[str], seed: int, val: float, test: float) -> list[str]:
     """A split name per item: within each stratum a seeded permutation cut into test, val and train, each stratum
     of three or more items giving at least one to val and to test."""
     rng = np.random.default_rng(seed)
     out = ["train"] * len(strata)
-    groups: dict[str, list[int]] = {}
-    for i, s in enumerate(strata):
-        groups.setdefault(s, []).append(i)
-    for key in sorted(groups):
-        idx = rng.permutation(groups[key])
+    for idx in _shuffled_strata(strata, rng):
         n = len(idx)
         n_test, n_val = int(round(n * test)), int(round(n * val))
         if n >= 3:
@@ -387,13 +391,8 @@ def _subsample(data: CustomData, fraction: int, seed: int) -> None:
         return
     rows, where = data.rows["train"], data.where["train"]
     strata = _strata(rows, data.multilabel)
-    rng = np.random.default_rng(seed + 1)
     keep: list[int] = []
-    groups: dict[str, list[int]] = {}
-    for i, s in enumerate(strata):
-        groups.setdefault(s, []).append(i)
-    for key in sorted(groups):
-        idx = rng.permutation(groups[key])
+    for idx in _shuffled_strata(strata, np.random.default_rng(seed + 1)):
         keep += list(idx[:max(1, int(round(len(idx) * fraction / 100)))])
     keep.sort()
     data.rows["train"], data.where["train"] = [rows[i] for i in keep], [where[i] for i in keep]
