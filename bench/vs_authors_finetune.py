@@ -4,6 +4,8 @@
     python bench/vs_authors_finetune.py --authors PATH/TO/ECAMP-checkout --authors-pythonpath DIR --head cls \\
         --mode linear-probe
     python bench/vs_authors_finetune.py --authors PATH/TO/ECAMP-checkout --authors-pythonpath DIR --head seg
+    python bench/vs_authors_finetune.py --authors PATH/TO/ECAMP-checkout --authors-pythonpath DIR --head seg \\
+        --seg-task siim --n 40 --epochs 2
     python bench/vs_authors_finetune.py --authors PATH/TO/ECAMP-checkout --authors-pythonpath DIR --head det \
         --n 40 --epochs 2
 
@@ -13,7 +15,14 @@ time from the checkout given and run through its own ``main()``; nothing of it i
 phantom`` writes the lists in the authors' formats: ``--kind classification`` for classification, ``--kind
 detection`` (``image_path,bbox``) at 1024 px for RSNA segmentation, whose masks are the filled boxes on a 1024 x
 1024 grid (ecamp reads them after ``ecamp.train.downstream.segmentation.convert_lists``), and at 256 px for
-detection (its coordinates rewritten as floats, as the authors' published lists, see :func:`_float_boxes`). Their
+detection (its coordinates rewritten as floats, as the authors' published lists, see :func:`_float_boxes`).
+With ``--seg-task siim`` (their ``--task SIIM``) the same boxes
+are written as their SIIM lists (``ImageId, EncodedPixels``: the filled boxes run-length encoded down the columns,
+``-1`` for none; only ``train_list``, ``val_list`` and ``test_list``, what ``--data_volume 100`` reads) with the films
+as ``train/images/1024/dicom/<ImageId>.png`` (their ``SIIMSegmentDataset`` opens PNGs there), and ecamp reads them
+after ``convert_lists("siim", ...)``. Their unseeded negative sampling (D4, ``np.random.choice(neg, n_pos,
+replace=False)``) is made to choose every negative: the phantom training list holds as many negatives as positives
+(:func:`balance_siim_rows`), so both sides train on the same images whatever the draw. Their
 ``./datasets/<task>/`` layout (detection: ``./<task>/``) is made in a scratch folder that is their working
 directory. Both sides start from the same encoder weights (the authors' side reads
 them as a ``{"model": state_dict}`` file, as it reads ECAMP's release), train with the same recipe, and run
@@ -449,7 +458,8 @@ def _ecamp_run(spec: dict):
     from ecamp.train.downstream.task import FinetuneRun
 
     head = {"cls": lambda: ClassificationTask("phantom", 100, spec["mode"]),
-            "seg": lambda: SegmentationTask("rsna", 100), "det": lambda: DetectionTask("rsna", 100)}[spec["head"]]()
+            "seg": lambda: SegmentationTask(spec.get("seg_task", "rsna"), 100),
+            "det": lambda: DetectionTask("rsna", 100)}[spec["head"]]()
     proto = resolve_protocol({"precision": "fp32"}, True, head.metric)
     data, lists = Path(spec["data"]), Path(spec["lists"])
     files = head.list_files(lists, proto)
@@ -498,7 +508,8 @@ def _ecamp_test_of(spec: dict, state: dict) -> dict:
         import torch
 
         theirs = torch.load(dump)
-        x, y = theirs["x"], theirs["y"].unsqueeze(1)
+        # their get_dice thresholds the truth at 0.5 (their SIIM masks are INTER_AREA-resized, fractional: #46)
+        x, y = theirs["x"], (theirs["y"] > 0.5).float().unsqueeze(1)
         out["their_inputs"] = score(torch.utils.data.TensorDataset(x, y))
         ours = [sets["test"][i] for i in range(len(sets["test"]))]
         ox, oy = torch.stack([t[0] for t in ours]), torch.stack([t[1] for t in ours])
@@ -586,7 +597,8 @@ def _ecamp_worker(spec: dict) -> dict:
     rec: dict = {"lrs": [], "steps_per_epoch": None}
     out, metric = Path(spec["out"]), HEADS[spec["head"]]["metric"]
     task = ["--dataset", "phantom", "--mode", spec["mode"]] if spec["head"] == "cls" else \
-        ["--head", spec["head"], "--dataset", "rsna", "--lists", spec["lists"]]
+        ["--head", spec["head"], "--dataset", spec.get("seg_task", "rsna") if spec["head"] == "seg" else "rsna",
+         "--lists", spec["lists"]]
     if spec["head"] == "det":  # the recipe's start_eval (their run.sh's 50-100) is past this budget; both get 0
         config = out.parent / f"{out.name}-recipe.yaml"
         config.write_text("head: det\ndataset: rsna\nfraction: 100\nstart_eval: 0\n")
@@ -686,6 +698,9 @@ def _phantom(args, work: Path) -> tuple[Path, Path]:
         return data, data
     from ecamp.train.downstream.segmentation import convert_lists
 
+    if args.seg_task == "siim":
+        return _siim_phantom(data, work, args.size)
+
     # ecamp reads converted lists (img_path, mask_path) whose masks lie under its data root: one that links the
     # films and holds the masks
     root = work / "root-seg"
@@ -695,6 +710,80 @@ def _phantom(args, work: Path) -> tuple[Path, Path]:
             (root / "images").symlink_to(data / "images", target_is_directory=True)
         convert_lists("rsna", data, root, size=args.size)  # the authors' RSNA masks: the filled boxes
     return data, root
+
+
+def rle_encode(mask) -> str:
+    """0/1 [height, width] -> the SIIM-ACR run-length string (offsets relative to the previous run's end, counted
+    down the columns, as their ``rle2mask`` and ecamp's ``rle_decode`` read it); ``"-1"`` when empty."""
+    import numpy as np
+
+    flat = np.asarray(mask).T.reshape(-1).astype(bool)
+    if not flat.any():
+        return "-1"
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], flat.astype(np.int8), [0]])))
+    starts, ends = edges[0::2], edges[1::2]
+    out, pos = [], 0
+    for a, b in zip(starts, ends, strict=True):
+        out += [int(a - pos), int(b - a)]
+        pos = int(b)
+    return " ".join(map(str, out))
+
+
+def balance_siim_rows(rows: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Keep as many negatives (``"-1"``) as positives, so that the authors' unseeded
+    ``np.random.choice(neg, size=n_pos, replace=False)`` (D4) takes every negative: both sides then train on the
+    same images. Positives beyond the negatives are dropped too (their choice would fail without replacement)."""
+    pos = [r for r in rows if r[1] != "-1"]
+    neg = [r for r in rows if r[1] == "-1"]
+    k = min(len(pos), len(neg))
+    keep = {r[0] for r in pos[:k] + neg[:k]}
+    return [r for r in rows if r[0] in keep]
+
+
+def _siim_phantom(data: Path, work: Path, size: int) -> tuple[Path, Path]:
+    """SIIM lists in the authors' layout from the phantom box lists: ``ImageId, EncodedPixels`` (the filled boxes
+    run-length encoded, ``-1`` for none) and the films as ``train/images/1024/dicom/<ImageId>.png`` (their
+    ``SIIMSegmentDataset`` opens PNGs there); ecamp reads them after ``convert_lists("siim", ...)``."""
+    import csv
+
+    from ecamp.train.downstream.segmentation import convert_lists, read_rsna_boxes
+
+    siim = work / "data-siim"
+    if not (siim / "test_list.csv").is_file():
+        films = siim / "train" / "images" / "1024" / "dicom"
+        films.mkdir(parents=True, exist_ok=True)
+        for path in (data / f"{split}_list.csv" for split in ("train", "val", "test")):  # --data_volume 100 only
+            rows = []
+            for image_path, mask in read_rsna_boxes(path, size=size):
+                image_id = Path(image_path).stem
+                link = films / f"{image_id}.png"
+                if not link.exists():
+                    link.symlink_to((data / image_path).resolve())
+                rows.append((image_id, rle_encode(mask)))
+            if path.stem == "train_list":
+                rows = balance_siim_rows(rows)
+            with open(siim / path.name, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["ImageId", "EncodedPixels"])
+                w.writerows(rows)
+    root = work / "root-siim"
+    if not (root / "test_list.csv").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        if not (root / "train").exists():
+            (root / "train").symlink_to(siim / "train", target_is_directory=True)
+        convert_lists("siim", siim, root, size=size)
+    return siim, root
+
+
+def seg_inputs_named(images_ok: bool, mask_pixels_differing: int, task: str) -> str | None:
+    """The fidelity.md entry that names a difference of the segmentation test inputs, None if none does: images one
+    8-bit level apart (D6) with identical masks; for SIIM, masks from their ``INTER_AREA`` resize of the 1024-px mask
+    (``my_dataset.py:137``, fractional, then read at 0.5 by their ``get_dice``) against ecamp's nearest (#46)."""
+    if not images_ok:
+        return None
+    if mask_pixels_differing == 0:
+        return "D6"
+    return "D6, #46" if task == "SIIM" else None
 
 
 def _float_boxes(data: Path) -> None:
@@ -717,7 +806,9 @@ def _float_boxes(data: Path) -> None:
 
 
 def compare(args) -> int:
-    spec_head = HEADS[args.head]
+    spec_head = dict(HEADS[args.head])
+    if args.head == "seg":
+        spec_head["task"] = args.seg_task.upper()
     if args.head != "cls" and args.mode != "finetune":
         raise SystemExit("--mode linear-probe exists for --head cls only.")
     if args.head == "seg" and args.size != 1024:
@@ -761,7 +852,7 @@ def compare(args) -> int:
             os.pathsep)
     runs = []
     for seed in args.seeds:
-        tag = f"{args.head}-{args.mode}-s{seed}"
+        tag = f"{args.head}-{args.mode}-s{seed}" if args.head != "seg" else f"seg-{args.seg_task}-s{seed}"
         cwd = work / f"authors-{tag}"
         shutil.rmtree(cwd, ignore_errors=True)
         list_dir = cwd / LIST_DIR[args.head].format(task=spec_head["task"])
@@ -785,7 +876,8 @@ def compare(args) -> int:
         theirs = _run_worker("authors", {**base, "cwd": str(cwd), "argv": argv, "dump_inputs": str(inputs)}, work,
                              authors_env, work / f"authors-{tag}.log")
         as_authors = work / f"ecamp-weights-{tag}"
-        ours = _run_worker("ecamp", {"head": args.head, "data": str(data if args.head == "cls" else lists_dir),
+        ours = _run_worker("ecamp", {"head": args.head, "seg_task": args.seg_task,
+                                     "data": str(data if args.head == "cls" else lists_dir),
                                      "lists": str(lists_dir), "model": model,
                                      "mode": args.mode, "steps": steps, "lr": args.lr, "batch_size": args.batch_size,
                                      "warmup": args.warmup, "seed": seed, "out": str(work / f"ecamp-{tag}"),
@@ -804,14 +896,15 @@ def _report(args, runs, vit, n_train, steps, per_epoch, work: Path) -> int:
     from ecamp.train.downstream.loop import replay_selection
     from ecamp.train.downstream.protocol import resolve_protocol
 
-    spec_head = HEADS[args.head]
+    spec_head = dict(HEADS[args.head], task=args.seg_task.upper()) if args.head == "seg" else HEADS[args.head]
     metric, name = spec_head["metric"], {"auroc": "AUROC", "dice": "Dice", "map": "mAP"}[spec_head["metric"]]
     # Classification/train.py:427, Segmentation/train.py:416, Detection/train.py:511
     patience = {"cls": 20, "seg": 40, "det": 20}[args.head]
     proto = resolve_protocol({"precision": "fp32"}, True, metric)
     script = f"{spec_head['folder']}/train.py"
     print(f"ecamp train finetune --authors-protocol vs the authors' {script}; {datetime.date.today()}")
-    what = f"mode {args.mode}" if args.head == "cls" else f"task {spec_head['task']} (the box lists)"
+    lists_kind = "the RLE lists" if spec_head["task"] == "SIIM" else "the box lists"
+    what = f"mode {args.mode}" if args.head == "cls" else f"task {spec_head['task']} ({lists_kind})"
     what += ", start_eval 0 on both sides" if args.head == "det" else ""
     print(f"head {args.head}, {what}, model {args.model}{f' {vit}' if vit else ''}, phantom n={args.n} at "
           f"{args.size} px ({n_train} training images), batch {args.batch_size}, lr {args.lr}, warm-up "
@@ -877,11 +970,13 @@ def _report(args, runs, vit, n_train, steps, per_epoch, work: Path) -> int:
                 "their torchmetrics 0.7.2 / ecamp's torchmetrics")
         elif "inputs" in scored:
             d = scored["inputs"]
-            ok = d["mask_pixels_differing"] == 0 and d["image_max_levels"] <= 1.0 + 1e-3
+            ok = d["image_max_levels"] <= 1.0 + 1e-3
+            named = seg_inputs_named(ok, d["mask_pixels_differing"], spec_head["task"])
             row(f"seed {seed}: test inputs (their data set / ecamp's)", "images, masks",
                 f"{100 * d['image_share_differing']:.1f} % of pixels 1 level apart (max {d['image_max_levels']:.3g}), "
-                f"masks {'identical' if not d['mask_pixels_differing'] else 'differ'}", "D6" if ok else False)
-            named = "D6" if ok else None
+                f"masks {'identical' if not d['mask_pixels_differing'] else 'differ'}", named or False,
+                "SIIM masks: their INTER_AREA 1024 -> 224 (at 0.5) / ecamp's nearest" if d["mask_pixels_differing"]
+                else "")
             tt = scored.get("their_inputs")
             row(f"seed {seed}: test {name} of the authors' weights on their test tensors", ta, tt,
                 ta is not None and tt is not None and abs(ta - tt) <= tol, "their test() / ecamp's model and score")
@@ -926,6 +1021,8 @@ def main() -> None:
                         "authors' process's path")
     p.add_argument("--head", choices=("cls", "seg", "det"), default="cls")
     p.add_argument("--mode", choices=("finetune", "linear-probe"), default="finetune")
+    p.add_argument("--seg-task", choices=("rsna", "siim"), default="rsna",
+                   help="--head seg: the authors' --task RSNA (box lists) or SIIM (RLE lists)")
     p.add_argument("--model", default="tiny", help="tiny (written here, random weights) or an ecamp model name")
     p.add_argument("--n", type=int, default=80, help="phantom films (20 %% test, 10 %% validation)")
     p.add_argument("--size", type=int, default=None,

@@ -113,3 +113,31 @@ def test_report_fails_on_an_unnamed_difference(bench, tmp_path, capsys, change):
         scored["inputs"]["boxes_differing"] = 1
     assert _report(bench, tmp_path, theirs, ours, cross) == 1
     assert "difference(s) that docs/fidelity.md does not name" in capsys.readouterr().out
+
+
+def test_siim_rle_encoding_round_trips_through_ecamps_decoder(bench):
+    import numpy as np
+
+    from ecamp.train.downstream.segmentation import rle_decode
+
+    mask = np.zeros((16, 16), np.uint8)
+    mask[3:7, 2:5] = 1
+    mask[10:12, 9:15] = 1
+    rle = bench.rle_encode(mask)
+    assert np.array_equal(rle_decode(rle, 16, 16), mask)
+    assert bench.rle_encode(np.zeros((4, 4))) == "-1"
+
+
+def test_siim_train_list_is_balanced_so_the_unseeded_choice_takes_every_negative(bench):
+    rows = [("a", "1 2"), ("b", "-1"), ("c", "3 4"), ("d", "5 6"), ("e", "-1")]
+    kept = bench.balance_siim_rows(rows)
+    assert [r[0] for r in kept] == ["a", "b", "c", "e"]
+    pos, neg = sum(r[1] != "-1" for r in kept), sum(r[1] == "-1" for r in kept)
+    assert pos == neg == 2
+
+
+def test_segmentation_input_differences_are_named_per_task(bench):
+    assert bench.seg_inputs_named(True, 0, "RSNA") == "D6"
+    assert bench.seg_inputs_named(True, 5, "RSNA") is None
+    assert bench.seg_inputs_named(True, 5, "SIIM") == "D6, #46"
+    assert bench.seg_inputs_named(False, 0, "SIIM") is None
