@@ -70,10 +70,14 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-_DEFAULT_RUNTIME = "torch"
-_RUNTIME_HELP = ("torch; onnxruntime or openvino (CPU only: the model's ONNX graph, exported once into a cache and "
-                 "checked against torch; the onnx or openvino extra); auto: OpenVINO in bfloat16 on a CPU with native "
-                 "bf16 when the openvino extra is installed, else torch (docs/deploying.md)")
+_DEFAULT_RUNTIME = "auto"
+_RUNTIME_HELP = ("auto (default): OpenVINO in bfloat16 on a CPU with native bf16 when the openvino extra is installed "
+                 "and --dtype is not float32, else torch; torch: the model's own forward; onnxruntime or openvino "
+                 "(CPU only: the model's ONNX graph, exported once into a cache and checked against torch; the onnx "
+                 "or openvino extra). docs/deploying.md")
+_DTYPE_HELP = ("the model's precision (default: float32, bfloat16 where --runtime auto runs OpenVINO); torch runs "
+               "bfloat16 and float16 under autocast")
+
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
@@ -89,7 +93,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         rank, world, local_rank = init_distributed()
         model = load(args.model, cache_dir=args.cache_dir, local_files_only=args.local_files_only,
                      manifest=args.manifest)
-        dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+        dtype = None if args.dtype is None else getattr(torch, args.dtype)
         result = embed_files(model, files, args.out, model_name=args.model, batch_size=args.batch_size,
                              num_workers=args.num_workers, device=select_device(args.device, local_rank),
                              dtype=dtype, progress=not args.no_progress and rank == 0, chunk_size=args.chunk_size,
@@ -117,6 +121,7 @@ def _report_embedding(result) -> int:
     files = result.files
     n_bad = len(result.failures)
     print(f"embedded {len(files) - n_bad} of {len(files)} files -> {result.out}"
+          + (f" ({result.runtime})" if result.runtime else "")
           + (f" (resumed {result.resumed_chunks} finished chunk(s))" if result.resumed_chunks else ""))
     if n_bad:
         print(f"{n_bad} file(s) could not be read (NaN rows):", file=sys.stderr)
@@ -137,13 +142,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     files = find_images(args.paths)
     model = load(args.model, cache_dir=args.cache_dir, local_files_only=args.local_files_only, manifest=args.manifest)
-    dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    dtype = None if args.dtype is None else getattr(torch, args.dtype)
     result = predict_files(model, files, args.out, model_name=args.model, batch_size=args.batch_size,
                            num_workers=args.num_workers, device=select_device(args.device), dtype=dtype,
                            progress=not args.no_progress, calibrated=not args.no_calibration,
                            runtime=args.runtime)
     n_bad = len(result.failures)
-    print(f"{result.task}: predicted {len(files) - n_bad} of {len(files)} files -> {result.out}")
+    print(f"{result.task}: predicted {len(files) - n_bad} of {len(files)} files -> {result.out} ({result.runtime})")
     if n_bad:
         print(f"{n_bad} file(s) could not be read (skipped; listed in {result.out}):", file=sys.stderr)
         for reason in list(result.failures.values())[:20]:
@@ -407,8 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "cuda, cuda:1, mps")
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="embed part I of N (0-based; job arrays without torchrun), then `ecamp embed merge`")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                   help="autocast dtype for the model")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help=_DTYPE_HELP)
     p.add_argument("--runtime", choices=("auto", "torch", "onnxruntime", "openvino"), default=_DEFAULT_RUNTIME,
                    help=_RUNTIME_HELP)
     p.add_argument("--preprocess-on", choices=("cpu", "gpu", "auto"), default="auto",
@@ -439,8 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=_at_least(0), default=0, help="DataLoader worker processes for decoding")
     p.add_argument("--device", default="auto", help="auto (the GPU, else Apple's MPS, else the CPU), cpu, cuda, "
                                                     "cuda:1, mps")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                   help="autocast dtype for the model")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help=_DTYPE_HELP)
     p.add_argument("--runtime", choices=("auto", "torch", "onnxruntime", "openvino"), default=_DEFAULT_RUNTIME,
                    help=_RUNTIME_HELP)
     p.add_argument("--no-calibration", action="store_true",

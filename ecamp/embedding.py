@@ -164,11 +164,12 @@ def embed(model: nn.Module, inputs: Sequence[Any], *, batch_size: int = 32, num_
     transform = transform or get_transform(model)
     dev = select_device(device) if device is not None else next(model.parameters()).device
     model = model.to(dev).eval()
-    runtime, dtype = _resolve_runtime(runtime, dev, dtype, features)
-    forward = _runtime_forward(model, runtime, dtype)
+    run = _prepare_runtime(model, runtime, dev, dtype, features)
+    forward = run.forward if run.graph else None
     shape: list = []
-    rows, failures = collect_rows(_flattened(_batches(model, inputs, transform, batch_size, num_workers, dev, dtype,
-                                                      progress, "embed", preprocess_on, features, forward), shape),
+    rows, failures = collect_rows(_flattened(_batches(model, inputs, transform, batch_size, num_workers, dev,
+                                                      run.dtype, progress, "embed", preprocess_on, features, forward),
+                                             shape),
                                   len(inputs))
     if rows is not None:
         rows, failures = _non_finite_failed(rows, failures, inputs)
@@ -231,6 +232,7 @@ class EmbedResult:
     resumed_chunks: int = 0
     complete: bool = True
     chunks_done: int = 0
+    runtime: str = ""  # what ran, e.g. "openvino bfloat16" (empty for a merge)
 
 
 def _run_key(model: nn.Module, transform: Any, files: Sequence[str], model_name: str, chunk_size: int,
@@ -383,23 +385,19 @@ def _embed_chunk(model, files: list[str], transform, batch_size: int, num_worker
     return rows, tuple(shape), failed
 
 
-def _resolve_runtime(runtime: str, device: torch.device, dtype: torch.dtype | None, features: str
-                     ) -> tuple[str, torch.dtype | None]:
-    """``ecamp.runtime.resolve_runtime``, and a graph runtime refused for features other than the pooled ones."""
-    from .runtime import resolve_runtime
+def _prepare_runtime(model: nn.Module, runtime: str, device: torch.device, dtype: torch.dtype | None,
+                     features: str):
+    """:func:`ecamp.runtime.prepare`: ``auto`` stays on torch for features the exported graph does not give (it
+    gives the pooled embedding), and a graph runtime named for them is refused."""
+    from .runtime import prepare, resolve_runtime
 
-    runtime, dtype = resolve_runtime(runtime, device, dtype)
-    if runtime != "torch" and features != "pooled":
-        raise InvalidArgumentError(f"--runtime {runtime} runs the exported graph, which gives the pooled embedding; "
-                                   f"use --features pooled, or --runtime torch for {features!r} features.")
-    return runtime, dtype
-
-
-def _runtime_forward(model: nn.Module, runtime: str, dtype: torch.dtype | None):
-    """None for torch (its own forward, under autocast), else the graph runtime's forward."""
-    from .runtime import runtime_model
-
-    return None if runtime == "torch" else runtime_model(model, runtime, dtype=dtype)
+    if features != "pooled":
+        if resolve_runtime(runtime, device, dtype)[0] != "torch" and runtime != "auto":
+            raise InvalidArgumentError(f"--runtime {runtime} runs the exported graph, which gives the pooled "
+                                       f"embedding; use --features pooled, or --runtime torch for {features!r} "
+                                       f"features.")
+        runtime = "torch"
+    return prepare(model, runtime, device, dtype)
 
 
 def _check_counts(**counts: int) -> None:
@@ -475,7 +473,6 @@ def embed_files(model: nn.Module, files: Sequence[str], out: str | os.PathLike, 
     transform = get_transform(model)
     dev = select_device(device) if device is not None else next(model.parameters()).device
     model = model.to(dev).eval()
-    runtime, dtype = _resolve_runtime(runtime, dev, dtype, features)
     where = "gpu" if _on_device(preprocess_on, transform, dev) else "cpu"
     shape = output_shape(model, len(files), features)
     size = _output_bytes(shape, out.suffix)
@@ -486,8 +483,9 @@ def embed_files(model: nn.Module, files: Sequence[str], out: str | os.PathLike, 
                                    f"(max_output_gb=, --max-output-gb) or embed fewer files or features.", path=out)
     if rank == 0:
         (announce or logger.info)(message)
-    key = _run_key(model, transform, files, model_name, chunk_size, dtype, where, features, runtime)
-    forward = _runtime_forward(model, runtime, dtype)
+    run = _prepare_runtime(model, runtime, dev, dtype, features)
+    forward, dtype = (run.forward if run.graph else None), run.dtype
+    key = _run_key(model, transform, files, model_name, chunk_size, dtype, where, features, run.runtime)
     partial = _partial(out)
     if rank == 0:  # one process per shard decides about the folder; the others wait for it
         _prepare(partial, key, files, chunk_size, model_name, resume=resume, shared=shard[1] > 1, features=features)
@@ -519,10 +517,12 @@ def embed_files(model: nn.Module, files: Sequence[str], out: str | os.PathLike, 
     if world > 1:
         torch.distributed.barrier()  # every rank's chunks are written
     if shard[1] > 1 or rank != 0:
-        return EmbedResult(out=out, files=files, resumed_chunks=resumed, complete=False, chunks_done=len(mine))
+        return EmbedResult(out=out, files=files, resumed_chunks=resumed, complete=False, chunks_done=len(mine),
+                           runtime=run.describe())
     state = {"key": key, "n": len(files), "chunk_size": chunk_size}
     failures = _assemble(partial, out, files, state, model_name)
-    return EmbedResult(out=out, files=files, failures=failures, resumed_chunks=resumed, chunks_done=len(mine))
+    return EmbedResult(out=out, files=files, failures=failures, resumed_chunks=resumed, chunks_done=len(mine),
+                       runtime=run.describe())
 
 
 def merge_embeddings(out: str | os.PathLike) -> EmbedResult:

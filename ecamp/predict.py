@@ -29,7 +29,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -41,6 +41,9 @@ from .config import DENSE_TASKS, TASKS, ecamp_cfg_of
 from .distributed import select_device
 from .errors import InvalidArgumentError
 from .folders import kind_of, num_outputs
+
+if TYPE_CHECKING:
+    from .runtime import Prepared
 
 __all__ = ["predict", "predict_files", "iter_predictions", "input_transform", "model_task", "PredictResult",
            "INDEX_NAME"]
@@ -58,6 +61,7 @@ class PredictResult:
     files: list[str]
     label_names: list[str]
     failures: dict[str, str] = field(default_factory=dict)
+    runtime: str = ""  # what ran, e.g. "openvino bfloat16"
 
 
 def model_task(model: nn.Module) -> str:
@@ -123,7 +127,7 @@ def input_transform(model: nn.Module) -> Any:
 
 def iter_predictions(model: nn.Module, inputs: Sequence[Any], *, batch_size: int = 32, num_workers: int = 0,
                      device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                     progress: bool = True, calibrated: bool = True, runtime: str = "torch"
+                     progress: bool = True, calibrated: bool = True, runtime: str | Prepared = "torch"
                      ) -> Iterator[tuple[int, Any, str | None]]:
     """Yield ``(index, prediction, None)`` or ``(index, None, error message)`` for each input, in input order.
 
@@ -132,11 +136,12 @@ def iter_predictions(model: nn.Module, inputs: Sequence[Any], *, batch_size: int
     (segmentation, on where the sigmoid exceeds 0.5) or ``{"boxes" [N, 4] x1, y1, x2, y2 in the input's pixels,
     "scores" [N], "labels" [N], "image_size" (H, W)}`` (detection). ``device`` defaults to the model's (``"auto"``:
     CUDA, else MPS, else the CPU); ``dtype`` runs it under autocast. ``runtime``: ``"torch"``, ``"onnxruntime"``,
-    ``"openvino"`` or ``"auto"`` (:mod:`ecamp.runtime`: the exported graph on the CPU, the same outputs).
+    ``"openvino"`` or ``"auto"`` (:mod:`ecamp.runtime`: the exported graph on the CPU, the same outputs), or what
+    :func:`ecamp.runtime.prepare` built for this model (its precision replaces ``dtype``).
     """
     from .batching import autocast, load_batches
     from .embedding import _check_counts
-    from .runtime import resolve_runtime, runtime_model
+    from .runtime import Prepared, prepare
 
     _check_counts(batch_size=batch_size, num_workers=num_workers)
     task = model_task(model)
@@ -144,10 +149,9 @@ def iter_predictions(model: nn.Module, inputs: Sequence[Any], *, batch_size: int
     transform = input_transform(model)
     dev = select_device(device) if device is not None else next(model.parameters()).device
     model = model.to(dev).eval()
-    runtime, dtype = resolve_runtime(runtime, dev, dtype)
-    net = runtime_model(model, runtime, dtype=dtype)  # the model itself for torch
-    if net is not model:
-        dtype = None  # the graph runtime runs at its own precision, outside torch's autocast
+    run = runtime if isinstance(runtime, Prepared) else prepare(model, runtime, dev, dtype)
+    net = run.forward  # the model itself for torch
+    dtype = None if run.graph else run.dtype  # a graph runtime runs at its own precision, outside torch's autocast
     param_dtype = next(model.parameters()).dtype
     for ok, failures in load_batches(inputs, transform, batch_size=batch_size, num_workers=num_workers,
                                      progress=progress, desc="predict"):
@@ -307,6 +311,7 @@ def predict_files(model: nn.Module, files: Sequence[str | os.PathLike], out: str
     from PIL import Image
 
     from .fileio import atomic_folder, atomic_write, write_csv
+    from .runtime import prepare
 
     files = [str(f) for f in files]
     if not files:
@@ -318,7 +323,10 @@ def predict_files(model: nn.Module, files: Sequence[str | os.PathLike], out: str
     if task == "segmentation" and len(labels) > 8:
         raise InvalidArgumentError(f"Mask PNGs hold at most 8 outputs as bits; this model has {len(labels)}.")
     failures: dict[str, str] = {}
-    stream = iter_predictions(model, files, **kwargs)
+    device = kwargs.pop("device", None)
+    dev = select_device(device) if device is not None else next(model.parameters()).device
+    run = prepare(model.to(dev).eval(), kwargs.pop("runtime", "torch"), dev, kwargs.pop("dtype", None))
+    stream = iter_predictions(model, files, device=dev, runtime=run, **kwargs)
 
     if task == "classification":
         rows = []
@@ -367,4 +375,5 @@ def predict_files(model: nn.Module, files: Sequence[str | os.PathLike], out: str
         atomic_write(out, lambda p: p.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8"))
     if failures:
         logger.warning("%d of %d files could not be read and were skipped", len(failures), len(files))
-    return PredictResult(out=out, task=task, files=files, label_names=labels, failures=failures)
+    return PredictResult(out=out, task=task, files=files, label_names=labels, failures=failures,
+                         runtime=run.describe())

@@ -1,19 +1,21 @@
 """CPU runtimes for ``ecamp embed`` and ``ecamp predict``: torch, ONNX Runtime or OpenVINO on one exported graph.
 
-:func:`runtime_model` turns a loaded model into the callable that runs its forward pass: the model itself for
-``"torch"``; for ``"onnxruntime"`` and ``"openvino"``, the ONNX graph :func:`ecamp.export.export` writes (with its
-parity check against torch), exported once per weights into a cache folder and reused. The callable takes
-``pixel_values`` [B, 3, H, W] and gives what the torch model gives (an encoder's pooled embedding, a classifier's
-logits, mask logits, or the raw detection maps with ``.detect``), so the readers, batching and outputs of
-:mod:`ecamp.embedding` and :mod:`ecamp.predict` stay the same for every runtime.
+:func:`prepare` resolves a runtime name and builds the callable that runs a loaded model's forward pass: the model
+itself for ``"torch"``; for ``"onnxruntime"`` and ``"openvino"``, the ONNX graph :func:`ecamp.export.export`
+writes (with its parity check against torch), exported once per weights into a cache folder and reused. The
+callable takes ``pixel_values`` [B, 3, H, W] and gives what the torch model gives (an encoder's pooled embedding, a
+classifier's logits, mask logits, or the raw detection maps with ``.detect``), so the readers, batching and outputs
+of :mod:`ecamp.embedding` and :mod:`ecamp.predict` stay the same for every runtime.
 
 Precision: ONNX Runtime runs the graph in float32. OpenVINO runs it in float32 unless ``dtype`` asks for bfloat16
-or float16 (its ``INFERENCE_PRECISION_HINT``; a CPU without native bf16 emulates it slowly). ``"auto"``
-(:func:`resolve_runtime`) picks OpenVINO in bfloat16 on a CPU that computes bf16 natively (AMX or AVX512-BF16)
-when the ``openvino`` extra is installed, and torch otherwise: on a ViT-B/16 it measured 3.9 to 5.2 times torch's
-float32 speed with embeddings at cosine >= 0.9999 to torch's (BENCHMARKS.md); every other CPU runtime measured
-either under twice torch's speed or under 0.999 in cosine. The default is ``"torch"``: bfloat16 moves embeddings by
-about 1e-3, where the float32 runtimes agree with torch to 1e-4.
+or float16 (its ``INFERENCE_PRECISION_HINT``; a CPU without native bf16 emulates it slowly). ``"auto"`` (the
+CLI's default; :func:`resolve_runtime`) picks OpenVINO in bfloat16 on a CPU that computes bf16 natively (AMX or
+AVX512-BF16) when the ``openvino`` extra is installed, unless float32 is asked for, and torch otherwise: on a
+ViT-B/16 it measured 3.9 to 5.2 times torch's float32 speed with embeddings at cosine >= 0.9999 to torch's and
+linear-probe AUROC within 0.002, random and trained weights (BENCHMARKS.md); every other CPU runtime measured either
+under twice torch's speed or under 0.999 in cosine. OpenVINO's own default precision on such a CPU is bfloat16
+too. ``auto`` falls back to torch, with a warning, when the export fails. The Python functions default to
+``"torch"``, float32, bit-for-bit the model's own forward.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +37,8 @@ from torch import nn
 from .errors import InvalidArgumentError, MissingDependencyError
 from .export import OnnxModel
 
-__all__ = ["RUNTIMES", "runtime_model", "resolve_runtime", "OpenVinoModel", "runtime_cache_dir"]
+__all__ = ["RUNTIMES", "Prepared", "prepare", "runtime_model", "resolve_runtime", "OpenVinoModel",
+           "runtime_cache_dir"]
 
 logger = logging.getLogger("ecamp")
 
@@ -84,7 +89,9 @@ def resolve_runtime(runtime: str, device: torch.device | str, dtype: torch.dtype
     if runtime == "auto":
         if device.type == "cpu" and dtype in (None, torch.bfloat16) and _has_openvino_bf16():
             return "openvino", torch.bfloat16
-        return "torch", dtype
+        runtime = "torch"
+    if runtime == "torch":
+        return "torch", None if dtype == torch.float32 else dtype  # float32 is torch's own forward, no autocast
     if runtime != "torch" and device.type != "cpu":
         raise InvalidArgumentError(f"--runtime {runtime} runs on the CPU; pass --device cpu, or --runtime torch to "
                                    f"run on {device}.")
@@ -112,7 +119,15 @@ def _exported(model: nn.Module, cache_dir: Path | None) -> Path:
         folder = (cache_dir or runtime_cache_dir()) / h.hexdigest()[:32]
         if not (folder / "export.json").is_file():
             logger.info("exporting the model to ONNX once, into %s (checked against torch)", folder)
-            export(tmp, folder, format="onnx")
+            mine = folder.with_name(f".{folder.name}.{os.getpid()}")
+            export(tmp, mine, format="onnx")
+            try:  # processes exporting the same weights at once (torchrun): the first rename wins
+                os.rename(mine, folder)
+            except OSError:
+                if not (folder / "export.json").is_file():
+                    raise
+            finally:
+                shutil.rmtree(mine, ignore_errors=True)
     return folder
 
 
@@ -160,3 +175,40 @@ def runtime_model(model: nn.Module, runtime: str = "torch", *, dtype: torch.dtyp
     if dtype not in _OV_PRECISION:
         raise InvalidArgumentError(f"--runtime openvino runs in float32, bfloat16 or float16, not {dtype}.")
     return OpenVinoModel(folder, precision=_OV_PRECISION[dtype], threads=threads)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What :func:`prepare` resolved and built: ``forward`` is the model itself for torch (run under autocast of
+    ``dtype``), else the graph runtime's callable (it runs at ``dtype`` on its own)."""
+
+    runtime: str
+    dtype: torch.dtype | None
+    forward: Any
+
+    @property
+    def graph(self) -> bool:
+        return self.runtime != "torch"
+
+    def describe(self) -> str:
+        """``"openvino bfloat16"``, ``"torch float32"``: for the commands' summary lines."""
+        return f"{self.runtime} {str(self.dtype or torch.float32).removeprefix('torch.')}"
+
+
+def prepare(model: nn.Module, runtime: str, device: torch.device | str, dtype: torch.dtype | None, *,
+            cache_dir: str | os.PathLike | None = None) -> Prepared:
+    """:func:`resolve_runtime`, then :func:`runtime_model`. Where ``runtime`` is ``"auto"`` and the export or
+    the graph runtime fails, the model runs in torch at ``dtype`` and a warning says why; a runtime named
+    explicitly raises instead."""
+    resolved, rdtype = resolve_runtime(runtime, device, dtype)
+    try:
+        forward = runtime_model(model, resolved, dtype=rdtype, cache_dir=cache_dir)
+    except Exception as e:  # noqa: BLE001 - auto's promise is to run; the explicit runtime shows the error
+        if runtime != "auto" or resolved == "torch":
+            raise
+        logger.warning("--runtime auto: %s could not run this model (%s: %s); running it in torch instead. "
+                       "Pass --runtime %s to see the error, or --runtime torch to skip the export.",
+                       resolved, type(e).__name__, str(e)[:300], resolved)
+        resolved, rdtype = resolve_runtime("torch", device, dtype)
+        forward = model
+    return Prepared(resolved, rdtype, forward)

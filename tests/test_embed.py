@@ -77,7 +77,7 @@ def test_cli_embed_npy_and_safetensors(tiny_folder, model, images, tmp_path):
     folder = images[0].parent
     (folder / "notes.txt").write_text("not an image, and not picked up from a folder")
     out = _cli("embed", str(folder), "--model", f"local-dir:{tiny_folder}", "--out", str(tmp_path / "e.npy"),
-               "--batch-size", "3", "--no-progress")
+               "--batch-size", "3", "--no-progress", "--runtime", "torch")  # torch's float32, compared at 1e-5
     assert "embedded 8 of 8 files" in out.stdout
     emb = np.load(tmp_path / "e.npy")
     files = (tmp_path / "e.npy.files.txt").read_text().split()
@@ -86,7 +86,7 @@ def test_cli_embed_npy_and_safetensors(tiny_folder, model, images, tmp_path):
     bad = tmp_path / "bad.dcm"
     bad.write_bytes(b"DICM" * 10)
     out = _cli("embed", str(images[0]), str(bad), "--model", f"local-dir:{tiny_folder}", "--out",
-               str(tmp_path / "e.safetensors"), "--no-progress")
+               str(tmp_path / "e.safetensors"), "--no-progress", "--runtime", "torch")
     assert "embedded 1 of 2 files" in out.stdout and "bad.dcm" in out.stderr
     from safetensors import safe_open
 
@@ -314,7 +314,7 @@ def test_sharded_parquet_and_token_runs_merge(tiny_folder, images, tmp_path):
     for out, features in ((tmp_path / "s.parquet", "pooled"), (tmp_path / "s.safetensors", "tokens")):
         for i in range(2):
             _cli("embed", *map(str, images), "--model", model_arg, "--out", str(out), "--shard", f"{i}/2",
-                 "--chunk-size", "3", "--no-progress", "--features", features)
+                 "--chunk-size", "3", "--no-progress", "--features", features, "--runtime", "torch")
         _cli("embed", "merge", "--out", str(out))
         whole = ecamp.embedding.embed(ecamp.load(model_arg), images, features=features, progress=False)
         got = pd.read_parquet(out).iloc[:, 1:].to_numpy(np.float32) if out.suffix == ".parquet" else \

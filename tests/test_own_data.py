@@ -113,9 +113,10 @@ def test_own_data_trains_calibrates_and_predicts_decisions(films, tiny_folder, t
     for i, img in enumerate(images):  # one folder of the test films, as a user would pass it
         shutil.copy(img, files / f"{i:03d}.png")
     assert ecamp_main(["predict", str(files), "--model", f"local-dir:{run / 'best'}", "--out",
-                       str(tmp_path / "p.csv"), "--no-progress"]) == 0
+                       str(tmp_path / "p.csv"), "--no-progress", "--runtime", "torch"]) == 0
     assert ecamp_main(["predict", str(files), "--model", f"local-dir:{run / 'best'}", "--out",
-                       str(tmp_path / "raw.csv"), "--no-progress", "--no-calibration"]) == 0
+                       str(tmp_path / "raw.csv"), "--no-progress", "--no-calibration",
+                       "--runtime", "torch"]) == 0  # the pipeline runs torch's float32
     calibrated, raw = _read(tmp_path / "p.csv"), _read(tmp_path / "raw.csv")
     assert list(calibrated[0]) == ["path", *labels, *[f"{c}_decision" for c in labels],
                                    *(["prediction"] if activation == "softmax" else []), "error"]

@@ -103,7 +103,7 @@ def test_predict_cli_writes_probabilities_of_the_models_own_transform(classifier
     files = [inputs["png"], inputs["broken"], inputs["dicom"], inputs["png16"]]
     out = tmp_path / "preds.csv"
     assert main(["predict", "--model", best, *files, str(folder), "--out", str(out), "--no-progress",
-                 "--batch-size", "2", "--device", "cpu"]) == 0
+                 "--batch-size", "2", "--device", "cpu", "--runtime", "torch"]) == 0
     captured = capsys.readouterr()
     assert "predicted 4 of 5 files" in captured.out
     assert "1 file(s) could not be read" in captured.err and inputs["broken"] in captured.err

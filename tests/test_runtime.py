@@ -5,6 +5,7 @@ before any work."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,11 +15,12 @@ from pydicom.data import get_testdata_file
 
 import ecamp
 import ecamp.export
+import ecamp.runtime
 from ecamp.cli import main
-from ecamp.errors import InvalidArgumentError
+from ecamp.errors import ExportParityError, InvalidArgumentError
 from ecamp.models.heads import DetectionModel, SegmentationModel
 from ecamp.predict import predict
-from ecamp.runtime import resolve_runtime, runtime_model
+from ecamp.runtime import prepare, resolve_runtime, runtime_model
 
 from helpers.builders import make_tiny_encoder
 
@@ -144,3 +146,67 @@ def test_wrong_combinations_are_refused_before_work(films, cache):
     assert resolve_runtime("auto", "cuda", None) == ("torch", None)
     assert resolve_runtime("auto", "cpu", torch.float16) == ("torch", torch.float16)
     assert runtime_model(model, "torch") is model
+
+
+def test_auto_resolves_to_openvino_bf16_only_where_the_cpu_computes_bf16(monkeypatch):
+    for native, want in ((True, ("openvino", torch.bfloat16)), (False, ("torch", None))):
+        monkeypatch.setattr(ecamp.runtime, "_has_openvino_bf16", lambda native=native: native)
+        assert resolve_runtime("auto", "cpu", None) == want
+        assert resolve_runtime("auto", "cpu", torch.bfloat16) == (want[0], torch.bfloat16)
+        assert resolve_runtime("auto", "cpu", torch.float32) == ("torch", None)  # float32 asked for: torch's own
+        assert resolve_runtime("auto", "cuda", None) == ("torch", None)
+
+
+def test_cli_default_runs_auto_and_float32_keeps_torch(films, cache, tiny_folder, tmp_path, capsys):
+    common = ["--model", f"local-dir:{tiny_folder}", "--no-progress", "--batch-size", "2"]
+    assert main(["embed", *films, "--out", str(tmp_path / "torch.npy"), *common, "--runtime", "torch"]) == 0
+    assert main(["embed", *films, "--out", str(tmp_path / "default.npy"), *common]) == 0
+    default_line = capsys.readouterr().out
+    assert main(["embed", *films, "--out", str(tmp_path / "f32.npy"), *common, "--dtype", "float32"]) == 0
+    assert "(torch float32)" in capsys.readouterr().out
+    want = np.load(tmp_path / "torch.npy")
+    np.testing.assert_array_equal(np.load(tmp_path / "f32.npy"), want)
+    got = np.load(tmp_path / "default.npy")
+    if ecamp.runtime._has_openvino_bf16():  # this CPU computes bf16 and the extra is installed
+        assert "(openvino bfloat16)" in default_line and len(list(cache.iterdir())) == 1
+        assert _cosines(got, want).min() >= 0.999
+    else:
+        assert "(torch float32)" in default_line
+        np.testing.assert_array_equal(got, want)
+    # tokens are not in the graph: auto keeps torch for them, where an explicit graph runtime is refused
+    assert main(["embed", *films[:1], "--out", str(tmp_path / "t.safetensors"), *common, "--features", "tokens"]) == 0
+    assert "(torch float32)" in capsys.readouterr().out
+
+
+def test_auto_falls_back_to_torch_when_the_export_fails(cache, monkeypatch, caplog):
+    model = make_tiny_encoder(8)
+
+    def failing(*args, **kwargs):
+        raise ExportParityError("the graph differs from torch by up to 0.3 (> atol 0.0001)")
+
+    monkeypatch.setattr(ecamp.runtime, "_has_openvino_bf16", lambda: True)
+    monkeypatch.setattr(ecamp.runtime, "_exported", failing)
+    with caplog.at_level("WARNING", logger="ecamp"):
+        run = prepare(model, "auto", "cpu", None)
+    assert run.runtime == "torch" and run.forward is model and run.describe() == "torch float32"
+    assert "--runtime auto: openvino could not run this model (ExportParityError" in caplog.text
+    with pytest.raises(ExportParityError):  # named explicitly, the error is the answer
+        prepare(model, "openvino", "cpu", torch.bfloat16)
+
+
+def test_two_processes_exporting_the_same_weights_keep_the_first_graph(cache, monkeypatch):
+    """torchrun's ranks export at once: the one that renames its graph into the cache first wins, the other
+    discards its own and uses that one."""
+    model = make_tiny_encoder(9)
+    real = ecamp.export.export
+    theirs = {}
+
+    def race(src, out, **kwargs):
+        target = cache / Path(out).name.split(".")[1]  # .KEY.PID -> KEY: the other process finished first
+        theirs["record"] = real(src, target, **kwargs)
+        return real(src, out, **kwargs)
+
+    monkeypatch.setattr(ecamp.export, "export", race)
+    ort = runtime_model(model, "onnxruntime")
+    assert Path(ort.folder) == Path(theirs["record"]["out"])
+    assert [p.name for p in cache.iterdir()] == [Path(ort.folder).name]  # nothing of ours left beside it
