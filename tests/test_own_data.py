@@ -141,6 +141,42 @@ def test_stratified_split_is_seeded_and_gives_every_class_to_every_split():
     assert one.count("test") == 10 + 1 + 1 and one.count("val") == 5 + 1 + 1
 
 
+def test_group_column_keeps_each_patient_in_one_split(films, tmp_path):
+    root, rows = films
+    # three films per patient (40 patients), labelled per film; the patient column is not a label
+    lines = ["path,patient_id,effusion,nodule"] + [f"{n},p{i // 3:02d},{ys[0]},{ys[1]}"
+                                                   for i, (n, ys) in enumerate(rows)]
+    labels = tmp_path / "labels.csv"
+    labels.write_text("\n".join(lines) + "\n")
+    spec = CustomSpec(root, labels_csv=labels, group_column="patient_id", val_fraction=0.2, test_fraction=0.2)
+    data = read_custom(spec, seed=5)
+    patient = {n: f"p{i // 3:02d}" for i, (n, _) in enumerate(rows)}
+    split_of: dict[str, set[str]] = {}
+    for s in ("train", "val", "test"):
+        for name, _ in data.rows[s]:
+            split_of.setdefault(patient[name], set()).add(s)
+    assert len(split_of) == 40 and all(len(v) == 1 for v in split_of.values())
+    assert sum(len(data.rows[s]) for s in data.rows) == 120 and data.labels == ("effusion", "nodule")
+    assert [sum(1 for v in split_of.values() if v == {s}) for s in ("val", "test")] == [8, 8]  # groups counted
+    assert "by patient_id (40 patient_id groups, each in one split)" in data.split
+    again = read_custom(spec, seed=5)  # seeded
+    assert {k: [n for n, _ in v] for k, v in again.rows.items()} == {k: [n for n, _ in v] for k, v in data.rows.items()}
+
+    # a split of the user's own that leaks a patient is refused, naming both lines
+    leaky = tmp_path / "leaky.csv"
+    body = [f"{n},p{i // 3:02d},{'train' if i % 3 else 'test'},{ys[0]}" for i, (n, ys) in enumerate(rows)]
+    leaky.write_text("path,patient_id,split,effusion\n" + "\n".join(body) + "\n")
+    with pytest.raises(DataError, match=r"leaky.csv:3: patient_id 'p00' is in train, and in test at .*leaky.csv:2"):
+        read_custom(CustomSpec(root, labels_csv=leaky, group_column="patient_id"))
+    with pytest.raises(DataError, match="has no column 'patient'"):
+        read_custom(CustomSpec(root, labels_csv=labels, group_column="patient"))
+    with pytest.raises(InvalidArgumentError, match="--group-column 'patient_id' names a column of the labels CSV"):
+        CustomSpec(root, group_column="patient_id")  # class folders have no columns
+    # without the flag the patient column is read as a label, and refused as one
+    with pytest.raises(DataError, match="'patient_id' is 'p00'; labels are 0 or 1"):
+        read_custom(CustomSpec(root, labels_csv=labels))
+
+
 def _bad_csv(tmp_path: Path, text: str) -> Path:
     (tmp_path / "labels.csv").write_text(text)
     return tmp_path / "labels.csv"

@@ -61,7 +61,8 @@ def _finetune(args: argparse.Namespace) -> int:
         options.setdefault("precision", args.precision)
     own = [f for f, v in (("--labels", args.labels), ("--label-names", args.label_names),
                           ("--label-type", args.label_type), ("--val-fraction", args.val_fraction),
-                          ("--test-fraction", args.test_fraction)) if v is not None]
+                          ("--test-fraction", args.test_fraction), ("--group-column", args.group_column))
+           if v is not None]
     if own and (head != "cls" or dataset.lower() != "custom"):
         raise InvalidArgumentError(f"{', '.join(own)} describe your own data: pass them with --dataset custom "
                                    f"(classification).")
@@ -98,7 +99,7 @@ def _finetune(args: argparse.Namespace) -> int:
                                 lists=Path(args.lists) if args.lists else None,
                                 label_names=tuple(n.strip() for n in (args.label_names or "").split(",") if n.strip()),
                                 label_type=args.label_type or "auto", val_fraction=args.val_fraction or 0.1,
-                                test_fraction=args.test_fraction or 0.2)
+                                test_fraction=args.test_fraction or 0.2, group_column=args.group_column)
             common.pop("lists")  # the spec has them
             metrics = finetune_custom(custom, fraction, args.output_dir, mode=mode, **cls_options, **common)
         else:
@@ -278,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of the images for validation when the data has no split (default 0.1)")
     g.add_argument("--test-fraction", type=float, default=None,
                    help="share of the images for the test when the data has no split (default 0.2)")
+    g.add_argument("--group-column", default=None, metavar="COLUMN",
+                   help="a --labels column naming each image's patient (or study): ecamp's split draws whole "
+                        "groups (the fractions count groups), and a given split may not put one group in two splits")
     g = f.add_argument_group("classification: imbalance, calibration and decisions")
     g.add_argument("--pos-weight", default=None, metavar="auto|none|W1,W2,...",
                    help="multi-label: weight each label's positives in the BCE loss; auto: negatives / positives of "

@@ -7,12 +7,14 @@ Three layouts, read by :func:`read_custom`:
   own. Multi-class; the classes are the folder names in sorted order.
 * a labels CSV with a header (``--labels FILE``): ``path`` (relative to the data root), an optional ``split``
   (``train``, ``val``, ``test``) and either ``label`` (class names: multi-class) or one 0/1 column per label
-  (multi-label). Nothing else: an unknown column is refused rather than guessed at.
+  (multi-label), and with ``--group-column`` a column naming each image's patient (or study). Nothing else: an
+  unknown column is refused rather than guessed at.
 * the authors' list files (``train_list.txt``, ``val_list.txt``, ``test_list.txt`` in ``--lists``) with
   ``--label-names`` naming their columns.
 
 Without a split of their own, the rows are split by a seeded stratified draw (multi-class: by class; multi-label:
-by each image's rarest positive label), and every run writes the rows it used, split and labels, to
+by each image's rarest positive label; with a group column, whole groups are drawn, so one patient's films share a
+split), and every run writes the rows it used, split and labels, to
 ``OUTPUT/splits.csv``, which ``--labels OUTPUT/splits.csv`` reads back to repeat it. Everything is checked before
 a model is built: unreadable or unknown columns, labels outside {0, 1}, paths outside the data root, classes
 without images, a single class, missing files. Each error names the file and line.
@@ -68,6 +70,7 @@ class CustomSpec:
     label_type: str = "auto"
     val_fraction: float = 0.1
     test_fraction: float = 0.2
+    group_column: str | None = None  # a labels CSV column naming each image's patient: a patient in one split only
 
     def __post_init__(self) -> None:
         if self.label_type not in LABEL_TYPES:
@@ -81,6 +84,9 @@ class CustomSpec:
         if self.labels_csv is not None and self.lists is not None:
             raise InvalidArgumentError("Pass either --labels (a labels CSV) or --lists (the authors' list files), "
                                        "not both.")
+        if self.group_column is not None and (self.labels_csv is None or self.group_column in ("path", "split")):
+            raise InvalidArgumentError(f"--group-column {self.group_column!r} names a column of the labels CSV "
+                                       f"(--labels) other than path and split, e.g. --group-column patient_id.")
 
 
 @dataclass
@@ -192,7 +198,11 @@ def _read_csv(spec: CustomSpec, seed: int) -> CustomData:
     path = spec.labels_csv
     table = read_table(path, ["path"], strip=True)
     lines = list_lines(path)
-    columns = [c for c in table[0] if c not in ("path", "split")]
+    group = spec.group_column
+    if group is not None and group not in table[0]:
+        raise DataError(f"{path} has no column {group!r} (--group-column); its columns: {list(table[0])}.",
+                        path=path)
+    columns = [c for c in table[0] if c not in ("path", "split", group)]
     has_split = "split" in table[0]
     names = list(spec.label_names)
     problems: list[str] = []
@@ -229,11 +239,15 @@ def _read_csv(spec: CustomSpec, seed: int) -> CustomData:
     rows_all: list[tuple[str, np.ndarray]] = []
     where_all: list[str] = []
     splits: list[str] = []
+    groups: list[str] = []
     for k, r in zip(lines, table, strict=True):
         at = f"{path}:{k}"
         why = _outside(r["path"])
         if why:
             problems.append(f"{at}: {why}")
+            continue
+        if group is not None and not r[group]:
+            problems.append(f"{at}: the {group} (--group-column) is empty; every image needs its group")
             continue
         if has_split:
             s = _SPLIT_NAMES.get(r["split"].lower())
@@ -255,6 +269,8 @@ def _read_csv(spec: CustomSpec, seed: int) -> CustomData:
             y = np.array([v for _, v in got], dtype=np.float32)
         rows_all.append((r["path"], y))
         where_all.append(at)
+        if group is not None:
+            groups.append(r[group])
     raise_problems(problems, f"{path} has {len(problems)} bad row(s)", path)
     seen: dict[str, str] = {}
     for (name, _), at in zip(rows_all, where_all, strict=True):
@@ -274,6 +290,8 @@ def _read_csv(spec: CustomSpec, seed: int) -> CustomData:
     _refuse_single_class(rows_all, classes, multilabel, path)
     data = CustomData("labels CSV", path, tuple(classes), multilabel, {"all": rows_all}, {"all": where_all}, "")
     if has_split:
+        if group is not None:
+            _refuse_groups_across_splits(groups, splits, where_all, group, path)
         data.rows = {s: [r for r, t in zip(rows_all, splits, strict=True) if t == s] for s in _SPLITS}
         data.where = {s: [w for w, t in zip(where_all, splits, strict=True) if t == s] for s in _SPLITS}
         empty = [s for s in _SPLITS if not data.rows[s]]
@@ -282,7 +300,21 @@ def _read_csv(spec: CustomSpec, seed: int) -> CustomData:
                             f"(or drop the split column and ecamp splits them).", path=path)
         data.split = f"given: the split column of {path}"
         return data
-    return _split(data, spec, seed)
+    return _split(data, spec, seed, groups if group is not None else None)
+
+
+def _refuse_groups_across_splits(groups: list[str], splits: list[str], where: list[str], column: str,
+                                 path: Path) -> None:
+    """A given split that puts one group (patient) in two splits leaks it between training and scoring."""
+    first: dict[str, tuple[str, str]] = {}
+    problems = []
+    for g, s, at in zip(groups, splits, where, strict=True):
+        seen = first.setdefault(g, (s, at))
+        if seen[0] != s:
+            problems.append(f"{at}: {column} {_short(g)} is in {s}, and in {seen[0]} at {seen[1]}")
+    raise_problems(problems, f"{path}'s split column puts {len(problems)} image(s) of one {column} in two splits; "
+                             f"give each {column} one split (or drop the split column and ecamp splits by "
+                             f"{column})", path)
 
 
 def _refuse_single_class(rows: list, classes: list[str], multilabel: bool, path: Path) -> None:
@@ -370,17 +402,42 @@ def stratified_split(strata: list[str], seed: int, val: float, test: float) -> l
     return out
 
 
-def _split(data: CustomData, spec: CustomSpec, seed: int) -> CustomData:
+def _group_rows(rows: list[tuple[str, np.ndarray]], groups: list[str], multilabel: bool
+                ) -> tuple[list[str], list[tuple[str, np.ndarray]]]:
+    """The groups in first-seen order and a row standing for each: multi-label, the union of its images' labels;
+    multi-class, its most frequent class (the lowest index on a tie)."""
+    members: dict[str, list[np.ndarray]] = {}
+    for (_, y), g in zip(rows, groups, strict=True):
+        members.setdefault(g, []).append(y)
+    out = []
+    for g, ys in members.items():
+        if multilabel:
+            out.append((g, np.max(np.stack(ys), axis=0)))
+        else:
+            votes = Counter(int(y[0]) for y in ys)
+            out.append((g, np.array([min(votes, key=lambda c: (-votes[c], c))], dtype=np.float32)))
+    return list(members), out
+
+
+def _split(data: CustomData, spec: CustomSpec, seed: int, groups: list[str] | None = None) -> CustomData:
     rows, where = data.rows.pop("all"), data.where.pop("all")
-    assigned = stratified_split(_strata(rows, data.multilabel), seed, spec.val_fraction, spec.test_fraction)
+    if groups is None:
+        assigned = stratified_split(_strata(rows, data.multilabel), seed, spec.val_fraction, spec.test_fraction)
+    else:  # whole groups drawn, stratified by the label each group stands for
+        names, group_rows = _group_rows(rows, groups, data.multilabel)
+        drawn = dict(zip(names, stratified_split(_strata(group_rows, data.multilabel), seed, spec.val_fraction,
+                                                 spec.test_fraction), strict=True))
+        assigned = [drawn[g] for g in groups]
     data.rows = {s: [r for r, t in zip(rows, assigned, strict=True) if t == s] for s in _SPLITS}
     data.where = {s: [w for w, t in zip(where, assigned, strict=True) if t == s] for s in _SPLITS}
     empty = [s for s in _SPLITS if not data.rows[s]]
+    what = f"{len(rows)} images" if groups is None else f"{len(set(groups))} {spec.group_column} groups"
     if empty:
-        raise DataError(f"{data.source}: {len(rows)} images are too few for a {' and '.join(empty)} split "
+        raise DataError(f"{data.source}: {what} are too few for a {' and '.join(empty)} split "
                         f"(--val-fraction {spec.val_fraction}, --test-fraction {spec.test_fraction}); add images.",
                         path=data.source)
-    data.split = (f"made by ecamp: stratified, seed {seed}, val {spec.val_fraction:g}, test "
+    by = "" if groups is None else f" by {spec.group_column} ({what}, each in one split)"
+    data.split = (f"made by ecamp: stratified{by}, seed {seed}, val {spec.val_fraction:g}, test "
                   f"{spec.test_fraction:g} ({SPLIT_FILE} repeats it)")
     return data
 
