@@ -6,11 +6,14 @@
     python bench/vs_authors_finetune.py --authors PATH/TO/ECAMP-checkout --authors-pythonpath DIR --head seg
     python bench/vs_authors_finetune.py --authors PATH/TO/ECAMP-checkout --authors-pythonpath DIR --head seg \\
         --seg-task siim --n 40 --epochs 2
+    python bench/vs_authors_finetune.py --authors PATH/TO/ECAMP-checkout --authors-pythonpath DIR --head seg \
+        --seg-task riga --n 40 --epochs 3
     python bench/vs_authors_finetune.py --authors PATH/TO/ECAMP-checkout --authors-pythonpath DIR --head det \
         --n 40 --epochs 2
 
 The authors' ``ECAMP/Fine-tuning/Classification/train.py`` (``--head cls``), ``Segmentation/train.py`` with
-``--task RSNA`` (``--head seg``) or ``Detection/train.py`` with ``--task RSNA`` (``--head det``) is imported at run
+``--task RSNA`` (``--head seg``) or ``--task SIIM`` (``--seg-task siim``), ``Segmentation/train_RIGA.py``
+(``--seg-task riga``) or ``Detection/train.py`` with ``--task RSNA`` (``--head det``) is imported at run
 time from the checkout given and run through its own ``main()``; nothing of it is copied here. ``ecamp train
 phantom`` writes the lists in the authors' formats: ``--kind classification`` for classification, ``--kind
 detection`` (``image_path,bbox``) at 1024 px for RSNA segmentation, whose masks are the filled boxes on a 1024 x
@@ -22,7 +25,11 @@ are written as their SIIM lists (``ImageId, EncodedPixels``: the filled boxes ru
 as ``train/images/1024/dicom/<ImageId>.png`` (their ``SIIMSegmentDataset`` opens PNGs there), and ecamp reads them
 after ``convert_lists("siim", ...)``. Their unseeded negative sampling (D4, ``np.random.choice(neg, n_pos,
 replace=False)``) is made to choose every negative: the phantom training list holds as many negatives as positives
-(:func:`balance_siim_rows`), so both sides train on the same images whatever the draw. Their
+(:func:`balance_siim_rows`), so both sides train on the same images whatever the draw. With ``--seg-task riga``
+the films with a box (at 224 px: ``--size`` must be their ``--img_size``, so that their mask resize is the identity
+and the masks are the same on both sides) are tinted to RGB and written with label maps (disc 128 = the box, cup
+255 = its middle half) as their ``img_path, mask_path`` lists (:func:`_riga_phantom`), read by both sides as they
+are; the encoder is a fundus model (``fundus-vit-b``'s preprocessing). Their
 ``./datasets/<task>/`` layout (detection: ``./<task>/``) is made in a scratch folder that is their working
 directory. Both sides start from the same encoder weights (the authors' side reads
 them as a ``{"model": state_dict}`` file, as it reads ECAMP's release), train with the same recipe, and run
@@ -61,8 +68,8 @@ The authors' process gets ``--authors-pythonpath`` first on its path, holding th
 3.11 (``pip install --target DIR --no-deps timm==0.4.12 scikit-learn==1.3.2 numpy==1.24.4 scipy==1.10.1
 pandas==2.0.3 pytz tzdata python-dateutil six ml-collections==0.1.1 absl-py contextlib2
 opencv-python-headless==4.10.0.84``, for segmentation and detection ``albumentations==1.4.18 albucore==0.0.17
-eval-type-backport scikit-image==0.21.0 einops``, with pydantic >= 2.7 from this environment or added there, and
-for detection ``torchmetrics==0.7.2 pyDeprecate==0.3.2 terminaltables "setuptools<81"`` (their torchmetrics
+eval-type-backport scikit-image==0.21.0 lazy_loader einops``, with pydantic >= 2.7 from this environment or added
+there, and for detection ``torchmetrics==0.7.2 pyDeprecate==0.3.2 terminaltables "setuptools<81"`` (their torchmetrics
 imports ``pkg_resources``); ``DIR`` may be several folders joined by ``os.pathsep``);
 torch, torchvision and Pillow are this environment's. To run their files unedited it also, where they are
 missing, provides an empty ``apex`` (imported at ``train.py:18-19``, used only with ``--fp16``), an empty ``ipdb``,
@@ -71,7 +78,9 @@ segmentation, an empty ``segmentation_models_pytorch`` (only their ResNet-50 U-N
 (the default: a randomly initialised ViT of width 48, depth 2, 3 heads, written by this script at 64 px for
 classification and 224 px for segmentation and detection) their ``models_vit.vit_base_patch16``, ``SegViT`` or
 ``ViTDetector`` is built, from their own classes, at that size (their segmentation decoder, detection neck and
-YOLOv3 head as they are). Their detection code runs on the CPU as it is (no shim beyond these).
+YOLOv3 head as they are). Their detection code runs on the CPU as it is (no shim beyond these). Their RIGA script
+needs two more: its training transform is given the mask channel-last (as written, albumentations raises on it,
+#45), and for the test of ecamp's weights its ``main()``, which trains whatever ``--stage`` says, skips training.
 Each change is printed. Their data loaders keep their 16 workers.
 """
 
@@ -102,6 +111,8 @@ HEADS = {
 }
 # where each head's data sets read their lists, relative to their working directory
 LIST_DIR = {"cls": "datasets/{task}", "seg": "datasets/{task}", "det": "{task}"}
+# the authors' script per segmentation task (RIGA's has two decoders, disc and cup)
+SEG_SCRIPT = {"rsna": "train.py", "siim": "train.py", "riga": "train_RIGA.py"}
 TINY = {"patch_size": 16, "embed_dim": 48, "depth": 2, "num_heads": 3, "mlp_ratio": 4.0}
 
 
@@ -184,6 +195,32 @@ def _size_authors_model(mod, head: str, vit: dict | None, changes: list[str]) ->
                        f"decoder is theirs as it is")
 
 
+def _riga_channel_last(changes: list[str]) -> None:
+    """Let the authors' RIGA training transform run (#45): ``my_dataset.py:348-351`` gives albumentations the mask
+    channel-first, ``(2, S, S)`` beside the ``(H, W, 3)`` image, which every albumentations >= 1.3 (their pinned
+    1.4.18 included) refuses at the first training sample (``Height and Width of image, mask or masks should be
+    equal``). Their transform is called with the mask channel-last and its output turned back; the films are S x S
+    at their ``--img_size``, so image and mask are the same size, as the shape check wants."""
+    import numpy as np
+    from utils import my_dataset
+
+    make = my_dataset.RIGASegmentDataset.train_transforms
+
+    def train_transforms(self, *a, **k):
+        compose = make(self, *a, **k)
+
+        def channel_last(image, mask):
+            out = compose(image=image, mask=np.ascontiguousarray(np.moveaxis(mask, 0, -1)))
+            return {**out, "mask": np.moveaxis(out["mask"], -1, 0)}
+
+        return channel_last
+
+    my_dataset.RIGASegmentDataset.train_transforms = train_transforms
+    changes.append("RIGASegmentDataset's training transform gets the (2, S, S) mask channel-last and returns it "
+                   "channel-first: as written (my_dataset.py:348-351) albumentations 1.4.18 raises on its shape check "
+                   "at the first training sample (#45); the phantom films are S x S at --img_size")
+
+
 def _authors_worker(spec: dict) -> dict:
     """Run the authors' train.py ``main()`` with ``spec["argv"]``; record what the table needs."""
     import importlib.util
@@ -197,11 +234,25 @@ def _authors_worker(spec: dict) -> dict:
     sys.path.insert(0, str(root))
     changes: list[str] = []
     _shim_authors(changes, head)
+    script = SEG_SCRIPT[spec.get("seg_task", "rsna")] if head == "seg" else "train.py"
     module_spec = importlib.util.spec_from_file_location(f"authors_{HEADS[head]['folder'].lower()}_train",
-                                                         root / "train.py")
+                                                         root / script)
     mod = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(mod)
     _size_authors_model(mod, head, spec["vit"], changes)
+    if spec.get("seg_task") == "riga":
+        _riga_channel_last(changes)
+        if spec["argv"][spec["argv"].index("--stage") + 1] == "test":
+            train = mod.train
+
+            def train_unless_test(args, model):
+                return None if args.stage == "test" else train(args, model)
+
+            mod.train = train_unless_test
+            changes.append("train_RIGA.py's main() trains whatever --stage says (:567-568; their train.py:524 trains "
+                           "only under --stage train), and its train() fails on the one loader get_loader gives "
+                           "under --stage test (:343): for ecamp's weights train() is skipped, so main() goes on "
+                           "to their own setup() and test() of the checkpoint in --output_dir (:570-575)")
     rec: dict = {"changes": changes, "lrs": [], "evals": [], "saves": [], "steps_per_epoch": None, "test": None,
                  "test_per_class": None, "missing_keys": None}
     phase = {"now": "train", "step": None}
@@ -291,7 +342,11 @@ def _authors_worker(spec: dict) -> dict:
             out = get_dice(probability, truth, threshold)
             if phase["now"] == "test":
                 test_parts.append(out)
-                rec["test"] = float(np.concatenate(test_parts).mean())  # their test(): the mean Dice per image
+                if spec.get("seg_task") == "riga":  # train_RIGA.py test(): disc and cup alternate; their means' mean
+                    disc, cup = np.concatenate(test_parts[0::2]), np.concatenate(test_parts[1::2] or [[np.nan]])
+                    rec["test"] = float((disc.mean() + cup.mean()) / 2)
+                else:
+                    rec["test"] = float(np.concatenate(test_parts).mean())  # their test(): the mean Dice per image
             return out
 
         mod.get_dice = dice_rec
@@ -332,7 +387,9 @@ def _authors_worker(spec: dict) -> dict:
         tb = traceback.extract_tb(e.__traceback__)
         where = next((f"{Path(f.filename).name}:{f.lineno}" for f in reversed(tb) if str(root) in f.filename),
                      f"{tb[-1].filename}:{tb[-1].lineno}")
-        rec["error"] = f"{type(e).__name__}: {e} (at {where})"
+        traceback.print_exc()  # the whole story in the worker's log; the table gets the last line
+        lines = str(e).strip().splitlines()
+        rec["error"] = f"{type(e).__name__}: {lines[-1] if lines else ''} (at {where})"
     return rec
 
 
@@ -367,25 +424,32 @@ def _record_ecamp(rec: dict):
         loop._endless = endless
 
 
-# the authors' SegViT keys <-> ecamp's SegmentationModel keys (their decoder_k stage j = ecamp's layer 4(k-1)+j)
+# the authors' SegViT keys <-> ecamp's SegmentationModel keys (their decoder_k stage j = ecamp's layer 4(k-1)+j;
+# their RIGA SegViT's decoder_disc and decoder_cup = ecamp's decoders 0 and 1)
+_SEG_DECODERS = {"decoder": 0, "decoder_disc": 0, "decoder_cup": 1}
+
+
 def _seg_key_to_ecamp(key: str) -> str:
     if key.startswith("encoder.seg_head."):
         return key[len("encoder."):]
-    if key.startswith("decoder.final_out."):
-        return "decoders.0.16." + key[len("decoder.final_out."):]
-    if key.startswith("decoder.decoder_"):
-        stage, layer, rest = key[len("decoder.decoder_"):].split(".", 2)
-        return f"decoders.0.{4 * (int(stage) - 1) + int(layer)}.{rest}"
+    name, _, rest = key.partition(".")
+    if name in _SEG_DECODERS:
+        n = _SEG_DECODERS[name]
+        if rest.startswith("final_out."):
+            return f"decoders.{n}.16." + rest[len("final_out."):]
+        stage, layer, rest = rest[len("decoder_"):].split(".", 2)
+        return f"decoders.{n}.{4 * (int(stage) - 1) + int(layer)}.{rest}"
     return key
 
 
-def _seg_key_to_authors(key: str) -> str | None:
+def _seg_key_to_authors(key: str, riga: bool = False) -> str | None:
     if key.startswith("seg_head."):
         return "encoder." + key
-    if key.startswith("decoders.0."):
-        layer, rest = key[len("decoders.0."):].split(".", 1)
+    if key.startswith("decoders."):
+        n, layer, rest = key[len("decoders."):].split(".", 2)
+        name = ("decoder_disc", "decoder_cup")[int(n)] if riga else "decoder"
         layer = int(layer)
-        return f"decoder.final_out.{rest}" if layer == 16 else f"decoder.decoder_{layer // 4 + 1}.{layer % 4}.{rest}"
+        return f"{name}.final_out.{rest}" if layer == 16 else f"{name}.decoder_{layer // 4 + 1}.{layer % 4}.{rest}"
     if key.startswith("encoder.norm."):
         return None  # their encoder has no final norm (D3); ecamp's is frozen and unused under raw-block
     return key
@@ -508,8 +572,10 @@ def _ecamp_test_of(spec: dict, state: dict) -> dict:
         import torch
 
         theirs = torch.load(dump)
-        # their get_dice thresholds the truth at 0.5 (their SIIM masks are INTER_AREA-resized, fractional: #46)
-        x, y = theirs["x"], (theirs["y"] > 0.5).float().unsqueeze(1)
+        # their get_dice thresholds the truth at 0.5 (their SIIM masks are INTER_AREA-resized, fractional: #46);
+        # RIGA's come as [B, 2 (disc, cup), S, S]
+        y = (theirs["y"] > 0.5).float()
+        x, y = theirs["x"], y if y.ndim == 4 else y.unsqueeze(1)
         out["their_inputs"] = score(torch.utils.data.TensorDataset(x, y))
         ours = [sets["test"][i] for i in range(len(sets["test"]))]
         ox, oy = torch.stack([t[0] for t in ours]), torch.stack([t[1] for t in ours])
@@ -617,7 +683,8 @@ def _ecamp_worker(spec: dict) -> dict:
     # ecamp's selected weights as the authors' test() reads them (their setup() for --stage test)
     best = load_file(str(out / "best" / "model.safetensors"))
     if spec["head"] in ("seg", "det"):
-        to_authors = _seg_key_to_authors if spec["head"] == "seg" else _det_key_to_authors
+        riga = spec.get("seg_task") == "riga"
+        to_authors = (lambda k: _seg_key_to_authors(k, riga)) if spec["head"] == "seg" else _det_key_to_authors
         best = {to_authors(k): v for k, v in best.items() if to_authors(k)}
     Path(spec["as_authors"]).mkdir(parents=True, exist_ok=True)
     torch.save(best, Path(spec["as_authors"]) / HEADS[spec["head"]]["checkpoint"])
@@ -642,15 +709,16 @@ def _run_worker(kind: str, spec: dict, work: Path, env: dict, log: Path) -> dict
     return json.loads(result.read_text())
 
 
-def _tiny_encoder(folder: Path, img_size: int) -> None:
-    """A randomly initialised ECAMP-style encoder at the size of :data:`TINY`, as an ecamp folder."""
+def _tiny_encoder(folder: Path, img_size: int, base: str = "cxr-vit-b") -> None:
+    """A randomly initialised ECAMP-style encoder at the size of :data:`TINY`, as an ecamp folder, with the
+    preprocessing of ``base`` (the fundus encoder's for RIGA)."""
     import timm
     import torch
 
     import ecamp
     from ecamp.config import EcampCfg
 
-    cfg = ecamp.get_pretrained_cfg("cxr-vit-b")
+    cfg = ecamp.get_pretrained_cfg(base)
     block = cfg.pop("ecamp")
     cfg["input_size"] = [3, img_size, img_size]
     for key in ("hf_hub_id", "tag"):
@@ -660,7 +728,7 @@ def _tiny_encoder(folder: Path, img_size: int) -> None:
                               global_pool="avg", fc_norm=False, img_size=img_size,
                               **{k: v for k, v in TINY.items() if k != "mlp_ratio"})
     model.ecamp_cfg = EcampCfg.from_dict(block).replace(name=None, source=None)
-    ecamp.save_pretrained(model, folder, name="tiny-cxr")
+    ecamp.save_pretrained(model, folder, name=f"tiny-{base.split('-')[0]}")
 
 
 def _vit_size(model_name: str) -> dict | None:
@@ -700,6 +768,9 @@ def _phantom(args, work: Path) -> tuple[Path, Path]:
 
     if args.seg_task == "siim":
         return _siim_phantom(data, work, args.size)
+    if args.seg_task == "riga":
+        riga = _riga_phantom(data, work, args.size)
+        return riga, riga
 
     # ecamp reads converted lists (img_path, mask_path) whose masks lie under its data root: one that links the
     # films and holds the masks
@@ -775,6 +846,57 @@ def _siim_phantom(data: Path, work: Path, size: int) -> tuple[Path, Path]:
     return siim, root
 
 
+def riga_masks(box_mask):
+    """A RIGA label map (their ``FinalLabel`` images, 8-bit grey) from a filled box: the disc (128) is the box, the
+    cup (255) its middle half in each direction; an empty box gives an empty map."""
+    import numpy as np
+
+    out = np.zeros(box_mask.shape, np.uint8)
+    ys, xs = np.nonzero(box_mask)
+    if len(ys):
+        out[box_mask > 0] = 128
+        (y0, y1), (x0, x1) = (ys.min(), ys.max() + 1), (xs.min(), xs.max() + 1)
+        dy, dx = (y1 - y0) // 4, (x1 - x0) // 4
+        out[y0 + dy:y1 - dy, x0 + dx:x1 - dx] = 255
+    return out
+
+
+def _riga_phantom(data: Path, work: Path, size: int) -> Path:
+    """RIGA lists in the authors' format (``img_path, mask_path``) from the phantom box lists: each film tinted to
+    colour (RIGA's photographs are RGB; the authors normalise each channel, D7) as ``Image/<name>.png`` and its
+    label map (:func:`riga_masks`) as ``FinalLabel/<name>.png``. Both sides read the same files. Films without a box
+    are left out: every RIGA photograph shows its disc, and their data set keeps an empty map as ``uint8`` beside
+    the float maps of the others (``my_dataset.py:341-342``), which their collate cannot stack."""
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    from ecamp.train.downstream.segmentation import read_rsna_boxes
+
+    riga = work / "data-riga"
+    if (riga / "test_list.csv").is_file():
+        return riga
+    (riga / "Image").mkdir(parents=True, exist_ok=True)
+    (riga / "FinalLabel").mkdir(parents=True, exist_ok=True)
+    for path in (data / f"{split}_list.csv" for split in ("train", "val", "test")):  # --data_volume 100 only
+        rows = []
+        for image_path, box in read_rsna_boxes(path, size=size):
+            if not box.any():
+                continue
+            name = f"{Path(image_path).stem}.png"
+            grey = np.asarray(Image.open(data / image_path).convert("L"), dtype=np.float32)
+            rgb = np.stack([grey, grey * 0.75, grey * 0.5], -1).round().astype(np.uint8)
+            Image.fromarray(rgb).save(riga / "Image" / name)
+            Image.fromarray(riga_masks(box)).save(riga / "FinalLabel" / name)
+            rows.append((f"Image/{name}", f"FinalLabel/{name}"))
+        with open(riga / path.name, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["img_path", "mask_path"])
+            w.writerows(rows)
+    return riga
+
+
 def seg_inputs_named(images_ok: bool, mask_pixels_differing: int, task: str) -> str | None:
     """The fidelity.md entry that names a difference of the segmentation test inputs, None if none does: images one
     8-bit level apart (D6) with identical masks; for SIIM, masks from their ``INTER_AREA`` resize of the 1024-px mask
@@ -811,11 +933,15 @@ def compare(args) -> int:
         spec_head["task"] = args.seg_task.upper()
     if args.head != "cls" and args.mode != "finetune":
         raise SystemExit("--mode linear-probe exists for --head cls only.")
-    if args.head == "seg" and args.size != 1024:
+    if args.head == "seg" and args.seg_task != "riga" and args.size != 1024:
         raise SystemExit("--head seg needs --size 1024: the authors' RSNA masks are 1024 x 1024 "
                          "(Segmentation/utils/my_dataset.py:237) and augmented with the image.")
+    if args.head == "seg" and args.seg_task == "riga" and args.size != 224:
+        raise SystemExit("--seg-task riga needs --size 224: their RIGA transform is run with the mask channel-last "
+                         "(#45), which albumentations accepts only where image and mask are the same size.")
     checkout = Path(args.authors).resolve()
-    script = checkout / "ECAMP" / "Fine-tuning" / spec_head["folder"] / "train.py"
+    script_name = SEG_SCRIPT[args.seg_task] if args.head == "seg" else "train.py"
+    script = checkout / "ECAMP" / "Fine-tuning" / spec_head["folder"] / script_name
     if not script.is_file():
         raise SystemExit(f"{checkout} is not a checkout of ToniChopp/ECAMP (no {script.relative_to(checkout)}); "
                          f"pass the folder that holds ECAMP/.")
@@ -829,9 +955,10 @@ def compare(args) -> int:
     data, lists_dir = _phantom(args, work)
     model = args.model
     if model == "tiny":
-        folder = work / f"tiny-encoder-{spec_head['img_size']}"
+        base = "fundus-vit-b" if args.head == "seg" and args.seg_task == "riga" else "cxr-vit-b"
+        folder = work / f"tiny-encoder-{spec_head['img_size']}{'-fundus' if base != 'cxr-vit-b' else ''}"
         if not (folder / "config.json").is_file():
-            _tiny_encoder(folder, spec_head["img_size"])
+            _tiny_encoder(folder, spec_head["img_size"], base)
         model = f"local-dir:{folder}"
     vit = _vit_size(model)
     img_size = vit["img_size"] if vit else 224
@@ -871,7 +998,8 @@ def compare(args) -> int:
         else:  # their run.sh passes --weight_decay 0.05 (also their default)
             argv += ["--eval_batch_size", "16", "--weight_decay", "0.05"]
             argv += ["--start_eval", "0"] if args.head == "det" else []
-        base = {"authors": str(checkout), "head": args.head, "vit": vit, "multilabel": True}
+        base = {"authors": str(checkout), "head": args.head, "vit": vit, "multilabel": True,
+                "seg_task": args.seg_task}
         inputs = work / f"authors-test-inputs-{tag}.pt"
         theirs = _run_worker("authors", {**base, "cwd": str(cwd), "argv": argv, "dump_inputs": str(inputs)}, work,
                              authors_env, work / f"authors-{tag}.log")
@@ -901,15 +1029,16 @@ def _report(args, runs, vit, n_train, steps, per_epoch, work: Path) -> int:
     # Classification/train.py:427, Segmentation/train.py:416, Detection/train.py:511
     patience = {"cls": 20, "seg": 40, "det": 20}[args.head]
     proto = resolve_protocol({"precision": "fp32"}, True, metric)
-    script = f"{spec_head['folder']}/train.py"
+    script = f"{spec_head['folder']}/{SEG_SCRIPT[args.seg_task] if args.head == 'seg' else 'train.py'}"
     print(f"ecamp train finetune --authors-protocol vs the authors' {script}; {datetime.date.today()}")
-    lists_kind = "the RLE lists" if spec_head["task"] == "SIIM" else "the box lists"
+    lists_kind = {"SIIM": "the RLE lists", "RIGA": "the image and label-map lists"}.get(spec_head["task"],
+                                                                                      "the box lists")
     what = f"mode {args.mode}" if args.head == "cls" else f"task {spec_head['task']} ({lists_kind})"
     what += ", start_eval 0 on both sides" if args.head == "det" else ""
     print(f"head {args.head}, {what}, model {args.model}{f' {vit}' if vit else ''}, phantom n={args.n} at "
           f"{args.size} px ({n_train} training images), batch {args.batch_size}, lr {args.lr}, warm-up "
           f"{args.warmup}, {args.epochs} epochs = {steps} steps, fp32 on the CPU, seeds {args.seeds}")
-    changes = runs[0][1].get("changes", [])
+    changes = list(dict.fromkeys(c for run in runs for rec in (run[1], run[3]) for c in rec.get("changes", [])))
     print("Run-time changes to the authors' code (their files are not edited):")
     for c in changes or ["none"]:
         print(f"  - {c}")
@@ -971,10 +1100,15 @@ def _report(args, runs, vit, n_train, steps, per_epoch, work: Path) -> int:
         elif "inputs" in scored:
             d = scored["inputs"]
             ok = d["image_max_levels"] <= 1.0 + 1e-3
-            named = seg_inputs_named(ok, d["mask_pixels_differing"], spec_head["task"])
+            # no resize on either side (RIGA at --img_size): images equal but for float rounding, nothing to name
+            exact = d["image_max_levels"] < 0.5 and not d["mask_pixels_differing"]
+            named = None if exact else seg_inputs_named(ok, d["mask_pixels_differing"], spec_head["task"])
+            images = (f"images equal to float rounding (max {d['image_max_levels']:.3g} levels)" if exact else
+                      f"{100 * d['image_share_differing']:.1f} % of pixels 1 level apart "
+                      f"(max {d['image_max_levels']:.3g})")
             row(f"seed {seed}: test inputs (their data set / ecamp's)", "images, masks",
-                f"{100 * d['image_share_differing']:.1f} % of pixels 1 level apart (max {d['image_max_levels']:.3g}), "
-                f"masks {'identical' if not d['mask_pixels_differing'] else 'differ'}", named or False,
+                f"{images}, masks {'identical' if not d['mask_pixels_differing'] else 'differ'}",
+                True if exact else (named or False),
                 "SIIM masks: their INTER_AREA 1024 -> 224 (at 0.5) / ecamp's nearest" if d["mask_pixels_differing"]
                 else "")
             tt = scored.get("their_inputs")
@@ -1021,8 +1155,9 @@ def main() -> None:
                         "authors' process's path")
     p.add_argument("--head", choices=("cls", "seg", "det"), default="cls")
     p.add_argument("--mode", choices=("finetune", "linear-probe"), default="finetune")
-    p.add_argument("--seg-task", choices=("rsna", "siim"), default="rsna",
-                   help="--head seg: the authors' --task RSNA (box lists) or SIIM (RLE lists)")
+    p.add_argument("--seg-task", choices=("rsna", "siim", "riga"), default="rsna",
+                   help="--head seg: the authors' train.py --task RSNA (box lists) or SIIM (RLE lists), or "
+                        "train_RIGA.py (image and label-map lists)")
     p.add_argument("--model", default="tiny", help="tiny (written here, random weights) or an ecamp model name")
     p.add_argument("--n", type=int, default=80, help="phantom films (20 %% test, 10 %% validation)")
     p.add_argument("--size", type=int, default=None,
@@ -1044,7 +1179,7 @@ def main() -> None:
         return
     if not args.authors:
         p.error("--authors CHECKOUT is required")
-    args.size = args.size or {"cls": 96, "seg": 1024, "det": 256}[args.head]
+    args.size = args.size or {"cls": 96, "seg": 224 if args.seg_task == "riga" else 1024, "det": 256}[args.head]
     sys.exit(compare(args))
 
 

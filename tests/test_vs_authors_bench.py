@@ -141,3 +141,59 @@ def test_segmentation_input_differences_are_named_per_task(bench):
     assert bench.seg_inputs_named(True, 5, "RSNA") is None
     assert bench.seg_inputs_named(True, 5, "SIIM") == "D6, #46"
     assert bench.seg_inputs_named(False, 0, "SIIM") is None
+
+
+def test_riga_keys_map_onto_the_authors_two_decoders_and_back(bench):
+    from ecamp.models.heads import SegmentationModel
+
+    model = SegmentationModel(make_tiny_encoder(), outputs=2, channels=(16, 8), dense_tokens="raw-block")
+    keys = list(model.state_dict())
+    theirs = {k: bench._seg_key_to_authors(k, riga=True) for k in keys}
+    assert sorted(k for k, v in theirs.items() if v is None) == ["encoder.norm.bias", "encoder.norm.weight"]
+    mapped = [v for v in theirs.values() if v is not None]
+    assert len(set(mapped)) == len(mapped)
+    assert all(bench._seg_key_to_ecamp(v) == k for k, v in theirs.items() if v is not None)
+    # their models_vit_RIGA.SegViT: decoder_disc / decoder_cup, each decoder_1..4 (conv, bn) and final_out
+    assert theirs["decoders.0.0.weight"] == "decoder_disc.decoder_1.0.weight"
+    assert theirs["decoders.1.5.running_var"] == "decoder_cup.decoder_2.1.running_var"
+    assert theirs["decoders.1.16.bias"] == "decoder_cup.final_out.bias"
+    assert theirs["seg_head.weight"] == "encoder.seg_head.weight"
+
+
+def test_riga_label_map_has_the_disc_around_its_cup(bench):
+    import numpy as np
+
+    box = np.zeros((32, 32), np.uint8)
+    box[8:24, 4:20] = 1
+    out = bench.riga_masks(box)
+    assert set(np.unique(out)) == {0, 128, 255}
+    assert np.array_equal(out > 0, box > 0)  # the disc is the box, cup included
+    ys, xs = np.nonzero(out == 255)
+    assert (ys.min(), ys.max(), xs.min(), xs.max()) == (12, 19, 8, 15)  # the middle half each way
+    assert not bench.riga_masks(np.zeros((8, 8), np.uint8)).any()
+
+
+def test_riga_lists_are_in_the_authors_format_and_leave_out_films_without_a_disc(bench, tmp_path):
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    from ecamp.train.downstream.segmentation import read_mask_list
+
+    data = tmp_path / "det"
+    (data / "images").mkdir(parents=True)
+    for name in ("a", "b"):
+        Image.fromarray(np.full((32, 32), 100, np.uint8)).save(data / "images" / f"{name}.png")
+    for split in ("train", "val", "test"):
+        with open(data / f"{split}_list.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["image_path", "bbox"])
+            w.writerows([["images/a.png", "[[4, 8, 20, 24]]"], ["images/b.png", "[[0, 0, 0, 0]]"]])
+    riga = bench._riga_phantom(data, tmp_path, 32)
+    rows = read_mask_list(riga / "test_list.csv")
+    assert rows == [("Image/a.png", "FinalLabel/a.png")]
+    image = np.asarray(Image.open(riga / rows[0][0]))
+    assert image.shape == (32, 32, 3) and tuple(image[0, 0]) == (100, 75, 50)
+    label = np.asarray(Image.open(riga / rows[0][1]))
+    assert label.dtype == np.uint8 and label[16, 12] == 255 and label[9, 5] == 128 and label[0, 0] == 0
