@@ -6,9 +6,9 @@
     python bench/vs_authors_finetune.py --authors PATH/TO/ECAMP-checkout --authors-pythonpath DIR --head seg
     python bench/vs_authors_finetune.py --authors PATH/TO/ECAMP-checkout --authors-pythonpath DIR --head seg \\
         --seg-task siim --n 40 --epochs 2
-    python bench/vs_authors_finetune.py --authors PATH/TO/ECAMP-checkout --authors-pythonpath DIR --head seg \
+    python bench/vs_authors_finetune.py --authors PATH/TO/ECAMP-checkout --authors-pythonpath DIR --head seg \\
         --seg-task riga --n 40 --epochs 3
-    python bench/vs_authors_finetune.py --authors PATH/TO/ECAMP-checkout --authors-pythonpath DIR --head det \
+    python bench/vs_authors_finetune.py --authors PATH/TO/ECAMP-checkout --authors-pythonpath DIR --head det \\
         --n 40 --epochs 2
 
 The authors' ``ECAMP/Fine-tuning/Classification/train.py`` (``--head cls``), ``Segmentation/train.py`` with
@@ -113,6 +113,11 @@ HEADS = {
 LIST_DIR = {"cls": "datasets/{task}", "seg": "datasets/{task}", "det": "{task}"}
 # the authors' script per segmentation task (RIGA's has two decoders, disc and cup)
 SEG_SCRIPT = {"rsna": "train.py", "siim": "train.py", "riga": "train_RIGA.py"}
+
+
+def _script_name(head: str, seg_task: str | None) -> str:
+    """The authors' script a comparison runs, in its head's folder."""
+    return SEG_SCRIPT[seg_task or "rsna"] if head == "seg" else "train.py"
 TINY = {"patch_size": 16, "embed_dim": 48, "depth": 2, "num_heads": 3, "mlp_ratio": 4.0}
 
 
@@ -234,9 +239,8 @@ def _authors_worker(spec: dict) -> dict:
     sys.path.insert(0, str(root))
     changes: list[str] = []
     _shim_authors(changes, head)
-    script = SEG_SCRIPT[spec.get("seg_task", "rsna")] if head == "seg" else "train.py"
     module_spec = importlib.util.spec_from_file_location(f"authors_{HEADS[head]['folder'].lower()}_train",
-                                                         root / script)
+                                                         root / _script_name(head, spec.get("seg_task")))
     mod = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(mod)
     _size_authors_model(mod, head, spec["vit"], changes)
@@ -940,8 +944,7 @@ def compare(args) -> int:
         raise SystemExit("--seg-task riga needs --size 224: their RIGA transform is run with the mask channel-last "
                          "(#45), which albumentations accepts only where image and mask are the same size.")
     checkout = Path(args.authors).resolve()
-    script_name = SEG_SCRIPT[args.seg_task] if args.head == "seg" else "train.py"
-    script = checkout / "ECAMP" / "Fine-tuning" / spec_head["folder"] / script_name
+    script = checkout / "ECAMP" / "Fine-tuning" / spec_head["folder"] / _script_name(args.head, args.seg_task)
     if not script.is_file():
         raise SystemExit(f"{checkout} is not a checkout of ToniChopp/ECAMP (no {script.relative_to(checkout)}); "
                          f"pass the folder that holds ECAMP/.")
@@ -1029,7 +1032,7 @@ def _report(args, runs, vit, n_train, steps, per_epoch, work: Path) -> int:
     # Classification/train.py:427, Segmentation/train.py:416, Detection/train.py:511
     patience = {"cls": 20, "seg": 40, "det": 20}[args.head]
     proto = resolve_protocol({"precision": "fp32"}, True, metric)
-    script = f"{spec_head['folder']}/{SEG_SCRIPT[args.seg_task] if args.head == 'seg' else 'train.py'}"
+    script = f"{spec_head['folder']}/{_script_name(args.head, args.seg_task if args.head == 'seg' else None)}"
     print(f"ecamp train finetune --authors-protocol vs the authors' {script}; {datetime.date.today()}")
     lists_kind = {"SIIM": "the RLE lists", "RIGA": "the image and label-map lists"}.get(spec_head["task"],
                                                                                       "the box lists")
